@@ -1,0 +1,58 @@
+# maskworks: everything a fresh clone needs is installed from here (no hand installs).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+VENV_DC     := .venv-deepcell
+PY          := $(VENV)/bin/python
+PY311       ?= $(shell command -v python3.11 || command -v python3)
+# deepcell 0.12.10 needs Python < 3.11; pyenv keeps 3.10 out of PATH on some machines.
+PY310       ?= $(shell command -v python3.10 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1)
+NGPU        := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NGPU        := $(if $(NGPU),$(NGPU),0)
+DEMO_DIR    ?= demo_data
+PYTEST_ARGS ?=
+
+.PHONY: help setup setup-deepcell demo test lint bench clean
+
+help:
+	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
+	@echo "make test    set up .venv and run the whole test suite (pytest)"
+	@echo "make lint    ruff + snakemake --lint"
+	@echo "make bench   benchmarks in bench/ (ratios against a baseline measured in the same run)"
+	@echo "make clean   remove results, logs, demo data and caches (not the venvs)"
+
+setup: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(PY) || $(PY311) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[core,unet,workflow,dev]'
+	@touch $@
+
+setup-deepcell: $(VENV_DC)/.stamp
+
+$(VENV_DC)/.stamp: pyproject.toml
+	@test -n "$(PY310)" || { echo "Python 3.10 not found (deepcell 0.12.10 needs Python < 3.11); set PY310=/path/to/python3.10" >&2; exit 1; }
+	@test -x $(VENV_DC)/bin/python || $(PY310) -m venv $(VENV_DC)
+	$(VENV_DC)/bin/python -m pip install -q --upgrade pip
+	$(VENV_DC)/bin/python -m pip install -q -e '.[deepcell]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/maskworks demo-data $(DEMO_DIR)
+	$(VENV)/bin/snakemake --profile profiles/default --configfile config/demo.yaml --resources gpu=$(NGPU)
+	@$(PY) -m maskworks.cli demo-summary --results results
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src scripts tests bench
+	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf results logs benchmarks $(DEMO_DIR) .snakemake .pytest_cache report.zip

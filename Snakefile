@@ -1,0 +1,18 @@
+# maskworks: segmentation-mask workflow.  This file is the table of contents;
+# helpers live in rules/common.smk, stages in one .smk file per arm.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/em.smk"
+
+
+rule all:
+    input:
+        all_outputs(),
+    default_target: True

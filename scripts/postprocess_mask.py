@@ -1,0 +1,14 @@
+"""Rule postprocess_mask: texture mask -> cleaned 3-D mask, stats JSON, QC PNG."""
+
+from maskworks.cli import postprocess_mask_files, snakemake_logging
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+postprocess_mask_files(
+    snakemake.input.mask,
+    snakemake.output.mask,
+    stats=snakemake.output.stats,
+    qc=snakemake.output.qc,
+    image=snakemake.input.volume,
+    truth=snakemake.input.get("truth"),
+    **snakemake.params.postprocess,
+)

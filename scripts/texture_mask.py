@@ -1,0 +1,15 @@
+"""Rule texture_mask: volume -> tissue mask, confidence map, stats JSON, QC PNG."""
+
+from maskworks.cli import snakemake_logging, texture_mask_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+texture_mask_files(
+    snakemake.input.volume,
+    snakemake.output.mask,
+    confidence=snakemake.output.confidence,
+    stats=snakemake.output.stats,
+    qc=snakemake.output.qc,
+    truth=snakemake.input.get("truth"),
+    **snakemake.params.geometry,
+    **snakemake.params.texture,
+)

@@ -1,0 +1,664 @@
+"""Read and write volumes and images without losing their voxel size.
+
+One pair of functions for every format the stages meet: MRC (.mrc/.rec/.map),
+TIFF (.tif/.tiff, OME-TIFF and ImageJ hyperstacks included), Zarr / OME-Zarr
+(.zarr), NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz) and NumPy (.npy).
+
+Arrays are (z, y, x) (2-D images (y, x)); ``voxel_size`` and ``origin`` follow
+the same axis order and ``unit`` names the length unit in NGFF/UDUNITS words
+("angstrom", "nanometer", "micrometer", "millimeter") or is ``None`` when the
+file does not say.  Formats that store the other axis order (NRRD, NIfTI, MRC
+headers) are converted here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path
+
+
+class InputError(ValueError):
+    """Bad input a person can fix: the message names the file, the value and what was expected."""
+
+
+FORMATS = {
+    "mrc": (".mrc", ".rec", ".map", ".mrcs"),
+    "tiff": (".tif", ".tiff"),
+    "zarr": (".zarr",),
+    "nrrd": (".nrrd", ".nhdr"),
+    "nifti": (".nii", ".nii.gz"),
+    "npy": (".npy",),
+}
+
+# Length units, in nanometres, by the NGFF (UDUNITS-2) name; aliases found in file headers.
+_UNIT_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "meter": 1e9}
+_UNIT_ALIASES = {
+    "a": "angstrom", "å": "angstrom", "angstroms": "angstrom", "ang": "angstrom",
+    "nm": "nanometer", "nanometre": "nanometer", "nanometers": "nanometer",
+    "um": "micrometer", "µm": "micrometer", "μm": "micrometer", "micron": "micrometer",
+    "microns": "micrometer", "micrometre": "micrometer", "\\u00b5m": "micrometer",
+    "mm": "millimeter", "millimetre": "millimeter", "m": "meter", "metre": "meter",
+}
+_UNIT_SHORT = {"angstrom": "A", "nanometer": "nm", "micrometer": "um", "millimeter": "mm", "meter": "m"}
+
+
+def normalize_unit(unit: str | None) -> str | None:
+    """Canonical NGFF name of a length unit, or ``None`` for unknown/absent units."""
+    if unit is None:
+        return None
+    u = str(unit).strip().lower()
+    if u in _UNIT_NM:
+        return u
+    return _UNIT_ALIASES.get(u)
+
+
+def convert_length(values, unit_from: str | None, unit_to: str | None) -> tuple[float, ...]:
+    """Convert lengths between units; unknown units pass values through unchanged."""
+    a, b = normalize_unit(unit_from), normalize_unit(unit_to)
+    vals = tuple(float(v) for v in values)
+    if a is None or b is None or a == b:
+        return vals
+    f = _UNIT_NM[a] / _UNIT_NM[b]
+    return tuple(v * f for v in vals)
+
+
+@dataclass
+class Volume:
+    """An array with its geometry.
+
+    ``data`` is a NumPy array, a memory map, or (for Zarr read lazily) a
+    ``zarr.Array`` that is sliced block by block.
+    """
+
+    data: Any
+    voxel_size: tuple[float, ...]
+    unit: str | None = None
+    origin: tuple[float, ...] | None = None
+    path: Path | None = None
+    attrs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        nd = len(self.data.shape)
+        self.voxel_size = _tuple(self.voxel_size, nd, "voxel_size")
+        self.origin = _tuple(self.origin if self.origin is not None else (0.0,) * nd, nd, "origin")
+        self.unit = normalize_unit(self.unit)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.data.dtype)
+
+    def numpy(self) -> np.ndarray:
+        """The data as an in-memory NumPy array."""
+        return np.asarray(self.data[...])
+
+
+def _tuple(values, nd: int, what: str) -> tuple[float, ...]:
+    if np.isscalar(values):
+        values = (values,) * nd
+    values = tuple(float(v) for v in values)
+    if len(values) != nd:
+        raise InputError(f"{what} has {len(values)} values {values} but the array has {nd} axes")
+    return values
+
+
+def format_of(path: str | Path) -> str:
+    """The format of ``path`` from its extension (``.ome.zarr`` and ``.nii.gz`` included)."""
+    name = Path(path).name.lower()
+    for fmt, exts in FORMATS.items():
+        if any(name.endswith(e) for e in exts):
+            return fmt
+    p = Path(path)
+    if p.is_dir() and ((p / ".zgroup").exists() or (p / ".zarray").exists() or (p / "zarr.json").exists()):
+        return "zarr"
+    known = ", ".join(e for exts in FORMATS.values() for e in exts)
+    raise InputError(f"{path}: unknown file extension; expected one of {known}")
+
+
+def strip_extension(name: str) -> str:
+    """File name without its (possibly double) volume extension: ``p3.nii.gz`` -> ``p3``."""
+    low = name.lower()
+    for exts in FORMATS.values():
+        for e in sorted(exts, key=len, reverse=True):
+            if low.endswith(e):
+                stem = name[: -len(e)]
+                return stem[:-4] if stem.lower().endswith(".ome") else stem
+    return Path(name).stem
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    ndim: int | None = None,
+    lazy: bool = False,
+    check_finite: bool = True,
+) -> Volume:
+    """Read a volume or image with its voxel size, unit and origin.
+
+    Parameters
+    ----------
+    path : str or Path
+        File (or Zarr directory) to read; the format comes from the extension.
+    ndim : int, optional
+        Required number of axes (3 for volumes, 2 for images).  Leading
+        singleton axes are squeezed to reach it; otherwise a mismatch is an error.
+    lazy : bool
+        Return Zarr arrays unread (sliced block by block later) and MRC files
+        memory-mapped.  Other formats are always read into memory.
+    check_finite : bool
+        Fail on NaN or Inf in floating-point data (scanned block-wise for Zarr).
+
+    Returns
+    -------
+    Volume
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    fmt = format_of(path)
+    try:
+        vol = _READERS[fmt](path, lazy)
+    except InputError:
+        raise
+    except Exception as exc:  # the libraries' own messages rarely name the file
+        raise InputError(f"{path}: cannot be read as {fmt.upper()} ({type(exc).__name__}: {exc})") from exc
+    vol.path = path
+    if ndim is not None and vol.ndim != ndim:
+        vol = _squeeze_to(vol, ndim)
+    if check_finite and vol.dtype.kind in "fc":
+        _check_finite(vol)
+    return vol
+
+
+def _squeeze_to(vol: Volume, ndim: int) -> Volume:
+    shape = vol.shape
+    extra = vol.ndim - ndim
+    if extra > 0 and all(s == 1 for s in shape[:extra]):
+        data = vol.data[(0,) * extra] if not isinstance(vol.data, np.ndarray) else vol.data.reshape(shape[extra:])
+        if not hasattr(data, "shape") or len(data.shape) != ndim:  # zarr indexing returns numpy
+            data = np.asarray(data).reshape(shape[extra:])
+        return Volume(data, vol.voxel_size[extra:], vol.unit, vol.origin[extra:], vol.path, vol.attrs)
+    kind = {2: "a 2-D image", 3: "a 3-D volume"}.get(ndim, f"{ndim}-D data")
+    raise InputError(f"{vol.path}: has shape {shape} ({vol.ndim}-D) but {kind} is needed")
+
+
+def _check_finite(vol: Volume) -> None:
+    data = vol.data
+    if isinstance(data, np.ndarray):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        first = np.argwhere(~np.isfinite(data))[0] if bad else None
+    else:
+        bad, first = 0, None
+        for sl in iter_chunk_slices(data.shape, data.chunks):
+            block = np.asarray(data[sl])
+            fin = np.isfinite(block)
+            if not fin.all():
+                if first is None:
+                    first = np.argwhere(~fin)[0] + np.array([s.start for s in sl])
+                bad += int(block.size - np.count_nonzero(fin))
+    if bad:
+        raise InputError(
+            f"{vol.path}: contains {bad} NaN/Inf value(s) (first at index {tuple(int(i) for i in first)}); "
+            "masks need finite intensities - fix or fill them before running this stage"
+        )
+
+
+def iter_chunk_slices(shape, chunks):
+    """Slices that tile ``shape`` in ``chunks``-sized blocks, C order."""
+    ranges = [range(0, s, c) for s, c in zip(shape, chunks)]
+    for starts in np.ndindex(*[len(r) for r in ranges]):
+        yield tuple(
+            slice(r[i], min(r[i] + c, s)) for r, i, c, s in zip(ranges, starts, chunks, shape)
+        )
+
+
+def _read_mrc(path: Path, lazy: bool) -> Volume:
+    import mrcfile
+
+    # A memory map must outlive this call, so the lazy handle is deliberately not closed here.
+    mrc = mrcfile.mmap(str(path), mode="r") if lazy else mrcfile.open(str(path), mode="r")
+    try:
+        data = mrc.data if lazy else np.array(mrc.data)
+        vs = mrc.voxel_size
+        vs_xyz = (float(vs.x), float(vs.y), float(vs.z))
+        org = mrc.header.origin
+        origin_xyz = (float(org.x), float(org.y), float(org.z))
+        if data is not None and _mrc_unsigned_bytes(mrc.header):
+            data = data.view(np.uint8)
+    finally:
+        if not lazy:
+            mrc.close()
+    if data is None:
+        raise InputError(f"{path}: MRC file holds no data")
+    nd = data.ndim
+    unit = "angstrom"
+    if not all(v > 0 for v in vs_xyz[:nd]):
+        vs_xyz, unit = (1.0, 1.0, 1.0), None
+    return Volume(data, vs_xyz[:nd][::-1], unit, origin_xyz[:nd][::-1])
+
+
+# IMOD's marker in header words 39-40 (bytes 152-159, i.e. 40-47 of ``extra2``): with the stamp
+# present and flag bit 0 clear, mode 0 holds unsigned bytes (mrcfile alone reads mode 0 as int8
+# and would widen uint8 to 16 bits on writing).
+_IMOD_STAMP = 1146047817
+
+
+def _mrc_unsigned_bytes(header) -> bool:
+    if int(header.mode) != 0:
+        return False
+    stamp, flags = np.frombuffer(header.extra2.tobytes()[40:48], dtype=header.mode.dtype)
+    return int(stamp) == _IMOD_STAMP and not int(flags) & 1
+
+
+def _read_tiff(path: Path, lazy: bool) -> Volume:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        data = tif.asarray()
+        series = tif.series[0]
+        axes = series.axes
+        nd = data.ndim
+        vs, unit, origin = [1.0] * nd, None, None
+        meta = tif.shaped_metadata[0] if tif.shaped_metadata else None
+        if meta and "voxel_size" in meta:
+            vs = list(meta["voxel_size"])
+            unit = meta.get("unit")
+            origin = meta.get("origin")
+        elif tif.ome_metadata:
+            vs, unit = _ome_tiff_sizes(tif.ome_metadata, axes, vs)
+        else:
+            page = tif.pages[0]
+            ij = tif.imagej_metadata or {}
+            xres = page.tags.get("XResolution")
+            yres = page.tags.get("YResolution")
+            axmap = {a: i for i, a in enumerate(axes)}
+            if xres is not None and "X" in axmap and xres.value[0] > 0:
+                vs[axmap["X"]] = xres.value[1] / xres.value[0]
+            if yres is not None and "Y" in axmap and yres.value[0] > 0:
+                vs[axmap["Y"]] = yres.value[1] / yres.value[0]
+            if "Z" in axmap and "spacing" in ij:
+                vs[axmap["Z"]] = float(ij["spacing"])
+            unit = ij.get("unit")
+    attrs = {"axes": axes}
+    if meta and "maskworks" in meta:
+        attrs["provenance"] = meta["maskworks"]
+    return Volume(data, vs, unit, origin, attrs=attrs)
+
+
+def _ome_tiff_sizes(xml: str, axes: str, vs: list) -> tuple[list, str | None]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(xml)
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    unit = None
+    if pixels is not None:
+        for ax in "XYZ":
+            if ax in axes and pixels.get(f"PhysicalSize{ax}"):
+                vs[axes.index(ax)] = float(pixels.get(f"PhysicalSize{ax}"))
+                unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
+    return vs, unit
+
+
+def _read_zarr(path: Path, lazy: bool) -> Volume:
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    attrs: dict = {}
+    if isinstance(node, zarr.Array):
+        arr = node
+        vs = node.attrs.get("voxel_size", [1.0] * node.ndim)
+        unit, origin = node.attrs.get("unit"), node.attrs.get("origin")
+    else:
+        ms = node.attrs.get("multiscales")
+        if ms:
+            ds0 = ms[0]["datasets"][0]
+            arr = node[ds0["path"]]
+            scale = [1.0] * arr.ndim
+            trans = [0.0] * arr.ndim
+            # NGFF: the dataset's transformations apply first, then the multiscale-wide ones.
+            for tr in ds0.get("coordinateTransformations", []) + ms[0].get("coordinateTransformations", []):
+                if tr.get("type") == "scale":
+                    scale = [a * b for a, b in zip(scale, tr["scale"])]
+                    trans = [a * b for a, b in zip(trans, tr["scale"])]
+                elif tr.get("type") == "translation":
+                    trans = [a + b for a, b in zip(trans, tr["translation"])]
+            axes = ms[0].get("axes", [])
+            space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
+            unit = axes[space[0]].get("unit") if space else None
+            vs, origin = scale, trans
+            attrs["axes"] = "".join(a["name"] if isinstance(a, dict) else str(a) for a in axes)
+        elif "0" in node:
+            arr = node["0"]
+            vs, unit, origin = [1.0] * arr.ndim, None, None
+        else:
+            raise InputError(f"{path}: Zarr group has neither OME-NGFF 'multiscales' metadata nor an array '0'")
+        if "maskworks" in node.attrs:
+            attrs["provenance"] = node.attrs["maskworks"]
+    data = arr if lazy else arr[...]
+    return Volume(data, vs, unit, origin, attrs=attrs)
+
+
+def _read_nrrd(path: Path, lazy: bool) -> Volume:
+    import nrrd
+
+    data, header = nrrd.read(str(path), index_order="C")
+    nd = data.ndim
+    dirs = header.get("space directions")
+    vs_f = [1.0] * nd  # NRRD (fastest-first) axis order
+    if dirs is not None:
+        rows = [np.asarray(r, dtype=float) for r in dirs]
+        spatial = [np.linalg.norm(r) for r in rows if r is not None and np.all(np.isfinite(r))]
+        if len(spatial) == nd:
+            vs_f = spatial
+    elif "spacings" in header:
+        vs_f = [float(s) for s in header["spacings"]]
+    origin_f = header.get("space origin")
+    origin = tuple(float(o) for o in origin_f)[::-1] if origin_f is not None and len(origin_f) == nd else None
+    units = header.get("space units")
+    unit = units[0] if units else None
+    return Volume(data, tuple(vs_f[::-1]), unit, origin, attrs={"content": header.get("content")})
+
+
+def _read_nifti(path: Path, lazy: bool) -> Volume:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    nd = data.ndim
+    data = np.ascontiguousarray(data.transpose(tuple(range(nd))[::-1]))
+    zooms = img.header.get_zooms()[:nd]
+    origin = tuple(float(v) for v in img.affine[:nd, 3])[::-1]
+    space_unit = img.header.get_xyzt_units()[0]
+    unit = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}.get(space_unit)
+    descrip = img.header["descrip"].tobytes().rstrip(b"\x00").decode("ascii", "replace")
+    if unit is None and descrip.startswith("unit="):
+        unit = descrip.split("=", 1)[1].split()[0]
+    return Volume(data, tuple(float(z) for z in zooms)[::-1], unit, origin)
+
+
+def _read_npy(path: Path, lazy: bool) -> Volume:
+    data = np.load(str(path), mmap_mode="r" if lazy else None, allow_pickle=False)
+    return Volume(data, (1.0,) * data.ndim, None, None)
+
+
+_READERS = {
+    "mrc": _read_mrc,
+    "tiff": _read_tiff,
+    "zarr": _read_zarr,
+    "nrrd": _read_nrrd,
+    "nifti": _read_nifti,
+    "npy": _read_npy,
+}
+
+# ----------------------------------------------------------------------------- writing
+
+_MRC_DTYPES = (np.int8, np.int16, np.uint16, np.float32, np.uint8)
+
+
+def _mrc_dtype(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.dtype in [np.dtype(d) for d in _MRC_DTYPES]:
+        return array
+    if array.dtype.kind == "f":
+        return array.astype(np.float32)
+    lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+    for d in (np.uint8, np.int16, np.uint16):
+        info = np.iinfo(d)
+        if info.min <= lo and hi <= info.max:
+            return array.astype(d)
+    raise InputError(
+        f"{path}: labels up to {hi} do not fit an MRC integer mode (int8/int16/uint16); "
+        "write to .zarr, .tif or .nrrd instead"
+    )
+
+
+def write_volume(
+    path: str | Path,
+    array,
+    voxel_size=1.0,
+    *,
+    unit: str | None = None,
+    origin=None,
+    chunks=None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write ``array`` atomically to ``path`` with its voxel size, unit and origin.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target; the format comes from the extension (``.zarr`` writes OME-Zarr).
+    array : array-like
+        (z, y, x) volume or (y, x) image.
+    voxel_size : float or sequence of float
+        Per axis, in ``unit``.
+    unit : str, optional
+        Length unit ("nanometer", "angstrom", ...).  MRC stores angstroms: other
+        known units are converted on the way in.
+    origin : sequence of float, optional
+        Physical position of voxel (0, 0, 0), per axis.
+    chunks : sequence of int, optional
+        Zarr chunk shape (default: 64 per axis, capped by the shape).
+    provenance : dict, optional
+        Small JSON-able record (stage, parameters, inputs) kept where the format allows.
+
+    Returns
+    -------
+    Path
+        The written path.
+    """
+    with create_volume(
+        path, array.shape, array.dtype, voxel_size,
+        unit=unit, origin=origin, chunks=chunks, provenance=provenance, _array=array,
+    ):
+        pass
+    return Path(path)
+
+
+@contextlib.contextmanager
+def create_volume(
+    path: str | Path,
+    shape,
+    dtype,
+    voxel_size=1.0,
+    *,
+    unit: str | None = None,
+    origin=None,
+    chunks=None,
+    provenance: dict | None = None,
+    _array=None,
+):
+    """Open an output volume for block-wise writing; it appears at ``path`` only on success.
+
+    Yields an array-like to assign blocks into (``out[z0:z1] = block``): a Zarr
+    array for ``.zarr`` targets (so peak memory stays at one block), an
+    in-memory NumPy array for the other formats, written on exit.
+    """
+    path = Path(path)
+    fmt = format_of(path)
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    geom = Volume(np.empty((0,) * len(shape), dtype=dtype), voxel_size, unit, origin)
+    if unit is not None and normalize_unit(unit) is None:
+        raise InputError(f"{path}: unknown length unit {unit!r}; use one of {sorted(_UNIT_NM)}")
+    with atomic_path(path) as tmp:
+        if fmt == "zarr":
+            zarr_arr = _open_zarr_out(tmp, shape, dtype, geom, chunks, provenance)
+            if _array is not None:
+                _copy_blockwise(_array, zarr_arr)
+            yield zarr_arr
+        else:
+            buf = np.asarray(_array) if _array is not None else np.zeros(shape, dtype=dtype)
+            yield buf
+            _WRITERS[fmt](tmp, buf, geom, provenance, path)
+
+
+def _copy_blockwise(src, dst) -> None:
+    for sl in iter_chunk_slices(dst.shape, dst.chunks):
+        dst[sl] = np.asarray(src[sl])
+
+
+def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
+    import zarr
+    from numcodecs import Blosc
+    from ome_zarr.writer import write_multiscales_metadata
+
+    nd = len(shape)
+    chunks = tuple(chunks) if chunks is not None else (64,) * nd if nd == 3 else (512,) * nd
+    chunks = tuple(max(1, min(int(c), s if s > 0 else 1)) for c, s in zip(chunks, shape))
+    root = zarr.open_group(str(tmp), mode="w")
+    arr = root.create_dataset(
+        "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+        compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if dtype.itemsize == 1 else Blosc.SHUFFLE),
+        write_empty_chunks=False,
+    )
+    names = "zyx"[-nd:] if nd <= 3 else None
+    axes = [{"name": n, "type": "space", **({"unit": geom.unit} if geom.unit else {})} for n in names]
+    transforms = [{"type": "scale", "scale": list(geom.voxel_size)}]
+    if any(o != 0 for o in geom.origin):
+        transforms.append({"type": "translation", "translation": list(geom.origin)})
+    write_multiscales_metadata(root, [{"path": "0", "coordinateTransformations": transforms}], axes=axes)
+    if provenance:
+        root.attrs["maskworks"] = provenance
+    return arr
+
+
+def _write_mrc(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
+    import mrcfile
+
+    data = _mrc_dtype(np.asarray(data), target)
+    vs = convert_length(geom.voxel_size, geom.unit, "angstrom")
+    org = convert_length(geom.origin, geom.unit, "angstrom")
+    with mrcfile.new(str(tmp), overwrite=True) as mrc:
+        if data.dtype == np.uint8:
+            mrc.set_data(np.ascontiguousarray(data).view(np.int8))
+            extra = bytearray(mrc.header.extra2.tobytes())
+            extra[40:48] = np.array([_IMOD_STAMP, 0], dtype=mrc.header.mode.dtype).tobytes()
+            mrc.header.extra2 = bytes(extra)
+        else:
+            mrc.set_data(np.ascontiguousarray(data))
+        if data.ndim == 3:
+            mrc.voxel_size = (vs[2], vs[1], vs[0])
+            mrc.header.origin = (org[2], org[1], org[0])
+        else:
+            mrc.voxel_size = (vs[-1], vs[-2], 1.0)
+            mrc.header.origin = (org[-1], org[-2], 0.0)
+        if provenance:
+            mrc.add_label(f"maskworks {provenance.get('stage', '')}"[:80])
+
+
+def _write_tiff(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
+    import tifffile
+
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    meta = {
+        "axes": "ZYX"[-data.ndim:] if data.ndim <= 3 else None,
+        "voxel_size": list(geom.voxel_size),
+        "unit": geom.unit,
+        "origin": list(geom.origin),
+    }
+    if provenance:
+        meta["maskworks"] = provenance
+    meta = {k: v for k, v in meta.items() if v is not None}
+    tifffile.imwrite(
+        str(tmp), data, metadata=meta, photometric="minisblack",
+        resolution=(1.0 / geom.voxel_size[-1], 1.0 / geom.voxel_size[-2]) if data.ndim >= 2 else None,
+        compression="zlib", compressionargs={"level": 1},
+        bigtiff=data.nbytes > 2**31 - 2**25,
+    )
+
+
+def _write_nrrd(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
+    import nrrd
+
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    nd = data.ndim
+    header = {
+        "space directions": np.diag(geom.voxel_size[::-1]).astype(float),
+        "space origin": np.asarray(geom.origin[::-1], dtype=float),
+        "kinds": ["domain"] * nd,
+        "encoding": "gzip",
+    }
+    if nd == 3:
+        header["space"] = "left-posterior-superior"
+    else:
+        header["space dimension"] = nd
+    if geom.unit:
+        header["space units"] = [geom.unit] * nd
+    if provenance:
+        header["content"] = f"maskworks {provenance.get('stage', '')}".strip()
+    nrrd.write(str(tmp), np.ascontiguousarray(data), header, index_order="C")
+
+
+def _write_nifti(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
+    import nibabel as nib
+
+    data = np.asarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    nd = data.ndim
+    affine = np.eye(4)
+    for i, (v, o) in enumerate(zip(geom.voxel_size[::-1], geom.origin[::-1])):
+        affine[i, i] = v
+        affine[i, 3] = o
+    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(tuple(range(nd))[::-1])), affine)
+    img.header.set_zooms(geom.voxel_size[::-1])
+    nifti_unit = {"millimeter": "mm", "micrometer": "micron", "meter": "meter"}.get(geom.unit or "", "unknown")
+    img.header.set_xyzt_units(nifti_unit)
+    if nifti_unit == "unknown" and geom.unit:
+        img.header["descrip"] = f"unit={geom.unit}"
+    nib.save(img, str(tmp))
+
+
+def _write_npy(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(data), allow_pickle=False)
+
+
+_WRITERS = {
+    "mrc": _write_mrc,
+    "tiff": _write_tiff,
+    "nrrd": _write_nrrd,
+    "nifti": _write_nifti,
+    "npy": _write_npy,
+}
+
+
+def write_json(path: str | Path, obj: dict) -> Path:
+    """Write a small JSON document atomically (stats, metrics)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,113 @@
+"""`maskworks texture-mask` and `maskworks postprocess-mask` on tiny TIFF, MRC and Zarr files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import exe, run
+from maskworks.cli import main
+from maskworks.io import read_volume, write_volume
+
+SHAPE = (48, 96, 96)
+
+
+@pytest.fixture(scope="module")
+def em(tmp_path_factory):
+    from maskworks.demo import make_em_volume
+
+    image, truth = make_em_volume(shape=SHAPE, seed=3)
+    d = tmp_path_factory.mktemp("cli")
+    paths = {}
+    for ext, unit, vs in [(".tif", "nanometer", (40, 16, 16)), (".mrc", "angstrom", (80, 80, 80)),
+                          (".zarr", "nanometer", (30, 10, 10))]:
+        paths[ext] = write_volume(d / f"vol{ext}", image, vs, unit=unit)
+        write_volume(d / f"truth{ext}", truth, vs, unit=unit)
+    return d, paths
+
+
+@pytest.mark.parametrize("ext", [".tif", ".mrc", ".zarr"])
+def test_texture_then_postprocess_on_each_format(em, ext, tmp_path):
+    d, paths = em
+    src = read_volume(paths[ext])
+    out = tmp_path / f"mask{ext}"
+    proc = run([exe("maskworks"), "texture-mask", paths[ext], out, "--block-size", "32",
+                "--truth", d / f"truth{ext}"])
+    assert proc.returncode == 0
+    mask = read_volume(out)
+    assert mask.dtype == np.uint8 and mask.shape == SHAPE
+    assert mask.voxel_size == pytest.approx(src.voxel_size) and mask.unit == src.unit
+    for sibling in ["mask_confidence.zarr", "mask_stats.json", "mask_qc.png"]:
+        assert (tmp_path / sibling).exists(), sibling
+    conf = read_volume(tmp_path / "mask_confidence.zarr")
+    assert conf.dtype == np.float32 and conf.voxel_size == pytest.approx(src.voxel_size)
+    stats = json.loads((tmp_path / "mask_stats.json").read_text())
+    assert stats["threshold_method"] == "otsu" and 0 < stats["fraction_masked"] < 1
+    assert stats["truth"]["dice"] > 0.8
+
+    final = tmp_path / f"final{ext}"
+    run([exe("maskworks"), "postprocess-mask", out, final, "--image", paths[ext],
+         "--opening-radius", "1", "--grow-radius", "-1"])
+    fm = read_volume(final)
+    assert fm.dtype == np.uint8 and fm.voxel_size == pytest.approx(src.voxel_size)
+    assert fm.numpy().sum() < mask.numpy().sum()  # eroded by one voxel
+    st = json.loads((tmp_path / "final_stats.json").read_text())
+    assert st["grow_radius"] == -1 and (tmp_path / "final_qc.png").stat().st_size > 1000
+
+
+def test_fixed_threshold_and_voxel_size_override(em, tmp_path):
+    _, paths = em
+    out = tmp_path / "m.zarr"
+    assert main(["texture-mask", str(paths[".tif"]), str(out), "--threshold", "0.5",
+                 "--voxel-size", "8,4,4", "--unit", "nanometer", "--chunk-shape", "20,40,40"]) == 0
+    v = read_volume(out)
+    assert v.voxel_size == (8.0, 4.0, 4.0) and v.unit == "nanometer"
+    assert json.loads((tmp_path / "m_stats.json").read_text())["threshold"] == 0.5
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["texture-mask", str(tmp_path / "nope.mrc"), str(tmp_path / "o.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.mrc" in err and "no such file" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_2d_input_is_rejected_and_nothing_written(tmp_path, capsys):
+    img = tmp_path / "slice.tif"
+    write_volume(img, np.zeros((32, 32), np.uint8))
+    assert main(["texture-mask", str(img), str(tmp_path / "o.tif")]) == 2
+    assert "3-D volume is needed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slice.tif"]
+
+
+def test_nan_input_is_rejected(tmp_path, capsys):
+    vol = np.ones((16, 16, 16), np.float32)
+    vol[3, 4, 5] = np.nan
+    write_volume(tmp_path / "v.nrrd", vol)
+    assert main(["texture-mask", str(tmp_path / "v.nrrd"), str(tmp_path / "o.tif")]) == 2
+    err = capsys.readouterr().err
+    assert "v.nrrd" in err and "NaN" in err and "(3, 4, 5)" in err
+
+
+def test_bad_parameter_exits_nonzero_via_console_script(em, tmp_path):
+    _, paths = em
+    proc = run([exe("maskworks"), "texture-mask", paths[".tif"], tmp_path / "o.tif", "--block-size", "0"], check=False)
+    assert proc.returncode == 2 and "block_size" in proc.stderr
+    assert not (tmp_path / "o.tif").exists()
+    proc = run([exe("maskworks"), "texture-mask", paths[".tif"], tmp_path / "o.tif", "--threshold", "high"], check=False)
+    assert proc.returncode == 2 and "otsu" in proc.stderr
+
+
+def test_failure_after_partial_write_leaves_nothing(em, tmp_path, monkeypatch):
+    _, paths = em
+    import maskworks.io.qc as qc
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(qc, "save_orthoslices", broken)
+    with pytest.raises(RuntimeError):
+        main(["texture-mask", str(paths[".tif"]), str(tmp_path / "o.zarr")])
+    assert not list(tmp_path.iterdir())

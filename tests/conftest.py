@@ -1,0 +1,39 @@
+"""Shared fixtures: the repository root, the venv's executables, small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def exe(name: str) -> str:
+    """An executable of the running venv (snakemake, maskworks), else from PATH."""
+    p = BIN / name
+    return str(p) if p.exists() else (shutil.which(name) or name)
+
+
+def run(cmd, cwd=None, check=True, timeout=900, env=None):
+    """Run a command, capturing its output; on failure show it in the assertion message."""
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT

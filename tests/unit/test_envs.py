@@ -1,0 +1,78 @@
+"""The conda envs for clusters agree with the pins in pyproject.toml (one source of truth)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+# env file -> the pyproject extras it must hold, and its Python
+ENVS = {
+    "core.yaml": (["core"], "3.11"),
+    "monai.yaml": (["core", "unet"], "3.11"),
+    "deepcell.yaml": (["deepcell"], "3.10"),
+}
+
+
+def _split(req: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", req)
+    return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
+
+
+def _env_requirements(path) -> tuple[dict[str, str], str | None]:
+    env = yaml.safe_load(path.read_text())
+    reqs, python = {}, None
+    for dep in env["dependencies"]:
+        items = dep["pip"] if isinstance(dep, dict) else [dep]
+        for item in items:
+            name, spec = _split(item)
+            if name == "python":
+                python = spec.lstrip("=")
+            elif name != "pip":
+                reqs[name] = spec
+    return reqs, python
+
+
+@pytest.fixture(scope="module")
+def extras():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {k: dict(_split(r) for r in v) for k, v in data["project"]["optional-dependencies"].items()}
+
+
+@pytest.mark.parametrize("env_file", sorted(ENVS))
+def test_env_matches_pyproject(env_file, extras):
+    wanted_extras, python = ENVS[env_file]
+    reqs, env_python = _env_requirements(ROOT / "envs" / env_file)
+    wanted = {}
+    for e in wanted_extras:
+        wanted.update(extras[e])
+    assert env_python == python
+    missing = sorted(set(wanted) - set(reqs))
+    extra = sorted(set(reqs) - set(wanted))
+    drift = {n: (wanted[n], reqs[n]) for n in wanted if n in reqs and wanted[n] != reqs[n]}
+    assert not missing, f"envs/{env_file} lacks {missing} from pyproject extras {wanted_extras}"
+    assert not extra, f"envs/{env_file} lists {extra}, which pyproject extras {wanted_extras} do not"
+    assert not drift, f"envs/{env_file} pins differ from pyproject (pyproject, env): {drift}"
+
+
+def test_tensorflow_and_torch_never_share_an_env():
+    for env_file in ENVS:
+        reqs, _ = _env_requirements(ROOT / "envs" / env_file)
+        assert not ({"tensorflow", "deepcell"} & set(reqs) and {"torch", "monai"} & set(reqs)), env_file
+
+
+def test_deepcell_side_is_constrained(extras):
+    dc = extras["deepcell"]
+    assert dc["deepcell"] == "==0.12.10" and dc["tensorflow"] == "==2.8.4"
+    assert dc["numpy"] == "<2" and dc["protobuf"].startswith("==3.19")
+    assert not {"torch", "copick", "monai"} & set(dc)
+
+
+def test_must_pins_are_exact(extras):
+    assert extras["unet"]["torch"] == "==2.13.0"
+    assert extras["workflow"]["snakemake"].startswith("==9.")
+    assert extras["workflow"]["snakemake-executor-plugin-slurm"].startswith("==")

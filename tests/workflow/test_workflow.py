@@ -1,0 +1,143 @@
+"""The Snakemake workflow for real: lint, dry-runs, the demo run, reruns and config errors.
+
+Each test session copies the workflow into a temporary directory, writes the demo
+data there and runs Snakemake in it, so nothing touches the checkout's results/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, exe, run
+
+pytestmark = pytest.mark.workflow
+
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Parse Snakemake's 'Job stats' table into {rule: count}."""
+    counts: dict[str, int] = {}
+    m = re.search(r"Job stats:\n(.*?)\n\n", output + "\n\n", re.S)
+    if not m:
+        return counts
+    for line in m.group(1).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def snakemake(wd: Path, *args, check=True):
+    proc = run([exe("snakemake"), "--cores", "2", *args], cwd=wd, check=check)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def wd(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("workflow")
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / name)
+    run([exe("maskworks"), "demo-data", d / "demo_data"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def demo_run(wd):
+    proc = snakemake(wd, "--configfile", "config/demo.yaml")
+    return proc
+
+
+def test_lint_passes(wd):
+    proc = run([exe("snakemake"), "--lint", "--configfile", "config/demo.yaml"], cwd=wd, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dry_run_lists_the_demo_jobs(wd):
+    proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2}, proc.stdout
+
+
+def test_slurm_profile_dry_run(wd):
+    proc = run([exe("snakemake"), "--profile", "profiles/slurm", "-n", "--configfile", "config/demo.yaml"], cwd=wd)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts.get("texture_mask") == 2 and counts.get("postprocess_mask") == 2, proc.stdout
+
+
+def test_default_config_with_empty_table_has_nothing_to_do(wd):
+    proc = snakemake(wd, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):
+    from maskworks.io import read_volume
+
+    expected = {"sample1": ((40.0, 16.0, 16.0), "nanometer"), "sample2": ((80.0, 80.0, 80.0), "angstrom")}
+    for name, (vs, unit) in expected.items():
+        d = wd / "results" / "em" / name
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_stats.json", "texture_qc.png",
+                  "mask.zarr", "mask_stats.json", "mask_qc.png"]:
+            assert (d / f).exists(), f"{name}: {f} missing"
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "mask.zarr"]:
+            v = read_volume(d / f, lazy=True)
+            assert v.voxel_size == pytest.approx(vs) and v.unit == unit, (f, v.voxel_size, v.unit)
+        mask = read_volume(d / "mask.zarr").numpy()
+        assert mask.dtype == "uint8" and set(map(int, mask.ravel()[::97])) <= {0, 1}
+        stats = json.loads((d / "mask_stats.json").read_text())
+        assert stats["truth"]["dice"] >= 0.9, stats["truth"]
+        assert (wd / "logs" / "em" / "texture_mask" / f"{name}.log").exists()
+        assert (wd / "benchmarks" / "em" / "texture_mask" / f"{name}.tsv").exists()
+
+
+def test_rerun_without_changes_does_nothing(wd, demo_run):
+    proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _override(wd: Path, name: str, change: dict) -> str:
+    cfg = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
+    for section, values in change.items():
+        cfg["em"].setdefault(section, {}).update(values)
+    (wd / name).write_text(yaml.safe_dump(cfg))
+    return name
+
+
+def test_params_change_reruns_only_affected_jobs(wd, demo_run):
+    post = _override(wd, "post.yaml", {"postprocess_mask": {"opening_radius": 2}})
+    counts = job_counts(snakemake(wd, "-n", "--configfile", post).stdout)
+    assert counts == {"all": 1, "postprocess_mask": 2}
+    tex = _override(wd, "tex.yaml", {"texture_mask": {"min_region_size": 500}})
+    counts = job_counts(snakemake(wd, "-n", "--configfile", tex).stdout)
+    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2}
+
+
+def test_invalid_config_is_rejected_with_the_schema_message(wd):
+    bad = _override(wd, "bad.yaml", {"texture_mask": {"block_size": -1}})
+    proc = snakemake(wd, "-n", "--configfile", bad, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "block_size" in out and "minimum" in out, out[-3000:]
+
+
+def test_unknown_config_key_is_rejected(wd):
+    bad = _override(wd, "typo.yaml", {"texture_mask": {"blocksize": 32}})
+    proc = snakemake(wd, "-n", "--configfile", bad, check=False)
+    assert proc.returncode != 0 and "blocksize" in proc.stdout + proc.stderr
+
+
+def test_bad_table_row_is_rejected(wd):
+    (wd / "bad.tsv").write_text("name\tpath\tvoxel_size\tunit\ttruth\nbad name\tx.zarr\tabc\t\t\n")
+    cfg = _override(wd, "badtable.yaml", {})
+    y = yaml.safe_load((wd / cfg).read_text())
+    y["em"]["volumes"] = "bad.tsv"
+    (wd / cfg).write_text(yaml.safe_dump(y))
+    proc = snakemake(wd, "-n", "--configfile", cfg, check=False)
+    assert proc.returncode != 0 and "bad name" in proc.stdout + proc.stderr
