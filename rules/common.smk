@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 validate(config, "../config/schema.yaml")
@@ -13,7 +14,7 @@ validate(config, "../config/schema.yaml")
 # cluster jobs re-read this file, so it holds there too.
 _SRC = str(Path(workflow.basedir) / "src")
 if _SRC not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+    os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
 
 def read_table(path, schema):
@@ -27,6 +28,8 @@ def read_table(path, schema):
     dup = df["name"][df["name"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{path}: duplicate names {dup}; every row needs its own name")
+    if df.empty:
+        logger.warning(f"{path} lists no inputs yet: add one row per input (see README), or run `make demo`.")
     return df.set_index("name", drop=False)
 
 

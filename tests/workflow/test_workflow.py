@@ -72,9 +72,11 @@ def test_slurm_profile_dry_run(wd):
     assert counts.get("texture_mask") == 2 and counts.get("postprocess_mask") == 2, proc.stdout
 
 
-def test_default_config_with_empty_table_has_nothing_to_do(wd):
+def test_default_config_with_empty_table_says_so(wd):
     proc = snakemake(wd, "-n")
-    assert "Nothing to be done" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "config/em_volumes.tsv lists no inputs yet" in out
+    assert set(job_counts(out)) <= {"all"}
 
 
 def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):

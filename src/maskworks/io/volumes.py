@@ -335,10 +335,10 @@ def _read_zarr(path: Path, lazy: bool) -> Volume:
             # NGFF: the dataset's transformations apply first, then the multiscale-wide ones.
             for tr in ds0.get("coordinateTransformations", []) + ms[0].get("coordinateTransformations", []):
                 if tr.get("type") == "scale":
-                    scale = [a * b for a, b in zip(scale, tr["scale"])]
-                    trans = [a * b for a, b in zip(trans, tr["scale"])]
+                    scale = [a * b for a, b in zip(scale, tr["scale"], strict=True)]
+                    trans = [a * b for a, b in zip(trans, tr["scale"], strict=True)]
                 elif tr.get("type") == "translation":
-                    trans = [a + b for a, b in zip(trans, tr["translation"])]
+                    trans = [a + b for a, b in zip(trans, tr["translation"], strict=True)]
             axes = ms[0].get("axes", [])
             space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
             unit = axes[space[0]].get("unit") if space else None

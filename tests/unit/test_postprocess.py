@@ -1,0 +1,200 @@
+"""postprocess_mask: known answers on hand-drawn volumes; equal to the ball-element definition."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.morphology import ball, disk
+
+from maskworks.em.postprocess import postprocess_mask
+from maskworks.io import InputError
+
+OFF = dict(opening_radius=0, keep_largest=False, fill_holes=False, grow_radius=0, closing_radius=0)
+
+
+def cube(shape=(20, 20, 20), lo=5, hi=15):
+    m = np.zeros(shape, np.uint8)
+    m[lo:hi, lo:hi, lo:hi] = 1
+    return m
+
+
+def run(mask, **kw):
+    return postprocess_mask(mask, **{**OFF, **kw})
+
+
+def test_opening_removes_speck_and_spur_keeps_cube():
+    m = cube()
+    m[2, 2, 2] = 1  # isolated speck
+    m[10, 10, 15:19] = 1  # 1-voxel-thick spur sticking out of the cube
+    out, stats = run(m, opening_radius=1)
+    # ball(1) is the 6-neighbour cross: it cannot reach into the cube's 12 edges (8 voxels each
+    # plus 8 corners) and it keeps the spur's root voxel, which a cross centred on the face covers
+    np.testing.assert_array_equal(out, ndi.binary_opening(m, structure=ball(1)))
+    assert out[2, 2, 2] == 0 and not out[10, 10, 16:].any() and out[10, 10, 15] == 1
+    assert out[6:14, 6:14, 6:14].all() and out.sum() == 1000 - 104 + 1
+    assert out.dtype == np.uint8
+    assert stats["voxels_in"] == 1000 + 1 + 4 and stats["voxels_out"] == 1000 - 104 + 1
+
+
+def test_keep_largest_keeps_the_bigger_cube():
+    m = np.zeros((12, 12, 24), np.uint8)
+    m[2:8, 2:8, 2:8] = 1  # 216 voxels
+    m[2:10, 2:10, 12:20] = 1  # 512 voxels
+    out, stats = run(m, keep_largest=True)
+    expected = np.zeros_like(m)
+    expected[2:10, 2:10, 12:20] = 1
+    np.testing.assert_array_equal(out, expected)
+    assert stats["components_in"] == 2 and stats["components_removed"] == 1
+    assert stats["components_out"] == 1
+
+
+def test_keep_largest_uses_full_connectivity():
+    m = np.zeros((6, 6, 6), np.uint8)
+    m[1, 1, 1] = m[2, 2, 2] = m[3, 3, 3] = 1  # touch at corners only: one 26-connected object
+    m[5, 5, 0] = 1
+    out, stats = run(m, keep_largest=True)
+    assert stats["components_in"] == 2
+    assert out.sum() == 3 and out[5, 5, 0] == 0
+
+
+def test_fill_holes_fills_enclosed_cavity_not_one_open_to_a_face():
+    m = np.zeros((10, 10, 20), np.uint8)
+    m[1:9, 1:9, 1:9] = 1
+    m[3:6, 3:6, 3:6] = 0  # enclosed cavity: 27 voxels
+    m[:, :, 11:20] = 1
+    m[4:6, 4:6, 14:20] = 0  # notch open to the x = 19 face
+    out, stats = run(m, fill_holes=True)
+    assert out[3:6, 3:6, 3:6].all()
+    assert not out[4:6, 4:6, 14:20].any()
+    assert stats["holes_filled"] == 27
+    np.testing.assert_array_equal(out, ndi.binary_fill_holes(m))
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    rng = np.random.default_rng(1)
+    for shape in [(9, 11, 13), (17, 19)]:
+        m = rng.random(shape) < 0.6
+        out, _ = run(m, fill_holes=True)
+        np.testing.assert_array_equal(out.astype(bool), ndi.binary_fill_holes(m))
+
+
+@pytest.mark.parametrize("r", [2, -2])
+def test_grow_and_shrink_a_cube_by_a_ball(r):
+    m = cube((24, 24, 24), 7, 17)
+    out, _ = run(m, grow_radius=r)
+    if r > 0:
+        expected = ndi.binary_dilation(m, structure=ball(r))
+        assert out.sum() > m.sum()
+    else:
+        expected = ndi.binary_erosion(m, structure=ball(-r))
+        np.testing.assert_array_equal(out, cube((24, 24, 24), 9, 15))
+    np.testing.assert_array_equal(out, expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_ball_operations_equal_the_structuring_element_definition(r):
+    """Distance-transform erosion/dilation == scipy with ball(r), outside counted as foreground."""
+    rng = np.random.default_rng(r)
+    m = ndi.binary_dilation(rng.random((14, 15, 16)) < 0.03, structure=ball(1))
+    b = ball(r)
+    dil = ndi.binary_dilation(m, structure=b)
+    ero = ndi.binary_erosion(m, structure=b, border_value=1)
+    np.testing.assert_array_equal(run(m, grow_radius=r)[0], dil)
+    np.testing.assert_array_equal(run(m, grow_radius=-r)[0], ero)
+    opened = ndi.binary_dilation(ndi.binary_erosion(m, structure=b, border_value=1), structure=b)
+    np.testing.assert_array_equal(run(m, opening_radius=r)[0], opened)
+    closed = ndi.binary_erosion(dil, structure=b, border_value=1)
+    np.testing.assert_array_equal(run(m, closing_radius=r)[0], closed)
+
+
+def test_two_d_images_use_a_disk():
+    rng = np.random.default_rng(5)
+    m = rng.random((30, 31)) < 0.2
+    expected = ndi.binary_dilation(m, structure=disk(3))
+    np.testing.assert_array_equal(run(m, grow_radius=3)[0], expected)
+
+
+def test_closing_bridges_a_one_voxel_gap():
+    m = np.zeros((12, 12, 24), np.uint8)
+    m[2:10, 2:10, 2:11] = 1
+    m[2:10, 2:10, 12:21] = 1  # x = 11 is a 1-voxel gap
+    assert run(m, keep_largest=True)[1]["components_removed"] == 1
+    out, stats = run(m, closing_radius=1, keep_largest=True)
+    assert out[3:9, 3:9, 11].all()
+    assert stats["components_removed"] == 0 and stats["components_out"] == 1
+    assert np.all(out >= m)
+
+
+def test_closing_does_not_erode_at_the_volume_faces():
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[:, :, :5] = 1  # touches five faces
+    m[0, 0, 7] = 1  # single voxel in a corner
+    out, _ = run(m, closing_radius=2)
+    assert np.all(out >= m)
+    assert ndi.binary_closing(m, structure=ball(2)).sum() < m.sum()  # what naive closing would do
+
+
+def test_opening_keeps_an_object_that_fills_the_volume():
+    m = np.ones((6, 7, 8), np.uint8)
+    out, _ = postprocess_mask(m, opening_radius=2, grow_radius=-1)
+    np.testing.assert_array_equal(out, m)
+
+
+def test_empty_stays_empty():
+    m = np.zeros((8, 8, 8), bool)
+    out, stats = postprocess_mask(m, opening_radius=1, closing_radius=1, grow_radius=2)
+    assert out.dtype == np.uint8 and not out.any()
+    assert stats["voxels_out"] == 0 and stats["components_in"] == 0 and stats["holes_filled"] == 0
+
+
+def test_keep_largest_and_fill_are_idempotent():
+    rng = np.random.default_rng(3)
+    m = ndi.binary_opening(rng.random((20, 20, 20)) < 0.55)
+    kw = dict(opening_radius=0, keep_largest=True, fill_holes=True)
+    once, _ = postprocess_mask(m, **kw)
+    twice, stats = postprocess_mask(once, **kw)
+    np.testing.assert_array_equal(once, twice)
+    assert stats["components_removed"] == 0 and stats["holes_filled"] == 0
+
+
+def test_zero_255_input_gives_uint8_zero_one_and_stats():
+    m = cube() * 255
+    out, stats = postprocess_mask(m, opening_radius=0)
+    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 1}
+    np.testing.assert_array_equal(out, cube())
+    assert stats["fraction_in"] == pytest.approx(1000 / 8000) == stats["fraction_out"]
+    for key in ("opening_radius", "keep_largest", "fill_holes", "grow_radius", "closing_radius"):
+        assert key in stats
+
+
+@pytest.mark.parametrize(
+    "mask, kw, words",
+    [
+        (np.zeros(5, np.uint8), {}, ["1-D"]),
+        (np.zeros((2, 2, 2, 2), np.uint8), {}, ["4-D"]),
+        (np.zeros((4, 4, 4), np.float32), {}, ["float32"]),
+        (np.zeros((4, 4, 4), np.uint8), {"opening_radius": -1}, ["opening_radius", "-1"]),
+        (np.zeros((4, 4, 4), np.uint8), {"closing_radius": -2}, ["closing_radius", "-2"]),
+        (np.zeros((4, 4, 4), np.uint8), {"grow_radius": 1.5}, ["grow_radius", "1.5"]),
+    ],
+)
+def test_bad_input_raises_input_error(mask, kw, words):
+    with pytest.raises(InputError) as err:
+        postprocess_mask(mask, **kw)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_mask_overlap_known_answer_and_ignore():
+    from maskworks.em.postprocess import mask_overlap
+
+    truth = np.array([[0, 1, 1, 2]], np.uint8)
+    mask = np.array([[1, 1, 0, 1]], np.uint8)
+    s = mask_overlap(mask, truth)  # ignore not given: label 2 counts as foreground
+    assert (s["true_positive"], s["false_positive"], s["false_negative"]) == (2, 1, 1)
+    assert s["dice"] == pytest.approx(4 / 6) and s["jaccard"] == pytest.approx(2 / 4)
+    s = mask_overlap(mask, truth, ignore_label=2)
+    assert (s["true_positive"], s["false_positive"], s["false_negative"]) == (1, 1, 1)
+    assert s["dice"] == pytest.approx(0.5) and s["voxels"] == 3
+    assert mask_overlap(np.zeros((2, 2)), np.zeros((2, 2)))["dice"] == 1.0
+    with pytest.raises(InputError):
+        mask_overlap(np.zeros((2, 2)), np.zeros((3, 2)))
