@@ -1,6 +1,7 @@
 """Rule postprocess_mask: texture mask -> cleaned 3-D mask, stats JSON, QC PNG."""
 
-from maskworks.cli import postprocess_mask_files, snakemake_logging
+from maskworks.cli import snakemake_logging
+from maskworks.em.stages import postprocess_mask_files
 
 snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
 postprocess_mask_files(

@@ -1,6 +1,7 @@
 """Rule texture_mask: volume -> tissue mask, confidence map, stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_logging, texture_mask_files
+from maskworks.cli import snakemake_logging
+from maskworks.em.stages import texture_mask_files
 
 snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
 texture_mask_files(

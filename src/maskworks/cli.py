@@ -1,15 +1,18 @@
-"""``maskworks <stage>``: every workflow stage on the command line, and the file-level
-runners that the Snakemake scripts call too, so a stage behaves the same everywhere.
+"""``maskworks <stage>``: every workflow stage on the command line.
 
-A runner reads its inputs through :mod:`maskworks.io`, calls one library function
-and writes the outputs (atomically), a stats JSON and a QC PNG.  Option names are
-the config keys with dashes; defaults come from the library functions' signatures.
+Each arm's ``stages`` module holds the file-level runners (read through
+:mod:`maskworks.io`, one library call, atomic writes, a stats JSON, a QC PNG) that
+the Snakemake scripts call too, and registers its commands here; this module
+holds what they share.  Option names are the config keys with dashes; defaults
+come from the library functions' signatures.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib
 import inspect
 import logging
 import shutil
@@ -23,18 +26,23 @@ from .io import InputError
 
 log = logging.getLogger("maskworks")
 
-# Above this many voxels a volume is processed in chunks when no chunk_shape is given.
-AUTO_CHUNK_VOXELS = 2**27
-AUTO_CHUNK_SHAPE = (128, 512, 512)
+# Modules with an ``add_commands(subparsers)``; imported when the parser is built.
+ARMS = ["maskworks.em.stages"]
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _geometry(vol, voxel_size=None, unit=None):
+def geometry(vol, voxel_size=None, unit=None):
     """Voxel size/unit of a volume, overridden by the user's values when given."""
     vs = vol.voxel_size if voxel_size in (None, "", []) else _triple(voxel_size, "voxel_size")
     return vs, (unit or vol.unit)
+
+
+def keyword_defaults(func):
+    """Keyword-only defaults of a library function: the single source of CLI defaults."""
+    return {k: p.default for k, p in inspect.signature(func).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _triple(value, name):
@@ -53,7 +61,7 @@ def _triple(value, name):
     return out
 
 
-def _int_triple(value, name):
+def int_triple(value, name):
     if value in (None, "", "auto"):
         return None
     t = _triple(value, name)
@@ -62,27 +70,16 @@ def _int_triple(value, name):
     return tuple(int(v) for v in t)
 
 
-def _provenance(stage, inputs, params):
+def provenance(stage, inputs, params):
     return {"stage": stage, "maskworks_version": __version__,
             "inputs": {k: str(v) for k, v in inputs.items() if v is not None}, "params": params}
 
 
-def _sibling(path, suffix):
+def sibling(path, suffix):
     from .io import strip_extension
 
     p = Path(path)
     return p.with_name(strip_extension(p.name) + suffix)
-
-
-def _score(truth_path, mask, shape):
-    """Dice/Jaccard of ``mask`` against a ground-truth mask file (for demo and validation data)."""
-    from .em.postprocess import mask_overlap
-    from .io import read_volume
-
-    truth = read_volume(truth_path, ndim=3)
-    if truth.shape != tuple(shape):
-        raise InputError(f"{truth_path}: truth shape {truth.shape} differs from the mask shape {tuple(shape)}")
-    return mask_overlap(mask, truth.numpy())
 
 
 @contextlib.contextmanager
@@ -112,161 +109,7 @@ def snakemake_logging(snakemake):
                         stream=sys.stderr, force=True)
 
 
-# ----------------------------------------------------------------------------- runners
-
-
-def texture_mask_files(
-    input, mask, *, confidence, stats, qc, truth=None, voxel_size=None, unit=None,
-    chunk_shape=None, **params,
-):
-    """Run :func:`maskworks.em.texture.texture_mask` on a file and write every output.
-
-    ``chunk_shape`` None means automatic: the whole volume at once up to
-    ``AUTO_CHUNK_VOXELS`` voxels, chunks of ``AUTO_CHUNK_SHAPE`` above.
-    """
-    with all_or_nothing(mask, confidence, stats, qc):
-        return _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params)
-
-
-def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-    from .em.texture import texture_mask
-    from .io import create_volume, read_volume, write_json, write_volume
-    from .io.qc import save_orthoslices
-
-    vol = read_volume(input, ndim=3, lazy=True)
-    vs, unit = _geometry(vol, voxel_size, unit)
-    chunks = _int_triple(chunk_shape, "chunk_shape")
-    if chunks is None and np.prod(vol.shape) > AUTO_CHUNK_VOXELS:
-        chunks = AUTO_CHUNK_SHAPE
-    data = vol.data if chunks is not None else vol.numpy()
-    log.info("texture_mask %s shape=%s voxel_size=%s %s chunks=%s params=%s",
-             input, vol.shape, vs, unit, chunks, params)
-    prov = _provenance("texture_mask", {"input": input}, {**params, "chunk_shape": chunks})
-    zchunks = chunks or (64, 256, 256)
-    with create_volume(confidence, vol.shape, np.float32, vs, unit=unit, origin=vol.origin,
-                       chunks=zchunks, provenance=prov) as out_conf:
-        m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, **params)
-        write_volume(mask, m, vs, unit=unit, origin=vol.origin, chunks=zchunks, provenance=prov)
-    st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
-    if truth:
-        st["truth"] = _score(truth, m, vol.shape)
-    conf_vol = read_volume(confidence, lazy=True, check_finite=False)
-    save_orthoslices(qc, vol.data, masks={"texture mask": m}, maps={"confidence": conf_vol.data},
-                     voxel_size=vs, title=f"texture_mask: {Path(str(input)).name}  "
-                     f"threshold {st['threshold']:.3f}  masked {st['fraction_masked']:.1%}")
-    write_json(stats, st)
-    log.info("texture_mask done: %s", {k: st[k] for k in ("fraction_masked", "threshold")})
-    return st
-
-
-def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, **params):
-    """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
-    with all_or_nothing(output, stats, qc):
-        return _postprocess_mask_files(input, output, stats, qc, image, truth, params)
-
-
-def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
-    from .em.postprocess import postprocess_mask
-    from .io import read_volume, write_json, write_volume
-    from .io.qc import save_orthoslices
-
-    vol = read_volume(input, ndim=3)
-    log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
-    m, st = postprocess_mask(vol.numpy(), **params)
-    prov = _provenance("postprocess_mask", {"input": input}, params)
-    write_volume(output, m, vol.voxel_size, unit=vol.unit, origin=vol.origin, provenance=prov)
-    st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vol.voxel_size), unit=vol.unit)
-    if truth:
-        st["truth"] = _score(truth, m, vol.shape)
-    background = read_volume(image, ndim=3, lazy=True, check_finite=False).data if image else m
-    save_orthoslices(qc, background, masks={"input mask": vol.data, "post-processed": m},
-                     voxel_size=vol.voxel_size,
-                     title=f"postprocess_mask: {Path(str(input)).name}  "
-                     f"{st['fraction_in']:.1%} -> {st['fraction_out']:.1%}")
-    write_json(stats, st)
-    return st
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-def _defaults(func):
-    return {k: p.default for k, p in inspect.signature(func).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def _threshold(value):
-    if value == "otsu":
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"threshold must be 'otsu' or a number in (0, 1), got {value!r}") from None
-
-
-def _add_texture(sub):
-    from .em.texture import texture_mask
-
-    d = _defaults(texture_mask)
-    p = sub.add_parser("texture-mask", help="classical texture-based tissue mask of a volume (Catena design)")
-    p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
-    p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr")
-    p.add_argument("--confidence", help="confidence map output (default: <output>_confidence.zarr)")
-    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
-    p.add_argument("--qc", help="QC PNG (default: <output>_qc.png)")
-    p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
-    p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
-    p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
-    p.add_argument("--block-size", type=int, default=d["block_size"], help="local-statistics window (voxels)")
-    p.add_argument("--texture-sigma", type=float, default=d["texture_sigma"], help="DoG band-pass sigma (voxels)")
-    p.add_argument("--edge-sigma", type=float, default=d["edge_sigma"], help="gradient/structure-tensor sigma")
-    p.add_argument("--min-region-size", type=int, default=d["min_region_size"],
-                   help="smallest kept component and largest filled hole (voxels)")
-    p.add_argument("--threshold", type=_threshold, default=d["threshold"], help="'otsu' or a value in (0, 1)")
-    p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing (default: automatic)")
-    p.set_defaults(run=_run_texture)
-
-
-def _run_texture(a):
-    out = Path(a.output)
-    return texture_mask_files(
-        a.input, out, confidence=a.confidence or _sibling(out, "_confidence.zarr"),
-        stats=a.stats or _sibling(out, "_stats.json"), qc=a.qc or _sibling(out, "_qc.png"),
-        truth=a.truth, voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape,
-        block_size=a.block_size, texture_sigma=a.texture_sigma, edge_sigma=a.edge_sigma,
-        min_region_size=a.min_region_size, threshold=a.threshold,
-    )
-
-
-def _add_postprocess(sub):
-    from .em.postprocess import postprocess_mask
-
-    d = _defaults(postprocess_mask)
-    p = sub.add_parser("postprocess-mask", help="3-D clean-up of a binary mask (opening, largest component, holes, grow/shrink)")
-    p.add_argument("input", help="mask volume (nonzero = foreground)")
-    p.add_argument("output", help="cleaned mask (uint8 0/1)")
-    p.add_argument("--image", help="intensity volume to draw the QC picture on")
-    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
-    p.add_argument("--qc", help="QC PNG (default: <output>_qc.png)")
-    p.add_argument("--truth", help="ground-truth mask to score the result against")
-    p.add_argument("--closing-radius", type=int, default=d["closing_radius"], help="small-gap closing ball radius (0: off)")
-    p.add_argument("--opening-radius", type=int, default=d["opening_radius"], help="opening ball radius (0: off)")
-    p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=d["keep_largest"],
-                   help="keep only the largest 3-D connected component")
-    p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=d["fill_holes"],
-                   help="fill holes that do not touch the volume faces")
-    p.add_argument("--grow-radius", type=int, default=d["grow_radius"],
-                   help="dilate (>0) or erode (<0) by this many voxels at the end")
-    p.set_defaults(run=_run_postprocess)
-
-
-def _run_postprocess(a):
-    out = Path(a.output)
-    return postprocess_mask_files(
-        a.input, out, stats=a.stats or _sibling(out, "_stats.json"), qc=a.qc or _sibling(out, "_qc.png"),
-        image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
-        keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
-    )
 
 
 def _add_demo(sub):
@@ -310,9 +153,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="maskworks", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"maskworks {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    _add_texture(sub)
-    _add_postprocess(sub)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="STAGE",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter),
+    )
+    for arm in ARMS:
+        importlib.import_module(arm).add_commands(sub)
     _add_demo(sub)
     return parser
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import exe, run
+
 from maskworks.cli import main
 from maskworks.io import read_volume, write_volume
 
@@ -102,12 +102,12 @@ def test_bad_parameter_exits_nonzero_via_console_script(em, tmp_path):
 
 def test_failure_after_partial_write_leaves_nothing(em, tmp_path, monkeypatch):
     _, paths = em
-    import maskworks.io.qc as qc
+    import maskworks.em.stages as stages
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(qc, "save_orthoslices", broken)
+    monkeypatch.setattr(stages, "save_orthoslices", broken)
     with pytest.raises(RuntimeError):
         main(["texture-mask", str(paths[".tif"]), str(tmp_path / "o.zarr")])
     assert not list(tmp_path.iterdir())

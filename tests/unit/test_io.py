@@ -384,3 +384,14 @@ def test_iter_blocks_covers_the_shape_once(shape, chunks, halo):
             assert o.start == max(0, i.start - h) and o.stop == min(s, i.stop + h)
         np.testing.assert_array_equal(index[b.outer][b.crop], index[b.inner])
     assert (count == 1).all()
+
+
+def test_uint8_mrc_header_statistics_are_unsigned(tmp_path):
+    import mrcfile
+
+    data = np.full((4, 5, 6), 200, np.uint8)
+    data[0, 0, 0] = 10
+    write_volume(tmp_path / "u8.mrc", data, 10.0, unit="angstrom")
+    with mrcfile.open(tmp_path / "u8.mrc") as mrc:
+        assert (mrc.header.dmin, mrc.header.dmax) == (10.0, 200.0)
+        assert float(mrc.header.dmean) == pytest.approx(data.mean(), rel=1e-5)

@@ -553,6 +553,10 @@ def _write_mrc(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Pa
             extra = bytearray(mrc.header.extra2.tobytes())
             extra[40:48] = np.array([_IMOD_STAMP, 0], dtype=mrc.header.mode.dtype).tobytes()
             mrc.header.extra2 = bytes(extra)
+            # mrcfile computed the statistics on the signed view; viewers use them for contrast.
+            mrc.header.dmin, mrc.header.dmax = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+            mrc.header.dmean = float(data.mean(dtype=np.float64)) if data.size else 0.0
+            mrc.header.rms = float(data.std(dtype=np.float64)) if data.size else 0.0
         else:
             mrc.set_data(np.ascontiguousarray(data))
         if data.ndim == 3:

@@ -1,0 +1,154 @@
+"""maskworks.em.texture: the classical volume-EM tissue mask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage as ndi
+
+from maskworks.demo import EM_SAMPLES, make_em_volume
+from maskworks.em.texture import local_variance, sym3_eigenvalues, texture_mask
+from maskworks.io import InputError
+
+
+def dice(a, b) -> float:
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+@pytest.fixture(scope="module")
+def small_em():
+    return make_em_volume((40, 80, 80), seed=3)
+
+
+@pytest.fixture(scope="module")
+def small_em_result(small_em):
+    return texture_mask(small_em[0])
+
+
+@pytest.mark.parametrize("shape, seed", [((48, 96, 96), 0), (EM_SAMPLES["sample2"]["shape"], EM_SAMPLES["sample2"]["seed"])])
+def test_finds_the_tissue_of_the_demo_volume(shape, seed):
+    image, truth = make_em_volume(shape, seed=seed)
+    mask, confidence, stats = texture_mask(image)
+    assert dice(mask, truth) >= 0.9
+    # the resin's crack and bright sheet (far from the tissue, extreme grey values) stay out of the mask
+    far = ndi.distance_transform_edt(truth == 0) > 10
+    artefacts = far & ((image < 90) | (image > 215))
+    assert np.count_nonzero(artefacts) > 100
+    assert not mask[artefacts].any()
+    assert confidence[truth == 1].mean() > confidence[truth == 0].mean() + 0.3
+
+
+def test_local_variance_matches_brute_force():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 6, 7))
+    size = (3, 4, 5)
+
+    def reflect(i, n):  # scipy "reflect": d c b a | a b c d | d c b a
+        return -i - 1 if i < 0 else 2 * n - i - 1 if i >= n else i
+
+    expected = np.empty_like(x)
+    for idx in np.ndindex(x.shape):
+        axes = [[reflect(i + d, n) for d in range(-(s // 2), (s - 1) // 2 + 1)] for i, s, n in zip(idx, size, x.shape)]
+        expected[idx] = x[np.ix_(*axes)].var()
+    np.testing.assert_allclose(local_variance(x, size), expected, atol=1e-12)
+    assert local_variance(np.full((4, 4, 4), 7.0), 3).max() == 0.0
+
+
+def test_sym3_eigenvalues_match_eigvalsh():
+    rng = np.random.default_rng(2)
+    g = rng.normal(size=(500, 3, 4))
+    a = g @ g.transpose(0, 2, 1)
+    v = rng.normal(size=(50, 3))
+    a[:50] = v[:, :, None] * v[:, None, :]  # rank one: a single plane
+    l1, l2, l3 = sym3_eigenvalues(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2])
+    ref = np.linalg.eigvalsh(a)
+    np.testing.assert_allclose(np.stack([l3, l2, l1], axis=1), ref, atol=1e-7 * np.abs(ref).max())
+
+
+def test_chunked_equals_unchunked(small_em, small_em_result):
+    image = small_em[0]
+    mask0, conf0, stats0 = small_em_result
+    calls = []
+    mask1, conf1, stats1 = texture_mask(image, chunk_shape=(24, 45, 50), progress=lambda d, t: calls.append((d, t)))
+    assert stats1["chunks"] == 2 * 2 * 2 and calls[-1] == (8, 8)
+    np.testing.assert_allclose(conf1, conf0, atol=1e-5)
+    np.testing.assert_array_equal(mask1, mask0)
+    assert stats1["threshold"] == stats0["threshold"]
+
+
+def test_chunked_zarr_input_and_output(small_em, small_em_result):
+    image = small_em[0]
+    mask0, conf0, _ = small_em_result
+    src = zarr.array(image, chunks=(16, 32, 32))
+    out = zarr.zeros(image.shape, chunks=(16, 32, 32), dtype="f4")
+    mask, conf, stats = texture_mask(src, chunk_shape=(40, 48, 80), out_confidence=out, progress=False)
+    assert conf is out and stats["chunks"] == 2
+    np.testing.assert_allclose(out[...], conf0, atol=1e-5)
+    np.testing.assert_array_equal(mask, mask0)
+
+
+def test_outputs_and_stats(small_em_result):
+    mask, conf, stats = small_em_result
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert conf.dtype == np.float32 and conf.min() >= 0.0 and conf.max() <= 1.0
+    for key in ("voxels", "fraction_masked", "threshold", "threshold_method", "intensity_p1", "intensity_p99",
+                "evidence_scales", "components_removed", "holes_filled", "chunks", "halo"):
+        assert key in stats
+    assert stats["voxels"] == mask.size and stats["chunks"] == 1 and stats["threshold_method"] == "otsu"
+    assert stats["fraction_masked"] == pytest.approx(mask.mean())
+    assert 0.0 < stats["threshold"] < 1.0
+    assert stats["intensity_p1"] < stats["intensity_p99"]
+    assert set(stats["evidence_scales"]) == {"texture", "contrast", "edges"}
+    assert all(v > 0 for v in stats["evidence_scales"].values())
+    assert stats["halo"] >= 32  # at least block_size / 2 and 4 x the largest sigma
+
+
+def test_fixed_threshold_is_used_as_given(small_em, small_em_result):
+    image = small_em[0]
+    mask, conf, stats = texture_mask(image, threshold=0.3, min_region_size=0)
+    assert stats["threshold"] == 0.3 and stats["threshold_method"] == "fixed"
+    np.testing.assert_array_equal(mask, (conf > 0.3).astype(np.uint8))
+    np.testing.assert_array_equal(conf, small_em_result[1])  # the confidence does not depend on it
+
+
+def test_small_components_removed_and_holes_filled():
+    from maskworks.em.texture import _clean
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[2:14, 2:14, 2:14] = 1  # 1728 voxels, kept
+    mask[6:8, 6:8, 6:8] = 0  # hole of 8 voxels, filled
+    mask[17:19, 17:19, 17:19] = 1  # speck of 8 voxels, removed
+    mask[16:20, 0:5, 0:5] = 1  # 100 voxels, kept at min size 100
+    expected = np.zeros_like(mask)
+    expected[2:14, 2:14, 2:14] = 1
+    expected[16:20, 0:5, 0:5] = 1
+    assert _clean(mask, 100) == (1, 1)
+    np.testing.assert_array_equal(mask, expected)
+    assert _clean(mask, 100) == (0, 0)  # idempotent
+
+
+def test_featureless_volume_gives_an_empty_mask():
+    mask, conf, stats = texture_mask(np.full((20, 30, 30), 100, np.uint8))
+    assert not mask.any() and conf.max() < 1e-3 and stats["fraction_masked"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "volume, kwargs, name",
+    [
+        (np.zeros((8, 8)), {}, "volume"),
+        (np.zeros((8, 8, 8, 2)), {}, "volume"),
+        (np.zeros((8, 8, 8)), {"block_size": 0}, "block_size"),
+        (np.zeros((8, 8, 8)), {"texture_sigma": -1.0}, "texture_sigma"),
+        (np.zeros((8, 8, 8)), {"edge_sigma": -0.5}, "edge_sigma"),
+        (np.zeros((8, 8, 8)), {"min_region_size": -1}, "min_region_size"),
+        (np.zeros((8, 8, 8)), {"threshold": 1.5}, "threshold"),
+        (np.zeros((8, 8, 8)), {"threshold": "mean"}, "threshold"),
+        (np.zeros((8, 8, 8)), {"chunk_shape": (4, 4)}, "chunk_shape"),
+        (np.zeros((8, 8, 8)), {"out_confidence": np.zeros((8, 8, 7), np.float32)}, "out_confidence"),
+    ],
+)
+def test_bad_input_names_the_parameter(volume, kwargs, name):
+    with pytest.raises(InputError, match=name):
+        texture_mask(volume, **kwargs)
