@@ -6,7 +6,6 @@ import inspect
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
+import tomllib
 import yaml
-
 from conftest import ROOT
 
 # env file -> the pyproject extras it must hold, and its Python

@@ -116,9 +116,9 @@ def _add_texture(sub):
     p = sub.add_parser("texture-mask", help="classical texture-based tissue mask of a volume (Catena design)")
     p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
     p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr")
-    p.add_argument("--confidence", help="confidence map output (default: <output>_confidence.zarr)")
-    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
-    p.add_argument("--qc", help="QC PNG (default: <output>_qc.png)")
+    p.add_argument("--confidence", help="confidence map output; if not given, <output>_confidence.zarr")
+    p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
+    p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
     p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
     p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
@@ -128,7 +128,7 @@ def _add_texture(sub):
     p.add_argument("--min-region-size", type=int, default=d["min_region_size"],
                    help="smallest kept component and largest filled hole (voxels)")
     p.add_argument("--threshold", type=_threshold, default=d["threshold"], help="'otsu' or a value in (0, 1)")
-    p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing (default: automatic)")
+    p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing; if not given, automatic")
     p.set_defaults(run=_run_texture)
 
 
@@ -150,8 +150,8 @@ def _add_postprocess(sub):
     p.add_argument("input", help="mask volume (nonzero = foreground)")
     p.add_argument("output", help="cleaned mask (uint8 0/1)")
     p.add_argument("--image", help="intensity volume to draw the QC picture on")
-    p.add_argument("--stats", help="stats JSON (default: <output>_stats.json)")
-    p.add_argument("--qc", help="QC PNG (default: <output>_qc.png)")
+    p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
+    p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against")
     p.add_argument("--closing-radius", type=int, default=d["closing_radius"], help="small-gap closing ball radius (0: off)")
     p.add_argument("--opening-radius", type=int, default=d["opening_radius"], help="opening ball radius (0: off)")

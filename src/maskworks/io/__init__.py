@@ -13,6 +13,7 @@ from .volumes import (
     normalize_unit,
     read_volume,
     strip_extension,
+    write_csv,
     write_json,
     write_volume,
 )
@@ -20,5 +21,5 @@ from .volumes import (
 __all__ = [
     "FORMATS", "Block", "InputError", "Volume", "atomic_path", "convert_length", "create_volume",
     "format_of", "iter_blocks", "iter_chunk_slices", "n_blocks", "normalize_unit", "read_volume",
-    "strip_extension", "write_json", "write_volume",
+    "strip_extension", "write_csv", "write_json", "write_volume",
 ]

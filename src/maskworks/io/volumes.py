@@ -201,12 +201,14 @@ def _squeeze_to(vol: Volume, ndim: int) -> Volume:
 
 def _check_finite(vol: Volume) -> None:
     data = vol.data
-    if isinstance(data, np.ndarray):
+    if isinstance(data, np.ndarray) and not isinstance(data, np.memmap):
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         first = np.argwhere(~np.isfinite(data))[0] if bad else None
     else:
+        # Lazy data (Zarr, memory-mapped MRC/NPY): scan block by block, never the whole at once.
+        chunks = getattr(data, "chunks", None) or (max(1, 2**24 // max(1, int(np.prod(data.shape[1:])))),) + tuple(data.shape[1:])
         bad, first = 0, None
-        for sl in iter_chunk_slices(data.shape, data.chunks):
+        for sl in iter_chunk_slices(data.shape, chunks):
             block = np.asarray(data[sl])
             fin = np.isfinite(block)
             if not fin.all():
@@ -494,6 +496,8 @@ def create_volume(
     """
     path = Path(path)
     fmt = format_of(path)
+    if path.name.lower().endswith(".nhdr"):
+        raise InputError(f"{path}: writing detached NRRD headers (.nhdr) is not supported; write .nrrd instead")
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     geom = Volume(np.empty((0,) * len(shape), dtype=dtype), voxel_size, unit, origin)
@@ -648,6 +652,18 @@ _WRITERS = {
     "nifti": _write_nifti,
     "npy": _write_npy,
 }
+
+
+def write_csv(path: str | Path, rows, columns) -> Path:
+    """Write dict rows as CSV atomically (manifests, reports, per-object stats)."""
+    import csv
+
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
