@@ -10,6 +10,7 @@ configfile: "config/config.yaml"
 
 include: "rules/common.smk"
 include: "rules/em.smk"
+include: "rules/cryoet.smk"
 
 
 rule all:

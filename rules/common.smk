@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pandas as pd
+from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
@@ -53,9 +54,57 @@ def em_geometry(wildcards):
     return {"voxel_size": row.get("voxel_size") or None, "unit": row.get("unit") or None}
 
 
+CRYOET = config["cryoet"]
+REFINE = CRYOET["refine_membranes"]
+cryoet_tomograms = (
+    read_table(CRYOET["tomograms"], "../config/cryoet_tomograms.schema.yaml") if CRYOET["enabled"] else None
+)
+
+
+def cryoet_row(wildcards):
+    return cryoet_tomograms.loc[wildcards.name]
+
+
+def cryoet_inputs(wildcards):
+    row = cryoet_row(wildcards)
+    return {"tomogram": row["tomogram"], "segmentation": row["segmentation"], "centres": row["centres"]}
+
+
+def copick_runs():
+    """Runs to refine: the configured list, else every run of the copick project (sorted)."""
+    if not (CRYOET["enabled"] and REFINE["copick_config"]):
+        return []
+    if REFINE["runs"]:
+        return list(REFINE["runs"])
+    try:
+        from maskworks.io.copick import open_project
+    except ImportError as exc:
+        raise WorkflowError(
+            "listing copick runs needs maskworks[core] in the Snakemake environment; "
+            f"install it or list the runs in cryoet.refine_membranes.runs ({exc})"
+        )
+    return sorted(r.name for r in open_project(REFINE["copick_config"]).runs)
+
+
+def stage_params(section, drop=()):
+    """A config section as a rule's params, keys sorted: Snakemake's params trigger compares
+    the recorded value, so reordering keys in a config file must not rerun anything."""
+    return {k: section[k] for k in sorted(section) if k not in drop}
+
+
+def gpu_request(device):
+    """GPU-capable rules ask Slurm/Snakemake for one GPU unless the config pins them to the CPU."""
+    return 0 if str(device) == "cpu" else 1
+
+
 def all_outputs():
     """Final targets of every enabled arm."""
     out = []
     if EM["enabled"]:
         out += expand("results/em/{name}/mask.zarr", name=em_volumes.index)
+    if CRYOET["enabled"]:
+        out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
+        with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]
+        out += expand("results/cryoet/merged/{name}", name=with_corrections)
+        out += expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
     return out

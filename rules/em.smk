@@ -14,7 +14,7 @@ rule texture_mask:
         stats="results/em/{name}/texture_stats.json",
         qc="results/em/{name}/texture_qc.png",
     params:
-        texture=EM["texture_mask"],
+        texture=stage_params(EM["texture_mask"]),
         geometry=em_geometry,
     log:
         "logs/em/texture_mask/{name}.log",
@@ -38,7 +38,7 @@ rule postprocess_mask:
         stats="results/em/{name}/mask_stats.json",
         qc="results/em/{name}/mask_qc.png",
     params:
-        postprocess=EM["postprocess_mask"],
+        postprocess=stage_params(EM["postprocess_mask"]),
     log:
         "logs/em/postprocess_mask/{name}.log",
     benchmark:

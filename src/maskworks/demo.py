@@ -10,11 +10,13 @@ input so that the workflow can score itself.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from maskworks.cryoet.patches import plan_patches
 from maskworks.io import InputError, write_volume
 
 # Voxel geometry of the demo volumes: (z, y, x) size and unit, as written to disk.
@@ -171,11 +173,254 @@ def _write_em(out_dir: Path) -> dict[str, Path]:
         )
     return written
 
+# ----------------------------------------------------------------------------- cryo-ET patches
+# A tomogram with membrane-like sheets, an imperfect membrane segmentation (a gap and
+# a spurious blob in the first vesicle), patch centres (header row, floats, some near
+# the edges) and Add/Remove/Ignore NRRD corrections that repair the first patch.
 
-_ARMS = {"em": _write_em}
+# Geometry and extraction settings the demo config uses (config/demo.yaml must agree).
+CRYOET_PATCHES = {
+    "shape": (96, 200, 200), "voxel_size": 10.0, "unit": "angstrom", "seed": 7,
+    "patch_size": 64, "border": 8, "ds_token": "demo", "token": "tomo1",
+}
+# Patch centres, x, y, z (voxels): the first on the big vesicle, two near edges (padded).
+_CENTRES = [(100.3, 99.6, 48.0), (24.5, 110.2, 44.0), (150.0, 60.4, 70.6), (180.2, 188.7, 30.0),
+            (60.0, 150.0, 52.5), (100.0, 100.0, 8.4)]
+# Vesicles: centre (z, y, x) and radius, in voxels.
+_VESICLES = [((48, 100, 100), 20.0), ((70, 60, 150), 14.0), ((52, 150, 60), 17.0)]
 
 
-def write_demo_data(out_dir, arms=("em",)) -> dict[str, Path]:
+def make_cryoet_tomogram(shape=CRYOET_PATCHES["shape"], seed: int = CRYOET_PATCHES["seed"]):
+    """Tomogram (float32, membranes dark) and its true membrane mask (uint8 0/1)."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    dist = np.full(shape, np.inf, np.float32)
+    for (cz, cy, cx), r in _VESICLES:
+        d = np.sqrt((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2, dtype=np.float32) - r
+        np.minimum(dist, np.abs(d), out=dist)
+    sheet = np.abs(z - (26 + 6 * np.sin(2 * np.pi * x / 150.0) + 0.03 * y)).astype(np.float32)
+    np.minimum(dist, sheet, out=dist)
+    truth = (dist < 1.5).astype(np.uint8)
+    noise = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0)
+    image = (-np.exp(-0.5 * (dist / 1.2) ** 2) + 0.3 * noise / noise.std()).astype(np.float32)
+    return image, truth
+
+
+def _ball(shape, centre, radius):
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) <= radius**2
+
+
+def _write_cryoet_patches(out_dir) -> dict[str, Path]:
+    """Write the tomogram, its segmentation, the centres CSV and a corrections folder.
+
+    The corrections folder holds masks for ``demo_tomo1_patch0`` (Remove the
+    spurious blob, Add the missing piece of the vesicle, Ignore a corner) and
+    ``demo_tomo1_patch4`` (lower-case file names, an Ignore slab), named as
+    ``maskworks extract-patches --ds-token demo --patch-size 64`` names them
+    in an empty folder.
+    """
+    cfg = CRYOET_PATCHES
+    root = Path(out_dir) / "cryoet"
+    shape, vs, unit = cfg["shape"], (cfg["voxel_size"],) * 3, cfg["unit"]
+    image, truth = make_cryoet_tomogram(shape, cfg["seed"])
+    seg = truth.copy()
+    (cz, cy, cx), r = _VESICLES[0]
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    gap = (x > cx + 12) & (np.abs(z - cz) < 6) & (truth > 0)
+    seg[gap] = 0  # the segmentation misses part of the first vesicle ...
+    blob = _ball(shape, (cz, cy - 4, cx - 3), 3.5)
+    seg[blob] = 1  # ... and holds a blob inside it
+    written = {
+        "cryoet_tomogram": write_volume(root / "tomo1.mrc", image, vs, unit=unit),
+        "cryoet_segmentation": write_volume(root / "tomo1_seg.mrc", seg, vs, unit=unit),
+    }
+    centres = root / "tomo1_centres.csv"
+    centres.write_text("x,y,z\n" + "".join(f"{a:.1f},{b:.1f},{c:.1f}\n" for a, b, c in _CENTRES))
+    written["cryoet_centres"] = centres
+
+    size = cfg["patch_size"]
+    plans = plan_patches(shape, np.array(_CENTRES), patch_size=size)
+
+    def crop(arr, plan):
+        sl = tuple(slice(s, s + size) for s in plan.start)
+        return arr[sl]  # these two patches lie inside the tomogram
+
+    def save(key, name, mask, plan):
+        origin = tuple(s * v for s, v in zip(plan.start, vs))
+        path = root / "corrections" / key / name
+        write_volume(path, mask.astype(np.uint8), vs, unit=unit, origin=origin)
+        return path
+
+    p0 = plans[0]
+    key0 = f"{cfg['ds_token']}_{cfg['token']}_patch0"
+    corner = np.zeros((size,) * 3, np.uint8)
+    corner[10:20, 10:20, 10:20] = 1
+    written["cryoet_correction_remove"] = save(key0, "Remove1.nrrd", crop(_ball(shape, (cz, cy - 4, cx - 3), 5), p0), p0)
+    written["cryoet_correction_add"] = save(key0, "Add1.nrrd", crop(gap, p0), p0)
+    written["cryoet_correction_ignore"] = save(key0, "Ignore1.nrrd", corner, p0)
+    p4 = plans[4]
+    key4 = f"{cfg['ds_token']}_{cfg['token']}_patch4"
+    slab = np.zeros((size,) * 3, np.uint8)
+    slab[:, :, 40:48] = 1
+    written["cryoet_correction_ignore_2"] = save(key4, "ignore_edge.nrrd", slab, p4)
+    written["cryoet_corrections"] = root / "corrections"
+    return written
+
+# ----------------------------------------------------------------------------- cryo-ET copick
+# A copick project (filesystem overlay) with organelle instance segmentations and
+# membranes with spurious fragments, internal fragments and edge junk.
+
+COPICK_SHAPE = (64, 128, 128)
+COPICK_VOXEL_SIZE = 10.0  # angstrom
+COPICK_RUNS = {"TS_001": 0, "TS_002": 1, "TS_003": 2}  # run name -> seed
+COPICK_ORGANELLES = {"name": "organelles", "user_id": "saber", "session_id": "1"}
+COPICK_MEMBRANES = {"name": "membrane", "user_id": "membrain-seg", "session_id": "1"}
+MEMBRANE_THICKNESS = 3
+
+# id, centre (z, y, x), radii (z, y, x), what it is for
+_DEMO_ORGANELLES = [
+    (1, (32, 36, 40), (14, 24, 24), "large: kept with its shell"),
+    (2, (30, 84, 92), (13, 24, 24), "large: kept with its shell"),
+    (3, (32, 110, 44), (7, 11, 38), "elongated: kept, thin dilation and opening"),
+    (4, (32, 20, 100), (6, 7, 7), "too small for min_roi_relative_size"),
+    (5, (6, 40, 108), (4, 10, 10), "only in z-slices without membrane after the edge trim"),
+]
+# Run TS_003 renumbers organelle 2 as 300, so labels above 255 go through the whole chain.
+_BIG_ID = {"TS_003": {2: 300}}
+
+
+def shelled_ellipsoids(shape, organelles, thickness: int = MEMBRANE_THICKNESS):
+    """Axis-aligned ellipsoids and a membrane shell around each.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (z, y, x) of the volume.
+    organelles : iterable of (id, centre, radii)
+        Centre and radii in voxels, (z, y, x).  Where two overlap, the earlier one wins.
+    thickness : int
+        The shell is every voxel outside the organelles within this distance of one.
+
+    Returns
+    -------
+    labels : ndarray of int32
+    shells : ndarray of bool
+    """
+    labels = np.zeros(shape, dtype=np.int32)
+    shells = np.zeros(shape, dtype=bool)
+    for oid, centre, radii in organelles:
+        box = tuple(slice(max(0, int(np.floor(c - r)) - thickness - 1), min(n, int(np.ceil(c + r)) + thickness + 2))
+                    for c, r, n in zip(centre, radii, shape))
+        grids = np.ogrid[box]
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1.0
+        if not inside.any():
+            continue
+        crop = labels[box]
+        crop[inside & (crop == 0)] = oid
+        shells[box] |= ndi.distance_transform_edt(~inside) <= thickness
+    shells &= labels == 0
+    return labels, shells
+
+
+def make_cryoet_segmentations(shape=COPICK_SHAPE, seed: int = 0, renumber=None):
+    """Organelle labels, a membrane mask (with junk) and a tomogram for one demo run.
+
+    Returns
+    -------
+    dict
+        ``organelles`` (int32 ids), ``membranes`` (uint8 0/1), ``tomogram`` (float32),
+        ``membranes_truth`` (the shells alone).
+    """
+    rng = np.random.default_rng(seed)
+    renumber = renumber or {}
+    jitter = rng.integers(-2, 3, size=(len(_DEMO_ORGANELLES), 3))
+    specs = [(renumber.get(oid, oid), tuple(int(c + j) for c, j in zip(centre, jit)), radii)
+             for (oid, centre, radii, _), jit in zip(_DEMO_ORGANELLES, jitter)]
+    labels, shells = shelled_ellipsoids(shape, specs)
+    membranes = shells.copy()
+
+    # A flat fragment inside organelle 1 (a crista), away from its shell.
+    z, y, x = specs[0][1]
+    yy, xx = np.ogrid[-6:7, -6:7]
+    membranes[z - 1:z + 2, y - 6:y + 7, x - 6:x + 7] |= (yy**2 + xx**2 <= 36)[None]
+    # Spurious blobs in the background, far below the default min_membrane_area.
+    free = ndi.distance_transform_edt(labels == 0) > MEMBRANE_THICKNESS + 4
+    for _ in range(6):
+        c = np.array([rng.integers(8, s - 8) for s in shape])
+        if not free[tuple(c)]:
+            continue
+        r = int(rng.integers(2, 5))
+        sl = tuple(slice(int(ci) - r, int(ci) + r + 1) for ci in c)
+        membranes[sl] |= free[sl]
+    # Edge junk: a sheet in the first z-slices and a wall on the x = 0 face.
+    membranes[: 3, 10:-10, 10:-10] = True
+    membranes[10:-10, 10:-10, :2] = True
+
+    tomogram = ndi.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 0.8)
+    tomogram -= 0.6 * (labels > 0) + 2.5 * membranes
+    return {"organelles": labels, "membranes": membranes.astype(np.uint8),
+            "tomogram": tomogram.astype(np.float32), "membranes_truth": shells.astype(np.uint8)}
+
+
+def _write_cryoet_copick(out_dir) -> dict[str, Path]:
+    """Copick arm of the demo: ``cryoet/copick/copick_config.json`` and its runs.
+
+    Writing again replaces the inputs (tomograms and the two segmentations) and
+    leaves anything else in the project (earlier refined outputs) alone.
+    """
+    from maskworks.io.copick import keep_logging
+
+    with keep_logging():
+        return _write_copick_project(out_dir)
+
+
+def _write_copick_project(out_dir) -> dict[str, Path]:
+    import copick
+    from copick.models import PickableObject
+
+    root_dir = (Path(out_dir) / "cryoet" / "copick").resolve()
+    config = root_dir / "copick_config.json"
+    objects = [
+        PickableObject(name="membrane", is_particle=False, label=1, color=(255, 200, 0, 255)),
+        PickableObject(name="organelle", is_particle=False, label=2, color=(0, 160, 255, 255)),
+    ]
+    root = copick.new_config(str(config), overlay_root=str(root_dir), proj_name="maskworks demo",
+                             proj_description="synthetic organelles and membranes for refine-membranes",
+                             pickable_objects=objects)
+    written = {"config": config}
+    for name, seed in COPICK_RUNS.items():
+        data = make_cryoet_segmentations(COPICK_SHAPE, seed=seed, renumber=_BIG_ID.get(name))
+        run = root.get_run(name) or root.new_run(name, exist_ok=True)
+        spacing = run.get_voxel_spacing(COPICK_VOXEL_SIZE) or run.new_voxel_spacing(COPICK_VOXEL_SIZE, exist_ok=True)
+        spacing.new_tomogram("wbp", exist_ok=True).from_numpy(data["tomogram"], levels=1)
+        org = run.new_segmentation(voxel_size=COPICK_VOXEL_SIZE, name=COPICK_ORGANELLES["name"],
+                                   session_id=COPICK_ORGANELLES["session_id"], is_multilabel=True,
+                                   user_id=COPICK_ORGANELLES["user_id"], exist_ok=True)
+        org.from_numpy(data["organelles"])
+        mem = run.new_segmentation(voxel_size=COPICK_VOXEL_SIZE, name=COPICK_MEMBRANES["name"],
+                                   session_id=COPICK_MEMBRANES["session_id"], is_multilabel=False,
+                                   user_id=COPICK_MEMBRANES["user_id"], exist_ok=True)
+        mem.from_numpy(data["membranes"])
+        written[name] = root_dir / "ExperimentRuns" / name
+    manifest = root_dir / "demo_organelles.json"
+    manifest.write_text(json.dumps({"organelles": [
+        {"id": oid, "centre_zyx": list(c), "radii_zyx": list(r), "purpose": why}
+        for oid, c, r, why in _DEMO_ORGANELLES], "renumbered": _BIG_ID}, indent=2) + "\n")
+    written["manifest"] = manifest
+    return written
+
+
+def _write_cryoet(out_dir: Path) -> dict[str, Path]:
+    """Cryo-ET arm: tomogram, segmentation, centres and corrections, plus a copick project."""
+    return {**_write_cryoet_patches(out_dir), **_write_cryoet_copick(out_dir)}
+
+
+_ARMS = {"em": _write_em, "cryoet": _write_cryoet}
+
+
+
+def write_demo_data(out_dir, arms=("em", "cryoet")) -> dict[str, Path]:
     """Write the synthetic demo inputs (and their ground truth) of ``arms`` under ``out_dir``.
 
     Parameters
@@ -184,7 +429,7 @@ def write_demo_data(out_dir, arms=("em",)) -> dict[str, Path]:
         Directory to write into (created if missing).  Files are written
         atomically, so running this again simply replaces them.
     arms : sequence of str
-        Which arms to write data for (known: ``"em"``).
+        Which arms to write data for (known: ``"em"``, ``"cryoet"``).
 
     Returns
     -------

@@ -62,7 +62,8 @@ def test_lint_passes(wd):
 def test_dry_run_lists_the_demo_jobs(wd):
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2}, proc.stdout
+    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2, "extract_patches": 1,
+                      "merge_corrections": 1, "refine_membranes": 3}, proc.stdout
 
 
 def test_slurm_profile_dry_run(wd):
@@ -101,6 +102,29 @@ def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):
         assert (wd / "benchmarks" / "em" / "texture_mask" / f"{name}.tsv").exists()
 
 
+def test_demo_run_cryoet_outputs(wd, demo_run):
+    import csv
+
+    from maskworks.io import read_volume
+
+    patches = wd / "results" / "cryoet" / "patches" / "tomo1"
+    images = sorted((patches / "imagesCorr").glob("*.nrrd"))
+    labels = sorted((patches / "labelsCorr").glob("*.nrrd"))
+    assert [p.name for p in images] == [p.name for p in labels] == [f"demo_tomo1_patch{i}.nrrd" for i in range(6)]
+    lab = read_volume(labels[0])
+    assert lab.shape == (64, 64, 64) and lab.voxel_size == (10.0, 10.0, 10.0)
+    assert (lab.numpy()[:8] == 2).all() and (lab.numpy()[:, :, -8:] == 2).all()  # the border shell
+    merged = wd / "results" / "cryoet" / "merged" / "tomo1"
+    report = list(csv.DictReader(open(merged / "report.csv")))
+    by_key = {r["key"]: r for r in report}
+    assert by_key["demo_tomo1_patch0"]["status"] == "merged" and int(by_key["demo_tomo1_patch0"]["added_voxels"]) > 0
+    assert by_key["demo_tomo1_patch1"]["status"] == "no corrections folder"
+    for run in ["TS_001", "TS_002", "TS_003"]:
+        rows = list(csv.DictReader(open(wd / "results" / "cryoet" / "refine" / f"{run}_refine_stats.csv")))
+        assert rows and any(r["kept"] == "True" for r in rows) and any(r["kept"] == "False" for r in rows)
+        assert (wd / "results" / "cryoet" / "refine" / f"{run}_refine_qc.png").exists()
+
+
 def test_rerun_without_changes_does_nothing(wd, demo_run):
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -110,6 +134,7 @@ def _override(wd: Path, name: str, change: dict) -> str:
     cfg = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
     for section, values in change.items():
         cfg["em"].setdefault(section, {}).update(values)
+    # safe_dump sorts keys: a reordered config must not count as a change either.
     (wd / name).write_text(yaml.safe_dump(cfg))
     return name
 

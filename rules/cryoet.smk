@@ -1,0 +1,71 @@
+# Cryo-ET arm: annotation patches from tomograms (MemBrain-seg patch corrections),
+# merging hand corrections back into training labels, and organelle/membrane
+# refinement over a copick project (SABER refine-membranes).
+
+
+rule extract_patches:
+    input:
+        unpack(cryoet_inputs),
+    output:
+        patches=directory("results/cryoet/patches/{name}"),
+    params:
+        extract=stage_params(CRYOET["extract_patches"]),
+        token=lambda wc: wc.name,
+    log:
+        "logs/cryoet/extract_patches/{name}.log",
+    benchmark:
+        "benchmarks/cryoet/extract_patches/{name}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/extract_patches.py"
+
+
+rule merge_corrections:
+    input:
+        patches="results/cryoet/patches/{name}",
+        corrections=lambda wc: cryoet_row(wc)["corrections"],
+    output:
+        merged=directory("results/cryoet/merged/{name}"),
+    params:
+        merge=stage_params(CRYOET["merge_corrections"]),
+    log:
+        "logs/cryoet/merge_corrections/{name}.log",
+    benchmark:
+        "benchmarks/cryoet/merge_corrections/{name}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=15,
+    script:
+        "../scripts/merge_corrections.py"
+
+
+rule refine_membranes:
+    input:
+        config=REFINE["copick_config"] or [],
+    output:
+        qc="results/cryoet/refine/{run}_refine_qc.png",
+        stats="results/cryoet/refine/{run}_refine_stats.csv",
+    params:
+        refine=stage_params(REFINE, drop=("copick_config", "runs", "device")),
+        device=REFINE["device"],
+    log:
+        "logs/cryoet/refine_membranes/{run}.log",
+    benchmark:
+        "benchmarks/cryoet/refine_membranes/{run}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=gpu_request(REFINE["device"]),
+    script:
+        "../scripts/refine_membranes.py"

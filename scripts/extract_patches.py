@@ -1,0 +1,14 @@
+"""Rule extract_patches: tomogram + segmentation + centres -> imagesCorr/labelsCorr patches, manifest, QC."""
+
+from maskworks.cli import snakemake_logging
+from maskworks.cryoet.stages import extract_patches_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+extract_patches_files(
+    snakemake.input.tomogram,
+    snakemake.input.segmentation,
+    snakemake.output.patches,
+    centres=snakemake.input.centres,
+    token=snakemake.params.token,
+    **snakemake.params.extract,
+)

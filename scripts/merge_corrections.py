@@ -1,0 +1,14 @@
+"""Rule merge_corrections: label patches + Add/Remove/Ignore masks -> training labels, report."""
+
+from pathlib import Path
+
+from maskworks.cli import snakemake_logging
+from maskworks.cryoet.stages import merge_corrections_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+merge_corrections_files(
+    Path(snakemake.input.patches) / "labelsCorr",
+    snakemake.input.corrections,
+    snakemake.output.merged,
+    **snakemake.params.merge,
+)

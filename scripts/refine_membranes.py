@@ -1,0 +1,16 @@
+"""Rule refine_membranes: one copick run -> refined organelles + membranes in copick, QC, stats."""
+
+from pathlib import Path
+
+from maskworks.cli import snakemake_logging
+from maskworks.cryoet.stages import refine_membranes_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+refine_membranes_files(
+    snakemake.input.config,
+    run=[snakemake.wildcards.run],
+    qc_dir=Path(snakemake.output.qc).parent,  # writes <run>_refine_qc.png there
+    stats=snakemake.output.stats,
+    device=snakemake.params.device,
+    **snakemake.params.refine,
+)

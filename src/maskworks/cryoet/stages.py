@@ -1,0 +1,588 @@
+"""File-level runners of the cryo-ET stages and their ``maskworks`` commands.
+
+Like :mod:`maskworks.em.stages`: read through :mod:`maskworks.io`, one library call,
+atomic writes, a stats/report file and a QC PNG; the Snakemake scripts call the
+same runners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import all_or_nothing, keyword_defaults, provenance
+from ..io import (
+    InputError,
+    atomic_path,
+    convert_length,
+    read_volume,
+    strip_extension,
+    write_csv,
+    write_volume,
+)
+from ..io.coordinates import read_centres
+from .corrections import merge_corrections, plan_corrections
+from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
+
+log = logging.getLogger("maskworks")
+
+
+def add_commands(sub):
+    """Register ``extract-patches``, ``merge-corrections`` and ``refine-membranes``."""
+    _add_extract(sub)
+    _add_merge(sub)
+    _add_refine(sub)
+
+
+# ----------------------------------------------------------------------------- extract_patches
+
+PATCH_FORMATS = ("nrrd", "nii.gz")
+# Output extension for each --format of merge-corrections (None: the label's own).
+_MERGE_EXTENSIONS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mrc": ".mrc", "tif": ".tif", "zarr": ".zarr"}
+_MANIFEST_COLUMNS = [
+    "index", "N", "x", "y", "z", "start_z", "start_y", "start_x", "padded_voxels", "status", "reason",
+    "background_voxels", "foreground_voxels", "ignore_voxels", "image", "label",
+]
+_REPORT_COLUMNS = [
+    "key", "label", "status", "removed_voxels", "added_voxels", "ignored_voxels", "border_voxels",
+    "background_voxels", "foreground_voxels", "ignore_voxels", "add", "remove", "ignore", "output", "note",
+]
+
+
+def _centres_from(centres, x, y, z):
+    if centres is not None and any(v is not None for v in (x, y, z)):
+        raise InputError("give the patch centres either as a CSV (centres, --centres) or as x, y, z, not both")
+    if centres is not None:
+        return read_centres(centres), str(centres)
+    if any(v is None for v in (x, y, z)):
+        raise InputError("no patch centres: give a CSV of x,y,z (--centres) or all three of --x, --y, --z")
+    return np.array([[x, y, z]], dtype=np.float64), f"centre x={x:g}, y={y:g}, z={z:g}"
+
+
+def _check_tokens(ds_token, token):
+    if not ds_token or "_" in ds_token or any(c in ds_token for c in "/\\ \t"):
+        raise InputError(
+            f"ds_token={ds_token!r}: expected a non-empty word without underscores, slashes or spaces "
+            "(the part before the first '_' of a patch name is read back as the data set)"
+        )
+    if not token or any(c in token for c in "/\\"):
+        raise InputError(f"token={token!r}: expected a non-empty name without slashes")
+
+
+def _existing_keys(*folders):
+    return {strip_extension(p.name) for d in folders if d.is_dir() for p in d.iterdir()}
+
+
+def extract_patches_files(
+    tomogram, segmentation, out_dir, *, centres=None, x=None, y=None, z=None, ds_token="other",
+    token=None, idx_add=0, format="nrrd", manifest=None, qc=None, **params,
+):
+    """Run :func:`maskworks.cryoet.patches.iter_patches` on files and write every patch.
+
+    Writes ``out_dir/imagesCorr/<ds_token>_<token>_patch<N>.<format>`` and the
+    same name under ``labelsCorr/``, with the tomogram's voxel size and the
+    patch's physical position as origin, so viewers overlay them on the
+    tomogram.  ``N`` is the centre's row + ``idx_add``, moved on to the next
+    number that no file in either folder (of any extension) has yet: nothing
+    is ever overwritten.  Also writes ``manifest`` (default
+    ``out_dir/manifest.csv``: one row per centre, skipped ones with the
+    reason) and ``qc`` (default ``out_dir/patches_qc.png``).  On failure the
+    patches this run wrote are removed again.  ``params``: ``patch_size``,
+    ``border``, ``edge``, ``binarize`` of ``iter_patches``.
+    """
+    out_dir = Path(out_dir)
+    params = {**keyword_defaults(iter_patches), **params}
+    if format not in PATCH_FORMATS:
+        raise InputError(f"format={format!r}: expected one of {', '.join(PATCH_FORMATS)}")
+    token = strip_extension(Path(tomogram).name) if token is None else str(token)
+    _check_tokens(ds_token, token)
+    if int(idx_add) != idx_add or idx_add < 0:
+        raise InputError(f"idx_add={idx_add!r}: expected a whole number >= 0")
+    xyz, source = _centres_from(centres, x, y, z)
+    tomo = read_volume(tomogram, ndim=3, lazy=True, check_finite=False)
+    seg = read_volume(segmentation, ndim=3, lazy=True, check_finite=False)
+    if tomo.shape != seg.shape:
+        raise InputError(
+            f"{tomogram} has shape {tomo.shape} but its segmentation {segmentation} has shape {seg.shape}; "
+            "they must cover the same voxels (z, y, x)"
+        )
+    if seg.unit is not None and \
+            not np.allclose(convert_length(seg.voxel_size, seg.unit, tomo.unit), tomo.voxel_size, rtol=1e-3):
+        log.warning("%s has voxel size %s %s but %s has %s %s; the tomogram's is written",
+                    segmentation, seg.voxel_size, seg.unit, tomogram, tomo.voxel_size, tomo.unit)
+    try:
+        plans = plan_patches(tomo.shape, xyz, patch_size=params["patch_size"], edge=params["edge"])
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    taken = _existing_keys(out_dir / "imagesCorr", out_dir / "labelsCorr")
+    names = {}
+    for plan in plans:
+        if plan.reason is None:
+            n = plan.index + int(idx_add)
+            while f"{ds_token}_{token}_patch{n}" in taken:
+                n += 1
+            taken.add(f"{ds_token}_{token}_patch{n}")
+            names[plan.index] = (n, f"{ds_token}_{token}_patch{n}.{format}")
+    manifest = Path(manifest) if manifest is not None else out_dir / "manifest.csv"
+    qc = Path(qc) if qc is not None else out_dir / "patches_qc.png"
+    planned = [out_dir / sub / name for _, name in names.values() for sub in ("imagesCorr", "labelsCorr")]
+    with all_or_nothing(*planned, manifest, qc):
+        return _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names,
+                                      manifest, qc, params)
+
+
+def _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names, manifest, qc, params):
+    from tqdm import tqdm
+
+    prov = provenance("extract_patches", {"tomogram": tomogram, "segmentation": segmentation}, params)
+    log.info("extract_patches %s shape=%s voxel_size=%s %s: %d centres from %s, params=%s",
+             tomogram, tomo.shape, tomo.voxel_size, tomo.unit, len(xyz), source, params)
+    rows, shown, pad_value = [], [], None
+    try:
+        patches = iter_patches(tomo.data, seg.data, xyz, **params)
+        for p in tqdm(patches, total=len(xyz), desc="extract_patches", unit="patch", file=sys.stderr,
+                      disable=len(xyz) < 2):
+            row = {"index": p.index, "x": p.centre[0], "y": p.centre[1], "z": p.centre[2],
+                   "start_z": p.start[0], "start_y": p.start[1], "start_x": p.start[2],
+                   "padded_voxels": p.padded_voxels}
+            if p.reason is not None:
+                rows.append({**row, "status": "skipped", "reason": p.reason})
+                continue
+            n, name = names[p.index]
+            origin = tuple(o + s * v for o, s, v in zip(tomo.origin, p.start, tomo.voxel_size))
+            for sub, data in (("imagesCorr", p.image), ("labelsCorr", p.label)):
+                write_volume(out_dir / sub / name, data, tomo.voxel_size, unit=tomo.unit, origin=origin,
+                             provenance=prov)
+            pad_value = p.pad_value if p.pad_value is not None else pad_value
+            rows.append({**row, "N": n, "status": "written", "reason": "padded" if p.padded_voxels else "",
+                         **class_counts(p.label), "image": f"imagesCorr/{name}", "label": f"labelsCorr/{name}"})
+            if len(shown) < 4:
+                shown.append((n, p.image[p.image.shape[0] // 2], p.label[p.label.shape[0] // 2]))
+    except InputError as exc:
+        raise InputError(f"{exc} (tomogram {tomogram}, segmentation {segmentation}, centres {source})") from None
+    written = [r for r in rows if r["status"] == "written"]
+    stats = {
+        "tomogram": str(tomogram), "segmentation": str(segmentation), "shape": list(tomo.shape),
+        "voxel_size": list(tomo.voxel_size), "unit": tomo.unit, "centres": len(rows),
+        "written": len(written), "skipped": len(rows) - len(written),
+        "padded": sum(1 for r in written if r["padded_voxels"]), "pad_value": pad_value,
+        "files": [r["label"] for r in written], "manifest": str(manifest), "qc": str(qc),
+    }
+    _patches_qc(qc, tomo, plans_rows=rows, shown=shown, size=params["patch_size"],
+                title=f"extract_patches: {Path(str(tomogram)).name}  {stats['written']} written "
+                f"({stats['padded']} padded), {stats['skipped']} skipped")
+    write_csv(manifest, rows, _MANIFEST_COLUMNS)
+    log.info("extract_patches done: %s", {k: stats[k] for k in ("written", "skipped", "padded")})
+    return stats
+
+
+def _patches_qc(path, tomo, *, plans_rows, shown, size, title):
+    """The tomogram's middle z-slice with every patch's x/y box, and a few patches with their labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.5 * (1 + len(shown)), 4.8), squeeze=False)
+    axes = axes[0]
+    zmid = tomo.shape[0] // 2
+    plane = np.asarray(tomo.data[zmid], dtype=np.float32)
+    lo, hi = np.percentile(plane, [1, 99])
+    axes[0].imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+    colours = {"written": "#34c759", "padded": "#ffcc00", "skipped": "#ff3b30"}
+    for r in plans_rows:
+        kind = "skipped" if r["status"] == "skipped" else "padded" if r["padded_voxels"] else "written"
+        axes[0].add_patch(Rectangle((r["start_x"] - 0.5, r["start_y"] - 0.5), size, size, fill=False,
+                                    edgecolor=colours[kind], linewidth=1.2))
+        axes[0].text(r["start_x"] + 2, r["start_y"] + 2, f"N={r['N']}" if "N" in r else f"row {r['index']}",
+                     color=colours[kind], fontsize=9, fontweight="bold", ha="left", va="top",
+                     bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+    for kind, colour in colours.items():
+        axes[0].plot([], [], color=colour, label=kind)
+    axes[0].legend(loc="lower left", fontsize=7, framealpha=0.7)
+    axes[0].set_title(f"z = {zmid} (all patches' x/y boxes)", fontsize=9)
+    overlay = ListedColormap([(0, 0, 0, 0), (1.0, 0.23, 0.19, 0.45), (0.04, 0.52, 1.0, 0.3)])
+    for ax, (n, image, label) in zip(axes[1:], shown):
+        ilo, ihi = np.percentile(image, [1, 99])
+        ax.imshow(image, cmap="gray", vmin=ilo, vmax=ihi if ihi > ilo else ilo + 1, interpolation="nearest")
+        ax.imshow(label, cmap=overlay, vmin=0, vmax=2, interpolation="nearest")
+        ax.set_title(f"patch {n}, middle z (red 1, blue ignore)", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=72, format="png")
+    plt.close(fig)
+
+
+def _add_extract(sub):
+    d = {**keyword_defaults(iter_patches), **keyword_defaults(extract_patches_files)}
+    p = sub.add_parser("extract-patches",
+                       help="cut image/label patches around centres for correction (MemBrain-seg layout)")
+    p.add_argument("tomogram", help="tomogram: .mrc/.rec, or any volume format")
+    p.add_argument("segmentation", help="its 0/1 membrane segmentation, same shape")
+    p.add_argument("out_dir", help="folder for imagesCorr/, labelsCorr/, the manifest and the QC picture")
+    p.add_argument("--centres", help="CSV of patch centres x,y,z in voxels (a header row and floats are fine)")
+    p.add_argument("--x", type=float, help="one centre's x (with --y and --z) instead of --centres")
+    p.add_argument("--y", type=float)
+    p.add_argument("--z", type=float)
+    p.add_argument("--patch-size", type=int, default=d["patch_size"], help="side of the cube (voxels)")
+    p.add_argument("--border", type=int, default=d["border"], help="label shell set to 2 (ignore), voxels")
+    p.add_argument("--ds-token", default=d["ds_token"], help="data-set word of the names (no underscores)")
+    p.add_argument("--token", help="tomogram word of the names; if not given, the tomogram's file name stem")
+    p.add_argument("--idx-add", type=int, default=d["idx_add"], help="added to the row index to number patches")
+    p.add_argument("--edge", choices=EDGE_POLICIES, default=d["edge"],
+                   help="patches past the edge: pad (mean / ignore), skip (listed in the manifest) or error")
+    p.add_argument("--format", choices=PATCH_FORMATS, default=d["format"], help="patch file format")
+    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=d["binarize"],
+                   help="turn every nonzero segmentation value into 1 (else values other than 0/1 are an error)")
+    p.add_argument("--manifest", help="manifest CSV; if not given, OUT_DIR/manifest.csv")
+    p.add_argument("--qc", help="QC PNG; if not given, OUT_DIR/patches_qc.png")
+    p.set_defaults(run=_run_extract)
+
+
+def _run_extract(a):
+    return extract_patches_files(
+        a.tomogram, a.segmentation, a.out_dir, centres=a.centres, x=a.x, y=a.y, z=a.z,
+        ds_token=a.ds_token, token=a.token, idx_add=a.idx_add, format=a.format, manifest=a.manifest,
+        qc=a.qc, patch_size=a.patch_size, border=a.border, edge=a.edge, binarize=a.binarize,
+    )
+
+
+# ----------------------------------------------------------------------------- merge_corrections
+
+
+def _has_geometry(vol):
+    return vol.unit is not None or any(v != 1 for v in vol.voxel_size) or any(o != 0 for o in vol.origin)
+
+
+def _check_same_patch(label, mask):
+    """A mask and its label must cover the same voxels: same shape and, where both files say,
+    the same voxel size and origin (to half a voxel)."""
+    if mask.shape != label.shape:
+        raise InputError(
+            f"{mask.path} has shape {mask.shape} but its label {label.path} has shape {label.shape}; "
+            "a correction mask must be drawn on the label patch it corrects"
+        )
+    if not (_has_geometry(label) and _has_geometry(mask)):
+        return
+    unit = label.unit if mask.unit is not None else None
+    vs = np.array(convert_length(mask.voxel_size, mask.unit, unit))
+    origin = np.array(convert_length(mask.origin, mask.unit, unit))
+    if not np.allclose(vs, label.voxel_size, rtol=1e-3, atol=1e-9) or \
+            np.any(np.abs(origin - label.origin) > 0.5 * np.array(label.voxel_size)):
+        raise InputError(
+            f"{mask.path} has voxel size {tuple(vs.tolist())} and origin {tuple(origin.tolist())} but its label "
+            f"{label.path} has voxel size {label.voxel_size} and origin {label.origin} ({label.unit or 'no unit'}): "
+            "was the mask drawn on another patch? Save it on the right patch or remove it"
+        )
+
+
+def _output_extension(label_name, key, format):
+    if format is not None:
+        if format not in _MERGE_EXTENSIONS:
+            raise InputError(f"format={format!r}: expected one of {', '.join(_MERGE_EXTENSIONS)}")
+        return _MERGE_EXTENSIONS[format]
+    ext = label_name[len(key):]
+    return ".nrrd" if ext.lower() == ".nhdr" else ext  # a detached header cannot be written atomically
+
+
+def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None, report=None, **params):
+    """Run :func:`maskworks.cryoet.corrections.merge_corrections` on a folder of label patches.
+
+    Writes ``out_dir/<key>.<ext>`` for every label (with its corrections, or
+    unchanged but with the border applied when it has no folder), in the
+    label's format unless ``format`` is given, and ``report`` (default
+    ``out_dir/report.csv``): one row per label with the voxels each step changed
+    and the final class counts, plus rows for folders without a label, masks
+    with an unknown prefix and files of unknown type, which are not read.
+    On failure none of this run's outputs is left.  ``params``: ``border``,
+    ``binarize`` of ``merge_corrections``.
+    """
+    labels_dir, corrections_dir, out_dir = Path(labels_dir), Path(corrections_dir), Path(out_dir)
+    for what, d in (("labels_dir", labels_dir), ("corrections_dir", corrections_dir)):
+        if not d.is_dir():
+            raise InputError(f"{what} {d}: no such folder")
+    if out_dir.resolve() in (labels_dir.resolve(), corrections_dir.resolve()):
+        raise InputError(f"out_dir {out_dir} is an input folder; merged labels must go to a folder of their own")
+    entries = sorted(corrections_dir.iterdir())
+    folders = {d.name: [f.name for f in d.iterdir()] for d in entries if d.is_dir()}
+    plan = plan_corrections([p.name for p in labels_dir.iterdir()], folders)
+    if not plan.pairs and not plan.labels_without_folder:
+        found = ", ".join(plan.unknown_type[:10]) or "nothing"
+        raise InputError(f"labels_dir {labels_dir} holds no label volumes (found: {found})")
+    items = [(name, key, masks) for name, key, masks in plan.pairs]
+    items += [(name, key, None) for name, key in plan.labels_without_folder]
+    items.sort(key=lambda item: item[1])
+    outputs = {key: out_dir / f"{key}{_output_extension(name, key, format)}" for name, key, _ in items}
+    report = Path(report) if report is not None else out_dir / "report.csv"
+    with all_or_nothing(*outputs.values(), report):
+        return _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan,
+                                        [f.name for f in entries if not f.is_dir()], report, params)
+
+
+def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params):
+    log.info("merge_corrections %s + %s: %d labels, params=%s", labels_dir, corrections_dir, len(items), params)
+    rows = []
+    for name, key, masks in items:
+        label = read_volume(labels_dir / name, ndim=3)
+        vols = {kind: [] for kind in ("add", "remove", "ignore")}
+        for kind, files in (masks or {}).items():
+            for f in files:
+                vol = read_volume(corrections_dir / key / f, ndim=3)
+                _check_same_patch(label, vol)
+                vols[kind].append(vol.data)
+        try:
+            merged, st = merge_corrections(label.data, **vols, **params)
+        except InputError as exc:
+            raise InputError(f"{labels_dir / name}: {exc}") from None
+        folder = corrections_dir / key if masks is not None else None
+        prov = provenance("merge_corrections", {"label": labels_dir / name, "corrections": folder}, params)
+        write_volume(outputs[key], merged, label.voxel_size, unit=label.unit, origin=label.origin,
+                     provenance=prov)
+        if masks is None:
+            status, note = "no corrections folder", f"copied with the border applied; no {corrections_dir / key}/"
+        else:
+            status = "merged" if any(masks.values()) else "empty corrections folder"
+            note = ""
+        rows.append({"key": key, "label": name, "status": status, **st, "output": outputs[key].name,
+                     "note": note, **{k: ";".join(v) for k, v in (masks or {}).items()}})
+    for folder in plan.folders_without_label:
+        rows.append({"key": folder, "status": "folder without label",
+                     "note": f"no label file {folder}.* in {labels_dir}; its masks were not used"})
+    for f in plan.unknown_prefix:
+        rows.append({"key": f.split("/")[0], "status": "unknown prefix",
+                     "note": f"{f}: name does not start with Add, Remove or Ignore; not used"})
+    for f in plan.unknown_type:
+        rows.append({"key": f.split("/")[0] if "/" in f else strip_extension(f), "status": "unknown file type",
+                     "note": f"{f if '/' in f else labels_dir / f}: not a volume file; skipped"})
+    for f in stray:
+        rows.append({"key": strip_extension(f), "status": "not in a patch folder",
+                     "note": f"{corrections_dir / f}: masks belong in a folder named after their label; skipped"})
+    if plan.labels_without_folder:
+        log.warning("merge_corrections: %d label(s) have no corrections folder and are copied with the "
+                    "border applied: %s", len(plan.labels_without_folder),
+                    ", ".join(k for _, k in plan.labels_without_folder))
+    for r in rows[len(items):]:
+        log.warning("merge_corrections: %s: %s", r["status"], r["note"])
+    write_csv(report, rows, _REPORT_COLUMNS)
+    stats = {
+        "labels": len(items), "merged": sum(1 for r in rows if r["status"] == "merged"),
+        "without_folder": len(plan.labels_without_folder),
+        "folders_without_label": len(plan.folders_without_label),
+        "unknown_prefix": len(plan.unknown_prefix), "unknown_type": len(plan.unknown_type) + len(stray),
+        "outputs": [str(p) for p in outputs.values()], "report": str(report),
+    }
+    log.info("merge_corrections done: %s", {k: v for k, v in stats.items() if k != "outputs"})
+    return stats
+
+
+def _add_merge(sub):
+    d = keyword_defaults(merge_corrections)
+    p = sub.add_parser("merge-corrections",
+                       help="merge Add/Remove/Ignore correction masks into label patches (MemBrain-seg layout)")
+    p.add_argument("--labels-dir", required=True, help="folder of label patches (0/1/2)")
+    p.add_argument("--corrections-dir", required=True,
+                   help="one folder per label, named after it without extension, holding Add*/Remove*/Ignore* masks")
+    p.add_argument("--out-dir", required=True, help="folder for the merged labels and report.csv")
+    p.add_argument("--border", type=int, default=d["border"], help="shell set to 2 (ignore) at the end, voxels")
+    p.add_argument("--binarize", action=argparse.BooleanOptionalAction, default=d["binarize"],
+                   help="set label values other than 0/1/2 to 1 (else they are an error)")
+    p.add_argument("--format", choices=list(_MERGE_EXTENSIONS), help="output format; if not given, the label's own")
+    p.add_argument("--report", help="report CSV; if not given, OUT_DIR/report.csv")
+    p.set_defaults(run=_run_merge)
+
+
+def _run_merge(a):
+    return merge_corrections_files(a.labels_dir, a.corrections_dir, a.out_dir, format=a.format,
+                                   report=a.report, border=a.border, binarize=a.binarize)
+
+
+# ----------------------------------------------------------------------------- refine_membranes
+
+_REFINE_COLUMNS = [
+    "run", "organelle_id", "kept", "reason", "elongated", "voxels_in", "voxels_refined", "voxels_out",
+    "membrane_voxels_out", "box_z0", "box_y0", "box_x0", "box_z1", "box_y1", "box_x1",
+    "run_membrane_voxels_in", "run_membrane_voxels_cleaned", "run_membrane_voxels_out", "device", "note",
+]
+
+
+def refine_membranes_files(
+    config, *, org_info, mem_info, voxel_size=10.0, save_session_id="1", run=None, qc_dir=None,
+    stats=None, device="auto", **params,
+):
+    """Run :func:`maskworks.cryoet.refine.refine_membranes` on the runs of a copick project.
+
+    For each run (``run``: a name or a list of names; None: every run, sorted),
+    reads the segmentations ``org_info`` and ``mem_info`` (``name[,user[,session]]``)
+    at ``voxel_size`` (Å), refines them, and writes the two results back under
+    the same names, user ``<user>-refined`` (``maskworks-refined`` when the info
+    names no user) and session ``save_session_id``, as instance segmentations
+    when the input was one and multilabel otherwise; only those two outputs are
+    overwritten.  Also writes ``qc_dir/<run>_refine_qc.png`` and ``stats`` (CSV,
+    one row per organelle and run, with the reason for each dropped one).
+
+    Every run's inputs are found before anything is computed, so a missing
+    segmentation fails at once; on failure the segmentations, pictures and
+    stats this call wrote are removed again.  ``params``: the filter keywords of
+    ``refine_membranes``.
+    """
+    from ..backend import resolve_device
+    from ..io import copick as cio
+    from .refine import refine_membranes
+
+    known = set(keyword_defaults(refine_membranes)) - {"device", "progress"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise InputError(f"refine_membranes: unknown parameter(s) {', '.join(unknown)}; "
+                         f"expected some of {', '.join(sorted(known))}")
+    org_spec = cio.parse_segmentation_info(org_info, "org_info")
+    mem_spec = cio.parse_segmentation_info(mem_info, "mem_info")
+    device = resolve_device(device)
+    root = cio.open_project(config)
+    runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
+    jobs = [(r, cio.find_segmentation(r, org_spec, voxel_size), cio.find_segmentation(r, mem_spec, voxel_size))
+            for r in runs]
+    qcs = {r.name: Path(qc_dir) / f"{r.name}_refine_qc.png" for r in runs} if qc_dir is not None else {}
+    written = []
+    with all_or_nothing(*qcs.values(), stats):
+        try:
+            return _refine_membranes_files(config, jobs, org_spec, mem_spec, str(save_session_id), qcs, stats,
+                                           device, params, written)
+        except BaseException:
+            for r, name, kwargs in written:
+                cio.delete_segmentation(r, name, **kwargs)
+            raise
+
+
+def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stats, device, params, written):
+    from tqdm import tqdm
+
+    from ..io import copick as cio
+    from .refine import label_dtype, refine_membranes
+
+    log.info("refine_membranes %s: %d run(s), organelles '%s', membranes '%s', device %s, params=%s",
+             config, len(jobs), org_spec, mem_spec, device, params)
+    rows, summaries = [], []
+    for r, org_seg, mem_seg in tqdm(jobs, desc="refine_membranes", unit="run", file=sys.stderr,
+                                    disable=len(jobs) < 2):
+        org = cio.read_segmentation(org_seg)
+        mem = cio.read_segmentation(mem_seg)
+        if org.shape != mem.shape:
+            raise InputError(f"run {r.name}: organelles {cio.describe_segmentation(org_seg)} have shape {org.shape} "
+                             f"but membranes {cio.describe_segmentation(mem_seg)} have {mem.shape}")
+        # The widest label the outputs can hold must be writable before any computing.
+        bound = int(np.count_nonzero(org.data)) if params.get("label_components") else int(org.data.max(initial=0))
+        cio.check_label_dtype(label_dtype(bound), f"run {r.name}: refined labels")
+        out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
+        vs = org.voxel_size[0]
+        for spec, seg, data in ((org_spec, org_seg, out_org), (mem_spec, mem_seg, out_mem)):
+            kwargs = {"user_id": cio.refined_user_id(spec), "session_id": session, "voxel_size": vs,
+                      "kind": cio.output_type(seg)}
+            written.append((r, seg.name, kwargs))
+            cio.write_segmentation(r, seg.name, data, **kwargs)
+        if st.get("note"):
+            log.warning("refine_membranes run %s: %s", r.name, st["note"])
+        run_cols = {"run": r.name, "run_membrane_voxels_in": st["membrane_voxels_in"],
+                    "run_membrane_voxels_cleaned": st["membrane_voxels_cleaned"],
+                    "run_membrane_voxels_out": st["membrane_voxels_out"], "device": st["device"]}
+        for rec in st["organelles"]:
+            box = dict(zip(["box_z0", "box_y0", "box_x0", "box_z1", "box_y1", "box_x1"], rec["box"]))
+            rows.append({**run_cols, **box, **{k: v for k, v in rec.items() if k not in ("id", "box")},
+                         "organelle_id": rec["id"], "note": st.get("note", "")})
+        if not st["organelles"]:
+            rows.append({**run_cols, "note": st.get("note", "")})
+        if r.name in qcs:
+            _refine_qc(qcs[r.name], cio.read_tomogram(r, vs, org.shape), org.data, mem.data, out_org, out_mem,
+                       org.voxel_size, title=f"refine_membranes: run {r.name}  {st['organelles_kept']}/"
+                       f"{st['organelles_in']} organelles kept  membrane voxels {st['membrane_voxels_in']} -> "
+                       f"{st['membrane_voxels_out']}")
+        summaries.append({"run": r.name, **{k: v for k, v in st.items() if k != "organelles"},
+                          "organelles_from": cio.describe_segmentation(org_seg),
+                          "membranes_from": cio.describe_segmentation(mem_seg),
+                          "written_user_ids": [cio.refined_user_id(org_spec), cio.refined_user_id(mem_spec)]})
+        log.info("refine_membranes run %s: %d/%d organelles kept, membrane voxels %d -> %d", r.name,
+                 st["organelles_kept"], st["organelles_in"], st["membrane_voxels_in"], st["membrane_voxels_out"])
+    if stats is not None:
+        write_csv(stats, rows, _REFINE_COLUMNS)
+    return {"runs": summaries, "stats": str(stats) if stats is not None else None,
+            "qc": [str(p) for p in qcs.values()]}
+
+
+class _PlaneView:
+    """``func`` of same-shaped arrays, computed only for the planes a QC picture reads."""
+
+    def __init__(self, func, *arrays):
+        self.func, self.arrays, self.shape = func, arrays, arrays[0].shape
+
+    def __getitem__(self, index):
+        return self.func(*(np.asarray(a[index]) for a in self.arrays))
+
+
+def _refine_qc(path, tomogram, org, mem, out_org, out_mem, voxel_size, *, title):
+    """Mid-slices: outlines of input and refined organelles/membranes on the tomogram, and both as maps."""
+    from ..io.qc import save_orthoslices
+
+    def nonzero(a):
+        return a != 0
+
+    def both(o, m):  # organelle 0.5, membrane 1.0
+        return np.where(m != 0, 1.0, np.where(o != 0, 0.5, 0.0)).astype(np.float32)
+
+    masks = {"organelles in": _PlaneView(nonzero, org), "membranes in": _PlaneView(nonzero, mem),
+             "organelles refined": _PlaneView(nonzero, out_org), "membranes refined": _PlaneView(nonzero, out_mem)}
+    maps = {"input": _PlaneView(both, org, mem), "refined": _PlaneView(both, out_org, out_mem)}
+    background = tomogram if tomogram is not None else _PlaneView(both, org, mem)
+    save_orthoslices(path, background, masks=masks, maps=maps, voxel_size=voxel_size,
+                     title=f"{title}\nmaps: organelle 0.5, membrane 1")
+
+
+def _add_refine(sub):
+    from .refine import refine_membranes
+
+    d = keyword_defaults(refine_membranes)
+    p = sub.add_parser("refine-membranes",
+                       help="pair each organelle with its membrane in a copick project (SABER refine-membranes)")
+    p.add_argument("--config", required=True, help="copick configuration JSON")
+    p.add_argument("--org-info", required=True,
+                   help="organelle segmentation: 'name', 'name,userID' or 'name,userID,sessionID'")
+    p.add_argument("--mem-info", required=True,
+                   help="membrane segmentation: 'name', 'name,userID' or 'name,userID,sessionID'")
+    p.add_argument("--voxel-size", type=float, default=10.0, help="voxel size of the segmentations (angstrom)")
+    p.add_argument("--save-session-id", default="1", help="session ID of the refined segmentations")
+    p.add_argument("--run", dest="runs", action="append", metavar="RUN",
+                   help="run to refine (repeat for several); if not given, every run")
+    p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--ball-size", type=int, default=d["ball_size"], help="opening ball radius (voxels)")
+    p.add_argument("--min-membrane-area", type=int, default=d["min_membrane_area"],
+                   help="smallest membrane component kept (voxels, 6-connected)")
+    p.add_argument("--edge-trim-z", type=int, default=d["edge_trim_z"],
+                   help="membrane removed in this many first/last z-slices (0: none)")
+    p.add_argument("--edge-trim-xy", type=int, default=d["edge_trim_xy"],
+                   help="membrane removed in this border in y and x (0: none)")
+    p.add_argument("--min-roi-relative-size", type=float, default=d["min_roi_relative_size"],
+                   help="organelles smaller than this fraction of the volume along any axis are dropped")
+    p.add_argument("--keep-surface-membranes", action=argparse.BooleanOptionalAction,
+                   default=d["keep_surface_membranes"],
+                   help="keep only membrane with more than 10%% of its voxels on the organelle surface")
+    p.add_argument("--label-components", action=argparse.BooleanOptionalAction, default=d["label_components"],
+                   help="split the organelle mask into connected components first (for a binary mask)")
+    p.add_argument("--qc-dir", help="folder for one QC PNG per run (<run>_refine_qc.png); if not given, none")
+    p.add_argument("--stats", help="stats CSV, one row per organelle; if not given, none")
+    p.set_defaults(run=_run_refine)
+
+
+def _run_refine(a):
+    return refine_membranes_files(
+        a.config, org_info=a.org_info, mem_info=a.mem_info, voxel_size=a.voxel_size,
+        save_session_id=a.save_session_id, run=a.runs, qc_dir=a.qc_dir, stats=a.stats, device=a.device,
+        ball_size=a.ball_size, min_membrane_area=a.min_membrane_area, edge_trim_z=a.edge_trim_z,
+        edge_trim_xy=a.edge_trim_xy, min_roi_relative_size=a.min_roi_relative_size,
+        keep_surface_membranes=a.keep_surface_membranes, label_components=a.label_components,
+    )

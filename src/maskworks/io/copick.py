@@ -1,0 +1,274 @@
+"""copick projects through the copick API: runs, segmentations in, refined segmentations out.
+
+copick stores a segmentation as an OME-Zarr store per (voxel size, user, session,
+name, type) in its run; the voxel size is in ångström.  Every lookup here is
+deterministic (sorted), and outputs go to a user of their own so that they are
+never read back as inputs by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .volumes import InputError, Volume
+
+log = logging.getLogger("maskworks")
+
+REFINED_SUFFIX = "-refined"
+DEFAULT_REFINED_USER = "maskworks" + REFINED_SUFFIX
+VOXEL_SIZE_TOLERANCE = 1e-3  # copick rounds voxel sizes to three decimals
+
+
+@contextlib.contextmanager
+def keep_logging():
+    """Undo what copick does to logging: each of its modules, when imported, calls
+    ``logging.basicConfig(force=True)`` with a rich handler on stdout at INFO, which would
+    replace the handlers of the CLI or of a Snakemake job's log file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        if root.handlers != handlers or root.level != level:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+
+
+def _keeps_logging(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with keep_logging():
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class SegmentationInfo:
+    """Which segmentation to read: ``name``, optionally ``user_id`` and ``session_id``."""
+
+    name: str
+    user_id: str | None = None
+    session_id: str | None = None
+
+    def __str__(self) -> str:
+        return ",".join(p for p in (self.name, self.user_id, self.session_id) if p is not None)
+
+
+def parse_segmentation_info(text, what: str = "segmentation info") -> SegmentationInfo:
+    """Parse ``name``, ``name,userID`` or ``name,userID,sessionID`` (as SABER's ``--org-info``)."""
+    if isinstance(text, SegmentationInfo):
+        return text
+    parts = [p.strip() for p in str(text).split(",")]
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise InputError(f"{what}={text!r}: expected 'name', 'name,userID' or 'name,userID,sessionID'")
+    return SegmentationInfo(*parts)
+
+
+@_keeps_logging
+def open_project(config) -> object:
+    """The copick root of a project configuration file (``copick.from_file``)."""
+    path = Path(config)
+    if not path.is_file():
+        raise InputError(f"{path}: no such copick configuration file")
+    import copick
+
+    try:
+        return copick.from_file(str(path))
+    except Exception as exc:  # JSON and pydantic errors do not name the file
+        raise InputError(f"{path}: not a readable copick configuration ({type(exc).__name__}: {exc})") from exc
+
+
+@_keeps_logging
+def select_runs(root, names=None) -> list:
+    """The project's runs, or those of ``names`` (all must exist), sorted by name."""
+    runs = sorted(root.runs, key=lambda r: r.name)
+    if not names:
+        return runs
+    by_name = {r.name: r for r in runs}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        shown = ", ".join(sorted(by_name)[:20]) + (" ..." if len(by_name) > 20 else "")
+        raise InputError(f"run(s) {', '.join(map(str, missing))} not in the copick project; "
+                         f"available runs: {shown or 'none'}")
+    return [by_name[n] for n in sorted(set(names))]
+
+
+def segmentation_type(seg) -> str:
+    """``binary``, ``multilabel``, ``instance`` or ``panoptic`` (older copick: the first two only)."""
+    if getattr(seg, "is_panoptic", False):
+        return "panoptic"
+    if getattr(seg, "is_instance", False):
+        return "instance"
+    return "multilabel" if seg.is_multilabel else "binary"
+
+
+def describe_segmentation(seg) -> str:
+    return (f"{seg.name} (user {seg.user_id}, session {seg.session_id}, "
+            f"voxel size {float(seg.voxel_size):g} A, {segmentation_type(seg)})")
+
+
+def _order(seg):
+    return (seg.user_id, seg.session_id, segmentation_type(seg), float(seg.voxel_size))
+
+
+@_keeps_logging
+def find_segmentation(run, info: SegmentationInfo, voxel_size: float):
+    """The segmentation of ``run`` that ``info`` names at ``voxel_size``.
+
+    Without a user, users ending in ``-refined`` are never chosen (they hold this
+    stage's outputs).  When several match, the first by (user, session, type) is
+    taken, so the choice does not depend on the order the storage lists them in.
+    Panoptic segmentations are not read.
+
+    Raises
+    ------
+    InputError
+        Listing the segmentations the run has, when none matches.
+    """
+    segs = list(run.segmentations)
+    hits = [s for s in segs if s.name == info.name
+            and abs(float(s.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE
+            and segmentation_type(s) != "panoptic"
+            and (s.user_id == info.user_id if info.user_id is not None else not s.user_id.endswith(REFINED_SUFFIX))
+            and (info.session_id is None or s.session_id == info.session_id)]
+    if not hits:
+        listing = "; ".join(describe_segmentation(s) for s in sorted(segs, key=lambda s: (s.name, *_order(s))))
+        raise InputError(
+            f"run {run.name}: no segmentation matches '{info}' at voxel size {float(voxel_size):g} A"
+            + ("" if info.user_id else f" (users ending in '{REFINED_SUFFIX}' are only read when named)")
+            + f"; the run has: {listing or 'no segmentations'}"
+        )
+    hits.sort(key=_order)
+    if len(hits) > 1:
+        log.info("run %s: '%s' matches %d segmentations; using %s", run.name, info, len(hits),
+                 describe_segmentation(hits[0]))
+    return hits[0]
+
+
+@_keeps_logging
+def read_segmentation(seg) -> Volume:
+    """A copick segmentation (pyramid level 0) as a (z, y, x) :class:`Volume` in ångström."""
+    data = np.asarray(seg.numpy())
+    if data.ndim != 3:
+        raise InputError(f"copick segmentation {describe_segmentation(seg)} has shape {data.shape}; "
+                         "a 3-D (z, y, x) volume is needed")
+    vs = float(seg.voxel_size)
+    _check_stored_voxel_size(seg, vs)
+    attrs = {"copick": {"run": seg.run.name, "name": seg.name, "user_id": seg.user_id,
+                        "session_id": seg.session_id, "type": segmentation_type(seg)}}
+    return Volume(data, (vs, vs, vs), unit="angstrom", attrs=attrs)
+
+
+def _check_stored_voxel_size(seg, vs: float) -> None:
+    """Warn when the OME-Zarr scale disagrees with the voxel size in the store's name."""
+    try:
+        import zarr
+        from copick.util.ome import get_voxel_size_from_zarr
+
+        stored = float(get_voxel_size_from_zarr(zarr.open(seg.zarr(), mode="r")))
+    except Exception:  # older copick or a store without multiscales metadata: the name is all there is
+        return
+    if abs(stored - vs) > VOXEL_SIZE_TOLERANCE * max(1.0, vs):
+        log.warning("copick segmentation %s: OME-Zarr scale %g A differs from its voxel size %g A; using %g",
+                    describe_segmentation(seg), stored, vs, vs)
+
+
+@_keeps_logging
+def read_tomogram(run, voxel_size: float, shape=None):
+    """The first tomogram (by type) at ``voxel_size`` as a lazy zarr array, or None (for QC pictures)."""
+    try:
+        import zarr
+
+        spacing = run.get_voxel_spacing(voxel_size)
+        tomos = sorted(spacing.tomograms, key=lambda t: t.tomo_type) if spacing is not None else []
+        for tomo in tomos:
+            arr = zarr.open(tomo.zarr(), mode="r")["0"]
+            if shape is None or tuple(arr.shape) == tuple(shape):
+                return arr
+    except Exception as exc:  # a picture without a tomogram beats no picture
+        log.info("run %s: no tomogram for the QC picture (%s)", run.name, exc)
+    return None
+
+
+def refined_user_id(info: SegmentationInfo) -> str:
+    """``<user>-refined``, or ``maskworks-refined`` when ``info`` names no user."""
+    return f"{info.user_id}{REFINED_SUFFIX}" if info.user_id else DEFAULT_REFINED_USER
+
+
+def output_type(seg) -> str:
+    """Type to write a refined version of ``seg`` as: instance stays instance, all else is multilabel.
+
+    The refined volumes hold organelle ids, which a binary segmentation cannot.
+    """
+    return "instance" if segmentation_type(seg) == "instance" else "multilabel"
+
+
+@_keeps_logging
+def check_label_dtype(dtype, what: str = "labels") -> None:
+    """Fail (before any computing) if copick's writer cannot store ``dtype`` without losing values.
+
+    copick's ``CopickSegmentation.from_numpy`` takes a ``dtype`` (older releases
+    default to uint8 and would wrap labels above 255); this module always passes
+    it.  A copick without that argument can only be given uint8.
+    """
+    from copick.models import CopickSegmentation
+
+    dtype = np.dtype(dtype)
+    if dtype.kind != "u":
+        raise InputError(f"{what}: dtype {dtype} cannot be written as a copick segmentation (unsigned integers only)")
+    if "dtype" not in inspect.signature(CopickSegmentation.from_numpy).parameters and dtype != np.uint8:
+        import copick
+
+        raise InputError(f"{what} need {dtype} but copick {copick.__version__} writes segmentations as uint8 "
+                         "only; upgrade copick (pip install -U copick)")
+
+
+@_keeps_logging
+def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, session_id: str,
+                       voxel_size: float, kind: str = "multilabel"):
+    """Write (or overwrite) exactly one segmentation of ``run`` and check what was stored.
+
+    ``kind`` is ``multilabel`` or ``instance`` (see :func:`output_type`).  Other
+    segmentations, including other types with the same name, are not touched.
+    """
+    data = np.asarray(data)
+    check_label_dtype(data.dtype, f"copick segmentation {name}")
+    if kind not in ("multilabel", "instance"):
+        raise ValueError(f"kind={kind!r}: expected 'multilabel' or 'instance'")
+    extra = {"is_instance": True} if kind == "instance" else {}
+    seg = run.new_segmentation(voxel_size=float(voxel_size), name=name, session_id=str(session_id),
+                               is_multilabel=kind == "multilabel", user_id=user_id, exist_ok=True, **extra)
+    if getattr(seg, "read_only", False):
+        raise InputError(f"run {run.name}: {describe_segmentation(seg)} exists in the project's read-only "
+                         "static storage and cannot be overwritten; use another --save-session-id")
+    seg.from_numpy(data, dtype=data.dtype)
+    import zarr
+
+    stored = zarr.open(seg.zarr(), mode="r")["0"]
+    if tuple(stored.shape) != data.shape or np.dtype(stored.dtype) != data.dtype:
+        raise RuntimeError(f"copick stored {describe_segmentation(seg)} as {stored.dtype} {stored.shape}, "
+                           f"not {data.dtype} {data.shape}")
+    return seg
+
+
+@_keeps_logging
+def delete_segmentation(run, name: str, *, user_id: str, session_id: str, voxel_size: float,
+                        kind: str = "multilabel") -> None:
+    """Remove one segmentation that :func:`write_segmentation` (re)wrote, after a failure."""
+    try:
+        run.refresh_segmentations()
+        for seg in list(run.segmentations):
+            if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind) \
+                    and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE:
+                seg.delete()
+    except Exception as exc:  # report, do not mask the error that brought us here
+        log.warning("run %s: could not remove segmentation %s of %s/%s: %s", run.name, name, user_id,
+                    session_id, exc)

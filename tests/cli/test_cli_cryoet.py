@@ -1,0 +1,309 @@
+"""`maskworks extract-patches` and `maskworks merge-corrections` on tiny files."""
+
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+from conftest import exe, run
+
+from maskworks.cli import main
+from maskworks.io import read_volume, write_volume
+
+SHAPE = (12, 16, 20)  # z, y, x
+VS = (10.0, 10.0, 10.0)
+ORIGIN = (100.0, 200.0, 300.0)  # z, y, x in angstrom
+
+
+@pytest.fixture()
+def tomo(tmp_path):
+    image = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE)
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[4:8, 6:10, 8:12] = 1
+    t = write_volume(tmp_path / "tomo.mrc", image, VS, unit="angstrom", origin=ORIGIN)
+    s = write_volume(tmp_path / "tomo_seg.mrc", seg, VS, unit="angstrom", origin=ORIGIN)
+    c = tmp_path / "centres.csv"
+    c.write_text("x,y,z\n10.4,8,6\n1,8.2,6\n14,9,5.5\n")
+    return tmp_path, t, s, c, image, seg
+
+
+def _manifest(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_extract_writes_patches_with_geometry_manifest_and_qc(tomo):
+    d, t, s, c, image, seg = tomo
+    out = d / "out"
+    assert main(["extract-patches", str(t), str(s), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2"]) == 0
+    names = [f"other_tomo_patch{n}.nrrd" for n in range(3)]
+    assert _files(out) == sorted(["manifest.csv", "patches_qc.png", *(f"imagesCorr/{n}" for n in names),
+                                  *(f"labelsCorr/{n}" for n in names)])
+    # centre 0: x=10.4 -> 10, y=8, z=6 -> start (z, y, x) = (2, 4, 6)
+    data, header = nrrd.read(str(out / "imagesCorr" / names[0]), index_order="C")
+    np.testing.assert_array_equal(data, image[2:10, 4:12, 6:14])
+    np.testing.assert_allclose(header["space origin"], [300 + 6 * 10, 200 + 4 * 10, 100 + 2 * 10])  # x, y, z
+    np.testing.assert_allclose(header["space directions"], np.diag([10.0, 10.0, 10.0]))
+    lab = read_volume(out / "labelsCorr" / names[0])
+    assert lab.dtype == np.uint8 and lab.origin == (120.0, 240.0, 360.0) and lab.unit == "angstrom"
+    inner = lab.numpy()[2:6, 2:6, 2:6]
+    np.testing.assert_array_equal(inner, seg[4:8, 6:10, 8:12])
+    assert np.count_nonzero(lab.numpy() == 2) == 512 - 64
+    # centre 1: x=1 -> start x = -3, three x-planes padded with the mean and 2
+    img1 = read_volume(out / "imagesCorr" / names[1]).numpy()
+    np.testing.assert_allclose(img1[:, :, :3], image.mean())
+    assert (read_volume(out / "labelsCorr" / names[1]).numpy()[:, :, :3] == 2).all()
+    rows = _manifest(out / "manifest.csv")
+    assert [r["N"] for r in rows] == ["0", "1", "2"]
+    assert (rows[0]["start_z"], rows[0]["start_y"], rows[0]["start_x"]) == ("2", "4", "6")
+    assert rows[0]["padded_voxels"] == "0" and rows[1]["padded_voxels"] == str(3 * 64)
+    assert rows[1]["status"] == "written" and rows[1]["label"] == f"labelsCorr/{names[1]}"
+    assert (out / "patches_qc.png").stat().st_size > 1000
+
+
+def test_numbers_move_past_existing_files_in_either_folder(tomo):
+    d, t, s, c, _, _ = tomo
+    out = d / "out"
+    for f in ["labelsCorr/other_tomo_patch1.nii.gz", "imagesCorr/other_tomo_patch2.nrrd"]:
+        (out / f).parent.mkdir(parents=True, exist_ok=True)
+        (out / f).write_text("earlier")
+    assert main(["extract-patches", str(t), str(s), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2", "--idx-add", "1"]) == 0
+    assert [r["N"] for r in _manifest(out / "manifest.csv")] == ["3", "4", "5"]
+    assert (out / "labelsCorr/other_tomo_patch1.nii.gz").read_text() == "earlier"
+    assert (out / "imagesCorr/other_tomo_patch2.nrrd").read_text() == "earlier"
+    assert (out / "labelsCorr/other_tomo_patch5.nrrd").exists()
+
+
+def test_nifti_output_single_centre_and_tokens(tomo):
+    d, t, s, _, image, _ = tomo
+    out = d / "out"
+    assert main(["extract-patches", str(t), str(s), str(out), "--x", "10", "--y", "8", "--z", "6",
+                 "--patch-size", "8", "--border", "1", "--format", "nii.gz", "--ds-token", "ds1",
+                 "--token", "TS_01"]) == 0
+    img = nib.load(str(out / "imagesCorr" / "ds1_TS_01_patch0.nii.gz"))
+    np.testing.assert_allclose(img.affine[:3, 3], [360, 240, 120])
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [10, 10, 10])
+    back = read_volume(out / "imagesCorr" / "ds1_TS_01_patch0.nii.gz")
+    np.testing.assert_array_equal(back.numpy(), image[2:10, 4:12, 6:14])
+    assert back.unit == "angstrom"
+
+
+def test_skip_lists_the_reason(tomo):
+    d, t, s, c, _, _ = tomo
+    out = d / "out"
+    assert main(["extract-patches", str(t), str(s), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2", "--edge", "skip"]) == 0
+    rows = _manifest(out / "manifest.csv")
+    assert [r["status"] for r in rows] == ["written", "skipped", "written"]
+    assert rows[1]["N"] == "" and "x<0" in rows[1]["reason"] and rows[1]["image"] == ""
+    assert _files(out / "labelsCorr") == ["other_tomo_patch0.nrrd", "other_tomo_patch2.nrrd"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--edge", "error"], ["centre 1 (x=1, y=8.2, z=6)", "edge='pad'", "centres.csv"]),
+    (["--ds-token", "my_ds"], ["ds_token='my_ds'", "underscores"]),
+    (["--x", "3"], ["not both"]),
+    (["--patch-size", "8", "--border", "4"], ["border=4"]),
+])
+def test_bad_input_exits_2_and_writes_nothing(tomo, capsys, args, words):
+    d, t, s, c, _, _ = tomo
+    out = d / "out"
+    assert main(["extract-patches", str(t), str(s), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert "maskworks extract-patches: error:" in err
+    for w in words:
+        assert w in err
+    assert not out.exists()
+
+
+def test_centres_outside_and_shape_mismatch(tomo, capsys):
+    d, t, s, _, _, seg = tomo
+    c = d / "far.csv"
+    c.write_text("5 5 5\n20 5 5\n")
+    assert main(["extract-patches", str(t), str(s), str(d / "out"), "--centres", str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "far.csv" in err and "centre 1 (x=20, y=5, z=5)" in err and "x 0..19" in err
+    small = write_volume(d / "small.mrc", seg[:, :, :19], VS)
+    assert main(["extract-patches", str(t), str(small), str(d / "out"), "--x", "5", "--y", "5", "--z", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "tomo.mrc has shape (12, 16, 20)" in err and "small.mrc has shape (12, 16, 19)" in err
+
+
+def test_failure_midway_removes_this_runs_patches(tomo, capsys):
+    d, t, _, c, _, seg = tomo
+    seg = seg.copy()
+    seg[8, 9, 15] = 3  # only in the third patch (x 10..17, y 5..12, z 2..9)
+    bad = write_volume(d / "bad_seg.mrc", seg, VS, unit="angstrom", origin=ORIGIN)
+    out = d / "out"
+    (out / "labelsCorr").mkdir(parents=True)
+    (out / "labelsCorr" / "keep.nrrd").write_text("earlier")
+    assert main(["extract-patches", str(t), str(bad), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "values other than 0/1: 3" in err and "--binarize" in err and "centre 2" in err
+    assert _files(out) == ["labelsCorr/keep.nrrd"]
+    assert main(["extract-patches", str(t), str(bad), str(out), "--centres", str(c),
+                 "--patch-size", "8", "--border", "2", "--binarize"]) == 0
+    assert len(_files(out / "labelsCorr")) == 4
+
+
+def test_console_script_exit_code(tomo):
+    d, t, s, c, _, _ = tomo
+    proc = run([exe("maskworks"), "extract-patches", t, s, d / "out", "--centres", c, "--ds-token", "a_b"],
+               check=False)
+    assert proc.returncode == 2 and "ds_token='a_b'" in proc.stderr
+    assert not (d / "out").exists()
+
+
+# ----------------------------------------------------------------------------- merge-corrections
+
+PATCH = (6, 6, 6)
+P_ORIGIN = (20.0, 40.0, 60.0)
+
+
+def _mask(*region):
+    m = np.zeros(PATCH, np.uint8)
+    m[region] = 1
+    return m
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    labels, corr = tmp_path / "labels", tmp_path / "corrections"
+    label = np.zeros(PATCH, np.uint8)
+    label[2:4, 2:4, 1:5] = 1
+    geo = {"unit": "angstrom", "origin": P_ORIGIN}
+    write_volume(labels / "p0.nrrd", label, VS, **geo)
+    write_volume(labels / "p1.nii.gz", label, VS, **geo)
+    write_volume(labels / "p2.nrrd", label, VS, **geo)
+    (labels / "readme.txt").write_text("not a label")
+    # p0: remove x 1..2, add a column, ignore one voxel of that column
+    write_volume(corr / "p0" / "Remove1.nrrd", _mask(slice(2, 4), slice(2, 4), slice(1, 3)), VS, **geo)
+    write_volume(corr / "p0" / "add_column.nrrd", _mask(slice(1, 5), 3, 2), VS, **geo)
+    write_volume(corr / "p0" / "IGNORE.nrrd", _mask(2, 3, 2), VS, **geo)
+    write_volume(corr / "p0" / "Fix.nrrd", _mask(0, 0, 0), VS, **geo)
+    (corr / "p0" / "notes.txt").write_text("?")
+    # a mask without geometry (MITK-less tools) is accepted
+    write_volume(corr / "p1" / "remove.npy", _mask(slice(None), slice(None), slice(None)))
+    write_volume(corr / "p7" / "Add.nrrd", _mask(0, 0, 0), VS, **geo)
+    write_volume(corr / "stray.nrrd", _mask(0, 0, 0), VS, **geo)
+    return tmp_path, labels, corr, label
+
+
+def _merge(labels, corr, out, *args):
+    return main(["merge-corrections", "--labels-dir", str(labels), "--corrections-dir", str(corr),
+                 "--out-dir", str(out), "--border", "1", *args])
+
+
+def test_merge_applies_precedence_and_reports_everything(folders):
+    d, labels, corr, label = folders
+    out = d / "merged"
+    assert _merge(labels, corr, out) == 0
+    assert _files(out) == ["p0.nrrd", "p1.nii.gz", "p2.nrrd", "report.csv"]
+    p0 = read_volume(out / "p0.nrrd")
+    assert p0.origin == P_ORIGIN and p0.voxel_size == VS and p0.unit == "angstrom"
+    expected = label.copy()
+    expected[2:4, 2:4, 1:3] = 0  # Remove
+    expected[1:5, 3, 2] = 1  # Add, over the removed voxel (2, 3, 2) and (3, 3, 2)
+    expected[2, 3, 2] = 2  # Ignore
+    expected[[0, -1], :, :] = expected[:, [0, -1], :] = expected[:, :, [0, -1]] = 2
+    np.testing.assert_array_equal(p0.numpy(), expected)
+    assert (read_volume(out / "p1.nii.gz").numpy() != 1).all()  # everything removed
+    rows = {(r["key"], r["status"]): r for r in _manifest(out / "report.csv")}
+    r0 = rows[("p0", "merged")]
+    assert (r0["removed_voxels"], r0["added_voxels"], r0["ignored_voxels"]) == ("8", "4", "1")
+    assert r0["add"] == "add_column.nrrd" and r0["ignore"] == "IGNORE.nrrd"
+    assert r0["foreground_voxels"] == str(np.count_nonzero(expected == 1))
+    assert rows[("p2", "no corrections folder")]["output"] == "p2.nrrd"
+    assert "p7" in rows[("p7", "folder without label")]["note"]
+    assert "p0/Fix.nrrd" in rows[("p0", "unknown prefix")]["note"]
+    assert {k for k, st in rows if st == "unknown file type"} == {"p0", "readme"}
+    assert ("stray", "not in a patch folder") in rows
+
+
+def test_merge_format_option(folders):
+    d, labels, corr, _ = folders
+    out = d / "merged"
+    assert _merge(labels, corr, out, "--format", "nii.gz") == 0
+    assert _files(out) == ["p0.nii.gz", "p1.nii.gz", "p2.nii.gz", "report.csv"]
+    assert read_volume(out / "p0.nii.gz").origin == P_ORIGIN
+
+
+def test_merge_shape_mismatch_names_both_files(folders, capsys):
+    d, labels, corr, _ = folders
+    write_volume(corr / "p1" / "Add2.nrrd", np.zeros((6, 6, 5), np.uint8), VS)
+    out = d / "merged"
+    assert _merge(labels, corr, out) == 2
+    err = capsys.readouterr().err
+    assert "Add2.nrrd has shape (6, 6, 5)" in err and "p1.nii.gz has shape (6, 6, 6)" in err
+    assert not out.exists() or _files(out) == []  # p0 had been merged: removed again
+
+
+def test_merge_mask_from_another_patch_is_an_error(folders, capsys):
+    d, labels, corr, _ = folders
+    write_volume(corr / "p0" / "Add2.nrrd", _mask(0, 0, 0), VS, unit="angstrom",
+                 origin=(20.0, 40.0, 140.0))
+    assert _merge(labels, corr, d / "merged") == 2
+    err = capsys.readouterr().err
+    assert "Add2.nrrd" in err and "p0.nrrd" in err and "another patch" in err
+    assert "(20.0, 40.0, 140.0)" in err
+    # the same origin in nanometres is the same patch
+    write_volume(corr / "p0" / "Add2.nrrd", _mask(0, 0, 0), (1.0, 1.0, 1.0), unit="nanometer",
+                 origin=(2.0, 4.0, 6.0))
+    assert _merge(labels, corr, d / "merged") == 0
+
+
+def test_merge_bad_label_values_and_binarize(folders, capsys):
+    d, labels, corr, label = folders
+    write_volume(labels / "p2.nrrd", label * 255, VS, unit="angstrom", origin=P_ORIGIN)
+    assert _merge(labels, corr, d / "merged") == 2
+    err = capsys.readouterr().err
+    assert "p2.nrrd" in err and "255" in err and "binarize" in err
+    assert _merge(labels, corr, d / "merged", "--binarize") == 0
+
+
+def test_merge_refuses_to_write_into_its_input(folders, capsys):
+    d, labels, corr, _ = folders
+    assert _merge(labels, corr, labels) == 2
+    assert "input folder" in capsys.readouterr().err
+    assert _merge(labels, d / "nope", d / "merged") == 2
+    assert "nope: no such folder" in capsys.readouterr().err
+
+
+def test_demo_patches_extract_and_merge(tmp_path):
+    from maskworks.demo import (
+        CRYOET_PATCHES,
+        _write_cryoet_patches,
+        make_cryoet_tomogram,
+    )
+
+    w = _write_cryoet_patches(tmp_path)
+    cfg, out, merged = CRYOET_PATCHES, tmp_path / "patches", tmp_path / "merged"
+    assert main(["extract-patches", str(w["cryoet_tomogram"]), str(w["cryoet_segmentation"]), str(out),
+                 "--centres", str(w["cryoet_centres"]), "--patch-size", str(cfg["patch_size"]),
+                 "--border", str(cfg["border"]), "--ds-token", cfg["ds_token"]]) == 0
+    rows = _manifest(out / "manifest.csv")
+    assert all(r["status"] == "written" for r in rows) and sum(r["padded_voxels"] != "0" for r in rows) >= 2
+    assert main(["merge-corrections", "--labels-dir", str(out / "labelsCorr"), "--corrections-dir",
+                 str(w["cryoet_corrections"]), "--out-dir", str(merged), "--border", str(cfg["border"])]) == 0
+    report = {r["key"]: r for r in _manifest(merged / "report.csv")}
+    assert report["demo_tomo1_patch0"]["status"] == report["demo_tomo1_patch4"]["status"] == "merged"
+    assert all(r["status"] in ("merged", "no corrections folder") for r in report.values())
+    # the corrections repair patch 0: outside the ignored voxels it equals the true membranes
+    _, truth = make_cryoet_tomogram()
+    start = [int(r) for r in (rows[0]["start_z"], rows[0]["start_y"], rows[0]["start_x"])]
+    true0 = truth[tuple(slice(s, s + cfg["patch_size"]) for s in start)]
+    fixed = read_volume(merged / "demo_tomo1_patch0.nrrd").numpy()
+    before = read_volume(out / "labelsCorr" / "demo_tomo1_patch0.nrrd").numpy()
+    keep = fixed != 2
+    assert (before[keep] != true0[keep]).sum() > 100 and (fixed[keep] == true0[keep]).all()

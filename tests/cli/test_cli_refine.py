@@ -1,0 +1,153 @@
+"""`maskworks refine-membranes` on the demo copick project (3 runs of 64 x 128 x 128)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import exe, run
+
+from maskworks.backend import resolve_device
+from maskworks.cli import main
+from maskworks.io import copick as cio
+
+ORG, MEM = "organelles", "membrane,membrain-seg,1"
+GPU = resolve_device("auto") != "cpu"  # cupy imports and a device is visible
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from maskworks.demo import _write_cryoet_copick
+
+    return _write_cryoet_copick(tmp_path_factory.mktemp("demo"))["config"].parent
+
+
+@pytest.fixture()
+def project(demo, tmp_path):
+    """A private copy of the demo project (its config points at the copy)."""
+    root = tmp_path / "copick"
+    shutil.copytree(demo, root)
+    cfg = root / "copick_config.json"
+    data = json.loads(cfg.read_text())
+    data["overlay_root"] = f"local://{root}"
+    cfg.write_text(json.dumps(data))
+    return cfg
+
+
+def segs(cfg, run_name, user):
+    r = cio.select_runs(cio.open_project(cfg), [run_name])[0]
+    return {s.name: s for s in r.segmentations if s.user_id == user}
+
+
+def rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_refine_writes_segmentations_qc_and_stats(project, tmp_path):
+    qc, stats = tmp_path / "qc", tmp_path / "stats.csv"
+    assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
+                 "--run", "TS_003", "--run", "TS_001", "--device", "cpu", "--qc-dir", str(qc),
+                 "--stats", str(stats)]) == 0
+    for name in ("TS_001", "TS_003"):
+        org = segs(project, name, "maskworks-refined")["organelles"]
+        mem = segs(project, name, "membrain-seg-refined")["membrane"]
+        assert org.session_id == mem.session_id == "1" and org.voxel_size == 10.0
+        assert cio.segmentation_type(org) == cio.segmentation_type(mem) == "multilabel"
+        o, m = cio.read_segmentation(org).data, cio.read_segmentation(mem).data
+        big = 300 if name == "TS_003" else 2
+        assert set(np.unique(o)) == set(np.unique(m)) == {0, 1, big, 3}
+        assert o.dtype == (np.uint16 if name == "TS_003" else np.uint8)
+        assert (qc / f"{name}_refine_qc.png").stat().st_size > 1000
+    assert not segs(project, "TS_002", "maskworks-refined")  # not asked for
+    table = rows(stats)
+    assert [(r["run"], r["organelle_id"], r["kept"]) for r in table] == [
+        (run_name, str(i), str(i in (1, 2, 300, 3))) for run_name, ids in
+        (("TS_001", (1, 2, 3, 4, 5)), ("TS_003", (1, 3, 4, 5, 300))) for i in ids]
+    reasons = {(r["run"], r["organelle_id"]): r["reason"] for r in table}
+    assert reasons[("TS_001", "4")].startswith("too small")
+    assert reasons[("TS_001", "5")] == "no membrane in any of its z-slices"
+    assert all(int(r["run_membrane_voxels_out"]) < int(r["run_membrane_voxels_in"]) for r in table)
+
+
+def test_rerun_with_name_only_info_reads_the_inputs_not_the_outputs(project):
+    from maskworks.cryoet.stages import refine_membranes_files
+
+    first = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu")
+    out = cio.read_segmentation(segs(project, "TS_002", "maskworks-refined")["organelles"]).data
+    second = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run="TS_002", device="cpu")
+    assert first["runs"][0]["organelles_from"] == second["runs"][0]["organelles_from"] == \
+        "organelles (user saber, session 1, voxel size 10 A, multilabel)"
+    assert second["runs"][0]["membranes_from"].startswith("membrane (user membrain-seg,")
+    np.testing.assert_array_equal(cio.read_segmentation(segs(project, "TS_002", "maskworks-refined")
+                                                        ["organelles"]).data, out)
+    # a new session is a new output; the old one stays
+    refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu",
+                           save_session_id="7")
+    r = cio.select_runs(cio.open_project(project), ["TS_002"])[0]
+    assert sorted(s.session_id for s in r.segmentations if s.user_id == "maskworks-refined") == ["1", "1", "7", "7"]
+
+
+def test_nothing_kept_writes_empty_volumes(project, tmp_path):
+    stats = tmp_path / "stats.csv"
+    assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
+                 "--run", "TS_001", "--min-membrane-area", str(10**9), "--device", "cpu",
+                 "--stats", str(stats)]) == 0
+    for user, name in (("maskworks-refined", "organelles"), ("membrain-seg-refined", "membrane")):
+        vol = cio.read_segmentation(segs(project, "TS_001", user)[name])
+        assert vol.shape == (64, 128, 128) and not vol.data.any()
+    table = rows(stats)
+    assert len(table) == 5 and all(r["kept"] == "False" for r in table)
+    assert all(r["note"].startswith("no organelle kept") for r in table)
+
+
+def test_missing_segmentation_lists_the_available_ones(project, capsys):
+    assert main(["refine-membranes", "--config", str(project), "--org-info", "mito", "--mem-info", MEM,
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "refine-membranes: error: run TS_001: no segmentation matches 'mito' at voxel size 10 A" in err
+    assert "organelles (user saber, session 1, voxel size 10 A, multilabel)" in err
+    assert "membrane (user membrain-seg, session 1, voxel size 10 A, binary)" in err
+    assert not segs(project, "TS_001", "maskworks-refined")
+
+
+def test_a_failing_run_leaves_no_outputs_behind(project, tmp_path, monkeypatch):
+    real, calls = cio.write_segmentation, []
+
+    def flaky(*args, **kwargs):  # run TS_001 writes both outputs, TS_002 fails on its first
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cio, "write_segmentation", flaky)
+    qc, stats = tmp_path / "qc", tmp_path / "stats.csv"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
+              "--device", "cpu", "--qc-dir", str(qc), "--stats", str(stats)])
+    assert not segs(project, "TS_001", "maskworks-refined") and not segs(project, "TS_001", "membrain-seg-refined")
+    assert not stats.exists() and not list(qc.glob("*.png"))
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is there")
+def test_cuda_without_a_gpu_fails_before_reading(project, capsys):
+    assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
+                 "--device", "cuda"]) == 2
+    assert "asks for a GPU" in capsys.readouterr().err
+
+
+def test_command_line_entry_point(project, tmp_path):
+    proc = run([exe("maskworks"), "refine-membranes", "--help"])
+    for option in ("--config", "--org-info", "--mem-info", "--voxel-size", "--save-session-id", "--run",
+                   "--device", "--ball-size", "--min-membrane-area", "--edge-trim-z", "--edge-trim-xy",
+                   "--min-roi-relative-size", "--keep-surface-membranes", "--label-components", "--qc-dir",
+                   "--stats"):
+        assert option in proc.stdout
+    run([exe("maskworks"), "refine-membranes", "--config", project, "--org-info", "organelles,saber,1",
+         "--mem-info", MEM, "--run", "TS_002", "--keep-surface-membranes", "--min-membrane-area", "300",
+         "--device", "cpu", "--stats", tmp_path / "s.csv"])
+    assert segs(project, "TS_002", "saber-refined")["organelles"]
+    assert len(rows(tmp_path / "s.csv")) == 5
