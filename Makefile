@@ -13,7 +13,7 @@ NGPU        := $(if $(NGPU),$(NGPU),0)
 DEMO_DIR    ?= demo_data
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-deepcell demo test lint bench clean
+.PHONY: help setup setup-deepcell slurm-packages demo test lint bench clean
 
 help:
 	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
@@ -39,12 +39,17 @@ $(VENV_DC)/.stamp: pyproject.toml
 	$(VENV_DC)/bin/python -m pip install -q -e '.[deepcell]'
 	@touch $@
 
+# Slurm 22.05 + munge from Debian for tests/slurm (root + apt-get); without them that test
+# is skipped with a loud message.
+slurm-packages:
+	@tests/slurm/slurm.sh install || echo "!!! Slurm packages could not be installed: the real Slurm test will be skipped !!!" >&2
+
 demo: setup
 	$(VENV)/bin/maskworks demo-data $(DEMO_DIR)
 	$(VENV)/bin/snakemake --profile profiles/default --configfile config/demo.yaml --resources gpu=$(NGPU)
 	@$(PY) -m maskworks.cli demo-summary --results results
 
-test: setup
+test: setup slurm-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

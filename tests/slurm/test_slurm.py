@@ -1,0 +1,148 @@
+"""The demo through `snakemake --profile profiles/slurm` against a real single-node Slurm.
+
+tests/slurm/slurm.sh starts munged, slurmctld and slurmd (one fake GPU); the workflow is
+submitted job by job through the Slurm executor plugin with test-only overrides on the
+command line (the profile itself is used as shipped).  The test checks that every job
+finished, that GPU-capable rules were submitted with one GPU, and that the outputs equal
+those of a local run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, exe, run
+
+pytestmark = pytest.mark.slurm
+
+SCRIPT = ROOT / "tests" / "slurm" / "slurm.sh"
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
+# Rules that can use a GPU (they ask for gpu=1 unless their device is 'cpu').
+GPU_RULES = {"refine_membranes"}
+
+
+def _slurm_available() -> str | None:
+    """None when Slurm can run here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "the test cluster runs as root"
+    have = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sinfo", "munged"))
+    if not have and not shutil.which("apt-get"):
+        return "Slurm is not installed and apt-get is unavailable to install it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _slurm_available()
+    if reason:
+        print(f"\n!!! SKIPPING THE REAL SLURM TEST: {reason} !!!\n", file=sys.stderr)
+        pytest.skip(f"real Slurm test skipped: {reason}")
+    state = tmp_path_factory.mktemp("slurm-state")
+    run(["bash", SCRIPT, "start", state], timeout=600)
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(state)], check=False)
+
+
+def _workdir(tmp_path_factory, name):
+    d = tmp_path_factory.mktemp(name)
+    for item in WORKFLOW_FILES:
+        src = ROOT / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / item)
+    run([exe("maskworks"), "demo-data", d / "demo_data"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    d = _workdir(tmp_path_factory, "local")
+    run([exe("snakemake"), "--cores", "2", "--configfile", "config/demo.yaml"], cwd=d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory):
+    d = _workdir(tmp_path_factory, "slurm")
+    mem_mb = 2000
+    cmd = [
+        exe("snakemake"), "--profile", "profiles/slurm", "--configfile", "config/demo.yaml",
+        # test-only overrides: this cluster's partition/account and small memory; no conda here,
+        # so the deployment method is swapped (the rules name no env modules: nothing is loaded)
+        "--sdm", "env-modules",
+        "--default-resources", "slurm_partition=main", "slurm_account=maskworks", f"mem_mb={mem_mb}", "runtime=30",
+        "--set-resources", f"texture_mask:mem_mb={mem_mb}",
+        "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
+        "--jobs", "4", "--latency-wait", "10", "--retries", "0",
+    ]
+    proc = run(cmd, cwd=d, timeout=1500)
+    (d / "slurm_run.log").write_text(proc.stdout + proc.stderr)
+    return d, proc.stdout + proc.stderr
+
+
+def _submitted_jobs(workdir: Path) -> dict[str, list[str]]:
+    """Slurm job ids per rule, from the executor plugin's per-job log files."""
+    jobs: dict[str, list[str]] = {}
+    for log in (workdir / ".snakemake" / "slurm_logs").glob("rule_*/**/*.log"):
+        rule = next(p for p in log.relative_to(workdir / ".snakemake" / "slurm_logs").parts if p.startswith("rule_"))
+        jobs.setdefault(rule[len("rule_"):], []).append(log.stem)
+    return jobs
+
+
+def test_every_job_finished_on_slurm(slurm_run):
+    d, out = slurm_run
+    m = re.search(r"(\d+) of (\d+) steps \(100%\) done", out)
+    assert m and m.group(1) == m.group(2), out[-3000:]
+    jobs = _submitted_jobs(d)
+    assert {"texture_mask", "postprocess_mask", "extract_patches", "merge_corrections",
+            "refine_membranes"} <= set(jobs), jobs
+    for rule, ids in jobs.items():
+        for job_id in ids:
+            info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+            assert "JobState=COMPLETED" in info, (rule, job_id, info)
+
+
+def test_gpu_rules_were_submitted_with_one_gpu(slurm_run):
+    d, _ = slurm_run
+    jobs = _submitted_jobs(d)
+    for rule, ids in jobs.items():
+        for job_id in ids:
+            info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+            gpu = re.search(r"TresPerJob=\S*gpu:(\d+)", info) or re.search(r"TresPerNode=\S*gpu:(\d+)", info)
+            if rule in GPU_RULES:
+                assert gpu and gpu.group(1) == "1", (rule, info)
+            else:
+                assert not gpu, (rule, info)
+
+
+def test_outputs_equal_the_local_run(slurm_run, local_run):
+    from maskworks.io import read_volume
+
+    d, _ = slurm_run
+    for name in ["sample1", "sample2"]:
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "mask.zarr"]:
+            a = read_volume(local_run / "results" / "em" / name / f).numpy()
+            b = read_volume(d / "results" / "em" / name / f).numpy()
+            assert np.array_equal(a, b), (name, f)
+        sa = json.loads((local_run / "results" / "em" / name / "mask_stats.json").read_text())
+        sb = json.loads((d / "results" / "em" / name / "mask_stats.json").read_text())
+        assert sa["truth"] == sb["truth"]
+    for sub in ["patches/tomo1/labelsCorr", "patches/tomo1/imagesCorr", "merged/tomo1"]:
+        la = sorted(p.name for p in (local_run / "results" / "cryoet" / sub).iterdir())
+        lb = sorted(p.name for p in (d / "results" / "cryoet" / sub).iterdir())
+        assert la == lb
+        for n in la:
+            if n.endswith(".nrrd"):
+                assert np.array_equal(read_volume(local_run / "results" / "cryoet" / sub / n).numpy(),
+                                      read_volume(d / "results" / "cryoet" / sub / n).numpy()), (sub, n)
+    for f in sorted((local_run / "results" / "cryoet" / "refine").glob("*.csv")):
+        assert f.read_text() == (d / "results" / "cryoet" / "refine" / f.name).read_text(), f.name
