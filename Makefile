@@ -7,7 +7,8 @@ VENV_DC     := .venv-deepcell
 PY          := $(VENV)/bin/python
 PY311       ?= $(shell command -v python3.11 || command -v python3)
 # deepcell 0.12.10 needs Python < 3.11; pyenv keeps 3.10 out of PATH on some machines.
-PY310       ?= $(shell command -v python3.10 2>/dev/null || ls -d $$HOME/.pyenv/versions/3.10*/bin/python3.10 2>/dev/null | tail -n 1)
+PY310       ?= $(shell for p in $$HOME/.pyenv/versions/3.10*/bin/python3.10 $$(command -v python3.10); do \
+                 "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { echo "$$p"; break; }; done)
 NGPU        := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NGPU        := $(if $(NGPU),$(NGPU),0)
 DEMO_DIR    ?= demo_data
@@ -49,7 +50,7 @@ demo: setup
 	$(VENV)/bin/snakemake --profile profiles/default --configfile config/demo.yaml --resources gpu=$(NGPU)
 	@$(PY) -m maskworks.cli demo-summary --results results
 
-test: setup slurm-packages
+test: setup setup-deepcell slurm-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

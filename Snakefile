@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "rules/common.smk"
 include: "rules/em.smk"
 include: "rules/cryoet.smk"
+include: "rules/codex.smk"
 
 
 rule all:

@@ -1,6 +1,9 @@
 # Helpers for every rule: config validation, input tables, input functions,
 # environment choice.  Rules themselves hold no Python beyond short params.
+import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +100,103 @@ def gpu_request(device):
     return 0 if str(device) == "cpu" else 1
 
 
+CODEX = config["codex"]
+SEG = CODEX["segment_cells"]
+codex_images = read_table(CODEX["images"], "../config/codex_images.schema.yaml") if CODEX["enabled"] else None
+# Where the download rule puts the Mesmer model when neither model_path nor the deepcell cache has it.
+MESMER_DOWNLOAD = "resources/mesmer"
+DEEPCELL_CACHE = Path("~/.deepcell/models/MultiplexSegmentation").expanduser()
+
+
+def codex_row(wildcards):
+    return codex_images.loc[wildcards.name]
+
+
+def codex_inputs(wildcards):
+    row = codex_row(wildcards)
+    return {"image": row["image"], **({"channels": row["channels"]} if row.get("channels") else {})}
+
+
+def codex_channels(wildcards):
+    """Channel choice of a table row: nuclear name, whole-cell names, microns per pixel."""
+    row = codex_row(wildcards)
+    return {
+        "nuclear_channel": row["nuclear_channel"],
+        "wholecell_channels": [c.strip() for c in row["wholecell_channels"].split(",") if c.strip()],
+        "image_mpp": float(row["image_mpp"]) if row.get("image_mpp") else None,
+    }
+
+
+def uses_conda():
+    from snakemake.settings.types import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def deepcell_python(wildcards=None):
+    """The interpreter of the DeepCell env: conda's (envs/deepcell.yaml) or the local .venv-deepcell."""
+    if uses_conda():
+        return "python"
+    py = Path(workflow.basedir) / ".venv-deepcell" / "bin" / "python"
+    if not py.exists():
+        raise WorkflowError(
+            f"the Mesmer backend runs in the DeepCell environment, but {py} does not exist: "
+            "run `make setup-deepcell`, or use conda (--sdm conda) to build envs/deepcell.yaml"
+        )
+    return str(py)
+
+
+def segment_python(wildcards):
+    """Mesmer needs TensorFlow (DeepCell env); the watershed backend runs anywhere."""
+    if SEG["backend"] == "mesmer" or uses_conda():
+        return deepcell_python()
+    return sys.executable
+
+
+def mesmer_model(wildcards):
+    """Model for segment_cells: the configured path, the deepcell cache, else the download rule's."""
+    if SEG["backend"] != "mesmer":
+        return []
+    if SEG["model_path"]:
+        return SEG["model_path"]
+    if DEEPCELL_CACHE.is_dir():
+        return str(DEEPCELL_CACHE)
+    return MESMER_DOWNLOAD
+
+
+def cli_args(params):
+    """Command-line options (--dashed-names) of a params dict, quoted for the shell."""
+    out = []
+    for key, value in sorted(params.items()):
+        opt = f"--{key.replace('_', '-')}"
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append(opt if value else f"--no-{opt[2:]}")
+        else:
+            text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+            out += [opt, shlex.quote(text)]
+    return " ".join(out)
+
+
+def segment_args(wildcards, input):
+    """segment-cells options from the config (watershed parameters only for that backend)."""
+    opts = {k: v for k, v in SEG.items() if k not in ("watershed", "model_path", "device")}
+    if SEG["backend"] == "watershed":
+        opts.update(SEG["watershed"])
+        for k in ("preprocess_kwargs", "postprocess_kwargs_whole_cell", "postprocess_kwargs_nuclear"):
+            opts.pop(k)
+    else:
+        opts["model_path"] = input.model
+    opts["image_mpp"] = codex_channels(wildcards)["image_mpp"]
+    return cli_args(opts)
+
+
+def segment_env(wildcards):
+    """Keep TensorFlow off the GPU when the config pins segmentation to the CPU."""
+    return "CUDA_VISIBLE_DEVICES= " if SEG["device"] == "cpu" else ""
+
+
 def all_outputs():
     """Final targets of every enabled arm."""
     out = []
@@ -107,4 +207,6 @@ def all_outputs():
         with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]
         out += expand("results/cryoet/merged/{name}", name=with_corrections)
         out += expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
+    if CODEX["enabled"]:
+        out += expand("results/codex/{name}/stitch", name=codex_images.index)
     return out

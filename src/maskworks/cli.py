@@ -27,7 +27,7 @@ from .io import InputError
 log = logging.getLogger("maskworks")
 
 # Modules with an ``add_commands(subparsers)``; imported when the parser is built.
-ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages"]
+ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages", "maskworks.codex.stages"]
 
 
 # ----------------------------------------------------------------------------- helpers

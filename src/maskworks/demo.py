@@ -416,11 +416,155 @@ def _write_cryoet(out_dir: Path) -> dict[str, Path]:
     return {**_write_cryoet_patches(out_dir), **_write_cryoet_copick(out_dir)}
 
 
-_ARMS = {"em": _write_em, "cryoet": _write_cryoet}
+# ----------------------------------------------------------------------------- multiplexed tissue (CODEX)
+# A synthetic CODEX slide: cells tiling irregular tissue regions, each with a membrane
+# ring in one of two membrane markers and a nucleus inside; tissue-free regions (some
+# patches empty) and a corner of faint detector noise (a noisy patch).
+
+CODEX_SLIDE = {
+    "name": "slide1", "shape": (1400, 1860), "seed": 0, "image_mpp": 0.5,
+    "channels": ("CD45", "DAPI", "Ki67", "PanCK"), "nuclear_channel": "DAPI",
+    "wholecell_channels": ("CD45", "PanCK"),
+    # the tiling the demo config uses: a 3 x 4 grid, padded by 34 x 35 pixels
+    "patch_height": 512, "patch_width": 512, "overlap": 0.1,
+}
 
 
+def make_codex_slide(shape=(1400, 1860), seed: int = 0) -> dict:
+    """Synthetic multiplexed-tissue slide with known cells and nuclei.
 
-def write_demo_data(out_dir, arms=("em", "cryoet")) -> dict[str, Path]:
+    Parameters
+    ----------
+    shape : (int, int)
+        (y, x) size; at least 256 per axis.
+    seed : int
+        Seed of :func:`numpy.random.default_rng`; the same seed gives the same slide.
+
+    Returns
+    -------
+    dict
+        ``image``: uint16 (4, y, x), channels CD45, DAPI, Ki67, PanCK (the order
+        of ``CODEX_SLIDE["channels"]``); ``cells`` and ``nuclei``: int32 ground
+        truth, nucleus ``k`` inside cell ``k`` (every cell has one);
+        ``tissue``: bool mask of where cells may be.
+
+    Notes
+    -----
+    Cells (about 20 px across, 0.5 µm/px) are Voronoi regions of jittered
+    seeds, cut at a per-cell radius, inside smooth tissue regions that stay
+    left of 70 % of the width, so the right-hand column of 512-px patches holds
+    no tissue; faint single-count noise fills the lower right corner (mean
+    below 1, non-zero fraction 30 %: a noisy patch).  Each cell carries a
+    membrane ring in CD45 (45 %) or PanCK (55 %), so only the maximum of the two
+    shows every cell.  Nuclei are ellipses 2 px inside their cell, except 15 %
+    pressed against the membrane; 8 % are so dim that a threshold misses them;
+    Ki67 marks a fifth of the nuclei.
+    """
+    from skimage.segmentation import find_boundaries
+
+    h, w = (int(s) for s in shape)
+    if min(h, w) < 256:
+        raise InputError(f"make_codex_slide: shape={tuple(shape)}; expected at least 256 pixels per axis")
+    rng = np.random.default_rng(seed)
+    xs = np.arange(w)[None, :]
+    tissue = (_coarse_field(rng, (h, w), 260.0) > -0.6) & (xs < 0.70 * w)
+
+    gy, gx = np.meshgrid(np.arange(12, h - 4, 20), np.arange(12, w - 4, 20), indexing="ij")
+    sy = np.clip(gy + rng.integers(-5, 6, gy.shape), 0, h - 1).ravel()
+    sx = np.clip(gx + rng.integers(-5, 6, gx.shape), 0, w - 1).ravel()
+    keep = tissue[sy, sx] & (rng.random(sy.size) > 0.03)
+    sy, sx = sy[keep], sx[keep]
+    n = sy.size
+    seeds = np.zeros((h, w), np.int32)
+    seeds[sy, sx] = np.arange(1, n + 1)
+    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    owner = seeds[iy, ix]
+    radius = np.concatenate([[0.0], rng.uniform(9.0, 13.0, n)])
+    cells = np.where(dist <= radius[owner], owner, 0).astype(np.int32)
+    area = np.bincount(cells.ravel(), minlength=n + 1)
+    cells[(area < 80)[cells]] = 0  # slivers at the image edge
+
+    # Nuclei: an ellipse near the seed, at least 2 px inside the cell; 15 % sit off-centre,
+    # pressed against the membrane (a segmentation easily lets those cross the cell border).
+    eccentric = np.concatenate([[False], rng.random(n) < 0.15])
+    shift = np.where(eccentric, rng.uniform(3.5, 5.0, n + 1), rng.uniform(0.0, 1.5, n + 1))
+    angle = rng.uniform(0, 2 * np.pi, n + 1)
+    cy = np.concatenate([[0.0], sy]) + shift * np.sin(angle)
+    cx = np.concatenate([[0.0], sx]) + shift * np.cos(angle)
+    a = np.concatenate([[1.0], rng.uniform(4.5, 6.5, n)])
+    b = a * np.concatenate([[1.0], rng.uniform(0.7, 1.0, n)])
+    theta = np.concatenate([[0.0], rng.uniform(0, np.pi, n)])
+    yy, xx = np.indices((h, w), dtype=np.float32)
+    dy, dx = yy - cy[cells], xx - cx[cells]
+    c, s = np.cos(theta)[cells], np.sin(theta)[cells]
+    ellipse = ((c * dx + s * dy) / a[cells]) ** 2 + ((-s * dx + c * dy) / b[cells]) ** 2 <= 1.0
+    ring = find_boundaries(cells, mode="inner")
+    inside = (ndi.distance_transform_edt(~ring) >= 2) | eccentric[cells]
+    nuclei = np.where(ellipse & inside & (cells > 0), cells, 0).astype(np.int32)
+    has = np.bincount(nuclei.ravel(), minlength=n + 1) > 0
+    cells[~has[cells]] = 0  # every true cell has its nucleus
+    ring = find_boundaries(cells, mode="inner")
+
+    # Channels (counts): membrane rings + dim cytoplasm in one of the two membrane markers.
+    epithelial = rng.random(n + 1) < 0.55
+    bright = rng.uniform(700.0, 1600.0, n + 1)
+    membrane = np.where(ring, 1.0, 0.12 * (cells > 0)) * bright[cells]
+    cd45 = ndi.gaussian_filter(np.where(~epithelial[cells], membrane, 0.0).astype(np.float32), 1.0)
+    panck = ndi.gaussian_filter(np.where(epithelial[cells], membrane, 0.0).astype(np.float32), 1.0)
+    dim = rng.random(n + 1) < 0.08
+    dapi_level = np.where(dim, rng.uniform(100.0, 180.0, n + 1), rng.uniform(1500.0, 4000.0, n + 1))
+    texture = 1.0 + 0.2 * _unit_field(rng, (h, w), 1.0)
+    dapi = ndi.gaussian_filter((dapi_level[nuclei] * (nuclei > 0) * texture).astype(np.float32), 1.0)
+    ki67_on = rng.random(n + 1) < 0.2
+    ki67 = ndi.gaussian_filter((np.where(ki67_on[nuclei], 900.0, 0.0) * (nuclei > 0)).astype(np.float32), 1.5)
+
+    near_tissue = ndi.binary_dilation(cells > 0, iterations=6)
+    noise_corner = (yy >= 1000 * h / 1400) & (xx >= 1400 * w / 1860)
+    channels = []
+    for ch in (cd45, dapi, ki67, panck):
+        noise = rng.normal(0.0, 15.0, (h, w)).astype(np.float32) * near_tissue
+        hot = (rng.random((h, w)) < 0.01) * rng.integers(1, 4, (h, w))  # sparse hot pixels everywhere
+        faint = (rng.random((h, w)) < 0.3) * noise_corner
+        channels.append(np.clip(np.rint(ch + noise) + hot + faint, 0, 65535).astype(np.uint16))
+    return {"image": np.stack(channels), "cells": cells, "nuclei": nuclei, "tissue": tissue}
+
+
+def _write_codex(out_dir: Path) -> dict[str, Path]:
+    """Multiplexed-tissue arm: an OME-TIFF slide (4 channels), its channel names and the truth."""
+    import tifffile
+
+    from maskworks.io import atomic_path
+
+    cfg = CODEX_SLIDE
+    root = Path(out_dir) / "codex"
+    data = make_codex_slide(cfg["shape"], cfg["seed"])
+    mpp = cfg["image_mpp"]
+    image = root / f"{cfg['name']}.ome.tif"
+    with atomic_path(image) as tmp:
+        tifffile.imwrite(
+            str(tmp), data["image"], ome=True, photometric="minisblack", compression="zlib",
+            metadata={"axes": "CYX", "Channel": {"Name": list(cfg["channels"])},
+                      "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                      "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"},
+        )
+    names = root / f"{cfg['name']}_channels.txt"
+    with atomic_path(names) as tmp:
+        tmp.write_text("".join(f"{c}\n" for c in cfg["channels"]))
+    vs = (mpp, mpp)
+    return {
+        "codex_image": image,
+        "codex_channels": names,
+        "codex_truth_cells": write_volume(root / f"{cfg['name']}_truth_cells.tif",
+                                          data["cells"].astype(np.uint16), vs, unit="micrometer"),
+        "codex_truth_nuclei": write_volume(root / f"{cfg['name']}_truth_nuclei.tif",
+                                           data["nuclei"].astype(np.uint16), vs, unit="micrometer"),
+    }
+
+
+_ARMS = {"em": _write_em, "cryoet": _write_cryoet, "codex": _write_codex}
+
+
+def write_demo_data(out_dir, arms=("em", "cryoet", "codex")) -> dict[str, Path]:
     """Write the synthetic demo inputs (and their ground truth) of ``arms`` under ``out_dir``.
 
     Parameters
@@ -429,7 +573,7 @@ def write_demo_data(out_dir, arms=("em", "cryoet")) -> dict[str, Path]:
         Directory to write into (created if missing).  Files are written
         atomically, so running this again simply replaces them.
     arms : sequence of str
-        Which arms to write data for (known: ``"em"``, ``"cryoet"``).
+        Which arms to write data for (known: ``"em"``, ``"cryoet"``, ``"codex"``).
 
     Returns
     -------

@@ -48,6 +48,9 @@ SECTIONS = [
     ("cryoet", "refine_membranes",
      ["maskworks.cryoet.refine:refine_membranes", "maskworks.cryoet.stages:refine_membranes_files"],
      {"copick_config", "runs", "org_info", "mem_info"}),
+    ("codex", "tile_image", ["maskworks.codex.stages:tile_image_files"], set()),
+    ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed"}),
+    ("codex", "stitch", ["maskworks.codex.stages:stitch_files"], set()),
 ]
 
 
@@ -64,4 +67,13 @@ def test_schema_defaults_are_the_library_defaults(schema, arm, section, funcs, w
         if key in workflow_keys:
             continue
         assert key in params, f"config key {arm}.{section}.{key} is not a keyword of {funcs}"
-        assert params[key].default == value, (key, params[key].default, value)
+        assert params[key].default == value or (params[key].default is None and value == {}), \
+            (key, params[key].default, value)
+
+
+def test_watershed_defaults_are_the_library_defaults(schema):
+    from maskworks.codex.segment import segment_watershed
+
+    sig = inspect.signature(segment_watershed).parameters
+    for key, value in _schema_defaults(schema)["codex"]["segment_cells"]["watershed"].items():
+        assert sig[key].default == value, key

@@ -1,0 +1,110 @@
+# Multiplexed-tissue (CODEX/PhenoCycler) arm: patches with QC, Mesmer (or watershed)
+# segmentation in its own TensorFlow environment, cell-nucleus repair, stitching.
+
+
+localrules:
+    download_mesmer_model,
+
+
+rule tile_image:
+    input:
+        unpack(codex_inputs),
+    output:
+        tiles=directory("results/codex/{name}/tiles"),
+    params:
+        tile=stage_params(CODEX["tile_image"]),
+        channels=codex_channels,
+    log:
+        "logs/codex/tile_image/{name}.log",
+    benchmark:
+        "benchmarks/codex/tile_image/{name}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    script:
+        "../scripts/tile_image.py"
+
+
+rule download_mesmer_model:
+    # Compute nodes often have no internet: this runs once, on the submit host.
+    output:
+        directory(MESMER_DOWNLOAD),
+    log:
+        "logs/codex/download_mesmer_model.log",
+    conda:
+        "../envs/deepcell.yaml"
+    params:
+        python=deepcell_python,
+    shell:
+        "{params.python} -m maskworks.cli download-mesmer-model {output:q} > {log:q} 2>&1"
+
+
+rule segment_cells:
+    input:
+        tiles="results/codex/{name}/tiles",
+        model=mesmer_model,
+    output:
+        segment=directory("results/codex/{name}/segment"),
+    params:
+        python=segment_python,
+        args=segment_args,
+        env=segment_env,
+    log:
+        "logs/codex/segment_cells/{name}.log",
+    benchmark:
+        "benchmarks/codex/segment_cells/{name}.tsv"
+    conda:
+        "../envs/deepcell.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0,
+    shell:
+        "{params.env}{params.python} -m maskworks.cli -v segment-cells {input.tiles:q} {output.segment:q} "
+        "{params.args} > {log:q} 2>&1"
+
+
+rule repair_masks:
+    input:
+        segment="results/codex/{name}/segment",
+        tiles="results/codex/{name}/tiles",
+    output:
+        repair=directory("results/codex/{name}/repair"),
+    log:
+        "logs/codex/repair_masks/{name}.log",
+    benchmark:
+        "benchmarks/codex/repair_masks/{name}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    script:
+        "../scripts/repair_masks.py"
+
+
+rule stitch:
+    input:
+        tiles="results/codex/{name}/tiles",
+        repair="results/codex/{name}/repair",
+    output:
+        stitch=directory("results/codex/{name}/stitch"),
+    params:
+        stitch=stage_params(CODEX["stitch"]),
+    log:
+        "logs/codex/stitch/{name}.log",
+    benchmark:
+        "benchmarks/codex/stitch/{name}.tsv"
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=16000,
+        runtime=60,
+    script:
+        "../scripts/stitch.py"

@@ -1,0 +1,15 @@
+"""Rule stitch: repaired patches -> whole-slide cell/nucleus/cytoplasm labels, cell table, QC PNG."""
+
+from pathlib import Path
+
+from maskworks.cli import snakemake_logging
+from maskworks.codex.stages import stitch_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+stitch_files(
+    snakemake.input.tiles,
+    snakemake.input.repair,
+    snakemake.output.stitch,
+    metadata=Path(snakemake.input.repair) / "patches_metadata.csv",
+    **snakemake.params.stitch,
+)

@@ -1,0 +1,414 @@
+"""Whole-cell and nuclear instance segmentation of two-channel patches: Mesmer (DeepCell) or a classical watershed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from maskworks.io import InputError, atomic_path
+
+log = logging.getLogger("maskworks")
+
+BACKENDS = ("watershed", "mesmer")
+
+# Where deepcell 0.12's Mesmer() keeps the model: fetch_data() downloads
+# models/MultiplexSegmentation-9.tar.gz into ~/.deepcell/models/ and Mesmer.__init__
+# extracts it there, giving ~/.deepcell/models/MultiplexSegmentation (a SavedModel).
+DEEPCELL_MODELS = Path.home() / ".deepcell" / "models"
+MESMER_MODEL_KEY = "models/MultiplexSegmentation-9.tar.gz"
+MESMER_MODEL_NAME = "MultiplexSegmentation"
+MESMER_MODEL_HASH = "a1dfbce2594f927b9112f23a0a1739e0"  # md5 of the tarball, as deepcell checks it
+_TARBALL_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+def smallest_uint(labels: np.ndarray) -> np.ndarray:
+    """Labels as the smallest unsigned integer dtype that holds their largest id."""
+    top = int(labels.max()) if labels.size else 0
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if top <= np.iinfo(dt).max:
+            return labels.astype(dt, copy=False)
+    raise InputError(f"label id {top} does not fit 64 bits")
+
+
+def label_boundaries(labels) -> np.ndarray:
+    """``skimage.segmentation.find_boundaries(labels, mode="inner")`` as uint8 0/1."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(np.asarray(labels), mode="inner").astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- watershed
+
+
+def segment_watershed(
+    image,
+    *,
+    smoothing_sigma=1.0,
+    threshold_scale=1.0,
+    min_nucleus_distance=5,
+    min_nucleus_area=20,
+    foreground_sigma=3.0,
+    max_expansion=10,
+    min_cell_area=40,
+):
+    """Nuclei and whole cells of one patch by classical watershed (no model weights).
+
+    Parameters
+    ----------
+    image : array-like, shape (h, w, 2)
+        Channel 0 nuclear, channel 1 whole-cell (membrane).
+    smoothing_sigma : float
+        Gaussian smoothing of both channels before anything else (pixels).
+    threshold_scale : float
+        Multiplies both Otsu thresholds (nuclear foreground, cell foreground);
+        above 1 is stricter.
+    min_nucleus_distance : int
+        Smallest distance between two nucleus seeds (maxima of the distance
+        transform of the nuclear foreground, ``peak_local_max(min_distance=...)``),
+        pixels; larger values merge touching nuclei.
+    min_nucleus_area : int
+        Nuclear foreground components and nuclei smaller than this are dropped (pixels).
+    foreground_sigma : float
+        Smoothing of the whole-cell channel for the cell foreground (pixels): wide
+        enough to fill a cell between its membrane outline.
+    max_expansion : float
+        Cells grow from their nucleus by at most this distance (pixels).
+    min_cell_area : int
+        Cells without nucleus smaller than this are dropped (pixels).
+
+    Returns
+    -------
+    cell, nucleus : ndarray of int32, shape (h, w)
+        Instance labels (0 background), ids 1..n each; they are not paired.
+    stats : dict
+        ``nuclei``, ``cells``, ``cells_without_nucleus``, ``nuclei_split``
+        (nuclei lying in more than one cell or partly outside every cell).
+
+    Notes
+    -----
+    1. Nuclei: Otsu threshold of the smoothed nuclear channel, holes filled,
+       seeds at the maxima of its distance transform, watershed of the negated
+       distance within the foreground.
+    2. Cells: seeded watershed of the smoothed whole-cell channel (membranes are
+       ridges) from the nucleus seeds, within the cell foreground (Otsu threshold
+       of log(1 + the widely smoothed whole-cell channel), holes filled, nuclei
+       included) and within ``max_expansion`` of a nucleus.
+    3. Cells without a nucleus: what is left of the cell foreground after an
+       opening (radius 2), split at the maxima of its distance transform.
+
+    Like any segmentation it is imperfect in the ways the repair stage expects:
+    dim nuclei are missed (their cells come out without nucleus, or are claimed by
+    a neighbour), cell borders follow the membrane rather than the nucleus, so a
+    nucleus near a membrane is shared between two cells.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[-1] != 2:
+        raise InputError(f"segment_watershed: expected a (h, w, 2) image, got shape {img.shape}")
+    shape = img.shape[:2]
+    nuc = ndi.gaussian_filter(img[..., 0].astype(np.float32), smoothing_sigma)
+    wc = ndi.gaussian_filter(img[..., 1].astype(np.float32), smoothing_sigma)
+    empty = np.zeros(shape, np.int32)
+    stats = {"nuclei": 0, "cells": 0, "cells_without_nucleus": 0, "nuclei_split": 0}
+    if not np.ptp(nuc) > 0:
+        return empty, empty.copy(), stats
+
+    fg = nuc > threshold_otsu(nuc) * threshold_scale
+    fg = ndi.binary_fill_holes(_drop_small(ndi.label(fg)[0], min_nucleus_area) > 0)
+    dist = ndi.distance_transform_edt(fg)
+    peaks = peak_local_max(dist, min_distance=max(1, int(min_nucleus_distance)), labels=ndi.label(fg)[0],
+                           exclude_border=False)
+    markers = np.zeros(shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    nucleus = _sequential(_drop_small(watershed(-dist, markers, mask=fg), min_nucleus_area))
+    seeds = np.where(markers > 0, nucleus, 0).astype(np.int32)
+
+    # log: the split wanted is signal vs background, not membrane vs the dimmer cytoplasm
+    wide = np.log1p(np.maximum(ndi.gaussian_filter(img[..., 1].astype(np.float32), foreground_sigma), 0))
+    cell_fg = nucleus > 0
+    if np.ptp(wide) > 0:
+        cell_fg = cell_fg | ndi.binary_fill_holes(wide > threshold_otsu(wide) * threshold_scale)
+    reach = ndi.distance_transform_edt(nucleus == 0) <= max_expansion
+    cell = watershed(wc, seeds, mask=cell_fg & reach) if seeds.any() else empty.copy()
+
+    rest = ndi.binary_opening(cell_fg & (cell == 0), structure=_disk(2))
+    orphans = np.zeros(shape, np.int32)
+    if rest.any():
+        rest_lab = _drop_small(ndi.label(rest)[0], min_cell_area)
+        rdist = ndi.distance_transform_edt(rest_lab > 0)
+        rpeaks = peak_local_max(rdist, min_distance=max(1, int(max_expansion)), labels=rest_lab, exclude_border=False)
+        rmark = np.zeros(shape, np.int32)
+        rmark[tuple(rpeaks.T)] = np.arange(1, len(rpeaks) + 1, dtype=np.int32)
+        orphans = _sequential(_drop_small(watershed(wc, rmark, mask=rest_lab > 0), min_cell_area))
+    n_main = int(cell.max())
+    cell = _sequential(np.where(orphans > 0, orphans + n_main, cell).astype(np.int32))
+
+    stats.update(nuclei=int(nucleus.max()), cells=int(cell.max()),
+                 cells_without_nucleus=_cells_without_nucleus(cell, nucleus),
+                 nuclei_split=_nuclei_split(cell, nucleus))
+    return cell.astype(np.int32), nucleus.astype(np.int32), stats
+
+
+def _disk(r: int) -> np.ndarray:
+    y, x = np.ogrid[-r:r + 1, -r:r + 1]
+    return y * y + x * x <= r * r
+
+
+def _drop_small(labels: np.ndarray, min_area) -> np.ndarray:
+    if labels.max() == 0 or min_area <= 1:
+        return labels
+    small = np.bincount(labels.ravel()) < min_area
+    small[0] = False
+    return np.where(small[labels], 0, labels)
+
+
+def _sequential(labels: np.ndarray) -> np.ndarray:
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    if ids.size == 0 or ids[-1] == ids.size:
+        return labels.astype(np.int32, copy=False)
+    lut = np.zeros(int(ids[-1]) + 1, np.int32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _cells_without_nucleus(cell, nucleus) -> int:
+    with_nucleus = np.unique(cell[(nucleus > 0) & (cell > 0)])
+    return int(cell.max()) - int(with_nucleus.size)
+
+
+def _nuclei_split(cell, nucleus) -> int:
+    """Nuclei whose pixels fall in more than one cell, or partly in none."""
+    m = nucleus > 0
+    if not m.any():
+        return 0
+    key = nucleus[m].astype(np.int64) * (int(cell.max()) + 1) + cell[m]
+    pairs = np.unique(key) // (int(cell.max()) + 1)
+    return int(np.count_nonzero(np.bincount(pairs) > 1))
+
+
+# ----------------------------------------------------------------------------- Mesmer
+
+
+def segment_mesmer(
+    batch,
+    *,
+    model,
+    image_mpp=None,
+    batch_size=4,
+    preprocess_kwargs=None,
+    postprocess_kwargs_whole_cell=None,
+    postprocess_kwargs_nuclear=None,
+):
+    """Whole-cell and nuclear labels of a batch of patches with DeepCell's Mesmer.
+
+    Parameters
+    ----------
+    batch : array-like, shape (n, h, w, 2)
+        Channel 0 nuclear, channel 1 whole-cell; any real dtype (sent as float32).
+    model : tf.keras.Model or deepcell.applications.Mesmer
+        The loaded model (:func:`load_mesmer_model`) or an application around it.
+    image_mpp : float, optional
+        Microns per pixel of the patches; Mesmer rescales to its 0.5 µm/px.
+        None: no rescaling.
+    batch_size : int
+        Model tiles per forward pass (``Mesmer.predict(batch_size=...)``).
+    preprocess_kwargs, postprocess_kwargs_whole_cell, postprocess_kwargs_nuclear : dict, optional
+        Passed through to ``Mesmer.predict`` (defaults: Mesmer's own; e.g.
+        ``{"percentile": 99.9}``, ``{"maxima_threshold": 0.075}``).
+
+    Returns
+    -------
+    cell, nucleus : ndarray of int32, shape (n, h, w)
+        Instance labels per patch.
+
+    Notes
+    -----
+    Calls ``Mesmer(model=model).predict(batch, image_mpp=..., compartment="both",
+    batch_size=..., preprocess_kwargs=..., postprocess_kwargs_whole_cell=...,
+    postprocess_kwargs_nuclear=...)`` of deepcell 0.12, whose output channel 0 is
+    the whole-cell and channel 1 the nuclear segmentation.
+    """
+    from deepcell.applications import Mesmer
+
+    x = np.asarray(batch)
+    if x.ndim != 4 or x.shape[-1] != 2:
+        raise InputError(f"segment_mesmer: expected a (n, h, w, 2) batch, got shape {x.shape}")
+    app = model if isinstance(model, Mesmer) else Mesmer(model=model)
+    labels = app.predict(
+        x.astype(np.float32, copy=False), batch_size=int(batch_size), image_mpp=image_mpp,
+        compartment="both", preprocess_kwargs=dict(preprocess_kwargs or {}),
+        postprocess_kwargs_whole_cell=dict(postprocess_kwargs_whole_cell or {}),
+        postprocess_kwargs_nuclear=dict(postprocess_kwargs_nuclear or {}),
+    )
+    labels = np.asarray(labels)
+    return labels[..., 0].astype(np.int32), labels[..., 1].astype(np.int32)
+
+
+def _no_model_message(tried) -> str:
+    return (
+        "no Mesmer model found (looked at: " + "; ".join(str(t) for t in tried) + "). Provide one of:\n"
+        "  1. model_path in the config (--model-path): a Keras SavedModel directory, or the "
+        f"{Path(MESMER_MODEL_KEY).name} tarball (extracted once next to it);\n"
+        f"  2. the deepcell cache: {DEEPCELL_MODELS / MESMER_MODEL_NAME} (what deepcell's Mesmer() downloads);\n"
+        "  3. a DEEPCELL_ACCESS_TOKEN (from https://users.deepcell.org) in the environment of the "
+        "download rule (download_mesmer_model), run once on a host with internet access."
+    )
+
+
+def _is_saved_model(path: Path) -> bool:
+    return path.is_dir() and ((path / "saved_model.pb").is_file() or (path / "keras_metadata.pb").is_file())
+
+
+def _saved_model_in(folder: Path) -> Path | None:
+    """The SavedModel directory at or below ``folder`` (a tarball's top folder, usually)."""
+    if _is_saved_model(folder):
+        return folder
+    found = sorted(p.parent for p in folder.rglob("saved_model.pb"))
+    return found[0] if found else None
+
+
+def _extract_tarball(tarball: Path, cache_dir=None) -> Path:
+    """Extract a model tarball once; later calls reuse the extracted folder.
+
+    The folder is ``<tarball without extension>`` next to the tarball, or under
+    ``cache_dir`` (default ``$XDG_CACHE_HOME/maskworks/mesmer``) when the
+    tarball's folder is not writable.  Extraction is atomic.
+    """
+    stem = tarball.name
+    for suffix in _TARBALL_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    if os.access(tarball.parent, os.W_OK):
+        target = tarball.parent / stem
+    else:
+        base = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maskworks" / "mesmer"
+        target = base / stem
+    if target.is_dir() and _saved_model_in(target) is not None:
+        return target
+    if not tarfile.is_tarfile(tarball):
+        raise InputError(f"model_path {tarball}: not a tar archive (expected a SavedModel directory or "
+                         f"the {Path(MESMER_MODEL_KEY).name} tarball)")
+    log.info("extracting %s into %s", tarball, target)
+    with atomic_path(target) as tmp, tarfile.open(tarball) as archive:
+        tmp.mkdir(parents=True)
+        for member in archive.getmembers():
+            if member.name.startswith(("/", "..")) or "/../" in member.name or member.issym() or member.islnk():
+                raise InputError(f"model_path {tarball}: unsafe archive member {member.name!r}")
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(tmp, filter="data")
+        else:  # Python without extraction filters; members were checked above
+            archive.extractall(tmp)
+    return target
+
+
+def find_mesmer_model(model_path=None, *, cache_dir=None) -> Path:
+    """The SavedModel directory to load, in the documented order.
+
+    1. ``model_path``: a SavedModel directory, a folder holding one, or the
+       MultiplexSegmentation tarball (extracted once, see ``_extract_tarball``);
+    2. the deepcell cache ``~/.deepcell/models/MultiplexSegmentation`` (or its
+       downloaded tarball ``~/.deepcell/models/MultiplexSegmentation-9.tar.gz``,
+       extracted there as deepcell does);
+    3. otherwise an :class:`InputError` naming the three ways to provide it.
+    """
+    tried = []
+    if model_path not in (None, ""):
+        p = Path(model_path).expanduser()
+        if not p.exists():
+            raise InputError(f"model_path {p}: no such file or directory\n" + _no_model_message([p]))
+        if p.is_file():
+            folder = _extract_tarball(p, cache_dir)
+        else:
+            folder = p
+        found = _saved_model_in(folder)
+        if found is None:
+            raise InputError(f"model_path {p}: holds no Keras SavedModel (saved_model.pb)")
+        return found
+    cached = DEEPCELL_MODELS / MESMER_MODEL_NAME
+    tried.append(cached)
+    if _is_saved_model(cached):
+        return cached
+    tarball = DEEPCELL_MODELS / Path(MESMER_MODEL_KEY).name
+    tried.append(tarball)
+    if tarball.is_file():
+        _extract_into(tarball, DEEPCELL_MODELS)
+        if _is_saved_model(cached):
+            return cached
+    raise InputError(_no_model_message(tried))
+
+
+def _extract_into(tarball: Path, folder: Path) -> None:
+    from deepcell.utils import extract_archive
+
+    extract_archive(tarball, folder)
+
+
+def load_mesmer_model(model_path=None, *, cache_dir=None):
+    """Load the Mesmer Keras model found by :func:`find_mesmer_model` (TensorFlow imported here)."""
+    path = find_mesmer_model(model_path, cache_dir=cache_dir)
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise InputError(f"the mesmer backend needs TensorFlow and deepcell ({exc}); run it with the deepcell "
+                         "environment (.venv-deepcell/bin/python -m maskworks.cli, or envs/deepcell.yaml)") from None
+    log.info("loading Mesmer model %s", path)
+    model = tf.keras.models.load_model(str(path), compile=False)
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[-1] != 2:
+        raise InputError(f"model {path}: input shape {shape}; a Mesmer model takes (batch, y, x, 2)")
+    if len(model.outputs) != 4:
+        raise InputError(f"model {path}: {len(model.outputs)} outputs; a Mesmer model has 4 "
+                         "(whole-cell inner distance and pixelwise, nuclear inner distance and pixelwise)")
+    return model
+
+
+def download_mesmer_model(dest=None) -> Path:
+    """Download the Mesmer model with deepcell's own fetcher and extract it.
+
+    Parameters
+    ----------
+    dest : str or Path, optional
+        Folder to extract into (default: the deepcell cache ``~/.deepcell/models``,
+        where ``Mesmer()`` and :func:`find_mesmer_model` look).  The tarball itself
+        always lands in the deepcell cache (``deepcell.utils.fetch_data``).
+
+    Returns
+    -------
+    Path
+        The SavedModel directory, usable as ``model_path``.
+
+    Raises
+    ------
+    InputError
+        ``DEEPCELL_ACCESS_TOKEN`` is not set, or the download fails.
+    """
+    if not os.environ.get("DEEPCELL_ACCESS_TOKEN"):
+        raise InputError(
+            "DEEPCELL_ACCESS_TOKEN is not set: create a token at https://users.deepcell.org and "
+            "`export DEEPCELL_ACCESS_TOKEN=...` before downloading the Mesmer model (on a host with "
+            "internet access), or give model_path (a SavedModel directory or the "
+            f"{Path(MESMER_MODEL_KEY).name} tarball) instead"
+        )
+    from deepcell.utils import fetch_data
+
+    try:
+        tarball = fetch_data(asset_key=MESMER_MODEL_KEY, cache_subdir="models", file_hash=MESMER_MODEL_HASH)
+    except Exception as exc:  # network and authentication errors come as several types
+        raise InputError(f"downloading {MESMER_MODEL_KEY} failed ({type(exc).__name__}: {exc})") from exc
+    dest = Path(dest) if dest is not None else DEEPCELL_MODELS
+    dest.mkdir(parents=True, exist_ok=True)
+    _extract_into(Path(tarball), dest)
+    found = _saved_model_in(dest / MESMER_MODEL_NAME) if (dest / MESMER_MODEL_NAME).is_dir() else _saved_model_in(dest)
+    if found is None:
+        raise InputError(f"{tarball} was extracted into {dest} but holds no SavedModel")
+    return found

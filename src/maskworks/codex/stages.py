@@ -1,0 +1,811 @@
+"""File-level runners of the multiplexed-tissue stages and their ``maskworks`` commands.
+
+Like :mod:`maskworks.em.stages`: read through :mod:`maskworks.io`, one library call
+per patch, atomic writes, a stats file and a QC PNG; the Snakemake scripts call the
+same runners.  This module must import in the DeepCell environment (Python 3.10,
+numpy<2, no torch/copick/ome-zarr/matplotlib at import time).
+
+On-disk layout (what each stage reads and writes)
+-------------------------------------------------
+``tile-image`` -> ``<patches_dir>/``
+    ``patches.zarr``        Zarr v2 group; array ``patches`` of shape (n, patch_height,
+                            patch_width, 2), the image's dtype, one chunk per patch;
+                            channel 0 nuclear, 1 whole-cell (max of the whole-cell
+                            channels); zero padding bottom/right.  ``.attrs``: the grid
+                            (``image_shape``, ``patch_shape``, ``step``, ``split_mode``,
+                            ``overlap``), ``image_mpp``, channel names, source image.
+    ``patches_metadata.csv`` one row per patch: patch_id, row, col, y_start, x_start,
+                            height, width, valid_height, valid_width, nuclear_mean,
+                            nuclear_std, nuclear_non_zero_fraction, wholecell_mean,
+                            wholecell_std, wholecell_non_zero_fraction, is_empty,
+                            is_noisy, is_informative.
+    ``tiling_stats.json``, ``tiling_qc.png``.
+``segment-cells`` -> ``<segment_dir>/``
+    ``patch_<patch_id>.npz`` for every informative patch (``np.load`` with
+                            ``allow_pickle=False``): ``cell`` and ``nucleus`` (instance
+                            labels, (patch_height, patch_width), smallest unsigned
+                            dtype, ids 1..n per patch), ``cell_boundary`` and
+                            ``nucleus_boundary`` (uint8 0/1,
+                            ``find_boundaries(mode="inner")``).
+    ``segment_stats.json`` (per-patch counts), ``segment_qc.png``.
+``repair-masks`` -> ``<repair_dir>/`` (:func:`repair_patch_dir`)
+    ``patch_<patch_id>.npz`` for every informative patch (``allow_pickle=False``):
+                            ``cell``, ``nucleus``, ``cytoplasm`` (matched: ids 1..M, cell
+                            k pairs with nucleus k, smallest unsigned dtype), their
+                            ``*_boundary`` (uint8 0/1) and ``cell_original``,
+                            ``nucleus_original`` (the segmentation's labels).
+    ``patches_metadata.csv`` the tile-image table plus ``REPAIR_METRICS`` columns
+                            (empty for patches not segmented).
+    ``repair_stats.json``   totals and per-patch metrics.
+``stitch`` reads ``patch_<patch_id>.npz`` files holding ``cell`` and ``nucleus`` where
+    cell k pairs with nucleus k (as repair writes them) and writes ``cell``,
+    ``nucleus``, ``cytoplasm`` whole-slide labels (uint32, ``.tif`` or ``.zarr``),
+    ``cells.csv``, ``stitch_stats.json`` and ``stitch_qc.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..cli import all_or_nothing, keyword_defaults, provenance
+from ..io import InputError, atomic_path, read_volume, write_csv, write_json, write_volume
+from .repair import boundaries, check_labels, repair_masks
+from .segment import (
+    BACKENDS,
+    download_mesmer_model,
+    label_boundaries,
+    load_mesmer_model,
+    segment_mesmer,
+    segment_watershed,
+    smallest_uint,
+)
+from .tiling import (
+    SPLIT_MODES,
+    PatchGrid,
+    open_multichannel,
+    patch_grid,
+    patch_qc,
+    read_channel_names,
+    read_patch,
+    select_channels,
+    stitch_patches,
+)
+
+log = logging.getLogger("maskworks")
+
+
+def add_commands(sub):
+    """Register ``tile-image``, ``segment-cells``, ``repair-masks``, ``stitch`` and ``download-mesmer-model``."""
+    _add_tile(sub)
+    _add_segment(sub)
+    _add_repair(sub)
+    _add_stitch(sub)
+    _add_download(sub)
+
+
+# ----------------------------------------------------------------------------- repair_masks
+
+REPAIR_METRICS = ("cells_in", "nuclei_in", "matched", "matched_fraction", "cells_unmatched",
+                  "nuclei_unmatched", "nuclei_trimmed", "nucleus_trimmed_fraction")
+REPAIR_FORMATS = {"tif": ".tif", "zarr": ".zarr"}
+COMPARTMENTS = ("cell", "nucleus", "cytoplasm")
+
+
+def repair_masks_files(cells, nuclei, out_dir, *, format="tif"):
+    """Run :func:`maskworks.codex.repair.repair_masks` on two label-image files and write its outputs.
+
+    ``cells`` and ``nuclei``: 2-D label images in any format :func:`maskworks.io.read_volume`
+    reads.  ``out_dir`` receives ``cell``, ``nucleus`` and ``cytoplasm`` (``.tif``, or
+    OME-Zarr ``.zarr`` with ``format="zarr"``; the pixel size of ``cells``; cell k pairs
+    with nucleus k) and ``metrics.json`` (the repair metrics, inputs and shape).
+    """
+    if format not in REPAIR_FORMATS:
+        raise InputError(f"format={format!r}: expected one of {sorted(REPAIR_FORMATS)}")
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / f"{name}{REPAIR_FORMATS[format]}" for name in COMPARTMENTS}
+    metrics_path = out_dir / "metrics.json"
+    with all_or_nothing(*paths.values(), metrics_path):
+        cell_vol, nuc_vol = read_volume(cells, ndim=2), read_volume(nuclei, ndim=2)
+        arrays = check_labels(cell_vol.numpy(), nuc_vol.numpy(), names=(str(cells), str(nuclei)))
+        log.info("repair_masks %s %s shape=%s -> %s", cells, nuclei, cell_vol.shape, out_dir)
+        *masks, metrics = repair_masks(*arrays)
+        prov = provenance("repair_masks", {"cells": cells, "nuclei": nuclei}, {})
+        for name, mask in zip(COMPARTMENTS, masks):
+            write_volume(paths[name], mask, cell_vol.voxel_size, unit=cell_vol.unit, origin=cell_vol.origin,
+                         provenance=prov)
+        metrics.update(cells=str(cells), nuclei=str(nuclei), shape=list(cell_vol.shape),
+                       outputs={k: str(v) for k, v in paths.items()})
+        write_json(metrics_path, metrics)
+    log.info("repair_masks done: %s", {k: metrics[k] for k in ("cells_in", "nuclei_in", "matched")})
+    return metrics
+
+
+def repair_patch_dir(segment_dir, out_dir, *, metadata):
+    """Repair every segmented patch: the ``repair_masks`` rule.
+
+    Reads ``metadata`` (the ``patches_metadata.csv`` of ``tile-image``) and, for every
+    informative patch, ``<segment_dir>/patch_<patch_id>.npz`` with ``cell`` and
+    ``nucleus`` labels (the ``segment-cells`` output).  Writes into ``out_dir``:
+
+    ``patch_<patch_id>.npz``  (``np.savez_compressed``; read with ``np.load(path,
+        allow_pickle=False)``) per informative patch: ``cell``, ``nucleus``, ``cytoplasm``
+        (matched; ids 1..M, cell k pairs with nucleus k; smallest unsigned dtype),
+        ``cell_boundary``, ``nucleus_boundary``, ``cytoplasm_boundary`` (uint8 0/1,
+        :func:`~maskworks.codex.repair.boundaries`) and ``cell_original``,
+        ``nucleus_original`` (the segmentation's labels as read);
+    ``patches_metadata.csv``  the input table with the ``REPAIR_METRICS`` columns added
+        (empty for patches that were not segmented);
+    ``repair_stats.json``  totals over the patches and each patch's metrics.
+
+    Every file is written atomically; if the stage fails, the files it had already
+    written are removed.
+    """
+    segment_dir, out_dir = Path(segment_dir), Path(out_dir)
+    rows, columns = _read_patches_metadata(metadata)
+    todo = [r for r in rows if _is_true(r.get("is_informative", ""))]
+    missing = [str(segment_dir / f"patch_{r['patch_id']}.npz") for r in todo
+               if not (segment_dir / f"patch_{r['patch_id']}.npz").exists()]
+    if missing:
+        raise InputError(f"{segment_dir}: no segmentation for {len(missing)} informative patch(es) listed in "
+                         f"{metadata}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                         "run segment-cells on the same patches first")
+    outputs = [out_dir / f"patch_{r['patch_id']}.npz" for r in todo]
+    table, stats_path = out_dir / "patches_metadata.csv", out_dir / "repair_stats.json"
+    with all_or_nothing(*outputs, table, stats_path):
+        per_patch = {}
+        for row, target in zip(todo, _progress(outputs, "repair_masks")):
+            source = segment_dir / f"patch_{row['patch_id']}.npz"
+            cells, nuclei = _read_patch_labels(source)
+            *masks, metrics = repair_masks(*check_labels(cells, nuclei, names=(f"{source}:cell", f"{source}:nucleus")))
+            arrays = dict(zip(COMPARTMENTS, masks))
+            arrays.update({f"{k}_boundary": boundaries(v).astype(np.uint8) for k, v in zip(COMPARTMENTS, masks)})
+            arrays.update(cell_original=cells, nucleus_original=nuclei)
+            with atomic_path(target) as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            row.update(metrics)
+            per_patch[str(row["patch_id"])] = metrics
+        write_csv(table, rows, list(columns) + [c for c in REPAIR_METRICS if c not in columns])
+        totals = {k: sum(m[k] for m in per_patch.values()) for k in ("cells_in", "nuclei_in", "matched")}
+        objects = totals["cells_in"] + totals["nuclei_in"] - totals["matched"]
+        totals["matched_fraction"] = totals["matched"] / objects if objects else 0.0
+        write_json(stats_path, {"patches": len(rows), "patches_repaired": len(per_patch), **totals,
+                                "segment_dir": str(segment_dir), "metadata": str(metadata),
+                                "per_patch": per_patch})
+    log.info("repair_masks done: %d patch(es), %s", len(per_patch), totals)
+    return totals
+
+
+def _read_patches_metadata(path):
+    import csv
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such patch table (the patches_metadata.csv written by tile-image)")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows, columns = list(reader), reader.fieldnames or []
+    if "patch_id" not in columns:
+        raise InputError(f"{path}: no patch_id column (found {columns}); expected the patches_metadata.csv "
+                         "written by tile-image")
+    return rows, columns
+
+
+def _is_true(value) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
+def _read_patch_labels(path):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz["cell"], npz["nucleus"]
+    except KeyError as exc:
+        raise InputError(f"{path}: no array {exc} (expected 'cell' and 'nucleus' from segment-cells)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+
+
+def _add_repair(sub):
+    p = sub.add_parser("repair-masks", help="keep the cells that pair with a nucleus, trim nuclei to the cell "
+                       "interior (CellSegmentationEvaluator matcher); one image or every segmented patch")
+    p.add_argument("--cells", help="whole-cell label image (.tif, .npy, .zarr, ...)")
+    p.add_argument("--nuclei", help="nuclear label image of the same shape")
+    p.add_argument("--segment-dir", help="instead of --cells/--nuclei: segment-cells output folder "
+                   "(patch_<patch_id>.npz); every informative patch of --metadata is repaired")
+    p.add_argument("--metadata", help="with --segment-dir: the patches_metadata.csv of tile-image")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=sorted(REPAIR_FORMATS), default="tif",
+                   help="image format of cell/nucleus/cytoplasm for --cells/--nuclei")
+    p.set_defaults(run=_run_repair)
+
+
+def _run_repair(a):
+    if a.segment_dir:
+        if a.cells or a.nuclei or not a.metadata:
+            raise InputError("--segment-dir goes with --metadata and without --cells/--nuclei")
+        return repair_patch_dir(a.segment_dir, a.out, metadata=a.metadata)
+    if not (a.cells and a.nuclei):
+        raise InputError("give --cells and --nuclei (one image), or --segment-dir and --metadata (patches)")
+    return repair_masks_files(a.cells, a.nuclei, a.out, format=a.format)
+
+
+# ----------------------------------------------------------------------------- tile_image
+
+PATCHES_STORE = "patches.zarr"
+PATCH_COLUMNS = (
+    "patch_id", "row", "col", "y_start", "x_start", "height", "width", "valid_height", "valid_width",
+    "nuclear_mean", "nuclear_std", "nuclear_non_zero_fraction",
+    "wholecell_mean", "wholecell_std", "wholecell_non_zero_fraction", "is_empty", "is_noisy", "is_informative",
+)
+OVERVIEW_PIXELS = 1024  # longest side of the overview pictures
+
+
+def tile_image_files(
+    image, channels, out_dir, *, nuclear_channel, wholecell_channels, image_mpp=None, channel_axis=None,
+    split_mode="patches", patch_height=1440, patch_width=1920, overlap=0.1,
+    non_zero_perc_threshold=0.05, mean_intensity_threshold=1.0,
+):
+    """Cut a multichannel image into two-channel patches with QC: the ``tile_image`` rule.
+
+    ``image``: TIFF/OME-TIFF (see :func:`~maskworks.codex.tiling.open_multichannel`);
+    ``channels``: the channel names file (:func:`~maskworks.codex.tiling.read_channel_names`),
+    or None to use the OME-XML channel names.  ``image_mpp`` None: from the file
+    (OME PhysicalSizeX or resolution tags), else unknown (Mesmer does not rescale).
+    The image is read whole up to ``tiling.IN_MEMORY_BYTES`` and lazily (per
+    patch, only the channels used) above.  Writes ``out_dir/patches.zarr``,
+    ``patches_metadata.csv``, ``tiling_stats.json`` and ``tiling_qc.png`` (see the
+    module docstring).
+    """
+    out_dir = Path(out_dir)
+    outputs = [out_dir / PATCHES_STORE, out_dir / "patches_metadata.csv", out_dir / "tiling_stats.json",
+               out_dir / "tiling_qc.png"]
+    params = {"nuclear_channel": nuclear_channel, "wholecell_channels": wholecell_channels, "image_mpp": image_mpp,
+              "channel_axis": channel_axis, "split_mode": split_mode, "patch_height": patch_height,
+              "patch_width": patch_width, "overlap": overlap, "non_zero_perc_threshold": non_zero_perc_threshold,
+              "mean_intensity_threshold": mean_intensity_threshold}
+    with all_or_nothing(*outputs):
+        return _tile_image_files(image, channels, *outputs, params)
+
+
+def _tile_image_files(image, channels, store, table, stats_path, qc, params):
+    import time
+
+    import zarr
+    from numcodecs import Blosc
+
+    t0 = time.perf_counter()
+    with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
+        if channels not in (None, ""):
+            names, what = read_channel_names(channels), str(channels)
+        elif img.channel_names:
+            names, what = img.channel_names, f"the OME-XML channel names of {image}"
+        else:
+            raise InputError(f"{image}: no channel names in the file; give a channel names file (one name per line)")
+        if len(names) != img.n_channels:
+            raise InputError(f"{what} lists {len(names)} channel names but {image} has {img.n_channels} "
+                             f"channel(s) (series axes {img.axes!r}, shape {tuple(img.data.shape)}); "
+                             "fix the list or set channel_axis")
+        nuc, wc = select_channels(names, params["nuclear_channel"], params["wholecell_channels"], what=what)
+        mpp = float(params["image_mpp"]) if params["image_mpp"] not in (None, "") else img.mpp
+        grid = patch_grid(img.shape, split_mode=params["split_mode"], patch_height=params["patch_height"],
+                          patch_width=params["patch_width"], overlap=params["overlap"])
+        log.info("tile_image %s: %d channels, %s px, nuclear %s, whole-cell %s, mpp %s, grid %s x %s of %s "
+                 "(%s)", image, img.n_channels, img.shape, names[nuc], [names[i] for i in wc], mpp,
+                 *grid.grid_shape, grid.patch_shape, "lazy" if img.lazy else "in memory")
+        dtype = np.dtype(img.data.dtype)
+        factor = max(1, -(-max(img.shape) // OVERVIEW_PIXELS))
+        overview = np.zeros((-(-img.shape[0] // factor), -(-img.shape[1] // factor), 2), np.float32)
+        prov = provenance("tile_image", {"image": image, "channels": channels}, params)
+        rows = []
+        with atomic_path(store) as tmp:
+            root = zarr.open_group(str(tmp), mode="w")
+            arr = root.create_dataset(
+                "patches", shape=(grid.n_patches, *grid.patch_shape, 2), chunks=(1, *grid.patch_shape, 2),
+                dtype=dtype, fill_value=0, compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE),
+            )
+            root.attrs.update(grid=grid.to_attrs(), image=str(image), channel_names=list(names),
+                              nuclear_channel=names[nuc], wholecell_channels=[names[i] for i in wc],
+                              image_mpp=mpp, maskworks=prov)
+            for pid in _progress(range(grid.n_patches), "tile_image"):
+                patch = read_patch(img, grid, pid, nuc, wc)
+                if dtype.kind == "f" and not np.isfinite(patch).all():
+                    raise InputError(f"{image}: NaN/Inf values in patch {pid}; fill them before tiling")
+                arr[pid] = patch
+                row, col, y0, x0 = grid.position(pid)
+                vh, vw = grid.valid_shape(pid)
+                q = patch_qc(patch, non_zero_perc_threshold=params["non_zero_perc_threshold"],
+                             mean_intensity_threshold=params["mean_intensity_threshold"])
+                rows.append({"patch_id": pid, "row": row, "col": col, "y_start": y0, "x_start": x0,
+                             "height": grid.patch_shape[0], "width": grid.patch_shape[1],
+                             "valid_height": vh, "valid_width": vw, **q})
+                oy, ox = (-y0) % factor, (-x0) % factor
+                small = patch[oy:vh:factor, ox:vw:factor]
+                overview[(y0 + oy) // factor:(y0 + oy) // factor + small.shape[0],
+                         (x0 + ox) // factor:(x0 + ox) // factor + small.shape[1]] = small
+    write_csv(table, rows, PATCH_COLUMNS)
+    counts = {k: sum(bool(r[k]) for r in rows) for k in ("is_informative", "is_empty", "is_noisy")}
+    st = {"image": str(image), "image_shape": list(grid.image_shape), "channels": list(names),
+          "nuclear_channel": names[nuc], "wholecell_channels": [names[i] for i in wc], "image_mpp": mpp,
+          "dtype": str(dtype), "read_lazily": bool(img.lazy), **grid.to_attrs(),
+          "padded_shape": list(grid.padded_shape),
+          "padding": [p - s for p, s in zip(grid.padded_shape, grid.image_shape)],
+          "patches": grid.n_patches, "informative": counts["is_informative"], "empty": counts["is_empty"],
+          "noisy": counts["is_noisy"], "seconds": round(time.perf_counter() - t0, 3)}
+    _save_tiling_qc(qc, overview, factor, grid, rows,
+                    title=f"tile_image: {Path(str(image)).name}  {grid.n_patches} patches, "
+                    f"{counts['is_informative']} informative, {counts['is_empty']} empty, {counts['is_noisy']} noisy")
+    write_json(stats_path, st)
+    log.info("tile_image done: %s", {k: st[k] for k in ("patches", "informative", "empty", "noisy")})
+    return st
+
+
+def _progress(items, desc):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="patch", file=sys.stderr, disable=not log.isEnabledFor(logging.INFO))
+
+
+def _composite(patch) -> np.ndarray:
+    """RGB picture of a (h, w, 2) model input: nuclear in blue, whole-cell in green (1st-99.8th percentile)."""
+    rgb = np.zeros(patch.shape[:2] + (3,), np.float32)
+    for c, out in ((0, 2), (1, 1)):
+        ch = np.asarray(patch[..., c], np.float32)
+        nz = ch[ch > 0]
+        lo, hi = (np.percentile(nz, [1, 99.8]) if nz.size else (0.0, 1.0))
+        rgb[..., out] = np.clip((ch - lo) / max(hi - lo, 1e-6), 0, 1)
+    rgb[..., 0] = 0.3 * rgb[..., 2]  # a little red keeps the nuclei visible on dark screens
+    return rgb
+
+
+def _outlined(rgb, cell, nucleus) -> np.ndarray:
+    """``rgb`` with cell outlines in yellow and nucleus outlines in magenta."""
+    out = rgb.copy()
+    out[label_boundaries(cell) > 0] = (1.0, 0.85, 0.0)
+    out[label_boundaries(nucleus) > 0] = (1.0, 0.2, 1.0)
+    return out
+
+
+def _save_tiling_qc(path, overview, factor, grid, rows, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    colours = {"informative": "#34c759", "empty": "#8e8e93", "noisy": "#ff9500"}
+    fig, ax = plt.subplots(1, 1, figsize=(10, 10 * overview.shape[0] / max(overview.shape[1], 1) + 0.8))
+    ax.imshow(_composite(overview), interpolation="nearest")
+    for r in rows:
+        status = "informative" if r["is_informative"] else "empty" if r["is_empty"] else "noisy"
+        ax.add_patch(Rectangle(((r["x_start"] - 0.5) / factor, (r["y_start"] - 0.5) / factor),
+                               r["width"] / factor, r["height"] / factor, fill=False,
+                               edgecolor=colours[status], linewidth=1.2))
+        ax.text((r["x_start"] + 8 * factor) / factor, (r["y_start"] + 8 * factor) / factor, str(r["patch_id"]),
+                color=colours[status], fontsize=8, va="top")
+    for name, colour in colours.items():
+        ax.plot([], [], color=colour, label=name)
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.7)
+    ax.set_xlim(-0.5, grid.padded_shape[1] / factor)
+    ax.set_ylim(grid.padded_shape[0] / factor, -0.5)
+    ax.set_title(f"{title}\nnuclear (blue) and whole-cell (green); overview 1:{factor}", fontsize=10)
+    ax.set_axis_off()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def _add_tile(sub):
+    d = {**keyword_defaults(patch_grid), **keyword_defaults(patch_qc)}
+    p = sub.add_parser("tile-image", help="multichannel TIFF -> two-channel patches (nuclear, max of whole-cell) "
+                       "with informative-patch QC")
+    p.add_argument("image", help="multichannel TIFF / OME-TIFF")
+    p.add_argument("out_dir", help="folder for patches.zarr, patches_metadata.csv, tiling_stats.json, tiling_qc.png")
+    p.add_argument("--channels", help="channel names: one per line, or a table with a header (e.g. an antibodies "
+                   "TSV with antibody_name); default: the OME-XML channel names")
+    p.add_argument("--nuclear-channel", required=True, help="name of the nuclear channel (e.g. DAPI)")
+    p.add_argument("--wholecell-channels", required=True,
+                   help="whole-cell (membrane) channel name(s), comma-separated; their pixel-wise maximum is used")
+    p.add_argument("--image-mpp", type=float, help="microns per pixel (default: from the file)")
+    p.add_argument("--channel-axis", help="channel axis: index or tifffile letter (default: detected)")
+    p.add_argument("--split-mode", choices=SPLIT_MODES, default=d["split_mode"])
+    p.add_argument("--patch-height", type=int, default=d["patch_height"], help="pixels (split-mode patches)")
+    p.add_argument("--patch-width", type=int, default=d["patch_width"], help="pixels (split-mode patches)")
+    p.add_argument("--overlap", type=float, default=d["overlap"], help="fraction of the patch shared with the next")
+    p.add_argument("--non-zero-perc-threshold", type=float, default=d["non_zero_perc_threshold"],
+                   help="a patch whose nuclear channel has a smaller non-zero fraction is empty")
+    p.add_argument("--mean-intensity-threshold", type=float, default=d["mean_intensity_threshold"],
+                   help="a patch whose nuclear channel has a smaller mean is noisy")
+    p.set_defaults(run=_run_tile)
+
+
+def _run_tile(a):
+    return tile_image_files(
+        a.image, a.channels, a.out_dir, nuclear_channel=a.nuclear_channel, wholecell_channels=a.wholecell_channels,
+        image_mpp=a.image_mpp, channel_axis=a.channel_axis, split_mode=a.split_mode, patch_height=a.patch_height,
+        patch_width=a.patch_width, overlap=a.overlap, non_zero_perc_threshold=a.non_zero_perc_threshold,
+        mean_intensity_threshold=a.mean_intensity_threshold,
+    )
+
+
+# ----------------------------------------------------------------------------- segment_cells
+
+
+def _open_patches(patches_dir):
+    """The patch array and grid written by tile-image (read lazily, one chunk per patch)."""
+    import zarr
+
+    path = Path(patches_dir) / PATCHES_STORE
+    if not path.is_dir():
+        raise InputError(f"{path}: no such patch store; run tile-image first")
+    root = zarr.open_group(str(path), mode="r")
+    if "patches" not in root or "grid" not in root.attrs:
+        raise InputError(f"{path}: not a tile-image patch store (no 'patches' array or 'grid' attribute)")
+    return root["patches"], PatchGrid.from_attrs(root.attrs["grid"]), dict(root.attrs)
+
+
+def _informative(patches_dir, metadata=None):
+    """Patch ids flagged informative in the patch table (default ``<patches_dir>/patches_metadata.csv``)."""
+    metadata = Path(metadata) if metadata else Path(patches_dir) / "patches_metadata.csv"
+    rows, _ = _read_patches_metadata(metadata)
+    return [int(r["patch_id"]) for r in rows if _is_true(r.get("is_informative", ""))]
+
+
+def _segment_params(backend, params):
+    if backend not in BACKENDS:
+        raise InputError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    known = keyword_defaults(segment_watershed)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InputError(f"unknown segmentation parameter(s) {unknown}; watershed takes {sorted(known)}")
+    return {**known, **params}
+
+
+def segment_cells_files(
+    patches_dir, out_dir, *, backend="mesmer", model_path=None, image_mpp=None, batch_size=4,
+    preprocess_kwargs=None, postprocess_kwargs_whole_cell=None, postprocess_kwargs_nuclear=None,
+    metadata=None, **watershed_params,
+):
+    """Segment every informative patch of a tile-image folder: the ``segment_cells`` rule.
+
+    ``backend`` "mesmer" loads the model once (:func:`~maskworks.codex.segment.load_mesmer_model`
+    with ``model_path``) and sends ``batch_size`` patches at a time, read from the
+    patch store batch by batch; "watershed" takes ``watershed_params`` (the keywords
+    of :func:`~maskworks.codex.segment.segment_watershed`).  ``image_mpp`` None: the
+    value tile-image stored.  ``metadata``: the patch table whose
+    ``is_informative`` column picks the patches (default: the one in
+    ``patches_dir``).  Writes ``out_dir/patch_<patch_id>.npz`` per informative
+    patch, ``segment_stats.json`` and ``segment_qc.png`` (see the module docstring).
+    """
+    out_dir = Path(out_dir)
+    ws = _segment_params(backend, watershed_params)
+    if int(batch_size) < 1:
+        raise InputError(f"batch_size={batch_size!r}: expected a whole number >= 1")
+    arr, grid, attrs = _open_patches(patches_dir)
+    ids = _informative(patches_dir, metadata)
+    bad = [i for i in ids if not 0 <= i < arr.shape[0]]
+    if bad:
+        raise InputError(f"patch table lists patch ids {bad[:5]} that {patches_dir}/{PATCHES_STORE} does not hold "
+                         f"({arr.shape[0]} patches)")
+    mpp = float(image_mpp) if image_mpp not in (None, "") else attrs.get("image_mpp")
+    outputs = [out_dir / f"patch_{i}.npz" for i in ids]
+    stats_path, qc = out_dir / "segment_stats.json", out_dir / "segment_qc.png"
+    params = {"backend": backend, "model_path": None if model_path is None else str(model_path), "image_mpp": mpp,
+              "batch_size": int(batch_size)}
+    if backend == "mesmer":
+        params.update(preprocess_kwargs=dict(preprocess_kwargs or {}),
+                      postprocess_kwargs_whole_cell=dict(postprocess_kwargs_whole_cell or {}),
+                      postprocess_kwargs_nuclear=dict(postprocess_kwargs_nuclear or {}))
+    else:
+        params.update(ws)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with all_or_nothing(*outputs, stats_path, qc):
+        return _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
+
+
+def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params):
+    import time
+
+    t0 = time.perf_counter()
+    backend, bs = params["backend"], params["batch_size"]
+    log.info("segment_cells %s: %d informative patch(es) of %d, backend %s, params %s",
+             patches_dir, len(ids), arr.shape[0], backend, params)
+    app = None
+    if backend == "mesmer" and ids:
+        model = load_mesmer_model(params["model_path"])
+        from deepcell.applications import Mesmer
+
+        app = Mesmer(model=model)
+    ws = {k: params[k] for k in keyword_defaults(segment_watershed)} if backend == "watershed" else {}
+    per_patch, shown, target = {}, [], dict(zip(ids, outputs))
+    qc_ids = {ids[int(round(i))] for i in np.linspace(0, len(ids) - 1, min(4, len(ids)))} if ids else set()
+    batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+    for batch_ids in _progress(batches, f"segment_cells ({backend}, batches of {bs})"):
+        batch = np.stack([np.asarray(arr[i]) for i in batch_ids])
+        if backend == "mesmer":
+            cells, nuclei = segment_mesmer(
+                batch, model=app, image_mpp=params["image_mpp"], batch_size=bs,
+                preprocess_kwargs=params["preprocess_kwargs"],
+                postprocess_kwargs_whole_cell=params["postprocess_kwargs_whole_cell"],
+                postprocess_kwargs_nuclear=params["postprocess_kwargs_nuclear"])
+            extra = [{} for _ in batch_ids]
+        else:
+            results = [segment_watershed(p, **ws) for p in batch]
+            cells = [r[0] for r in results]
+            nuclei = [r[1] for r in results]
+            extra = [r[2] for r in results]
+        for k, pid in enumerate(batch_ids):
+            cell, nucleus = smallest_uint(np.asarray(cells[k])), smallest_uint(np.asarray(nuclei[k]))
+            arrays = {"cell": cell, "nucleus": nucleus, "cell_boundary": label_boundaries(cell),
+                      "nucleus_boundary": label_boundaries(nucleus)}
+            with atomic_path(target[pid]) as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+            per_patch[str(pid)] = {"cells": int(np.unique(cell).size - (cell.min() == 0)),
+                                   "nuclei": int(np.unique(nucleus).size - (nucleus.min() == 0)), **extra[k]}
+            if pid in qc_ids:
+                shown.append((pid, batch[k], cell, nucleus))
+    seconds = time.perf_counter() - t0
+    st = {"patches_dir": str(patches_dir), "patches": int(arr.shape[0]), "segmented": len(ids), **params,
+          "cells": sum(p["cells"] for p in per_patch.values()),
+          "nuclei": sum(p["nuclei"] for p in per_patch.values()),
+          "seconds": round(seconds, 3), "patches_per_second": round(len(ids) / seconds, 3) if seconds else None,
+          "per_patch": per_patch}
+    _save_segment_qc(qc, shown, f"segment_cells ({backend}): {len(ids)} patches, {st['cells']} cells, "
+                     f"{st['nuclei']} nuclei")
+    write_json(stats_path, st)
+    log.info("segment_cells done: %s", {k: st[k] for k in ("segmented", "cells", "nuclei", "seconds")})
+    return st
+
+
+def _save_segment_qc(path, shown, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(shown))
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 5.6), squeeze=False)
+    for ax, (pid, patch, cell, nucleus) in zip(axes[0], shown):
+        ax.imshow(_outlined(_composite(patch), cell, nucleus), interpolation="nearest")
+        ax.set_title(f"patch {pid}: {int(cell.max())} cells, {int(nucleus.max())} nuclei", fontsize=9)
+    for ax in axes[0]:
+        ax.set_axis_off()
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no informative patches", ha="center", va="center")
+    fig.suptitle(f"{title}\ncell outlines yellow, nucleus outlines magenta", fontsize=10)
+    _save_figure(fig, path)
+
+
+def _json_dict(value):
+    import json
+
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"percentile\": 99.9}}': {exc}") from None
+    if not isinstance(out, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return out
+
+
+def _add_segment(sub):
+    d = keyword_defaults(segment_watershed)
+    p = sub.add_parser("segment-cells", help="whole-cell and nuclear labels of every informative patch "
+                       "(Mesmer or classical watershed)")
+    p.add_argument("patches_dir", help="tile-image output folder (patches.zarr, patches_metadata.csv)")
+    p.add_argument("out_dir", help="folder for patch_<patch_id>.npz, segment_stats.json, segment_qc.png")
+    p.add_argument("--backend", choices=BACKENDS, default="mesmer", help="mesmer (DeepCell, needs the deepcell env and a model) or watershed (no weights)")
+    p.add_argument("--metadata", help="patch table choosing the informative patches (default: the tile-image one)")
+    p.add_argument("--batch-size", type=int, default=4, help="patches read and sent to the model together")
+    g = p.add_argument_group("mesmer")
+    g.add_argument("--model-path", help="Keras SavedModel directory or the MultiplexSegmentation tarball "
+                   "(default: the deepcell cache ~/.deepcell/models)")
+    g.add_argument("--image-mpp", type=float, help="microns per pixel (default: as tile-image recorded it)")
+    g.add_argument("--preprocess-kwargs", type=_json_dict, default={}, help="JSON object for Mesmer pre-processing")
+    g.add_argument("--postprocess-kwargs-whole-cell", type=_json_dict, default={},
+                   help="JSON object for Mesmer whole-cell post-processing (deep_watershed)")
+    g.add_argument("--postprocess-kwargs-nuclear", type=_json_dict, default={},
+                   help="JSON object for Mesmer nuclear post-processing (deep_watershed)")
+    g = p.add_argument_group("watershed (pixels)")
+    g.add_argument("--smoothing-sigma", type=float, default=d["smoothing_sigma"], help="Gaussian smoothing")
+    g.add_argument("--threshold-scale", type=float, default=d["threshold_scale"], help="multiplies the Otsu thresholds")
+    g.add_argument("--min-nucleus-distance", type=int, default=d["min_nucleus_distance"],
+                   help="smallest distance between nucleus seeds")
+    g.add_argument("--min-nucleus-area", type=int, default=d["min_nucleus_area"])
+    g.add_argument("--foreground-sigma", type=float, default=d["foreground_sigma"],
+                   help="smoothing of the whole-cell channel for the cell foreground")
+    g.add_argument("--max-expansion", type=float, default=d["max_expansion"], help="cell growth beyond the nucleus")
+    g.add_argument("--min-cell-area", type=int, default=d["min_cell_area"], help="smallest cell without nucleus")
+    p.set_defaults(run=_run_segment)
+
+
+def _run_segment(a):
+    ws = {k: getattr(a, k) for k in keyword_defaults(segment_watershed)} if a.backend == "watershed" else {}
+    return segment_cells_files(
+        a.patches_dir, a.out_dir, backend=a.backend, model_path=a.model_path, image_mpp=a.image_mpp,
+        batch_size=a.batch_size, preprocess_kwargs=a.preprocess_kwargs,
+        postprocess_kwargs_whole_cell=a.postprocess_kwargs_whole_cell,
+        postprocess_kwargs_nuclear=a.postprocess_kwargs_nuclear, metadata=a.metadata, **ws,
+    )
+
+
+def _add_download(sub):
+    p = sub.add_parser("download-mesmer-model", help="download DeepCell's Mesmer model (needs "
+                       "DEEPCELL_ACCESS_TOKEN and internet; run once, e.g. on the submit host)")
+    p.add_argument("dest", nargs="?", help="folder to extract into (default: the deepcell cache ~/.deepcell/models)")
+    p.set_defaults(run=_run_download)
+
+
+def _run_download(a):
+    print(download_mesmer_model(a.dest))
+
+
+# ----------------------------------------------------------------------------- stitch
+
+STITCH_FORMATS = {"ome.tif": ".ome.tif", "zarr": ".zarr"}
+CELL_COLUMNS = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id")
+QC_CROP = 512  # side of the stitched QC crop, pixels (about 1:1 in the PNG)
+
+
+def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5):
+    """Assemble per-patch labels into whole-slide label images: the ``stitch`` rule.
+
+    ``labels_dir`` holds ``patch_<patch_id>.npz`` with ``cell`` and ``nucleus``
+    (cell k pairs with nucleus k, as repair-masks writes them) for every patch
+    that ``metadata`` (default ``<patches_dir>/patches_metadata.csv``; the repair
+    output's copy works too) marks informative.  Writes into ``out_dir``:
+    ``cell``, ``nucleus``, ``cytoplasm`` (uint32, ``.ome.tif`` with the pixel size
+    in µm, or OME-Zarr ``.zarr`` painted patch by patch for slides that do not fit
+    in memory), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
+    ``stitch_stats.json`` and ``stitch_qc.png`` (a crop with the outlines).
+    """
+    if format not in STITCH_FORMATS:
+        raise InputError(f"format={format!r}: expected one of {', '.join(STITCH_FORMATS)}")
+    out_dir = Path(out_dir)
+    images = {k: out_dir / f"{k}{STITCH_FORMATS[format]}" for k in ("cell", "nucleus", "cytoplasm")}
+    table, stats_path, qc = out_dir / "cells.csv", out_dir / "stitch_stats.json", out_dir / "stitch_qc.png"
+    with all_or_nothing(*images.values(), table, stats_path, qc):
+        return _stitch_files(Path(patches_dir), Path(labels_dir), images, table, stats_path, qc, format,
+                             metadata, duplicate_overlap)
+
+
+def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format, metadata, duplicate_overlap):
+    import contextlib
+    import time
+
+    from ..io import create_volume
+
+    t0 = time.perf_counter()
+    arr, grid, attrs = _open_patches(patches_dir)
+    ids = _informative(patches_dir, metadata)
+    missing = [str(labels_dir / f"patch_{i}.npz") for i in ids if not (labels_dir / f"patch_{i}.npz").is_file()]
+    if missing:
+        raise InputError(f"{labels_dir}: no labels for {len(missing)} informative patch(es): "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+    def load(pid):
+        return _read_patch_labels(labels_dir / f"patch_{pid}.npz")
+
+    mpp = attrs.get("image_mpp")
+    vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
+    prov = provenance("stitch", {"patches_dir": patches_dir, "labels_dir": labels_dir},
+                      {"format": format, "duplicate_overlap": duplicate_overlap})
+    log.info("stitch %s + %s: %d patch(es) on a %s grid -> %s", patches_dir, labels_dir, len(ids), grid.grid_shape,
+             images["cell"].parent)
+    with contextlib.ExitStack() as stack:
+        out = None
+        if format == "zarr":
+            chunks = tuple(min(1024, s) for s in grid.image_shape)
+            out = {k: stack.enter_context(create_volume(p, grid.image_shape, np.uint32, vs, unit=unit, chunks=chunks,
+                                                        provenance=prov)) for k, p in images.items()}
+        cell, nucleus, cyto, cells, st = stitch_patches(
+            grid, ids, load, out=out, duplicate_overlap=duplicate_overlap,
+            progress=lambda it, desc: _progress(it, desc))
+        if format != "zarr":
+            for k, a in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", cyto)):
+                _write_ome_tiff(images[k], a, mpp, prov)
+        crop = _qc_crop(grid, ids, arr, cell, nucleus)
+    _write_cells_csv(table, cells)
+    st.update(patches_dir=str(patches_dir), labels_dir=str(labels_dir), image_shape=list(grid.image_shape),
+              image_mpp=mpp, format=format, duplicate_overlap=duplicate_overlap,
+              outputs={k: str(v) for k, v in images.items()}, seconds=round(time.perf_counter() - t0, 3))
+    _save_stitch_qc(qc, crop, f"stitch: {st['cells']} cells from {len(ids)} patches "
+                    f"({st['from_core']} core, {st['rescued']} rescued, {st['cut_kept']} cut)")
+    write_json(stats_path, st)
+    log.info("stitch done: %s", {k: st[k] for k in ("cells", "from_core", "rescued", "cut_kept", "duplicates")})
+    return st
+
+
+def _write_ome_tiff(path, array, mpp, prov):
+    """uint32 labels as a one-plane OME-TIFF, with the pixel size in µm when known."""
+    import json
+
+    import tifffile
+
+    meta = {"axes": "YX", "Description": json.dumps({"maskworks": prov}, default=str)}
+    if mpp:
+        meta.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm", PhysicalSizeY=float(mpp),
+                    PhysicalSizeYUnit="µm")
+    array = np.asarray(array, dtype=np.uint32)
+    with atomic_path(Path(path)) as tmp:
+        tifffile.imwrite(str(tmp), array, ome=True, photometric="minisblack", metadata=meta,
+                         compression="zlib", compressionargs={"level": 1},
+                         tile=(512, 512) if min(array.shape) >= 512 else None,
+                         bigtiff=array.nbytes > 2**31 - 2**25)
+
+
+def _write_cells_csv(path, cells):
+    import pandas as pd
+
+    frame = pd.DataFrame({c: cells[c] for c in CELL_COLUMNS})
+    with atomic_path(Path(path)) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.2f")
+
+
+def _qc_crop(grid, ids, arr, cell, nucleus):
+    """Model input, cells and nuclei of a crop at the centre of the informative patch nearest the slide centre."""
+    if not ids:
+        return None
+    h, w = grid.image_shape
+    centre = np.array([h / 2, w / 2])
+
+    def distance(pid):
+        _, _, y0, x0 = grid.position(pid)
+        vh, vw = grid.valid_shape(pid)
+        return float(np.hypot(*(np.array([y0 + vh / 2, x0 + vw / 2]) - centre)))
+
+    pid = min(ids, key=distance)
+    _, _, y0, x0 = grid.position(pid)
+    vh, vw = grid.valid_shape(pid)
+    ch, cw = min(QC_CROP, vh), min(QC_CROP, vw)
+    oy, ox = (vh - ch) // 2, (vw - cw) // 2
+    patch = np.asarray(arr[pid])[oy:oy + ch, ox:ox + cw]
+    region = (slice(y0 + oy, y0 + oy + ch), slice(x0 + ox, x0 + ox + cw))
+    return pid, (y0 + oy, x0 + ox), patch, np.asarray(cell[region]), np.asarray(nucleus[region])
+
+
+def _save_stitch_qc(path, crop, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 1, figsize=(8, 8.6))
+    if crop is None:
+        ax.text(0.5, 0.5, "no informative patches", ha="center", va="center")
+    else:
+        pid, (y, x), patch, cell, nucleus = crop
+        ax.imshow(_outlined(_composite(patch), cell, nucleus), interpolation="nearest",
+                  extent=(x - 0.5, x + patch.shape[1] - 0.5, y + patch.shape[0] - 0.5, y - 0.5))
+        title += f"\ncrop y {y}..{y + patch.shape[0]}, x {x}..{x + patch.shape[1]} (in patch {pid}); " \
+                 "cells yellow, nuclei magenta"
+    ax.set_title(title, fontsize=10)
+    _save_figure(fig, path)
+
+
+def _add_stitch(sub):
+    p = sub.add_parser("stitch", help="assemble per-patch cell/nucleus labels into whole-slide labels "
+                       "(unique ids, each cell once, none cut at the seams)")
+    p.add_argument("patches_dir", help="tile-image output folder (patches.zarr with the grid, patches_metadata.csv)")
+    p.add_argument("labels_dir", help="folder of patch_<patch_id>.npz with cell and nucleus (repair-masks output)")
+    p.add_argument("out_dir", help="folder for cell, nucleus, cytoplasm, cells.csv, stitch_stats.json, stitch_qc.png")
+    p.add_argument("--format", choices=sorted(STITCH_FORMATS), default="ome.tif", help="whole-slide label format")
+    p.add_argument("--metadata", help="patch table choosing the patches (default: the tile-image one)")
+    p.add_argument("--duplicate-overlap", type=float, default=0.5,
+                   help="an object overlapping already-placed ones by more than this fraction is a duplicate")
+    p.set_defaults(run=_run_stitch)
+
+
+def _run_stitch(a):
+    return stitch_files(a.patches_dir, a.labels_dir, a.out_dir, format=a.format, metadata=a.metadata,
+                        duplicate_overlap=a.duplicate_overlap)

@@ -1,0 +1,222 @@
+"""`maskworks tile-image`, `segment-cells` (watershed) and `stitch` on a small synthetic slide."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from maskworks.cli import main
+from maskworks.codex import segment, tiling
+from maskworks.codex.stages import CELL_COLUMNS, PATCH_COLUMNS
+from maskworks.demo import CODEX_SLIDE, make_codex_slide, write_demo_data
+from maskworks.io import read_volume
+
+NAMES = list(CODEX_SLIDE["channels"])  # CD45, DAPI, Ki67, PanCK
+SHAPE = (600, 800)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slide")
+    data = make_codex_slide(SHAPE, seed=1)
+    image = d / "slide.ome.tif"
+    tifffile.imwrite(image, data["image"], ome=True, compression="zlib",
+                     metadata={"axes": "CYX", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm"})
+    channels = d / "antibodies.tsv"
+    channels.write_text("version\tchannel_id\tantibody_name\n" + "".join(f"1\tch{i}\t{n}\n" for i, n in enumerate(NAMES)))
+    return d, image, channels, data
+
+
+def _tile_args(image, channels, out, *extra):
+    return ["tile-image", str(image), str(out), "--channels", str(channels), "--nuclear-channel", "DAPI",
+            "--wholecell-channels", "CD45,PanCK", "--patch-height", "256", "--patch-width", "256",
+            "--overlap", "0.1", *extra]
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def chain(slide, tmp_path_factory):
+    d, image, channels, data = slide
+    out = tmp_path_factory.mktemp("chain")
+    tiles, seg, rep, st = out / "tiles", out / "seg", out / "rep", out / "st"
+    assert main(_tile_args(image, channels, tiles)) == 0
+    assert main(["segment-cells", str(tiles), str(seg), "--backend", "watershed", "--batch-size", "3"]) == 0
+    assert main(["repair-masks", "--segment-dir", str(seg), "--metadata", str(tiles / "patches_metadata.csv"),
+                 "--out", str(rep)]) == 0
+    assert main(["stitch", str(tiles), str(rep), str(st)]) == 0
+    return tiles, seg, rep, st, data
+
+
+def test_tile_image_writes_patches_table_stats_and_qc(chain):
+    tiles, *_, data = chain
+    assert sorted(p.name for p in tiles.iterdir()) == ["patches.zarr", "patches_metadata.csv", "tiling_qc.png",
+                                                      "tiling_stats.json"]
+    st = json.loads((tiles / "tiling_stats.json").read_text())
+    # step 256 - 25 = 231; 3 rows cover 600 (718), 4 columns cover 800 (949)
+    assert st["grid_shape"] == [3, 4] and st["step"] == [231, 231] and st["padding"] == [118, 149]
+    assert st["image_mpp"] == 0.5 and st["nuclear_channel"] == "DAPI" and st["wholecell_channels"] == ["CD45", "PanCK"]
+    root = zarr.open_group(str(tiles / "patches.zarr"), mode="r")
+    arr = root["patches"]
+    assert arr.shape == (12, 256, 256, 2) and arr.chunks == (1, 256, 256, 2) and arr.dtype == np.uint16
+    img = data["image"]
+    p5 = arr[5]  # row 1, col 1
+    np.testing.assert_array_equal(p5[..., 0], img[1, 231:487, 231:487])
+    np.testing.assert_array_equal(p5[..., 1], np.maximum(img[0], img[3])[231:487, 231:487])
+    last = arr[11]
+    assert not last[600 - 462:].any() and not last[:, 800 - 693:].any()  # zero padding
+    rows = _rows(tiles / "patches_metadata.csv")
+    assert list(rows[0]) == list(PATCH_COLUMNS) and len(rows) == 12
+    # no tissue right of 70 % of the width; faint noise in the lower right corner
+    assert [(r["is_empty"], r["is_noisy"], r["is_informative"]) for r in rows if r["col"] == "3"] == [
+        ("True", "True", "False"), ("True", "True", "False"), ("False", "True", "False")]
+    assert sum(r["is_informative"] == "True" for r in rows) == st["informative"] >= 6
+
+
+def test_segment_cells_writes_one_npz_per_informative_patch(chain):
+    tiles, seg, *_ = chain
+    informative = [r["patch_id"] for r in _rows(tiles / "patches_metadata.csv") if r["is_informative"] == "True"]
+    assert sorted(p.name for p in seg.glob("patch_*.npz")) == sorted(f"patch_{i}.npz" for i in informative)
+    st = json.loads((seg / "segment_stats.json").read_text())
+    assert st["backend"] == "watershed" and st["segmented"] == len(informative) and st["cells"] > 200
+    assert (seg / "segment_qc.png").stat().st_size > 10_000
+    with np.load(seg / f"patch_{informative[0]}.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["cell", "cell_boundary", "nucleus", "nucleus_boundary"]
+        for key in ("cell", "nucleus"):
+            lab = npz[key]
+            assert lab.shape == (256, 256) and lab.dtype.kind == "u"
+            assert st["per_patch"][informative[0]][f"{key}s" if key == "cell" else "nuclei"] == lab.max()
+            b = npz[f"{key}_boundary"]
+            assert b.dtype == np.uint8 and set(np.unique(b)) <= {0, 1}
+            from skimage.segmentation import find_boundaries
+
+            np.testing.assert_array_equal(b, find_boundaries(lab, mode="inner"))
+
+
+def test_stitch_writes_whole_slide_labels_table_and_qc(chain):
+    *_, st, data = chain
+    cell, nucleus, cyto = (read_volume(st / f"{k}.ome.tif") for k in ("cell", "nucleus", "cytoplasm"))
+    assert cell.shape == SHAPE and cell.dtype == np.uint32 and cell.voxel_size == (0.5, 0.5)
+    assert cell.unit == "micrometer"
+    c, n, y = cell.numpy(), nucleus.numpy(), cyto.numpy()
+    k = int(c.max())
+    np.testing.assert_array_equal(np.unique(c)[1:], np.arange(1, k + 1))
+    assert (c[n > 0] == n[n > 0]).all()  # nucleus k inside cell k
+    np.testing.assert_array_equal(y, np.where(n > 0, 0, c))
+    rows = _rows(st / "cells.csv")
+    assert list(rows[0]) == list(CELL_COLUMNS) and len(rows) == k
+    assert [int(r["cell_area"]) for r in rows] == np.bincount(c.ravel())[1:].tolist()
+    stats = json.loads((st / "stitch_stats.json").read_text())
+    assert stats["cells"] == k and stats["from_core"] + stats["rescued"] + stats["cut_kept"] == k
+    assert (st / "stitch_qc.png").stat().st_size > 10_000
+    # against the truth: most true cells found once, none twice
+    truth = data["cells"]
+    m = (c > 0) & (truth > 0)
+    top = int(truth.max()) + 1
+    keys, inter = np.unique(c[m].astype(np.int64) * top + truth[m], return_counts=True)
+    s, t = keys // top, keys % top
+    iou = inter / (np.bincount(c.ravel())[s] + np.bincount(truth.ravel())[t] - inter)
+    matched = t[iou > 0.5]
+    assert matched.size >= 0.7 * truth.max() and np.unique(matched).size == matched.size
+
+
+def test_stitch_to_zarr_equals_ome_tiff(chain, tmp_path):
+    tiles, _, rep, st, _ = chain
+    assert main(["stitch", str(tiles), str(rep), str(tmp_path), "--format", "zarr"]) == 0
+    for k in ("cell", "nucleus", "cytoplasm"):
+        z = read_volume(tmp_path / f"{k}.zarr")
+        assert z.dtype == np.uint32 and z.voxel_size == (0.5, 0.5)
+        np.testing.assert_array_equal(z.numpy(), read_volume(st / f"{k}.ome.tif").numpy())
+
+
+def test_lazy_tiling_equals_in_memory(slide, chain, tmp_path, monkeypatch):
+    d, image, channels, _ = slide
+    monkeypatch.setattr(tiling, "IN_MEMORY_BYTES", 1 << 16)
+    assert main(_tile_args(image, channels, tmp_path)) == 0
+    assert json.loads((tmp_path / "tiling_stats.json").read_text())["read_lazily"] is True
+    a = zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"][...]
+    b = zarr.open_group(str(chain[0] / "patches.zarr"), mode="r")["patches"][...]
+    np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "patches_metadata.csv").read_text() == (chain[0] / "patches_metadata.csv").read_text()
+
+
+def test_missing_channel_lists_the_names_and_leaves_nothing(slide, tmp_path, capsys):
+    d, image, channels, _ = slide
+    out = tmp_path / "out"
+    args = _tile_args(image, channels, out)
+    args[args.index("CD45,PanCK")] = "CD45,CD8"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "'CD8' not found" in err and "CD45, DAPI, Ki67, PanCK" in err
+    assert not out.exists() or not any(out.iterdir())
+    short = tmp_path / "short.txt"
+    short.write_text("DAPI\nCD45\n")
+    assert main(_tile_args(image, short, out)) == 2
+    assert "lists 2 channel names" in capsys.readouterr().err
+    # without a names file the OME-XML names are used; this file has none
+    no_names = _tile_args(image, channels, out)
+    del no_names[3:5]
+    assert main(no_names) == 2
+    assert "no channel names" in capsys.readouterr().err
+
+
+def test_split_modes_on_the_command_line(slide, tmp_path):
+    d, image, channels, _ = slide
+    assert main(_tile_args(image, channels, tmp_path, "--split-mode", "quarters")) == 0
+    st = json.loads((tmp_path / "tiling_stats.json").read_text())
+    assert st["grid_shape"] == [2, 2] and st["split_mode"] == "quarters"
+    assert zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"].shape[0] == 4
+
+
+def test_segment_cells_errors(chain, tmp_path, capsys, monkeypatch):
+    tiles = chain[0]
+    assert main(["segment-cells", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert "run tile-image first" in capsys.readouterr().err
+    monkeypatch.setattr(segment, "DEEPCELL_MODELS", tmp_path / ".deepcell" / "models")
+    assert main(["segment-cells", str(tiles), str(tmp_path / "m"), "--backend", "mesmer"]) == 2
+    err = capsys.readouterr().err
+    assert "no Mesmer model found" in err and "DEEPCELL_ACCESS_TOKEN" in err
+    assert not list((tmp_path / "m").glob("*"))
+
+
+def test_stitch_needs_every_informative_patch(chain, tmp_path, capsys):
+    tiles, seg, *_ = chain
+    partial = tmp_path / "labels"
+    partial.mkdir()
+    first = sorted(seg.glob("patch_*.npz"))[0]
+    (partial / first.name).write_bytes(first.read_bytes())
+    assert main(["stitch", str(tiles), str(partial), str(tmp_path / "st")]) == 2
+    assert "no labels for" in capsys.readouterr().err
+    assert not (tmp_path / "st").exists() or not any((tmp_path / "st").iterdir())
+
+
+def test_codex_demo_data_and_its_tiling(tmp_path):
+    written = write_demo_data(tmp_path, arms="codex")
+    assert set(written) == {"codex/codex_image", "codex/codex_channels", "codex/codex_truth_cells",
+                            "codex/codex_truth_nuclei"}
+    with tifffile.TiffFile(written["codex/codex_image"]) as tif:
+        assert tif.series[0].shape == (4, *CODEX_SLIDE["shape"]) and tif.series[0].dtype == np.uint16
+    truth = read_volume(written["codex/codex_truth_cells"]).numpy()
+    nuclei = read_volume(written["codex/codex_truth_nuclei"]).numpy()
+    assert (truth[nuclei > 0] == nuclei[nuclei > 0]).all() and truth.max() > 3000
+    cfg = CODEX_SLIDE
+    assert main(["tile-image", str(written["codex/codex_image"]), str(tmp_path / "tiles"),
+                 "--channels", str(written["codex/codex_channels"]), "--nuclear-channel", cfg["nuclear_channel"],
+                 "--wholecell-channels", ",".join(cfg["wholecell_channels"]),
+                 "--patch-height", str(cfg["patch_height"]), "--patch-width", str(cfg["patch_width"]),
+                 "--overlap", str(cfg["overlap"])]) == 0
+    st = json.loads((tmp_path / "tiles" / "tiling_stats.json").read_text())
+    assert st["patches"] == 12 and st["padding"] == [34, 35] and st["image_mpp"] == 0.5
+    rows = _rows(tmp_path / "tiles" / "patches_metadata.csv")
+    flags = [(r["is_empty"], r["is_noisy"], r["is_informative"]) for r in rows]
+    assert flags.count(("False", "False", "True")) == 9
+    assert flags[3] == flags[7] == ("True", "True", "False")  # no tissue, nothing but hot pixels
+    assert flags[11] == ("False", "True", "False")  # the corner of faint noise
