@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, exe, run
 
 pytestmark = pytest.mark.slurm

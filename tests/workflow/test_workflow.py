@@ -121,10 +121,10 @@ def test_demo_run_cryoet_outputs(wd, demo_run):
     by_key = {r["key"]: r for r in report}
     assert by_key["demo_tomo1_patch0"]["status"] == "merged" and int(by_key["demo_tomo1_patch0"]["added_voxels"]) > 0
     assert by_key["demo_tomo1_patch1"]["status"] == "no corrections folder"
-    for run in ["TS_001", "TS_002", "TS_003"]:
-        rows = list(csv.DictReader(open(wd / "results" / "cryoet" / "refine" / f"{run}_refine_stats.csv")))
+    for run_name in ["TS_001", "TS_002", "TS_003"]:
+        rows = list(csv.DictReader(open(wd / "results" / "cryoet" / "refine" / f"{run_name}_refine_stats.csv")))
         assert rows and any(r["kept"] == "True" for r in rows) and any(r["kept"] == "False" for r in rows)
-        assert (wd / "results" / "cryoet" / "refine" / f"{run}_refine_qc.png").exists()
+        assert (wd / "results" / "cryoet" / "refine" / f"{run_name}_refine_qc.png").exists()
 
 
 def test_rerun_without_changes_does_nothing(wd, demo_run):
