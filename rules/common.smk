@@ -197,11 +197,30 @@ def segment_env(wildcards):
     return "CUDA_VISIBLE_DEVICES= " if SEG["device"] == "cpu" else ""
 
 
+UNET = EM["train_unet"]
+
+
+def unet_training_inputs(wildcards):
+    """Training pairs: table rows with a truth (all, or those listed) and/or patch folders."""
+    names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
+    missing = [n for n in names if n not in em_volumes.index or not em_volumes.loc[n, "truth"]]
+    if missing:
+        raise WorkflowError(f"em.train_unet.training names {missing}: not rows of {EM['volumes']} with a truth")
+    out = {"images": [em_volumes.loc[n, "path"] for n in names], "labels": [em_volumes.loc[n, "truth"] for n in names]}
+    if UNET["images_dir"]:
+        out.update(images_dir=UNET["images_dir"], labels_dir=UNET["labels_dir"])
+    if not names and not UNET["images_dir"]:
+        raise WorkflowError("em.train_unet is enabled but there is nothing to train on: give rows a truth mask "
+                            "or set images_dir/labels_dir")
+    return out
+
+
 def all_outputs():
     """Final targets of every enabled arm."""
     out = []
     if EM["enabled"]:
-        out += expand("results/em/{name}/mask.zarr", name=em_volumes.index)
+        methods = ["texture"] + (["unet"] if UNET["enabled"] else [])
+        out += expand("results/em/{name}/{method}_final.zarr", name=em_volumes.index, method=methods)
     if CRYOET["enabled"]:
         out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
         with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]

@@ -3,6 +3,7 @@
 
 wildcard_constraints:
     name=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    method=r"texture|unet",
 
 
 rule texture_mask:
@@ -30,19 +31,71 @@ rule texture_mask:
         "../scripts/texture_mask.py"
 
 
+rule train_unet:
+    input:
+        unpack(unet_training_inputs),
+    output:
+        best="results/em/unet/best.pt",
+        metrics="results/em/unet/metrics.json",
+        history="results/em/unet/history.csv",
+        curves="results/em/unet/curves.png",
+    params:
+        train=stage_params(UNET, drop=("enabled", "training", "images_dir", "labels_dir")),
+    log:
+        "logs/em/train_unet.log",
+    benchmark:
+        "benchmarks/em/train_unet.tsv"
+    conda:
+        "../envs/monai.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=480,
+        gpu=gpu_request(UNET["device"]),
+    script:
+        "../scripts/train_unet.py"
+
+
+rule predict_unet:
+    input:
+        unpack(em_inputs),
+        checkpoint="results/em/unet/best.pt",
+    output:
+        prob=directory("results/em/{name}/unet_prob.zarr"),
+        mask=directory("results/em/{name}/unet_mask.zarr"),
+        stats="results/em/{name}/unet_stats.json",
+        qc="results/em/{name}/unet_qc.png",
+    params:
+        predict=stage_params(EM["predict_unet"]),
+        geometry=em_geometry,
+    log:
+        "logs/em/predict_unet/{name}.log",
+    benchmark:
+        "benchmarks/em/predict_unet/{name}.tsv"
+    conda:
+        "../envs/monai.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=120,
+        gpu=gpu_request(EM["predict_unet"]["device"]),
+    script:
+        "../scripts/predict_unet.py"
+
+
 rule postprocess_mask:
     input:
-        unpack(lambda wc: {"mask": f"results/em/{wc.name}/texture_mask.zarr", **em_inputs(wc)}),
+        unpack(lambda wc: {"mask": f"results/em/{wc.name}/{wc.method}_mask.zarr", **em_inputs(wc)}),
     output:
-        mask=directory("results/em/{name}/mask.zarr"),
-        stats="results/em/{name}/mask_stats.json",
-        qc="results/em/{name}/mask_qc.png",
+        mask=directory("results/em/{name}/{method}_final.zarr"),
+        stats="results/em/{name}/{method}_final_stats.json",
+        qc="results/em/{name}/{method}_final_qc.png",
     params:
         postprocess=stage_params(EM["postprocess_mask"]),
     log:
-        "logs/em/postprocess_mask/{name}.log",
+        "logs/em/postprocess_mask/{name}_{method}.log",
     benchmark:
-        "benchmarks/em/postprocess_mask/{name}.tsv"
+        "benchmarks/em/postprocess_mask/{name}_{method}.tsv"
     conda:
         "../envs/core.yaml"
     threads: 1

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slurm
 SCRIPT = ROOT / "tests" / "slurm" / "slurm.sh"
 WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
 # Rules that can use a GPU (they ask for gpu=1 unless their device is 'cpu').
-GPU_RULES = {"refine_membranes"}
+GPU_RULES = {"refine_membranes", "train_unet", "predict_unet"}
 
 
 def _slurm_available() -> str | None:
@@ -102,8 +102,9 @@ def test_every_job_finished_on_slurm(slurm_run):
     m = re.search(r"(\d+) of (\d+) steps \(100%\) done", out)
     assert m and m.group(1) == m.group(2), out[-3000:]
     jobs = _submitted_jobs(d)
-    assert {"texture_mask", "postprocess_mask", "extract_patches", "merge_corrections",
-            "refine_membranes"} <= set(jobs), jobs
+    assert {"texture_mask", "postprocess_mask", "train_unet", "predict_unet", "extract_patches",
+            "merge_corrections", "refine_membranes", "tile_image", "segment_cells", "repair_masks",
+            "stitch"} <= set(jobs), jobs
     for rule, ids in jobs.items():
         for job_id in ids:
             info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
@@ -128,12 +129,12 @@ def test_outputs_equal_the_local_run(slurm_run, local_run):
 
     d, _ = slurm_run
     for name in ["sample1", "sample2"]:
-        for f in ["texture_mask.zarr", "texture_confidence.zarr", "mask.zarr"]:
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_final.zarr"]:
             a = read_volume(local_run / "results" / "em" / name / f).numpy()
             b = read_volume(d / "results" / "em" / name / f).numpy()
             assert np.array_equal(a, b), (name, f)
-        sa = json.loads((local_run / "results" / "em" / name / "mask_stats.json").read_text())
-        sb = json.loads((d / "results" / "em" / name / "mask_stats.json").read_text())
+        sa = json.loads((local_run / "results" / "em" / name / "texture_final_stats.json").read_text())
+        sb = json.loads((d / "results" / "em" / name / "texture_final_stats.json").read_text())
         assert sa["truth"] == sb["truth"]
     for sub in ["patches/tomo1/labelsCorr", "patches/tomo1/imagesCorr", "merged/tomo1"]:
         la = sorted(p.name for p in (local_run / "results" / "cryoet" / sub).iterdir())

@@ -48,6 +48,9 @@ SECTIONS = [
     ("cryoet", "refine_membranes",
      ["maskworks.cryoet.refine:refine_membranes", "maskworks.cryoet.stages:refine_membranes_files"],
      {"copick_config", "runs", "org_info", "mem_info"}),
+    ("em", "train_unet", ["maskworks.em.unet:train_unet", "maskworks.em.stages:train_unet_files"],
+     {"enabled", "training", "images_dir", "labels_dir"}),
+    ("em", "predict_unet", ["maskworks.em.unet:predict_volume", "maskworks.em.stages:predict_unet_files"], set()),
     ("codex", "tile_image", ["maskworks.codex.stages:tile_image_files"], set()),
     ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed"}),
     ("codex", "stitch", ["maskworks.codex.stages:stitch_files"], set()),
@@ -67,8 +70,11 @@ def test_schema_defaults_are_the_library_defaults(schema, arm, section, funcs, w
         if key in workflow_keys:
             continue
         assert key in params, f"config key {arm}.{section}.{key} is not a keyword of {funcs}"
-        assert params[key].default == value or (params[key].default is None and value == {}), \
-            (key, params[key].default, value)
+        default = params[key].default
+        default = list(default) if isinstance(default, tuple) else default
+        if key == "roi_size" and isinstance(default, list) and len(set(default)) == 1:
+            default = default[0]  # the config's one number means a cube
+        assert default == value or (default is None and value == {}), (key, default, value)
 
 
 def test_watershed_defaults_are_the_library_defaults(schema):

@@ -63,9 +63,9 @@ def test_lint_passes(wd):
 def test_dry_run_lists_the_demo_jobs(wd):
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2, "extract_patches": 1,
-                      "merge_corrections": 1, "refine_membranes": 3, "tile_image": 1, "segment_cells": 1,
-                      "repair_masks": 1, "stitch": 1}, proc.stdout
+    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 4, "train_unet": 1, "predict_unet": 2,
+                      "extract_patches": 1, "merge_corrections": 1, "refine_membranes": 3, "tile_image": 1,
+                      "segment_cells": 1, "repair_masks": 1, "stitch": 1}, proc.stdout
 
 
 def test_slurm_profile_dry_run(wd):
@@ -74,7 +74,7 @@ def test_slurm_profile_dry_run(wd):
     proc = run([exe("snakemake"), "--profile", "profiles/slurm", "-n", "--configfile", "config/demo.yaml",
                 "--sdm", "env-modules"], cwd=wd)
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts.get("texture_mask") == 2 and counts.get("postprocess_mask") == 2, proc.stdout
+    assert counts.get("texture_mask") == 2 and counts.get("postprocess_mask") == 4, proc.stdout
 
 
 def test_default_config_with_empty_table_says_so(wd):
@@ -91,17 +91,23 @@ def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):
     for name, (vs, unit) in expected.items():
         d = wd / "results" / "em" / name
         for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_stats.json", "texture_qc.png",
-                  "mask.zarr", "mask_stats.json", "mask_qc.png"]:
+                  "texture_final.zarr", "texture_final_stats.json", "texture_final_qc.png",
+                  "unet_prob.zarr", "unet_mask.zarr", "unet_stats.json", "unet_qc.png",
+                  "unet_final.zarr", "unet_final_stats.json", "unet_final_qc.png"]:
             assert (d / f).exists(), f"{name}: {f} missing"
-        for f in ["texture_mask.zarr", "texture_confidence.zarr", "mask.zarr"]:
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_final.zarr", "unet_prob.zarr",
+                  "unet_mask.zarr", "unet_final.zarr"]:
             v = read_volume(d / f, lazy=True)
             assert v.voxel_size == pytest.approx(vs) and v.unit == unit, (f, v.voxel_size, v.unit)
-        mask = read_volume(d / "mask.zarr").numpy()
-        assert mask.dtype == "uint8" and set(map(int, mask.ravel()[::97])) <= {0, 1}
-        stats = json.loads((d / "mask_stats.json").read_text())
-        assert stats["truth"]["dice"] >= 0.9, stats["truth"]
+        for method, least in [("texture", 0.9), ("unet", 0.7)]:
+            mask = read_volume(d / f"{method}_final.zarr").numpy()
+            assert mask.dtype == "uint8" and set(map(int, mask.ravel()[::97])) <= {0, 1}
+            stats = json.loads((d / f"{method}_final_stats.json").read_text())
+            assert stats["truth"]["dice"] >= least, (method, stats["truth"])
         assert (wd / "logs" / "em" / "texture_mask" / f"{name}.log").exists()
         assert (wd / "benchmarks" / "em" / "texture_mask" / f"{name}.tsv").exists()
+    metrics = json.loads((wd / "results" / "em" / "unet" / "metrics.json").read_text())
+    assert (wd / "results" / "em" / "unet" / "best.pt").exists() and metrics
 
 
 def test_demo_run_cryoet_outputs(wd, demo_run):

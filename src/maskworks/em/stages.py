@@ -14,10 +14,21 @@ from pathlib import Path
 import numpy as np
 
 from ..cli import all_or_nothing, geometry, int_triple, keyword_defaults, provenance, sibling
-from ..io import InputError, create_volume, read_volume, write_json, write_volume
+from ..io import (
+    InputError,
+    atomic_path,
+    create_volume,
+    format_of,
+    read_volume,
+    strip_extension,
+    write_json,
+    write_volume,
+)
 from ..io.qc import save_orthoslices
 from .postprocess import mask_overlap, postprocess_mask
 from .texture import texture_mask
+from .unet import CHECKPOINT_FORMAT as UNET_FORMAT
+from .unet import NORMALIZATIONS, inference_chunk_shape, predict_volume, train_unet, training_labels
 
 log = logging.getLogger("maskworks")
 
@@ -173,7 +184,368 @@ def _run_postprocess(a):
     )
 
 
+# ----------------------------------------------------------------------------- U-Net
+
+UNET_OUTPUTS = ("best.pt", "last.pt", "history.csv", "curves.png", "metrics.json")
+
+
+def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_dir=None, resume=False,
+                     **params):
+    """Run :func:`maskworks.em.unet.train_unet` on volume files and write its outputs to ``out_dir``.
+
+    Training data: ``images`` and ``labels`` (lists of files, paired in order), and/or
+    every volume in ``images_dir`` paired by key (the file name without its
+    extension) with the one in ``labels_dir``, e.g. the cryo-ET arm's
+    ``<patches>/imagesCorr/`` and its merged labels folder.
+
+    Writes ``best.pt`` (best epoch by validation Dice), ``last.pt`` (with the
+    optimiser state, for ``resume``), ``history.csv`` and ``curves.png`` after
+    every epoch, and ``metrics.json`` (test Dice/Jaccard and a summary) at the
+    end.  All writes are atomic.  A fresh run first removes these files from an
+    earlier run; an interrupted run keeps the checkpoints of its finished
+    epochs (``resume=True`` continues from ``last.pt``) but no ``metrics.json``.
+    ``params``: the keywords of ``train_unet``.
+    """
+    out_dir = Path(out_dir)
+    pairs, sources = _training_pairs(images, labels, images_dir, labels_dir)
+    paths = {name: out_dir / name for name in UNET_OUTPUTS}
+    last = None
+    if resume and paths["last.pt"].exists():
+        last = load_checkpoint(paths["last.pt"])
+        log.info("train_unet: resuming from %s (epoch %s)", paths["last.pt"], last.get("epoch"))
+    else:
+        if resume:
+            log.warning("train_unet: resume asked for but %s does not exist; starting afresh", paths["last.pt"])
+        for p in paths.values():
+            if p.exists():
+                log.info("train_unet: removing %s of an earlier run", p)
+                p.unlink()
+    paths["metrics.json"].unlink(missing_ok=True)
+    log.info("train_unet: %d training volume(s) %s -> %s, params=%s", len(pairs),
+             [tuple(np.shape(im)) for im, _ in pairs], out_dir, params)
+
+    def on_epoch(row, last_ckpt, best_ckpt):
+        save_checkpoint(paths["last.pt"], last_ckpt)
+        if best_ckpt is not None:
+            save_checkpoint(paths["best.pt"], best_ckpt)
+        _write_history(paths["history.csv"], last_ckpt["history"])
+        _save_curves(paths["curves.png"], last_ckpt["history"])
+        log.info("train_unet epoch %d: %s", row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+
+    best, history, metrics = train_unet(pairs, resume=last, on_epoch=on_epoch, **params)
+    if not paths["best.pt"].exists():  # resumed a finished run without a best.pt beside it
+        save_checkpoint(paths["best.pt"], best)
+    metrics.update(inputs=sources, params=dict(params), epochs_in_history=len(history),
+                   resumed_from_epoch=None if last is None else int(last["epoch"]),
+                   checkpoint=str(paths["best.pt"]))
+    write_json(paths["metrics.json"], metrics)
+    test = metrics["test"] or {}
+    log.info("train_unet done: best epoch %s, val Dice %s, test Dice %s", metrics["best_epoch"],
+             metrics["best_val_dice"], test.get("dice"))
+    return metrics
+
+
+def save_checkpoint(path, checkpoint: dict) -> Path:
+    """``torch.save`` a checkpoint dictionary atomically."""
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Read a ``best.pt``/``last.pt`` with ``torch.load(weights_only=True)``: tensors and plain
+    values only, never arbitrary pickled objects."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as a maskworks U-Net checkpoint ({type(exc).__name__}: {exc}); "
+                         "checkpoints come from `maskworks train-unet` (best.pt, last.pt)") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != UNET_FORMAT:
+        raise InputError(f"{path}: not a maskworks U-Net checkpoint (expected format {UNET_FORMAT!r})")
+    return ckpt
+
+
+def _training_pairs(images, labels, images_dir, labels_dir):
+    """Read the (image, label) pairs; ``sources`` lists their files for metrics.json."""
+    images, labels = [str(p) for p in images or ()], [str(p) for p in labels or ()]
+    if len(images) != len(labels):
+        raise InputError(f"{len(images)} image(s) but {len(labels)} label(s); give one label per image, in order")
+    files = list(zip(images, labels))
+    if (images_dir is None) != (labels_dir is None):
+        raise InputError("images_dir and labels_dir go together: patch images and their labels, paired by name")
+    if images_dir is not None:
+        files += _pair_folders(Path(images_dir), Path(labels_dir))
+    if not files:
+        raise InputError("no training data: give images and labels, or images_dir and labels_dir")
+    pairs, sources = [], []
+    for image_path, label_path in files:
+        image = read_volume(image_path, ndim=3)
+        label = read_volume(label_path, ndim=3)
+        if image.shape != label.shape:
+            raise InputError(f"{label_path} has shape {label.shape} but its image {image_path} has {image.shape}")
+        pairs.append((image.numpy(), training_labels(label.numpy(), what=str(label_path))))
+        sources.append({"image": str(image_path), "label": str(label_path), "shape": list(image.shape),
+                        "voxel_size": list(image.voxel_size), "unit": image.unit})
+    return pairs, sources
+
+
+def _pair_folders(images_dir: Path, labels_dir: Path):
+    """(image, label) files of two folders paired by key; anything that is not a volume is skipped."""
+    found = {}
+    for what, d in (("images_dir", images_dir), ("labels_dir", labels_dir)):
+        if not d.is_dir():
+            raise InputError(f"{what} {d}: no such folder")
+        keys = {}
+        for f in sorted(d.iterdir()):
+            if f.name.startswith("."):
+                continue
+            try:
+                format_of(f)
+            except InputError:
+                continue  # report.csv, corrections folders, ...
+            key = strip_extension(f.name)
+            if key in keys:
+                raise InputError(f"{d}: {keys[key].name} and {f.name} have the same key {key!r}; keep one")
+            keys[key] = f
+        found[what] = keys
+    imgs, labs = found["images_dir"], found["labels_dir"]
+    for a, b, da, db in ((imgs, labs, images_dir, labels_dir), (labs, imgs, labels_dir, images_dir)):
+        missing = sorted(set(a) - set(b))
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise InputError(f"{da} has volumes without a partner in {db}: {shown}; files pair by name "
+                             "(without extension), e.g. imagesCorr/p1.nrrd with <merged>/p1.nrrd")
+    if not imgs:
+        raise InputError(f"{images_dir} holds no volumes")
+    return [(str(imgs[k]), str(labs[k])) for k in sorted(imgs)]
+
+
+def _write_history(path, rows) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    fields = list(rows[0]) if rows else ["epoch"]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def _save_curves(path, rows) -> None:
+    """Loss (train, val) and validation Dice against the epoch, the best epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train")
+    val = [(r["epoch"], r["val_loss"], r["val_dice"]) for r in rows if r.get("val_dice") is not None]
+    if val:
+        ax_loss.plot([v[0] for v in val], [v[1] for v in val], "o-", ms=3, label="validation")
+        ax_dice.plot([v[0] for v in val], [v[2] for v in val], "o-", ms=3, color="C2")
+    best = next((r for r in reversed(rows) if r.get("best")), None)
+    if best is not None:
+        for ax in (ax_loss, ax_dice):
+            ax.axvline(best["epoch"], color="0.6", ls="--", lw=1)
+    ax_loss.set(xlabel="epoch", ylabel="Dice + CE loss", title="loss")
+    ax_loss.legend(fontsize=8)
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice (dashed: best epoch)", ylim=(0, 1))
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, voxel_size=None, unit=None,
+                       chunk_shape=None, **params):
+    """Run :func:`maskworks.em.unet.predict_volume` on a volume file and write every output.
+
+    ``prob`` (float16 probability) and ``mask`` (uint8 0/1) get the input's voxel
+    size; ``.zarr`` targets are OME-Zarr written block by block, other
+    extensions (``.tif``) are assembled in memory.  ``chunk_shape`` None means
+    automatic: the whole volume at once up to ``AUTO_CHUNK_VOXELS`` voxels,
+    blocks of ``AUTO_CHUNK_SHAPE`` above.  Also writes ``stats`` (JSON, with
+    Dice/Jaccard against ``truth`` when given) and ``qc`` (PNG of mid-slices).
+    """
+    with all_or_nothing(prob, mask, stats, qc):
+        return _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit,
+                                   chunk_shape, params)
+
+
+def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit, chunk_shape, params):
+    vol = read_volume(input, ndim=3, lazy=True)
+    vs, unit = geometry(vol, voxel_size, unit)
+    ckpt = load_checkpoint(checkpoint)
+    chunks = int_triple(chunk_shape, "chunk_shape")
+    if chunks is None and np.prod(vol.shape) > AUTO_CHUNK_VOXELS:
+        chunks = AUTO_CHUNK_SHAPE
+    d = keyword_defaults(predict_volume)
+    roi, overlap = params.get("roi_size", d["roi_size"]), params.get("overlap", d["overlap"])
+    used = inference_chunk_shape(vol.shape, chunks, roi, overlap)
+    data = vol.data if chunks is not None else vol.numpy()
+    log.info("predict_unet %s shape=%s voxel_size=%s %s checkpoint=%s (epoch %s) chunks=%s params=%s",
+             input, vol.shape, vs, unit, checkpoint, ckpt.get("epoch"), used, params)
+    prov = provenance("predict_unet", {"input": input, "checkpoint": checkpoint},
+                      {**params, "chunk_shape": used})
+    zchunks = _zarr_chunks(used) if used else None
+    geom = {"unit": unit, "origin": vol.origin, "chunks": zchunks, "provenance": prov}
+    with create_volume(prob, vol.shape, np.float16, vs, **geom) as out_p, \
+            create_volume(mask, vol.shape, np.uint8, vs, **geom) as out_m:
+        _, _, st = predict_volume(ckpt, data, chunk_shape=chunks, out_prob=out_p, out_mask=out_m, **params)
+    st.update(input=str(input), checkpoint=str(checkpoint), checkpoint_epoch=ckpt.get("epoch"),
+              shape=list(vol.shape), voxel_size=list(vs), unit=unit)
+    mask_vol = read_volume(mask, ndim=3, lazy=True)
+    if truth:
+        st["truth"] = _score(truth, mask_vol.numpy(), vol.shape)
+    prob_vol = read_volume(prob, ndim=3, lazy=True, check_finite=False)
+    save_orthoslices(qc, vol.data, masks={"U-Net mask": mask_vol.data}, maps={"probability": prob_vol.data},
+                     voxel_size=vs, title=f"predict_unet: {Path(str(input)).name}  "
+                     f"foreground {st['fraction_foreground']:.1%}"
+                     + (f"  Dice vs truth {st['truth']['dice']:.3f}" if truth else ""))
+    write_json(stats, st)
+    log.info("predict_unet done: %s", {k: st[k] for k in ("fraction_foreground", "seconds", "voxels_per_second")})
+    return st
+
+
+def _zarr_chunks(block):
+    """Zarr chunks that tile the inference block (so that no two blocks write into one chunk):
+    per axis the largest divisor of the block side up to 128 voxels, if there is one of 32 or more."""
+    out = []
+    for b in block:
+        k = max(k for k in range(1, min(b, 128) + 1) if b % k == 0)
+        out.append(k if k >= 32 or k == b else min(b, 64))
+    return tuple(out)
+
+
+def _int_list(value):
+    try:
+        return tuple(int(v) for v in value.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {value!r}") from None
+
+
+def _float_pair(value):
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers 'low,high', got {value!r}") from None
+    return lo, hi
+
+
+def _add_train(sub):
+
+    d = keyword_defaults(train_unet)
+    p = sub.add_parser("train-unet", help="train a 3-D U-Net (MONAI) on image/label volumes with ignore label 2")
+    p.add_argument("out_dir", help="folder for best.pt, last.pt, history.csv, curves.png, metrics.json")
+    p.add_argument("--images", nargs="+", default=[], help="image volumes (any format read_volume reads)")
+    p.add_argument("--labels", nargs="+", default=[],
+                   help="label volumes in the same order: 0 background, 1 foreground, 2 ignore (or 0/255)")
+    p.add_argument("--images-dir", help="folder of patch images (e.g. <patches>/imagesCorr), paired by name ...")
+    p.add_argument("--labels-dir", help="... with the labels in this folder (e.g. the merged corrections)")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/last.pt")
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=_int_list, default=d["channels"], help="feature channels per level")
+    g.add_argument("--strides", type=_int_list, default=d["strides"], help="down-sampling between levels")
+    g.add_argument("--num-res-units", type=int, default=d["num_res_units"], help="residual units per block")
+    g = p.add_argument_group("data")
+    g.add_argument("--patch-size", default=d["patch_size"], help="training patch: 'z,y,x' or one number")
+    g.add_argument("--split-block-shape", default=d["split_block_shape"],
+                   help="blocks given whole to train/val/test; None: the patch size")
+    g.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="share of blocks for validation")
+    g.add_argument("--test-fraction", type=float, default=d["test_fraction"], help="share of blocks for the test")
+    g.add_argument("--patches-per-epoch", type=int, default=d["patches_per_epoch"], help="training patches per epoch")
+    g.add_argument("--val-patches", type=int, default=d["val_patches"], help="fixed validation patches")
+    g.add_argument("--foreground-fraction", type=float, default=d["foreground_fraction"],
+                   help="share of training patches forced to contain foreground")
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default=d["normalization"],
+                   help="z-score training patches over themselves or with their volume's statistics")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"])
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs (resumed ones included)")
+    g.add_argument("--learning-rate", type=float, default=d["learning_rate"], help="Adam learning rate")
+    g.add_argument("--patience", type=int, default=d["patience"],
+                   help="stop after this many epochs without a better validation Dice (0: never)")
+    g.add_argument("--min-delta", type=float, default=d["min_delta"], help="smallest Dice gain that counts")
+    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--device", default=d["device"], help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"],
+                   help="mixed precision on a GPU")
+    g = p.add_argument_group("augmentation (probability 0 turns a transform off)")
+    g.add_argument("--flip-prob", type=float, default=d["flip_prob"], help="per axis")
+    g.add_argument("--rotate-prob", type=float, default=d["rotate_prob"], help="90-degree rotation in (y, x)")
+    g.add_argument("--zoom-prob", type=float, default=d["zoom_prob"])
+    g.add_argument("--zoom-range", type=_float_pair, default=d["zoom_range"], help="'low,high' zoom factors")
+    g.add_argument("--noise-prob", type=float, default=d["noise_prob"])
+    g.add_argument("--noise-std", type=float, default=d["noise_std"], help="Gaussian noise, z-score units")
+    p.set_defaults(run=_run_train)
+
+
+_TRAIN_KEYS = (
+    "channels", "strides", "num_res_units", "patch_size", "split_block_shape", "val_fraction", "test_fraction",
+    "patches_per_epoch", "val_patches", "foreground_fraction", "normalization", "batch_size", "epochs",
+    "learning_rate", "patience", "min_delta", "seed", "device", "amp", "flip_prob", "rotate_prob", "zoom_prob",
+    "zoom_range", "noise_prob", "noise_std",
+)
+
+
+def _run_train(a):
+    train_unet_files(a.images, a.labels, out_dir=a.out_dir, images_dir=a.images_dir, labels_dir=a.labels_dir,
+                     resume=a.resume, **{k: getattr(a, k) for k in _TRAIN_KEYS})
+
+
+def _add_predict(sub):
+
+    d = keyword_defaults(predict_volume)
+    p = sub.add_parser("predict-unet", help="whole-volume U-Net inference (sliding window, Gaussian blending)")
+    p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
+    p.add_argument("checkpoint", help="best.pt (or last.pt) from train-unet")
+    p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr, .tif TIFF")
+    p.add_argument("--prob", help="probability output, float16 (default: <output>_prob.zarr)")
+    p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
+    p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
+    p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
+    p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
+    p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
+    p.add_argument("--roi-size", default=d["roi_size"], help="window: 'z,y,x' or one number")
+    p.add_argument("--overlap", type=int, default=d["overlap"], help="window overlap in voxels")
+    p.add_argument("--sw-batch-size", type=int, default=d["sw_batch_size"], help="windows per forward pass")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d["tta"],
+                   help="average the logits of the 8 axis flips")
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="mask = probability > threshold")
+    p.add_argument("--mean", type=float, default=d["mean"], help="z-score mean (default: from the volume)")
+    p.add_argument("--std", type=float, default=d["std"], help="z-score std (default: from the volume)")
+    p.add_argument("--chunk-shape", help="'z,y,x' block for out-of-core inference (default: automatic)")
+    p.add_argument("--device", default=d["device"], help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(a):
+    out = Path(a.output)
+    return predict_unet_files(
+        a.input, a.checkpoint, a.prob or sibling(out, "_prob.zarr"), out,
+        stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"), truth=a.truth,
+        voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape, roi_size=a.roi_size, overlap=a.overlap,
+        sw_batch_size=a.sw_batch_size, tta=a.tta, threshold=a.threshold, mean=a.mean, std=a.std,
+        device=a.device, amp=a.amp,
+    )
+
+
 def add_commands(sub):
-    """Register ``texture-mask`` and ``postprocess-mask``."""
+    """Register ``texture-mask``, ``postprocess-mask``, ``train-unet`` and ``predict-unet``."""
     _add_texture(sub)
     _add_postprocess(sub)
+    _add_train(sub)
+    _add_predict(sub)

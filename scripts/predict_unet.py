@@ -1,0 +1,17 @@
+"""Rule predict_unet: volume + checkpoint -> probability and mask (OME-Zarr), stats JSON, QC PNG."""
+
+from maskworks.cli import snakemake_logging
+from maskworks.em.stages import predict_unet_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+predict_unet_files(
+    snakemake.input.volume,
+    snakemake.input.checkpoint,
+    snakemake.output.prob,
+    snakemake.output.mask,
+    stats=snakemake.output.stats,
+    qc=snakemake.output.qc,
+    truth=snakemake.input.get("truth"),
+    **snakemake.params.geometry,
+    **snakemake.params.predict,
+)

@@ -1,0 +1,16 @@
+"""Rule train_unet: (image, label) volumes and/or patch folders -> U-Net checkpoints, history, metrics."""
+
+from pathlib import Path
+
+from maskworks.cli import snakemake_logging
+from maskworks.em.stages import train_unet_files
+
+snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+train_unet_files(
+    snakemake.input.get("images", []),
+    snakemake.input.get("labels", []),
+    out_dir=Path(snakemake.output.best).parent,
+    images_dir=snakemake.input.get("images_dir"),
+    labels_dir=snakemake.input.get("labels_dir"),
+    **snakemake.params.train,
+)
