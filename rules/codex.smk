@@ -81,6 +81,9 @@ rule repair_masks:
     conda:
         "../envs/core.yaml"
     threads: 1
+    # Repair and stitching are short CPU steps: one submission per image.
+    group:
+        "codex_post"
     resources:
         mem_mb=8000,
         runtime=30,
@@ -93,7 +96,7 @@ rule stitch:
         tiles="results/codex/{name}/tiles",
         repair="results/codex/{name}/repair",
     output:
-        stitch=directory("results/codex/{name}/stitch"),
+        stitch=report(directory("results/codex/{name}/stitch"), patterns=["{qcname}_qc.png"], caption="report/codex_stitch.rst", category="multiplexed tissue", subcategory="{name}"),
     params:
         stitch=stage_params(CODEX["stitch"]),
     log:
@@ -103,6 +106,8 @@ rule stitch:
     conda:
         "../envs/core.yaml"
     threads: 1
+    group:
+        "codex_post"
     resources:
         mem_mb=16000,
         runtime=60,

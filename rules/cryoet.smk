@@ -7,7 +7,7 @@ rule extract_patches:
     input:
         unpack(cryoet_inputs),
     output:
-        patches=directory("results/cryoet/patches/{name}"),
+        patches=report(directory("results/cryoet/patches/{name}"), patterns=["{qcname}_qc.png"], caption="report/patches_qc.rst", category="cryo-ET", subcategory="patches"),
     params:
         extract=stage_params(CRYOET["extract_patches"]),
         token=lambda wc: wc.name,
@@ -18,6 +18,8 @@ rule extract_patches:
     conda:
         "../envs/core.yaml"
     threads: 1
+    group:
+        "cryoet_patches"
     resources:
         mem_mb=4000,
         runtime=30,
@@ -40,6 +42,9 @@ rule merge_corrections:
     conda:
         "../envs/core.yaml"
     threads: 1
+    # A short step: submitted together with the extraction of the same tomogram.
+    group:
+        "cryoet_patches"
     resources:
         mem_mb=2000,
         runtime=15,
@@ -51,8 +56,8 @@ rule refine_membranes:
     input:
         config=REFINE["copick_config"] or [],
     output:
-        qc="results/cryoet/refine/{run}_refine_qc.png",
-        stats="results/cryoet/refine/{run}_refine_stats.csv",
+        qc=report("results/cryoet/refine/{run}_refine_qc.png", caption="report/refine_qc.rst", category="cryo-ET", subcategory="refinement"),
+        stats=report("results/cryoet/refine/{run}_refine_stats.csv", caption="report/refine_qc.rst", category="cryo-ET", subcategory="refinement"),
     params:
         refine=stage_params(REFINE, drop=("copick_config", "runs", "device")),
         device=REFINE["device"],

@@ -13,7 +13,7 @@ rule texture_mask:
         mask=directory("results/em/{name}/texture_mask.zarr"),
         confidence=directory("results/em/{name}/texture_confidence.zarr"),
         stats="results/em/{name}/texture_stats.json",
-        qc="results/em/{name}/texture_qc.png",
+        qc=report("results/em/{name}/texture_qc.png", caption="report/texture_qc.rst", category="volume EM", subcategory="{name}"),
     params:
         texture=stage_params(EM["texture_mask"]),
         geometry=em_geometry,
@@ -24,6 +24,8 @@ rule texture_mask:
     conda:
         "../envs/core.yaml"
     threads: 1
+    group:
+        "em_mask"
     resources:
         mem_mb=8000,
         runtime=60,
@@ -38,7 +40,7 @@ rule train_unet:
         best="results/em/unet/best.pt",
         metrics="results/em/unet/metrics.json",
         history="results/em/unet/history.csv",
-        curves="results/em/unet/curves.png",
+        curves=report("results/em/unet/curves.png", caption="report/unet_curves.rst", category="volume EM", subcategory="U-Net"),
     params:
         train=stage_params(UNET, drop=("enabled", "training", "images_dir", "labels_dir")),
     log:
@@ -64,7 +66,7 @@ rule predict_unet:
         prob=directory("results/em/{name}/unet_prob.zarr"),
         mask=directory("results/em/{name}/unet_mask.zarr"),
         stats="results/em/{name}/unet_stats.json",
-        qc="results/em/{name}/unet_qc.png",
+        qc=report("results/em/{name}/unet_qc.png", caption="report/unet_qc.rst", category="volume EM", subcategory="{name}"),
     params:
         predict=stage_params(EM["predict_unet"]),
         geometry=em_geometry,
@@ -75,6 +77,8 @@ rule predict_unet:
     conda:
         "../envs/monai.yaml"
     threads: 2
+    group:
+        "em_mask"
     resources:
         mem_mb=16000,
         runtime=120,
@@ -88,8 +92,8 @@ rule postprocess_mask:
         unpack(lambda wc: {"mask": f"results/em/{wc.name}/{wc.method}_mask.zarr", **em_inputs(wc)}),
     output:
         mask=directory("results/em/{name}/{method}_final.zarr"),
-        stats="results/em/{name}/{method}_final_stats.json",
-        qc="results/em/{name}/{method}_final_qc.png",
+        stats=report("results/em/{name}/{method}_final_stats.json", caption="report/final_stats.rst", category="volume EM", subcategory="{name}"),
+        qc=report("results/em/{name}/{method}_final_qc.png", caption="report/final_qc.rst", category="volume EM", subcategory="{name}"),
     params:
         postprocess=stage_params(EM["postprocess_mask"]),
     log:
@@ -99,6 +103,9 @@ rule postprocess_mask:
     conda:
         "../envs/core.yaml"
     threads: 1
+    # A short step: submitted together with the job that made its mask.
+    group:
+        "em_mask"
     resources:
         mem_mb=4000,
         runtime=30,

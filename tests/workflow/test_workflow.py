@@ -150,10 +150,13 @@ def _override(wd: Path, name: str, change: dict) -> str:
 def test_params_change_reruns_only_affected_jobs(wd, demo_run):
     post = _override(wd, "post.yaml", {"postprocess_mask": {"opening_radius": 2}})
     counts = job_counts(snakemake(wd, "-n", "--configfile", post).stdout)
-    assert counts == {"all": 1, "postprocess_mask": 2}
+    assert counts == {"all": 1, "postprocess_mask": 4}  # texture and U-Net masks of both samples
     tex = _override(wd, "tex.yaml", {"texture_mask": {"min_region_size": 500}})
     counts = job_counts(snakemake(wd, "-n", "--configfile", tex).stdout)
-    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2}
+    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 2}  # the U-Net chain is untouched
+    unet = _override(wd, "unet.yaml", {"predict_unet": {"threshold": 0.6}})
+    counts = job_counts(snakemake(wd, "-n", "--configfile", unet).stdout)
+    assert counts == {"all": 1, "predict_unet": 2, "postprocess_mask": 2}
 
 
 def test_invalid_config_is_rejected_with_the_schema_message(wd):
@@ -215,3 +218,14 @@ def test_mesmer_rule_uses_the_deepcell_venv_without_conda(wd, tmp_path):
                     "--until", "segment_cells").stdout
     assert f"CUDA_VISIBLE_DEVICES= {venv} -m maskworks.cli -v segment-cells" in out, out[-3000:]
     assert "--backend mesmer" in out and "--model-path demo_data" in out
+
+
+def test_report_includes_the_qc_pictures_and_stats(wd, demo_run):
+    import zipfile
+
+    run([exe("snakemake"), "--configfile", "config/demo.yaml", "--report", "report.zip"], cwd=wd)
+    names = [n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(wd / "report.zip").namelist()]
+    for expected in ["texture_qc.png", "texture_final_qc.png", "texture_final_stats.json", "unet_qc.png",
+                     "curves.png", "patches_qc.png", "TS_001_refine_qc.png", "TS_001_refine_stats.csv",
+                     "stitch_qc.png"]:
+        assert expected in names, expected
