@@ -34,10 +34,15 @@ rule download_mesmer_model:
         directory(MESMER_DOWNLOAD),
     log:
         "logs/codex/download_mesmer_model.log",
+    benchmark:
+        "benchmarks/codex/download_mesmer_model.tsv"
     conda:
         "../envs/deepcell.yaml"
     params:
         python=deepcell_python,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     shell:
         "{params.python} -m maskworks.cli download-mesmer-model {output:q} > {log:q} 2>&1"
 
