@@ -47,7 +47,8 @@ def _dry_run(d: Path, cfg: str) -> tuple[float, int]:
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"dry-run failed:\n{proc.stderr[-3000:]}")
-    jobs = sum(int(line.split()[-1]) for line in proc.stdout.splitlines()
+    table = proc.stdout.split("Job stats:", 1)[-1].split("\n\n", 1)[0]  # the first table only
+    jobs = sum(int(line.split()[-1]) for line in table.splitlines()
                if line.split() and line.split()[0] in ("texture_mask", "postprocess_mask"))
     return dt, jobs
 

@@ -34,6 +34,19 @@ def run(cmd, cwd=None, check=True, timeout=900, env=None):
     return proc
 
 
+WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
+
+
+def workflow_copy(dest: Path) -> Path:
+    """The workflow's files copied to ``dest`` with the demo data written there, so a test
+    runs Snakemake without touching the checkout's results/."""
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
+    run([exe("maskworks"), "demo-data", dest / "demo_data"])
+    return dest
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, exe, run
+from conftest import ROOT, exe, run, workflow_copy
 
 pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "tests" / "slurm" / "slurm.sh"
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
 # Rules that can use a GPU (they ask for gpu=1 unless their device is 'cpu').
 GPU_RULES = {"refine_membranes", "train_unet", "predict_unet"}
 
@@ -53,25 +52,16 @@ def cluster(tmp_path_factory):
         subprocess.run(["bash", str(SCRIPT), "stop", str(state)], check=False)
 
 
-def _workdir(tmp_path_factory, name):
-    d = tmp_path_factory.mktemp(name)
-    for item in WORKFLOW_FILES:
-        src = ROOT / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / item)
-    run([exe("maskworks"), "demo-data", d / "demo_data"])
-    return d
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):
-    d = _workdir(tmp_path_factory, "local")
+    d = workflow_copy(tmp_path_factory.mktemp("local"))
     run([exe("snakemake"), "--cores", "2", "--configfile", "config/demo.yaml"], cwd=d)
     return d
 
 
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
-    d = _workdir(tmp_path_factory, "slurm")
+    d = workflow_copy(tmp_path_factory.mktemp("slurm"))
     mem_mb = 2000
     cmd = [
         exe("snakemake"), "--profile", "profiles/slurm", "--configfile", "config/demo.yaml",

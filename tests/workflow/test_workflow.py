@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, exe, run
+from conftest import ROOT, exe, run, workflow_copy
 
 pytestmark = pytest.mark.workflow
-
-WORKFLOW_FILES = ["Snakefile", "rules", "scripts", "config", "envs", "profiles"]
-
 
 def job_counts(output: str) -> dict[str, int]:
     """Parse Snakemake's 'Job stats' table into {rule: count}."""
@@ -41,12 +37,7 @@ def snakemake(wd: Path, *args, check=True):
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("workflow")
-    for name in WORKFLOW_FILES:
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, d / name)
-    run([exe("maskworks"), "demo-data", d / "demo_data"])
-    return d
+    return workflow_copy(tmp_path_factory.mktemp("workflow"))
 
 
 @pytest.fixture(scope="module")

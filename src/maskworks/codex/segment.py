@@ -37,9 +37,9 @@ def smallest_uint(labels: np.ndarray) -> np.ndarray:
 
 def label_boundaries(labels) -> np.ndarray:
     """``skimage.segmentation.find_boundaries(labels, mode="inner")`` as uint8 0/1."""
-    from skimage.segmentation import find_boundaries
+    from .repair import boundaries
 
-    return find_boundaries(np.asarray(labels), mode="inner").astype(np.uint8)
+    return boundaries(labels).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- watershed

@@ -10,13 +10,12 @@ every filter, so the result does not depend on the chunking.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from maskworks.io import InputError, iter_blocks, n_blocks
+from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
 
 # Gaussian kernels are cut at TRUNCATE sigmas (scipy's default, spelled out because the halo depends on it).
 TRUNCATE = 4.0
@@ -390,7 +389,7 @@ def texture_mask(
                              f"expected the volume's shape {shape}")
         confidence = out_confidence
 
-    bar, report = _progress(progress, total)
+    bar, report = progress_reporter(progress, total, "texture_mask")
     hists = {k: np.zeros(_NBINS, np.int64) for k in WEIGHTS}
     raw_hist = np.zeros(_NBINS, np.int64)
     try:
@@ -443,17 +442,6 @@ def texture_mask(
         "chunk_shape": list(chunk_shape) if chunk_shape is not None else None,
     }
     return mask, confidence, stats
-
-
-def _progress(progress, total: int):
-    if callable(progress):
-        return None, lambda done: progress(done, total)
-    if progress is False or (progress is None and total <= 1):
-        return None, lambda done: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="texture_mask", unit="chunk", file=sys.stderr)
-    return bar, lambda done: bar.update(1)
 
 
 def _clean(mask: np.ndarray, min_size: int) -> tuple[int, int]:

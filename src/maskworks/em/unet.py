@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from maskworks.io import InputError, iter_blocks
+from maskworks.io import InputError, iter_blocks, progress_reporter
 
 NORMALIZATIONS = ("patch", "volume")
 IGNORE = 2  # training label meaning "no loss here" (patch borders, padding, Ignore masks)
@@ -599,7 +598,7 @@ def train_unet(
         val_data = _PatchData(images, labels, items, np.zeros(len(items), np.int64), patch, plain, stats)
     steps = -(-int(patches_per_epoch) // int(batch_size))
     first = state["epoch"] + 1
-    bar, report = _progress(progress, steps * max(0, int(epochs) - first + 1), "train_unet", "step")
+    bar, report = progress_reporter(progress, steps * max(0, int(epochs) - first + 1), "train_unet", "step")
     stopped = bool(patience) and state["bad_epochs"] >= patience
     done = 0
     try:
@@ -942,7 +941,7 @@ def predict_volume(
     starts = [_window_starts(s, r, r - o) for s, r, o in zip(shape, roi, ov)]
     predictor = _window_predictor(model, tta, use_amp)
     blocks = list(iter_blocks(shape, chunks))
-    bar, report = _progress(progress, len(blocks), "predict_unet", "block")
+    bar, report = progress_reporter(progress, len(blocks), "predict_unet", "block")
     t0 = time.perf_counter()
     foreground = windows = 0
     try:
@@ -1011,17 +1010,6 @@ def _window_region(starts, inner: slice, roi: int, size: int) -> slice:
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _progress(progress, total: int, desc: str, unit: str):
-    if callable(progress):
-        return None, lambda done: progress(done, total)
-    if progress is False or (progress is None and total <= 1):
-        return None, lambda done: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
-    return bar, lambda done: bar.update(done - bar.n)
 
 
 def _ints(values, name) -> tuple[int, ...]:

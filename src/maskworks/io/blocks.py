@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,3 +48,20 @@ def n_blocks(shape, chunk_shape=None) -> int:
     if chunk_shape is None:
         return 1
     return int(np.prod([max(1, -(-int(s) // (int(c) if c and int(c) > 0 else int(s)))) for s, c in zip(shape, chunk_shape)]))
+
+
+def progress_reporter(progress, total: int, desc: str, unit: str = "chunk"):
+    """``(bar, report)`` for a loop of ``total`` steps; call ``report(done)`` with the steps done.
+
+    ``progress``: a callable (called as ``progress(done, total)``), ``False`` (silent) or
+    ``None`` (a tqdm bar on stderr, which Snakemake scripts send to the rule's log, when
+    there is more than one step).  Close ``bar`` when it is not None.
+    """
+    if callable(progress):
+        return None, lambda done: progress(done, total)
+    if progress is False or (progress is None and total <= 1):
+        return None, lambda done: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
+    return bar, lambda done: bar.update(done - bar.n)
