@@ -449,22 +449,19 @@ def _clean(mask: np.ndarray, min_size: int) -> tuple[int, int]:
     if min_size <= 1:
         return 0, 0
     structure = ndi.generate_binary_structure(3, 1)
-    labels, n = ndi.label(mask, structure=structure, output=np.int32)
-    removed = 0
-    if n:
-        sizes = np.bincount(labels.ravel())
-        small = sizes < min_size
+
+    def flip_small(region, value) -> int:
+        """Set 6-connected components of ``region`` below min_size to ``value``; count them."""
+        labels, n = ndi.label(region, structure=structure, output=np.int32)
+        if not n:
+            return 0
+        small = np.bincount(labels.ravel()) < min_size
         small[0] = False
-        removed = int(np.count_nonzero(small))
-        if removed:
-            mask[small[labels]] = 0
-    labels, n = ndi.label(mask == 0, structure=structure, output=np.int32)
-    filled = 0
-    if n:
-        sizes = np.bincount(labels.ravel())
-        small = sizes < min_size
-        small[0] = False
-        filled = int(np.count_nonzero(small))
-        if filled:
-            mask[small[labels]] = 1
+        count = int(np.count_nonzero(small))
+        if count:
+            mask[small[labels]] = value
+        return count
+
+    removed = flip_small(mask, 0)
+    filled = flip_small(mask == 0, 1)
     return removed, filled
