@@ -412,12 +412,12 @@ def _add_tile(sub):
     p.add_argument("image", help="multichannel TIFF / OME-TIFF")
     p.add_argument("out_dir", help="folder for patches.zarr, patches_metadata.csv, tiling_stats.json, tiling_qc.png")
     p.add_argument("--channels", help="channel names: one per line, or a table with a header (e.g. an antibodies "
-                   "TSV with antibody_name); default: the OME-XML channel names")
+                   "TSV with antibody_name); if not given, the OME-XML channel names")
     p.add_argument("--nuclear-channel", required=True, help="name of the nuclear channel (e.g. DAPI)")
     p.add_argument("--wholecell-channels", required=True,
                    help="whole-cell (membrane) channel name(s), comma-separated; their pixel-wise maximum is used")
-    p.add_argument("--image-mpp", type=float, help="microns per pixel (default: from the file)")
-    p.add_argument("--channel-axis", help="channel axis: index or tifffile letter (default: detected)")
+    p.add_argument("--image-mpp", type=float, help="microns per pixel; if not given, from the file")
+    p.add_argument("--channel-axis", help="channel axis: index or tifffile letter; if not given, detected")
     p.add_argument("--split-mode", choices=SPLIT_MODES, default=d["split_mode"])
     p.add_argument("--patch-height", type=int, default=d["patch_height"], help="pixels (split-mode patches)")
     p.add_argument("--patch-width", type=int, default=d["patch_width"], help="pixels (split-mode patches)")
@@ -605,12 +605,12 @@ def _add_segment(sub):
     p.add_argument("patches_dir", help="tile-image output folder (patches.zarr, patches_metadata.csv)")
     p.add_argument("out_dir", help="folder for patch_<patch_id>.npz, segment_stats.json, segment_qc.png")
     p.add_argument("--backend", choices=BACKENDS, default="mesmer", help="mesmer (DeepCell, needs the deepcell env and a model) or watershed (no weights)")
-    p.add_argument("--metadata", help="patch table choosing the informative patches (default: the tile-image one)")
+    p.add_argument("--metadata", help="patch table choosing the informative patches; if not given, the tile-image one")
     p.add_argument("--batch-size", type=int, default=4, help="patches read and sent to the model together")
     g = p.add_argument_group("mesmer")
-    g.add_argument("--model-path", help="Keras SavedModel directory or the MultiplexSegmentation tarball "
-                   "(default: the deepcell cache ~/.deepcell/models)")
-    g.add_argument("--image-mpp", type=float, help="microns per pixel (default: as tile-image recorded it)")
+    g.add_argument("--model-path", help="Keras SavedModel directory or the MultiplexSegmentation tarball; "
+                   "if not given, the deepcell cache ~/.deepcell/models")
+    g.add_argument("--image-mpp", type=float, help="microns per pixel; if not given, as tile-image recorded it")
     g.add_argument("--preprocess-kwargs", type=_json_dict, default={}, help="JSON object for Mesmer pre-processing")
     g.add_argument("--postprocess-kwargs-whole-cell", type=_json_dict, default={},
                    help="JSON object for Mesmer whole-cell post-processing (deep_watershed)")
@@ -642,7 +642,7 @@ def _run_segment(a):
 def _add_download(sub):
     p = sub.add_parser("download-mesmer-model", help="download DeepCell's Mesmer model (needs "
                        "DEEPCELL_ACCESS_TOKEN and internet; run once, e.g. on the submit host)")
-    p.add_argument("dest", nargs="?", help="folder to extract into (default: the deepcell cache ~/.deepcell/models)")
+    p.add_argument("dest", nargs="?", help="folder to extract into; if not given, the deepcell cache ~/.deepcell/models")
     p.set_defaults(run=_run_download)
 
 
@@ -800,7 +800,7 @@ def _add_stitch(sub):
     p.add_argument("labels_dir", help="folder of patch_<patch_id>.npz with cell and nucleus (repair-masks output)")
     p.add_argument("out_dir", help="folder for cell, nucleus, cytoplasm, cells.csv, stitch_stats.json, stitch_qc.png")
     p.add_argument("--format", choices=sorted(STITCH_FORMATS), default="ome.tif", help="whole-slide label format")
-    p.add_argument("--metadata", help="patch table choosing the patches (default: the tile-image one)")
+    p.add_argument("--metadata", help="patch table choosing the patches; if not given, the tile-image one")
     p.add_argument("--duplicate-overlap", type=float, default=0.5,
                    help="an object overlapping already-placed ones by more than this fraction is a duplicate")
     p.set_defaults(run=_run_stitch)

@@ -37,6 +37,11 @@ AUTO_CHUNK_VOXELS = 2**27
 AUTO_CHUNK_SHAPE = (128, 512, 512)
 
 
+def _auto_chunks(shape):
+    """The chunk a stage uses when none is given: None (whole volume) unless the volume is large."""
+    return AUTO_CHUNK_SHAPE if np.prod(shape) > AUTO_CHUNK_VOXELS else None
+
+
 def _score(truth_path, mask, shape):
     """Dice/Jaccard of ``mask`` against a ground-truth mask file (for demo and validation data)."""
 
@@ -60,12 +65,9 @@ def texture_mask_files(
 
 
 def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-
     vol = read_volume(input, ndim=3, lazy=True)
     vs, unit = geometry(vol, voxel_size, unit)
-    chunks = int_triple(chunk_shape, "chunk_shape")
-    if chunks is None and np.prod(vol.shape) > AUTO_CHUNK_VOXELS:
-        chunks = AUTO_CHUNK_SHAPE
+    chunks = int_triple(chunk_shape, "chunk_shape") or _auto_chunks(vol.shape)
     data = vol.data if chunks is not None else vol.numpy()
     log.info("texture_mask %s shape=%s voxel_size=%s %s chunks=%s params=%s",
              input, vol.shape, vs, unit, chunks, params)
@@ -94,7 +96,6 @@ def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, 
 
 
 def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
-
     vol = read_volume(input, ndim=3)
     log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
     m, st = postprocess_mask(vol.numpy(), **params)
@@ -122,7 +123,6 @@ def _threshold(value):
 
 
 def _add_texture(sub):
-
     d = keyword_defaults(texture_mask)
     p = sub.add_parser("texture-mask", help="classical texture-based tissue mask of a volume (Catena design)")
     p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
@@ -155,7 +155,6 @@ def _run_texture(a):
 
 
 def _add_postprocess(sub):
-
     d = keyword_defaults(postprocess_mask)
     p = sub.add_parser("postprocess-mask", help="3-D clean-up of a binary mask (opening, largest component, holes, grow/shrink)")
     p.add_argument("input", help="mask volume (nonzero = foreground)")
@@ -388,9 +387,7 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
     vol = read_volume(input, ndim=3, lazy=True)
     vs, unit = geometry(vol, voxel_size, unit)
     ckpt = load_checkpoint(checkpoint)
-    chunks = int_triple(chunk_shape, "chunk_shape")
-    if chunks is None and np.prod(vol.shape) > AUTO_CHUNK_VOXELS:
-        chunks = AUTO_CHUNK_SHAPE
+    chunks = int_triple(chunk_shape, "chunk_shape") or _auto_chunks(vol.shape)
     d = keyword_defaults(predict_volume)
     roi, overlap = params.get("roi_size", d["roi_size"]), params.get("overlap", d["overlap"])
     used = inference_chunk_shape(vol.shape, chunks, roi, overlap)
@@ -512,7 +509,7 @@ def _add_predict(sub):
     p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
     p.add_argument("checkpoint", help="best.pt (or last.pt) from train-unet")
     p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr, .tif TIFF")
-    p.add_argument("--prob", help="probability output, float16 (default: <output>_prob.zarr)")
+    p.add_argument("--prob", help="probability output, float16; if not given, <output>_prob.zarr")
     p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
     p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
@@ -524,9 +521,9 @@ def _add_predict(sub):
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d["tta"],
                    help="average the logits of the 8 axis flips")
     p.add_argument("--threshold", type=float, default=d["threshold"], help="mask = probability > threshold")
-    p.add_argument("--mean", type=float, default=d["mean"], help="z-score mean (default: from the volume)")
-    p.add_argument("--std", type=float, default=d["std"], help="z-score std (default: from the volume)")
-    p.add_argument("--chunk-shape", help="'z,y,x' block for out-of-core inference (default: automatic)")
+    p.add_argument("--mean", type=float, default=d["mean"], help="z-score mean; if not given, from the volume")
+    p.add_argument("--std", type=float, default=d["std"], help="z-score std; if not given, from the volume")
+    p.add_argument("--chunk-shape", help="'z,y,x' block for out-of-core inference; if not given, automatic")
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
     p.set_defaults(run=_run_predict)

@@ -191,9 +191,7 @@ def _squeeze_to(vol: Volume, ndim: int) -> Volume:
     shape = vol.shape
     extra = vol.ndim - ndim
     if extra > 0 and all(s == 1 for s in shape[:extra]):
-        data = vol.data[(0,) * extra] if not isinstance(vol.data, np.ndarray) else vol.data.reshape(shape[extra:])
-        if not hasattr(data, "shape") or len(data.shape) != ndim:  # zarr indexing returns numpy
-            data = np.asarray(data).reshape(shape[extra:])
+        data = vol.data[(0,) * extra]  # a view for NumPy and memory maps; Zarr indexing loads it
         return Volume(data, vol.voxel_size[extra:], vol.unit, vol.origin[extra:], vol.path, vol.attrs)
     kind = {2: "a 2-D image", 3: "a 3-D volume"}.get(ndim, f"{ndim}-D data")
     raise InputError(f"{vol.path}: has shape {shape} ({vol.ndim}-D) but {kind} is needed")
