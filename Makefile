@@ -47,7 +47,7 @@ slurm-packages:
 
 demo: setup
 	$(VENV)/bin/maskworks demo-data $(DEMO_DIR)
-	$(VENV)/bin/snakemake --profile profiles/default --configfile config/demo.yaml --resources gpu=$(NGPU)
+	$(VENV)/bin/snakemake --profile profiles/local --configfile config/demo.yaml --resources gpu=$(NGPU)
 	@$(PY) -m maskworks.cli demo-summary --results results
 
 test: setup setup-deepcell slurm-packages

@@ -19,11 +19,12 @@ rule tile_image:
     benchmark:
         "benchmarks/codex/tile_image/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=scaled(8000),
+        runtime=scaled(30),
+        **site_resources(),
     script:
         "../scripts/tile_image.py"
 
@@ -37,14 +38,14 @@ rule download_mesmer_model:
     benchmark:
         "benchmarks/codex/download_mesmer_model.tsv"
     conda:
-        "../envs/deepcell.yaml"
+        conda_env("deepcell")
     params:
         python=deepcell_python,
     resources:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{params.python} -m maskworks.cli download-mesmer-model {output:q} > {log:q} 2>&1"
+        "{params.python:q} -I -m maskworks.cli download-mesmer-model {output:q} > {log:q} 2>&1"
 
 
 rule segment_cells:
@@ -56,20 +57,20 @@ rule segment_cells:
     params:
         python=segment_python,
         args=segment_args,
-        env=segment_env,
     log:
         "logs/codex/segment_cells/{name}.log",
     benchmark:
         "benchmarks/codex/segment_cells/{name}.tsv"
     conda:
-        "../envs/deepcell.yaml"
+        conda_env("deepcell")
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=120,
-        gpu=gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0,
+        mem_mb=scaled(16000),
+        runtime=scaled(120),
+        gpu=SEGMENT_GPU,
+        **site_resources(gpu=SEGMENT_GPU),
     shell:
-        "{params.env}{params.python} -m maskworks.cli -v segment-cells {input.tiles:q} {output.segment:q} "
+        "{params.python:q} -I -m maskworks.cli -v segment-cells {input.tiles:q} {output.segment:q} "
         "{params.args} > {log:q} 2>&1"
 
 
@@ -84,14 +85,15 @@ rule repair_masks:
     benchmark:
         "benchmarks/codex/repair_masks/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     # Repair and stitching are short CPU steps: one submission per image.
     group:
         "codex_post"
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=scaled(8000),
+        runtime=scaled(30),
+        **site_resources(),
     script:
         "../scripts/repair_masks.py"
 
@@ -109,12 +111,13 @@ rule stitch:
     benchmark:
         "benchmarks/codex/stitch/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     group:
         "codex_post"
     resources:
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=scaled(16000),
+        runtime=scaled(60),
+        **site_resources(),
     script:
         "../scripts/stitch.py"

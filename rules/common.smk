@@ -2,6 +2,7 @@
 # environment choice.  Rules themselves hold no Python beyond short params.
 import json
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -13,12 +14,41 @@ from snakemake.utils import validate
 
 validate(config, "../config/schema.yaml")
 
-# Conda envs (--sdm conda) hold maskworks' dependencies, not maskworks itself:
-# the package is taken from this checkout.  Jobs inherit the variable, and
-# cluster jobs re-read this file, so it holds there too.
-_SRC = str(Path(workflow.basedir) / "src")
-if _SRC not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
-    os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
+SOFTWARE = config["software"]
+SLURM = config["slurm"]
+# This workflow's own source (the directory above rules/), also when it is used as a
+# module from another Snakefile (workflow.basedir is then the user's directory).
+SOURCE = workflow.current_basedir.join("..")
+
+
+def maskworks_source():
+    """What pip installs maskworks from in every conda env (envs/*.yaml: ${MASKWORKS_SOURCE}):
+    this source directory, or the repository and ref of a workflow used as a github()/gitlab()
+    module.  $MASKWORKS_SOURCE, when set, wins (any pip requirement, e.g. a wheel)."""
+    from snakemake.sourcecache import HostingProviderFile, LocalGitFile
+
+    if os.environ.get("MASKWORKS_SOURCE"):
+        return os.environ["MASKWORKS_SOURCE"]
+    if is_local_source():
+        return str(Path(SOURCE.get_path_or_uri(secret_free=True)).resolve())
+    if isinstance(SOURCE, HostingProviderFile):
+        return f"git+https://{SOURCE.host}/{SOURCE.repo}.git@{SOURCE.ref}"
+    if isinstance(SOURCE, LocalGitFile):
+        return f"git+file://{os.path.abspath(SOURCE.repo_path)}@{SOURCE.ref}"
+    raise WorkflowError(
+        f"maskworks is used from {SOURCE}: conda envs install it from a local checkout or a "
+        "github()/gitlab() module; set MASKWORKS_SOURCE to a pip requirement for it (e.g. a wheel)"
+    )
+
+
+def is_local_source():
+    from snakemake.sourcecache import LocalGitFile, LocalSourceFile
+
+    return isinstance(SOURCE, LocalSourceFile) and not isinstance(SOURCE, LocalGitFile)
+
+
+# pip expands ${MASKWORKS_SOURCE} in the env files' pip sections when Snakemake builds them.
+os.environ["MASKWORKS_SOURCE"] = maskworks_source()
 
 
 def read_table(path, schema):
@@ -86,7 +116,39 @@ def copick_runs():
             "listing copick runs needs maskworks[core] in the Snakemake environment; "
             f"install it or list the runs in cryoet.refine_membranes.runs ({exc})"
         )
-    return sorted(r.name for r in open_project(REFINE["copick_config"]).runs)
+    return sorted(r.name for r in copick_root().runs)
+
+
+def copick_root():
+    """The copick project of the refinement, opened once per Snakemake process."""
+    from maskworks.io.copick import open_project
+
+    if "root" not in _COPICK:
+        _COPICK["root"] = open_project(REFINE["copick_config"])
+    return _COPICK["root"]
+
+
+_COPICK = {}
+
+
+def refine_inputs(wildcards):
+    """The copick config and the segmentation stores refine_membranes reads for a run (when the
+    project is on the local file system), so that changing them reruns the job."""
+    from maskworks.io.copick import input_stores
+
+    stores = input_stores(copick_root(), wildcards.run, [REFINE["org_info"], REFINE["mem_info"]],
+                          REFINE["voxel_size"])
+    return {"config": REFINE["copick_config"], "stores": stores}
+
+
+def store_state(wildcards, input):
+    """Files and newest modification time inside the input Zarr stores: Snakemake compares a
+    directory's own mtime only, which rewriting a chunk inside it does not change."""
+    state = {}
+    for store in input.get("stores", []):
+        times = [os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(store) for f in files]
+        state[Path(store).name] = [len(times), max(times, default=0)]
+    return state
 
 
 def stage_params(section, drop=()):
@@ -95,9 +157,58 @@ def stage_params(section, drop=()):
     return {k: section[k] for k in sorted(section) if k not in drop}
 
 
+def uses_conda():
+    from snakemake.settings.types import DeploymentMethod
+
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def conda_env(name):
+    """The conda env file of a rule: envs/<name>.yaml, or its GPU variant envs/gpu/<name>.yaml
+    (CuPy, CUDA/cuDNN for TensorFlow) when software.gpu is set."""
+    return f"../envs/gpu/{name}.yaml" if SOFTWARE["gpu"] and name != "monai" else f"../envs/{name}.yaml"
+
+
 def gpu_request(device):
-    """GPU-capable rules ask Slurm/Snakemake for one GPU unless the config pins them to the CPU."""
-    return 0 if str(device) == "cpu" else 1
+    """gpu=1 for a rule that will use a GPU: `device: cuda[:N]`, or `auto` with the GPU envs
+    (software.gpu); `cpu`, or `auto` with the CPU envs, asks for none."""
+    d = str(device)
+    if d == "cpu":
+        return 0
+    if d == "auto":
+        return int(SOFTWARE["gpu"])
+    if uses_conda() and not SOFTWARE["gpu"]:
+        raise WorkflowError(f"device: {d} needs the GPU conda envs: set software.gpu: true (or use device: auto/cpu)")
+    return 1
+
+
+def job_device(device):
+    """The device a job is told to use: a job given a GPU must use it (`auto` becomes `cuda`,
+    which fails loudly where the GPU cannot be used); a job given none runs on the CPU."""
+    d = str(device)
+    if not gpu_request(d):
+        return "cpu"
+    return "cuda" if d == "auto" else d
+
+
+def intermediate(path):
+    """A full-volume float intermediate: temp() unless em.keep_intermediates keeps it."""
+    return path if EM["keep_intermediates"] else temp(path)
+
+
+def scaled(base):
+    """A resource that grows with the attempt: a job retried after running out of memory or
+    time (profiles/slurm: retries) asks for base x attempt."""
+    return lambda wildcards, attempt: base * attempt
+
+
+def site_resources(gpu=0):
+    """Slurm account and partition from the config (slurm.*), else $SBATCH_ACCOUNT /
+    $SBATCH_PARTITION; nothing when neither is set (Slurm's defaults apply)."""
+    account = SLURM["account"] or os.environ.get("SBATCH_ACCOUNT")
+    partition = (gpu and SLURM["gpu_partition"]) or SLURM["partition"] or os.environ.get("SBATCH_PARTITION")
+    out = {"slurm_account": account, "slurm_partition": partition}
+    return {k: v for k, v in out.items() if v}
 
 
 CODEX = config["codex"]
@@ -105,6 +216,7 @@ SEG = CODEX["segment_cells"]
 codex_images = read_table(CODEX["images"], "../config/codex_images.schema.yaml") if CODEX["enabled"] else None
 # Where the download rule puts the Mesmer model when neither model_path nor the deepcell cache has it.
 MESMER_DOWNLOAD = "resources/mesmer"
+SEGMENT_GPU = gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0
 DEEPCELL_CACHE = Path("~/.deepcell/models/MultiplexSegmentation").expanduser()
 
 
@@ -127,21 +239,25 @@ def codex_channels(wildcards):
     }
 
 
-def uses_conda():
-    from snakemake.settings.types import DeploymentMethod
-
-    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-
-
 def deepcell_python(wildcards=None):
-    """The interpreter of the DeepCell env: conda's (envs/deepcell.yaml) or the local .venv-deepcell."""
+    """The interpreter of the DeepCell env: conda's (envs/deepcell.yaml), else software.deepcell_python,
+    else .venv-deepcell of this workflow's source (`make setup-deepcell`)."""
     if uses_conda():
         return "python"
-    py = Path(workflow.basedir) / ".venv-deepcell" / "bin" / "python"
+    if SOFTWARE["deepcell_python"]:
+        py = Path(SOFTWARE["deepcell_python"])
+        where = "software.deepcell_python"
+    elif is_local_source():
+        py = Path(SOURCE.get_path_or_uri(secret_free=True)) / ".venv-deepcell" / "bin" / "python"
+        where = "the workflow's .venv-deepcell"
+    else:
+        raise WorkflowError(f"the Mesmer backend needs the DeepCell environment: set software.deepcell_python "
+                            f"(the workflow comes from {SOURCE}), or use conda (--sdm conda)")
     if not py.exists():
         raise WorkflowError(
-            f"the Mesmer backend runs in the DeepCell environment, but {py} does not exist: "
-            "run `make setup-deepcell`, or use conda (--sdm conda) to build envs/deepcell.yaml"
+            f"the Mesmer backend runs in the DeepCell environment, but {py} ({where}) does not exist: "
+            "run `make setup-deepcell` in the maskworks checkout, set software.deepcell_python, "
+            "or use conda (--sdm conda) to build envs/deepcell.yaml"
         )
     return str(py)
 
@@ -182,6 +298,7 @@ def cli_args(params):
 def segment_args(wildcards, input):
     """segment-cells options from the config (watershed parameters only for that backend)."""
     opts = {k: v for k, v in SEG.items() if k not in ("watershed", "model_path", "device")}
+    opts["device"] = job_device(SEG["device"]) if SEG["backend"] == "mesmer" else "cpu"
     if SEG["backend"] == "watershed":
         opts.update(SEG["watershed"])
         for k in ("preprocess_kwargs", "postprocess_kwargs_whole_cell", "postprocess_kwargs_nuclear"):
@@ -190,11 +307,6 @@ def segment_args(wildcards, input):
         opts["model_path"] = input.model
     opts["image_mpp"] = codex_channels(wildcards)["image_mpp"]
     return cli_args(opts)
-
-
-def segment_env(wildcards):
-    """Keep TensorFlow off the GPU when the config pins segmentation to the CPU."""
-    return "CUDA_VISIBLE_DEVICES= " if SEG["device"] == "cpu" else ""
 
 
 UNET = EM["train_unet"]

@@ -3,6 +3,10 @@
 # refinement over a copick project (SABER refine-membranes).
 
 
+wildcard_constraints:
+    run=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+
+
 rule extract_patches:
     input:
         unpack(cryoet_inputs),
@@ -16,13 +20,14 @@ rule extract_patches:
     benchmark:
         "benchmarks/cryoet/extract_patches/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     group:
         "cryoet_patches"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+        **site_resources(),
     script:
         "../scripts/extract_patches.py"
 
@@ -40,37 +45,40 @@ rule merge_corrections:
     benchmark:
         "benchmarks/cryoet/merge_corrections/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     # A short step: submitted together with the extraction of the same tomogram.
     group:
         "cryoet_patches"
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=scaled(2000),
+        runtime=scaled(15),
+        **site_resources(),
     script:
         "../scripts/merge_corrections.py"
 
 
 rule refine_membranes:
     input:
-        config=REFINE["copick_config"] or [],
+        unpack(refine_inputs),
     output:
         qc=report("results/cryoet/refine/{run}_refine_qc.png", caption="report/refine_qc.rst", category="cryo-ET", subcategory="refinement"),
         stats=report("results/cryoet/refine/{run}_refine_stats.csv", caption="report/refine_qc.rst", category="cryo-ET", subcategory="refinement"),
     params:
         refine=stage_params(REFINE, drop=("copick_config", "runs", "device")),
-        device=REFINE["device"],
+        device=job_device(REFINE["device"]),
+        stores=store_state,
     log:
         "logs/cryoet/refine_membranes/{run}.log",
     benchmark:
         "benchmarks/cryoet/refine_membranes/{run}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=scaled(8000),
+        runtime=scaled(60),
         gpu=gpu_request(REFINE["device"]),
+        **site_resources(gpu=gpu_request(REFINE["device"])),
     script:
         "../scripts/refine_membranes.py"

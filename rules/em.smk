@@ -11,7 +11,7 @@ rule texture_mask:
         unpack(em_inputs),
     output:
         mask=directory("results/em/{name}/texture_mask.zarr"),
-        confidence=directory("results/em/{name}/texture_confidence.zarr"),
+        confidence=intermediate(directory("results/em/{name}/texture_confidence.zarr")),
         stats="results/em/{name}/texture_stats.json",
         qc=report("results/em/{name}/texture_qc.png", caption="report/texture_qc.rst", category="volume EM", subcategory="{name}"),
     params:
@@ -22,13 +22,14 @@ rule texture_mask:
     benchmark:
         "benchmarks/em/texture_mask/{name}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     group:
         "em_mask"
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=scaled(16000),
+        runtime=scaled(120),
+        **site_resources(),
     script:
         "../scripts/texture_mask.py"
 
@@ -37,23 +38,25 @@ rule train_unet:
     input:
         unpack(unet_training_inputs),
     output:
-        best="results/em/unet/best.pt",
+        best=protected("results/em/unet/best.pt"),
         metrics="results/em/unet/metrics.json",
         history="results/em/unet/history.csv",
         curves=report("results/em/unet/curves.png", caption="report/unet_curves.rst", category="volume EM", subcategory="U-Net"),
     params:
-        train=stage_params(UNET, drop=("enabled", "training", "images_dir", "labels_dir")),
+        train=stage_params(UNET, drop=("enabled", "training", "images_dir", "labels_dir", "device")),
+        device=job_device(UNET["device"]),
     log:
         "logs/em/train_unet.log",
     benchmark:
         "benchmarks/em/train_unet.tsv"
     conda:
-        "../envs/monai.yaml"
+        conda_env("monai")
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=480,
+        mem_mb=scaled(16000),
+        runtime=scaled(480),
         gpu=gpu_request(UNET["device"]),
+        **site_resources(gpu=gpu_request(UNET["device"])),
     script:
         "../scripts/train_unet.py"
 
@@ -63,26 +66,28 @@ rule predict_unet:
         unpack(em_inputs),
         checkpoint="results/em/unet/best.pt",
     output:
-        prob=directory("results/em/{name}/unet_prob.zarr"),
+        prob=intermediate(directory("results/em/{name}/unet_prob.zarr")),
         mask=directory("results/em/{name}/unet_mask.zarr"),
         stats="results/em/{name}/unet_stats.json",
         qc=report("results/em/{name}/unet_qc.png", caption="report/unet_qc.rst", category="volume EM", subcategory="{name}"),
     params:
-        predict=stage_params(EM["predict_unet"]),
+        predict=stage_params(EM["predict_unet"], drop=("device",)),
+        device=job_device(EM["predict_unet"]["device"]),
         geometry=em_geometry,
     log:
         "logs/em/predict_unet/{name}.log",
     benchmark:
         "benchmarks/em/predict_unet/{name}.tsv"
     conda:
-        "../envs/monai.yaml"
+        conda_env("monai")
     threads: 2
     group:
         "em_mask"
     resources:
-        mem_mb=16000,
-        runtime=120,
+        mem_mb=scaled(16000),
+        runtime=scaled(120),
         gpu=gpu_request(EM["predict_unet"]["device"]),
+        **site_resources(gpu=gpu_request(EM["predict_unet"]["device"])),
     script:
         "../scripts/predict_unet.py"
 
@@ -101,13 +106,14 @@ rule postprocess_mask:
     benchmark:
         "benchmarks/em/postprocess_mask/{name}_{method}.tsv"
     conda:
-        "../envs/core.yaml"
+        conda_env("core")
     threads: 1
     # A short step: submitted together with the job that made its mask.
     group:
         "em_mask"
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+        **site_resources(),
     script:
         "../scripts/postprocess_mask.py"

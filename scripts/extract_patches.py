@@ -1,9 +1,9 @@
 """Rule extract_patches: tomogram + segmentation + centres -> imagesCorr/labelsCorr patches, manifest, QC."""
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import extract_patches_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 extract_patches_files(
     snakemake.input.tomogram,
     snakemake.input.segmentation,

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import merge_corrections_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 merge_corrections_files(
     Path(snakemake.input.patches) / "labelsCorr",
     snakemake.input.corrections,

@@ -1,9 +1,9 @@
 """Rule postprocess_mask: texture mask -> cleaned 3-D mask, stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.em.stages import postprocess_mask_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 postprocess_mask_files(
     snakemake.input.mask,
     snakemake.output.mask,

@@ -1,9 +1,9 @@
 """Rule predict_unet: volume + checkpoint -> probability and mask (OME-Zarr), stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.em.stages import predict_unet_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 predict_unet_files(
     snakemake.input.volume,
     snakemake.input.checkpoint,
@@ -14,4 +14,5 @@ predict_unet_files(
     truth=snakemake.input.get("truth"),
     **snakemake.params.geometry,
     **snakemake.params.predict,
+    device=snakemake.params.device,
 )

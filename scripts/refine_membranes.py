@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import refine_membranes_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 refine_membranes_files(
     snakemake.input.config,
     run=[snakemake.wildcards.run],

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.codex.stages import repair_patch_dir
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 repair_patch_dir(
     snakemake.input.segment,
     snakemake.output.repair,

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.codex.stages import stitch_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 stitch_files(
     snakemake.input.tiles,
     snakemake.input.repair,

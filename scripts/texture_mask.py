@@ -1,9 +1,9 @@
 """Rule texture_mask: volume -> tissue mask, confidence map, stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.em.stages import texture_mask_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 texture_mask_files(
     snakemake.input.volume,
     snakemake.output.mask,

@@ -1,9 +1,9 @@
 """Rule tile_image: multichannel image -> two-channel patches, patch QC table, QC PNG."""
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.codex.stages import tile_image_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 tile_image_files(
     snakemake.input.image,
     snakemake.input.get("channels"),

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_logging
+from maskworks.cli import snakemake_job
 from maskworks.em.stages import train_unet_files
 
-snakemake_logging(snakemake)  # `snakemake` is injected by Snakemake
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 train_unet_files(
     snakemake.input.get("images", []),
     snakemake.input.get("labels", []),
@@ -13,4 +13,5 @@ train_unet_files(
     images_dir=snakemake.input.get("images_dir"),
     labels_dir=snakemake.input.get("labels_dir"),
     **snakemake.params.train,
+    device=snakemake.params.device,
 )

@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -101,12 +102,71 @@ def _mtime(path):
     return p.stat().st_mtime_ns if p.exists() else None
 
 
-def snakemake_logging(snakemake):
-    """Send stderr (tracebacks, tqdm) and the maskworks log of a Snakemake script to its log file."""
+def snakemake_job(snakemake):
+    """Set up a Snakemake script job: imports confined to the job's own environment (see
+    :func:`isolate_imports`), stderr (tracebacks, tqdm) and the maskworks log sent to the
+    job's log file, and a first log line saying which maskworks and Python run the job."""
+    isolate_imports()
     if snakemake.log:
         sys.stderr = open(str(snakemake.log[0]), "w", buffering=1)  # noqa: SIM115 - lives as long as the job
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr, force=True)
+    log.info("rule %s: maskworks %s from %s; python %s (environment %s)", snakemake.rule, __version__,
+             Path(__file__).resolve().parent, sys.executable, sys.prefix)
+    sys.excepthook = functools.partial(_job_excepthook, snakemake.rule, sys.excepthook)
+
+
+def _job_excepthook(rule, default, kind, exc, tb):
+    """Bad input ends a job with its message, as on the command line; anything else with a traceback."""
+    if issubclass(kind, InputError):
+        print(f"maskworks {rule}: error: {exc}", file=sys.stderr)
+    else:
+        default(kind, exc, tb)
+
+
+def _inside(path, prefixes) -> bool:
+    p = os.path.realpath(path)
+    return any(p == q or p.startswith(q + os.sep) for q in prefixes)
+
+
+def isolate_imports() -> list[str]:
+    """Confine imports to this interpreter's own environment, as ``python -I`` would.
+
+    Snakemake's script preamble appends the host's ``sys.path`` (its virtual environment and
+    any PYTHONPATH) so that it can unpickle its job object; a package missing from the job's
+    conda env would then be imported silently from the host.  The entries outside this
+    interpreter's prefixes are dropped, and a maskworks or NumPy that was already imported
+    from there is an error.  Returns the dropped entries.
+    """
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    dropped = [p for p in sys.path if p and not _inside(p, prefixes)]
+    sys.path[:] = [p for p in sys.path if not p or _inside(p, prefixes)]
+    for name in ("maskworks", "numpy"):
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if where and not _inside(where, prefixes) and not _editable_install(name, where):
+            raise RuntimeError(
+                f"{name} was imported from {where}, outside this job's environment {sys.prefix}: the "
+                f"environment lacks it (rebuild the conda env: snakemake --conda-create-envs-only), "
+                "and jobs never use the host's packages"
+            )
+    return dropped
+
+
+def _editable_install(name, where) -> bool:
+    """Whether ``name`` is installed in this environment in editable mode (pip install -e) from
+    the project that holds ``where`` (a development checkout)."""
+    import importlib.metadata
+    import json
+
+    try:
+        direct = importlib.metadata.distribution(name).read_text("direct_url.json")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    info = json.loads(direct or "{}")
+    if not info.get("dir_info", {}).get("editable"):
+        return False
+    root = info.get("url", "").removeprefix("file://")
+    return bool(root) and _inside(where, {os.path.realpath(root)})
 
 
 # ----------------------------------------------------------------------------- command line

@@ -353,6 +353,48 @@ def _extract_into(tarball: Path, folder: Path) -> None:
     extract_archive(tarball, folder)
 
 
+def tensorflow_device(device="auto") -> str:
+    """Choose the device Mesmer's TensorFlow runs on: ``"cpu"`` or ``"cuda:N"``.
+
+    ``cpu`` hides every GPU from TensorFlow; ``auto`` takes the first GPU TensorFlow sees,
+    else the CPU; ``cuda``/``cuda:N`` must get that GPU.  Call before the model is loaded.
+
+    Raises
+    ------
+    InputError
+        For an unknown value, or a GPU asked for that TensorFlow cannot use (TensorFlow 2.8
+        needs CUDA 11.2 and cuDNN 8.1: the GPU DeepCell env, envs/gpu/deepcell.yaml).
+    """
+    d = str(device if device is not None else "auto").strip().lower()
+    d = "cuda:0" if d == "cuda" else d
+    head, _, tail = d.partition(":")
+    if d not in ("cpu", "auto") and not (head == "cuda" and tail.isdigit()):
+        raise InputError(f"device={device!r} is not one of auto | cpu | cuda | cuda:N")
+    if d == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before TensorFlow initialises CUDA
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise InputError(f"the mesmer backend needs TensorFlow and deepcell ({exc}); run it with the deepcell "
+                         "environment (.venv-deepcell/bin/python -m maskworks.cli, or envs/deepcell.yaml)") from None
+    gpus = tf.config.list_physical_devices("GPU")
+    if d == "cpu" or (d == "auto" and not gpus):
+        if gpus:
+            tf.config.set_visible_devices([], "GPU")
+        return "cpu"
+    index = 0 if d == "auto" else int(tail)
+    if index >= len(gpus):
+        built = tf.test.is_built_with_cuda()
+        raise InputError(
+            f"device={device!r}: this job was given a GPU, but TensorFlow {tf.__version__} sees "
+            f"{len(gpus)} GPU(s)" + ("" if built else " (a CPU-only build)") + "; TensorFlow 2.8 needs CUDA 11.2 "
+            "and cuDNN 8.1 (the GPU DeepCell env: software.gpu: true builds envs/gpu/deepcell.yaml), "
+            "or run with device: cpu"
+        )
+    tf.config.set_visible_devices([gpus[index]], "GPU")
+    return f"cuda:{index}"
+
+
 def load_mesmer_model(model_path=None, *, cache_dir=None):
     """Load the Mesmer Keras model found by :func:`find_mesmer_model` (TensorFlow imported here)."""
     path = find_mesmer_model(model_path, cache_dir=cache_dir)

@@ -63,6 +63,7 @@ from .segment import (
     segment_mesmer,
     segment_watershed,
     smallest_uint,
+    tensorflow_device,
 )
 from .tiling import (
     SPLIT_MODES,
@@ -474,7 +475,7 @@ def _segment_params(backend, params):
 def segment_cells_files(
     patches_dir, out_dir, *, backend="mesmer", model_path=None, image_mpp=None, batch_size=4,
     preprocess_kwargs=None, postprocess_kwargs_whole_cell=None, postprocess_kwargs_nuclear=None,
-    metadata=None, **watershed_params,
+    metadata=None, device="auto", **watershed_params,
 ):
     """Segment every informative patch of a tile-image folder: the ``segment_cells`` rule.
 
@@ -482,7 +483,8 @@ def segment_cells_files(
     with ``model_path``) and sends ``batch_size`` patches at a time, read from the
     patch store batch by batch; "watershed" takes ``watershed_params`` (the keywords
     of :func:`~maskworks.codex.segment.segment_watershed`).  ``image_mpp`` None: the
-    value tile-image stored.  ``metadata``: the patch table whose
+    value tile-image stored.  ``device`` (Mesmer): auto | cpu | cuda[:N], see
+    :func:`~maskworks.codex.segment.tensorflow_device`.  ``metadata``: the patch table whose
     ``is_informative`` column picks the patches (default: the one in
     ``patches_dir``).  Writes ``out_dir/patch_<patch_id>.npz`` per informative
     patch, ``segment_stats.json`` and ``segment_qc.png`` (see the module docstring).
@@ -501,8 +503,9 @@ def segment_cells_files(
     outputs = [out_dir / f"patch_{i}.npz" for i in ids]
     stats_path, qc = out_dir / "segment_stats.json", out_dir / "segment_qc.png"
     params = {"backend": backend, "model_path": None if model_path is None else str(model_path), "image_mpp": mpp,
-              "batch_size": int(batch_size)}
+              "batch_size": int(batch_size), "device": "cpu"}
     if backend == "mesmer":
+        params["device"] = tensorflow_device(device)
         params.update(preprocess_kwargs=dict(preprocess_kwargs or {}),
                       postprocess_kwargs_whole_cell=dict(postprocess_kwargs_whole_cell or {}),
                       postprocess_kwargs_nuclear=dict(postprocess_kwargs_nuclear or {}))
@@ -518,8 +521,8 @@ def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
 
     t0 = time.perf_counter()
     backend, bs = params["backend"], params["batch_size"]
-    log.info("segment_cells %s: %d informative patch(es) of %d, backend %s, params %s",
-             patches_dir, len(ids), arr.shape[0], backend, params)
+    log.info("segment_cells %s: %d informative patch(es) of %d, backend %s on device %s, params %s",
+             patches_dir, len(ids), arr.shape[0], backend, params["device"], params)
     app = None
     if backend == "mesmer" and ids:
         model = load_mesmer_model(params["model_path"])
@@ -607,6 +610,7 @@ def _add_segment(sub):
     p.add_argument("--backend", choices=BACKENDS, default="mesmer", help="mesmer (DeepCell, needs the deepcell env and a model) or watershed (no weights)")
     p.add_argument("--metadata", help="patch table choosing the informative patches; if not given, the tile-image one")
     p.add_argument("--batch-size", type=int, default=4, help="patches read and sent to the model together")
+    p.add_argument("--device", default="auto", help="Mesmer: auto, cpu, cuda or cuda:N (a GPU asked for must be usable)")
     g = p.add_argument_group("mesmer")
     g.add_argument("--model-path", help="Keras SavedModel directory or the MultiplexSegmentation tarball; "
                    "if not given, the deepcell cache ~/.deepcell/models")
@@ -635,7 +639,7 @@ def _run_segment(a):
         a.patches_dir, a.out_dir, backend=a.backend, model_path=a.model_path, image_mpp=a.image_mpp,
         batch_size=a.batch_size, preprocess_kwargs=a.preprocess_kwargs,
         postprocess_kwargs_whole_cell=a.postprocess_kwargs_whole_cell,
-        postprocess_kwargs_nuclear=a.postprocess_kwargs_nuclear, metadata=a.metadata, **ws,
+        postprocess_kwargs_nuclear=a.postprocess_kwargs_nuclear, metadata=a.metadata, device=a.device, **ws,
     )
 
 

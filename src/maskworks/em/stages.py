@@ -239,8 +239,8 @@ def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_d
                    checkpoint=str(paths["best.pt"]))
     write_json(paths["metrics.json"], metrics)
     test = metrics["test"] or {}
-    log.info("train_unet done: best epoch %s, val Dice %s, test Dice %s", metrics["best_epoch"],
-             metrics["best_val_dice"], test.get("dice"))
+    log.info("train_unet done on device %s: best epoch %s, val Dice %s, test Dice %s", metrics.get("device"),
+             metrics["best_epoch"], metrics["best_val_dice"], test.get("dice"))
     return metrics
 
 
@@ -412,7 +412,7 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
                      f"foreground {st['fraction_foreground']:.1%}"
                      + (f"  Dice vs truth {st['truth']['dice']:.3f}" if truth else ""))
     write_json(stats, st)
-    log.info("predict_unet done: %s", {k: st[k] for k in ("fraction_foreground", "seconds", "voxels_per_second")})
+    log.info("predict_unet done: %s", {k: st[k] for k in ("device", "fraction_foreground", "seconds", "voxels_per_second")})
     return st
 
 

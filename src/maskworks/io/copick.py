@@ -153,6 +153,38 @@ def find_segmentation(run, info: SegmentationInfo, voxel_size: float):
     return hits[0]
 
 
+def local_store(seg) -> str | None:
+    """The path of a segmentation's Zarr store when it lies on this machine's file system
+    (a copick ``filesystem`` overlay or static root), else None (S3, the data portal, ...)."""
+    protocol = getattr(getattr(seg, "fs", None), "protocol", None)
+    protocols = {protocol} if isinstance(protocol, str) else set(protocol or ())
+    path = getattr(seg, "path", None)
+    if path and protocols & {"file", "local"} and Path(path).is_dir():
+        return str(path)
+    return None
+
+
+@_keeps_logging
+def input_stores(root, run: str, infos, voxel_size: float) -> list[str]:
+    """Local Zarr stores of the segmentations that ``infos`` name in ``run`` (the inputs a
+    workflow can watch); segmentations that are not on the local file system are left out,
+    and so is a run or segmentation that does not exist (the stage itself reports it).
+    ``root``: a copick root, or the path of its configuration file."""
+    if isinstance(root, (str, Path)):
+        root = open_project(root)
+    match = [r for r in root.runs if r.name == run]
+    out = []
+    for info in infos:
+        try:
+            seg = find_segmentation(match[0], parse_segmentation_info(info), voxel_size) if match else None
+        except InputError:
+            seg = None
+        store = local_store(seg) if seg is not None else None
+        if store:
+            out.append(store)
+    return out
+
+
 @_keeps_logging
 def read_segmentation(seg) -> Volume:
     """A copick segmentation (pyramid level 0) as a (z, y, x) :class:`Volume` in ångström."""
