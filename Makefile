@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
 	@echo "make test    set up .venv and run the whole test suite (pytest)"
-	@echo "make lint    ruff + snakemake --lint"
+	@echo "make lint    ruff + snakefmt --check + snakemake --lint"
 	@echo "make bench   benchmarks in bench/ (ratios against a baseline measured in the same run)"
 	@echo "make clean   remove results, logs, demo data and caches (not the venvs)"
 
@@ -55,6 +55,7 @@ test: setup setup-deepcell slurm-packages
 
 lint: setup
 	$(VENV)/bin/ruff check src scripts tests bench
+	$(VENV)/bin/snakefmt --check Snakefile rules
 	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
 
 bench: setup

@@ -11,9 +11,6 @@ rule tile_image:
         unpack(codex_inputs),
     output:
         tiles=directory("results/codex/{name}/tiles"),
-    params:
-        tile=stage_params(CODEX["tile_image"]),
-        channels=codex_channels,
     log:
         "logs/codex/tile_image/{name}.log",
     benchmark:
@@ -22,9 +19,12 @@ rule tile_image:
         conda_env("core")
     threads: 1
     resources:
+        **site_resources(),
         mem_mb=scaled(8000),
         runtime=scaled(30),
-        **site_resources(),
+    params:
+        tile=stage_params(CODEX["tile_image"]),
+        channels=codex_channels,
     script:
         "../scripts/tile_image.py"
 
@@ -39,11 +39,11 @@ rule download_mesmer_model:
         "benchmarks/codex/download_mesmer_model.tsv"
     conda:
         conda_env("deepcell")
-    params:
-        python=deepcell_python,
     resources:
         mem_mb=2000,
         runtime=30,
+    params:
+        python=deepcell_python,
     shell:
         "{params.python:q} -I -m maskworks.cli download-mesmer-model {output:q} > {log:q} 2>&1"
 
@@ -54,9 +54,6 @@ rule segment_cells:
         model=mesmer_model,
     output:
         segment=directory("results/codex/{name}/segment"),
-    params:
-        python=segment_python,
-        args=segment_args,
     log:
         "logs/codex/segment_cells/{name}.log",
     benchmark:
@@ -65,10 +62,13 @@ rule segment_cells:
         conda_env("deepcell")
     threads: 2
     resources:
+        **site_resources(gpu=SEGMENT_GPU),
         mem_mb=scaled(16000),
         runtime=scaled(120),
         gpu=SEGMENT_GPU,
-        **site_resources(gpu=SEGMENT_GPU),
+    params:
+        python=segment_python,
+        args=segment_args,
     shell:
         "{params.python:q} -I -m maskworks.cli -v segment-cells {input.tiles:q} {output.segment:q} "
         "{params.args} > {log:q} 2>&1"
@@ -84,16 +84,16 @@ rule repair_masks:
         "logs/codex/repair_masks/{name}.log",
     benchmark:
         "benchmarks/codex/repair_masks/{name}.tsv"
-    conda:
-        conda_env("core")
-    threads: 1
     # Repair and stitching are short CPU steps: one submission per image.
     group:
         "codex_post"
+    conda:
+        conda_env("core")
+    threads: 1
     resources:
+        **site_resources(),
         mem_mb=scaled(8000),
         runtime=scaled(30),
-        **site_resources(),
     script:
         "../scripts/repair_masks.py"
 
@@ -103,21 +103,27 @@ rule stitch:
         tiles="results/codex/{name}/tiles",
         repair="results/codex/{name}/repair",
     output:
-        stitch=report(directory("results/codex/{name}/stitch"), patterns=["{qcname}_qc.png"], caption="report/codex_stitch.rst", category="multiplexed tissue", subcategory="{name}"),
-    params:
-        stitch=stage_params(CODEX["stitch"]),
+        stitch=report(
+            directory("results/codex/{name}/stitch"),
+            patterns=["{qcname}_qc.png"],
+            caption="report/codex_stitch.rst",
+            category="multiplexed tissue",
+            subcategory="{name}",
+        ),
     log:
         "logs/codex/stitch/{name}.log",
     benchmark:
         "benchmarks/codex/stitch/{name}.tsv"
+    group:
+        "codex_post"
     conda:
         conda_env("core")
     threads: 1
-    group:
-        "codex_post"
     resources:
+        **site_resources(),
         mem_mb=scaled(16000),
         runtime=scaled(60),
-        **site_resources(),
+    params:
+        stitch=stage_params(CODEX["stitch"]),
     script:
         "../scripts/stitch.py"

@@ -63,12 +63,18 @@ def read_table(path, schema):
     if dup:
         raise ValueError(f"{path}: duplicate names {dup}; every row needs its own name")
     if df.empty:
-        logger.warning(f"{path} lists no inputs yet: add one row per input (see README), or run `make demo`.")
+        logger.warning(
+            f"{path} lists no inputs yet: add one row per input (see README), or run `make demo`."
+        )
     return df.set_index("name", drop=False)
 
 
 EM = config["em"]
-em_volumes = read_table(EM["volumes"], "../config/em_volumes.schema.yaml") if EM["enabled"] else None
+em_volumes = (
+    read_table(EM["volumes"], "../config/em_volumes.schema.yaml")
+    if EM["enabled"]
+    else None
+)
 
 
 def em_row(wildcards):
@@ -78,19 +84,27 @@ def em_row(wildcards):
 def em_inputs(wildcards):
     """The volume (and, when the table names one, its ground-truth mask) of an EM row."""
     row = em_row(wildcards)
-    return {"volume": row["path"], **({"truth": row["truth"]} if row.get("truth") else {})}
+    return {
+        "volume": row["path"],
+        **({"truth": row["truth"]} if row.get("truth") else {}),
+    }
 
 
 def em_geometry(wildcards):
     """Voxel size/unit from the table; empty cells mean 'take them from the file'."""
     row = em_row(wildcards)
-    return {"voxel_size": row.get("voxel_size") or None, "unit": row.get("unit") or None}
+    return {
+        "voxel_size": row.get("voxel_size") or None,
+        "unit": row.get("unit") or None,
+    }
 
 
 CRYOET = config["cryoet"]
 REFINE = CRYOET["refine_membranes"]
 cryoet_tomograms = (
-    read_table(CRYOET["tomograms"], "../config/cryoet_tomograms.schema.yaml") if CRYOET["enabled"] else None
+    read_table(CRYOET["tomograms"], "../config/cryoet_tomograms.schema.yaml")
+    if CRYOET["enabled"]
+    else None
 )
 
 
@@ -100,7 +114,11 @@ def cryoet_row(wildcards):
 
 def cryoet_inputs(wildcards):
     row = cryoet_row(wildcards)
-    return {"tomogram": row["tomogram"], "segmentation": row["segmentation"], "centres": row["centres"]}
+    return {
+        "tomogram": row["tomogram"],
+        "segmentation": row["segmentation"],
+        "centres": row["centres"],
+    }
 
 
 def copick_runs():
@@ -136,8 +154,12 @@ def refine_inputs(wildcards):
     project is on the local file system), so that changing them reruns the job."""
     from maskworks.io.copick import input_stores
 
-    stores = input_stores(copick_root(), wildcards.run, [REFINE["org_info"], REFINE["mem_info"]],
-                          REFINE["voxel_size"])
+    stores = input_stores(
+        copick_root(),
+        wildcards.run,
+        [REFINE["org_info"], REFINE["mem_info"]],
+        REFINE["voxel_size"],
+    )
     return {"config": REFINE["copick_config"], "stores": stores}
 
 
@@ -146,7 +168,11 @@ def store_state(wildcards, input):
     directory's own mtime only, which rewriting a chunk inside it does not change."""
     state = {}
     for store in input.get("stores", []):
-        times = [os.stat(os.path.join(d, f)).st_mtime_ns for d, _, files in os.walk(store) for f in files]
+        times = [
+            os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(store)
+            for f in files
+        ]
         state[Path(store).name] = [len(times), max(times, default=0)]
     return state
 
@@ -166,7 +192,11 @@ def uses_conda():
 def conda_env(name):
     """The conda env file of a rule: envs/<name>.yaml, or its GPU variant envs/gpu/<name>.yaml
     (CuPy, CUDA/cuDNN for TensorFlow) when software.gpu is set."""
-    return f"../envs/gpu/{name}.yaml" if SOFTWARE["gpu"] and name != "monai" else f"../envs/{name}.yaml"
+    return (
+        f"../envs/gpu/{name}.yaml"
+        if SOFTWARE["gpu"] and name != "monai"
+        else f"../envs/{name}.yaml"
+    )
 
 
 def gpu_request(device):
@@ -178,13 +208,16 @@ def gpu_request(device):
     if d == "auto":
         return int(SOFTWARE["gpu"])
     if uses_conda() and not SOFTWARE["gpu"]:
-        raise WorkflowError(f"device: {d} needs the GPU conda envs: set software.gpu: true (or use device: auto/cpu)")
+        raise WorkflowError(
+            f"device: {d} needs the GPU conda envs: set software.gpu: true (or use device: auto/cpu)"
+        )
     return 1
 
 
 def job_device(device):
     """The device a job is told to use: a job given a GPU must use it (`auto` becomes `cuda`,
-    which fails loudly where the GPU cannot be used); a job given none runs on the CPU."""
+    which fails loudly where the GPU cannot be used); a job given none runs on the CPU.
+    """
     d = str(device)
     if not gpu_request(d):
         return "cpu"
@@ -206,14 +239,22 @@ def site_resources(gpu=0):
     """Slurm account and partition from the config (slurm.*), else $SBATCH_ACCOUNT /
     $SBATCH_PARTITION; nothing when neither is set (Slurm's defaults apply)."""
     account = SLURM["account"] or os.environ.get("SBATCH_ACCOUNT")
-    partition = (gpu and SLURM["gpu_partition"]) or SLURM["partition"] or os.environ.get("SBATCH_PARTITION")
+    partition = (
+        (gpu and SLURM["gpu_partition"])
+        or SLURM["partition"]
+        or os.environ.get("SBATCH_PARTITION")
+    )
     out = {"slurm_account": account, "slurm_partition": partition}
     return {k: v for k, v in out.items() if v}
 
 
 CODEX = config["codex"]
 SEG = CODEX["segment_cells"]
-codex_images = read_table(CODEX["images"], "../config/codex_images.schema.yaml") if CODEX["enabled"] else None
+codex_images = (
+    read_table(CODEX["images"], "../config/codex_images.schema.yaml")
+    if CODEX["enabled"]
+    else None
+)
 # Where the download rule puts the Mesmer model when neither model_path nor the deepcell cache has it.
 MESMER_DOWNLOAD = "resources/mesmer"
 SEGMENT_GPU = gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0
@@ -226,7 +267,10 @@ def codex_row(wildcards):
 
 def codex_inputs(wildcards):
     row = codex_row(wildcards)
-    return {"image": row["image"], **({"channels": row["channels"]} if row.get("channels") else {})}
+    return {
+        "image": row["image"],
+        **({"channels": row["channels"]} if row.get("channels") else {}),
+    }
 
 
 def codex_channels(wildcards):
@@ -234,7 +278,9 @@ def codex_channels(wildcards):
     row = codex_row(wildcards)
     return {
         "nuclear_channel": row["nuclear_channel"],
-        "wholecell_channels": [c.strip() for c in row["wholecell_channels"].split(",") if c.strip()],
+        "wholecell_channels": [
+            c.strip() for c in row["wholecell_channels"].split(",") if c.strip()
+        ],
         "image_mpp": float(row["image_mpp"]) if row.get("image_mpp") else None,
     }
 
@@ -248,11 +294,18 @@ def deepcell_python(wildcards=None):
         py = Path(SOFTWARE["deepcell_python"])
         where = "software.deepcell_python"
     elif is_local_source():
-        py = Path(SOURCE.get_path_or_uri(secret_free=True)) / ".venv-deepcell" / "bin" / "python"
+        py = (
+            Path(SOURCE.get_path_or_uri(secret_free=True))
+            / ".venv-deepcell"
+            / "bin"
+            / "python"
+        )
         where = "the workflow's .venv-deepcell"
     else:
-        raise WorkflowError(f"the Mesmer backend needs the DeepCell environment: set software.deepcell_python "
-                            f"(the workflow comes from {SOURCE}), or use conda (--sdm conda)")
+        raise WorkflowError(
+            f"the Mesmer backend needs the DeepCell environment: set software.deepcell_python "
+            f"(the workflow comes from {SOURCE}), or use conda (--sdm conda)"
+        )
     if not py.exists():
         raise WorkflowError(
             f"the Mesmer backend runs in the DeepCell environment, but {py} ({where}) does not exist: "
@@ -290,18 +343,28 @@ def cli_args(params):
         if isinstance(value, bool):
             out.append(opt if value else f"--no-{opt[2:]}")
         else:
-            text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+            text = (
+                json.dumps(value, sort_keys=True)
+                if isinstance(value, dict)
+                else str(value)
+            )
             out += [opt, shlex.quote(text)]
     return " ".join(out)
 
 
 def segment_args(wildcards, input):
     """segment-cells options from the config (watershed parameters only for that backend)."""
-    opts = {k: v for k, v in SEG.items() if k not in ("watershed", "model_path", "device")}
+    opts = {
+        k: v for k, v in SEG.items() if k not in ("watershed", "model_path", "device")
+    }
     opts["device"] = job_device(SEG["device"]) if SEG["backend"] == "mesmer" else "cpu"
     if SEG["backend"] == "watershed":
         opts.update(SEG["watershed"])
-        for k in ("preprocess_kwargs", "postprocess_kwargs_whole_cell", "postprocess_kwargs_nuclear"):
+        for k in (
+            "preprocess_kwargs",
+            "postprocess_kwargs_whole_cell",
+            "postprocess_kwargs_nuclear",
+        ):
             opts.pop(k)
     else:
         opts["model_path"] = input.model
@@ -315,15 +378,24 @@ UNET = EM["train_unet"]
 def unet_training_inputs(wildcards):
     """Training pairs: table rows with a truth (all, or those listed) and/or patch folders."""
     names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
-    missing = [n for n in names if n not in em_volumes.index or not em_volumes.loc[n, "truth"]]
+    missing = [
+        n for n in names if n not in em_volumes.index or not em_volumes.loc[n, "truth"]
+    ]
     if missing:
-        raise WorkflowError(f"em.train_unet.training names {missing}: not rows of {EM['volumes']} with a truth")
-    out = {"images": [em_volumes.loc[n, "path"] for n in names], "labels": [em_volumes.loc[n, "truth"] for n in names]}
+        raise WorkflowError(
+            f"em.train_unet.training names {missing}: not rows of {EM['volumes']} with a truth"
+        )
+    out = {
+        "images": [em_volumes.loc[n, "path"] for n in names],
+        "labels": [em_volumes.loc[n, "truth"] for n in names],
+    }
     if UNET["images_dir"]:
         out.update(images_dir=UNET["images_dir"], labels_dir=UNET["labels_dir"])
     if not names and not UNET["images_dir"]:
-        raise WorkflowError("em.train_unet is enabled but there is nothing to train on: give rows a truth mask "
-                            "or set images_dir/labels_dir")
+        raise WorkflowError(
+            "em.train_unet is enabled but there is nothing to train on: give rows a truth mask "
+            "or set images_dir/labels_dir"
+        )
     return out
 
 
@@ -332,7 +404,11 @@ def all_outputs():
     out = []
     if EM["enabled"]:
         methods = ["texture"] + (["unet"] if UNET["enabled"] else [])
-        out += expand("results/em/{name}/{method}_final.zarr", name=em_volumes.index, method=methods)
+        out += expand(
+            "results/em/{name}/{method}_final.zarr",
+            name=em_volumes.index,
+            method=methods,
+        )
     if CRYOET["enabled"]:
         out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
         with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]

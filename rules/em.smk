@@ -13,23 +13,28 @@ rule texture_mask:
         mask=directory("results/em/{name}/texture_mask.zarr"),
         confidence=intermediate(directory("results/em/{name}/texture_confidence.zarr")),
         stats="results/em/{name}/texture_stats.json",
-        qc=report("results/em/{name}/texture_qc.png", caption="report/texture_qc.rst", category="volume EM", subcategory="{name}"),
-    params:
-        texture=stage_params(EM["texture_mask"]),
-        geometry=em_geometry,
+        qc=report(
+            "results/em/{name}/texture_qc.png",
+            caption="report/texture_qc.rst",
+            category="volume EM",
+            subcategory="{name}",
+        ),
     log:
         "logs/em/texture_mask/{name}.log",
     benchmark:
         "benchmarks/em/texture_mask/{name}.tsv"
+    group:
+        "em_mask"
     conda:
         conda_env("core")
     threads: 1
-    group:
-        "em_mask"
     resources:
+        **site_resources(),
         mem_mb=scaled(16000),
         runtime=scaled(120),
-        **site_resources(),
+    params:
+        texture=stage_params(EM["texture_mask"]),
+        geometry=em_geometry,
     script:
         "../scripts/texture_mask.py"
 
@@ -41,10 +46,12 @@ rule train_unet:
         best=protected("results/em/unet/best.pt"),
         metrics="results/em/unet/metrics.json",
         history="results/em/unet/history.csv",
-        curves=report("results/em/unet/curves.png", caption="report/unet_curves.rst", category="volume EM", subcategory="U-Net"),
-    params:
-        train=stage_params(UNET, drop=("enabled", "training", "images_dir", "labels_dir", "device")),
-        device=job_device(UNET["device"]),
+        curves=report(
+            "results/em/unet/curves.png",
+            caption="report/unet_curves.rst",
+            category="volume EM",
+            subcategory="U-Net",
+        ),
     log:
         "logs/em/train_unet.log",
     benchmark:
@@ -53,10 +60,15 @@ rule train_unet:
         conda_env("monai")
     threads: 2
     resources:
+        **site_resources(gpu=gpu_request(UNET["device"])),
         mem_mb=scaled(16000),
         runtime=scaled(480),
         gpu=gpu_request(UNET["device"]),
-        **site_resources(gpu=gpu_request(UNET["device"])),
+    params:
+        train=stage_params(
+            UNET, drop=("enabled", "training", "images_dir", "labels_dir", "device")
+        ),
+        device=job_device(UNET["device"]),
     script:
         "../scripts/train_unet.py"
 
@@ -69,51 +81,71 @@ rule predict_unet:
         prob=intermediate(directory("results/em/{name}/unet_prob.zarr")),
         mask=directory("results/em/{name}/unet_mask.zarr"),
         stats="results/em/{name}/unet_stats.json",
-        qc=report("results/em/{name}/unet_qc.png", caption="report/unet_qc.rst", category="volume EM", subcategory="{name}"),
-    params:
-        predict=stage_params(EM["predict_unet"], drop=("device",)),
-        device=job_device(EM["predict_unet"]["device"]),
-        geometry=em_geometry,
+        qc=report(
+            "results/em/{name}/unet_qc.png",
+            caption="report/unet_qc.rst",
+            category="volume EM",
+            subcategory="{name}",
+        ),
     log:
         "logs/em/predict_unet/{name}.log",
     benchmark:
         "benchmarks/em/predict_unet/{name}.tsv"
+    group:
+        "em_mask"
     conda:
         conda_env("monai")
     threads: 2
-    group:
-        "em_mask"
     resources:
+        **site_resources(gpu=gpu_request(EM["predict_unet"]["device"])),
         mem_mb=scaled(16000),
         runtime=scaled(120),
         gpu=gpu_request(EM["predict_unet"]["device"]),
-        **site_resources(gpu=gpu_request(EM["predict_unet"]["device"])),
+    params:
+        predict=stage_params(EM["predict_unet"], drop=("device",)),
+        device=job_device(EM["predict_unet"]["device"]),
+        geometry=em_geometry,
     script:
         "../scripts/predict_unet.py"
 
 
 rule postprocess_mask:
     input:
-        unpack(lambda wc: {"mask": f"results/em/{wc.name}/{wc.method}_mask.zarr", **em_inputs(wc)}),
+        unpack(
+            lambda wc: {
+                "mask": f"results/em/{wc.name}/{wc.method}_mask.zarr",
+                **em_inputs(wc),
+            }
+        ),
     output:
         mask=directory("results/em/{name}/{method}_final.zarr"),
-        stats=report("results/em/{name}/{method}_final_stats.json", caption="report/final_stats.rst", category="volume EM", subcategory="{name}"),
-        qc=report("results/em/{name}/{method}_final_qc.png", caption="report/final_qc.rst", category="volume EM", subcategory="{name}"),
-    params:
-        postprocess=stage_params(EM["postprocess_mask"]),
+        stats=report(
+            "results/em/{name}/{method}_final_stats.json",
+            caption="report/final_stats.rst",
+            category="volume EM",
+            subcategory="{name}",
+        ),
+        qc=report(
+            "results/em/{name}/{method}_final_qc.png",
+            caption="report/final_qc.rst",
+            category="volume EM",
+            subcategory="{name}",
+        ),
     log:
         "logs/em/postprocess_mask/{name}_{method}.log",
     benchmark:
         "benchmarks/em/postprocess_mask/{name}_{method}.tsv"
-    conda:
-        conda_env("core")
-    threads: 1
     # A short step: submitted together with the job that made its mask.
     group:
         "em_mask"
+    conda:
+        conda_env("core")
+    threads: 1
     resources:
+        **site_resources(),
         mem_mb=scaled(4000),
         runtime=scaled(30),
-        **site_resources(),
+    params:
+        postprocess=stage_params(EM["postprocess_mask"]),
     script:
         "../scripts/postprocess_mask.py"

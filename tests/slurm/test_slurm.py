@@ -1,10 +1,15 @@
 """The demo through `snakemake --profile profiles/slurm` against a real single-node Slurm.
 
 tests/slurm/slurm.sh starts munged, slurmctld and slurmd (one fake GPU); the workflow is
-submitted job by job through the Slurm executor plugin with test-only overrides on the
-command line (the profile itself is used as shipped).  The test checks that every job
-finished, that GPU-capable rules were submitted with one GPU, and that the outputs equal
-those of a local run of the same config.
+submitted job by job through the Slurm executor plugin with the profile exactly as shipped,
+plus only what a user adds for their site: the account and partition (config keys
+slurm.account / slurm.partition), the status command of a cluster without accounting
+(``--slurm-status-command squeue``: this one has none, so sacct knows no jobs) and, as this
+machine has no conda, the choice of the local virtual environments over conda envs
+(``--sdm env-modules``: the rules name no modules, so jobs run in the venv that runs Snakemake).  The test checks, from ``scontrol show job``, that
+every job finished with the shipped latency, memory and time limits, account and partition,
+that no job asked for a GPU its environment cannot use (the CPU envs are the default), and
+that the outputs equal those of a local run of the same config.
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ from conftest import ROOT, exe, run, workflow_copy
 pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "tests" / "slurm" / "slurm.sh"
-# Rules that can use a GPU (they ask for gpu=1 unless their device is 'cpu').
-GPU_RULES = {"refine_membranes", "train_unet", "predict_unet"}
 
 
 def _slurm_available() -> str | None:
@@ -62,19 +65,14 @@ def local_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slurm_run(cluster, tmp_path_factory):
     d = workflow_copy(tmp_path_factory.mktemp("slurm"))
-    mem_mb = 2000
     cmd = [
         exe("snakemake"), "--profile", "profiles/slurm", "--configfile", "config/demo.yaml",
-        # test-only overrides: this cluster's partition/account and small memory; no conda here,
-        # so the deployment method is swapped (the rules name no env modules: nothing is loaded)
-        "--sdm", "env-modules",
-        "--default-resources", "slurm_partition=main", "slurm_account=maskworks", f"mem_mb={mem_mb}", "runtime=30",
-        # the rules ask for up to 16 GB; this node has half the machine's memory
-        "--set-resources", *[f"{rule}:mem_mb={mem_mb}" for rule in _rules()],
-        "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
-        "--jobs", "4", "--latency-wait", "10", "--retries", "0",
+        # the site: this cluster's account and partition; no conda here (local venvs); and no
+        # Slurm accounting, so job states come from squeue (sacct has nothing to report)
+        "--config", "slurm={account: maskworks, partition: main}", "--sdm", "env-modules",
+        "--slurm-status-command", "squeue",
     ]
-    proc = run(cmd, cwd=d, timeout=1500)
+    proc = run(cmd, cwd=d, timeout=1800)
     (d / "slurm_run.log").write_text(proc.stdout + proc.stderr)
     return d, proc.stdout + proc.stderr
 
@@ -84,47 +82,83 @@ def _rules() -> list[str]:
                   for r in re.findall(r"^rule (\w+):", smk.read_text(), re.M))
 
 
-def _submitted_jobs(workdir: Path) -> dict[str, set[str]]:
-    """Slurm job id -> the rules it ran, from the executor plugin's per-job log files
-    (a grouped submission runs several rules)."""
+def _submitted_jobs(out: str) -> dict[str, set[str]]:
+    """Slurm job id -> the rules it ran, from Snakemake's report of each submission: its
+    Slurm log folder is rule_<rule> or group_<group>_<rules...> (a grouped submission)."""
+    rules = _rules()
     jobs: dict[str, set[str]] = {}
-    for log in (workdir / ".snakemake" / "slurm_logs").glob("**/*.log"):
-        rules = set(re.findall(r"^\s*(?:local)?rule (\w+):", log.read_text(errors="replace"), re.M))
-        if rules:
-            jobs.setdefault(log.stem, set()).update(rules)
+    for job_id, logfile in re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)", out):
+        folder = Path(logfile).parts
+        top = next(p for p in folder if p.startswith(("rule_", "group_")))
+        jobs[job_id] = {top[5:]} if top.startswith("rule_") else {r for r in rules if r in top}
     return jobs
 
 
-def _job_record(job_id: str) -> str:
-    return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+def _job_record(job_id: str) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def _shipped_resources() -> dict[str, tuple[int, int]]:
+    """rule -> (mem_mb, runtime minutes) at attempt 1, as the rules declare them."""
+    out = {}
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for name, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), re.M):
+            mem = re.search(r"mem_mb=(?:scaled\()?(\d+)", body)
+            runtime = re.search(r"runtime=(?:scaled\()?(\d+)", body)
+            if mem and runtime:
+                out[name] = (int(mem.group(1)), int(runtime.group(1)))
+    return out
+
+
+def _minutes(limit: str) -> int:
+    days, _, hms = limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return (int(days) if days else 0) * 1440 + h * 60 + m + (s > 0)
 
 
 def test_every_job_finished_on_slurm(slurm_run):
     d, out = slurm_run
     m = re.search(r"(\d+) of (\d+) steps \(100%\) done", out)
     assert m and m.group(1) == m.group(2), out[-3000:]
-    jobs = _submitted_jobs(d)
+    jobs = _submitted_jobs(out)
     ran = set().union(*jobs.values())
     assert {"texture_mask", "postprocess_mask", "train_unet", "predict_unet", "extract_patches",
             "merge_corrections", "refine_membranes", "tile_image", "segment_cells", "repair_masks",
             "stitch"} <= ran, jobs
     for job_id, rules in jobs.items():
         info = _job_record(job_id)
-        assert "JobState=COMPLETED" in info, (rules, job_id, info)
+        assert info.get("JobState") == "COMPLETED", (rules, job_id, info)
+        # the site settings the user gave (config keys slurm.account / slurm.partition)
+        assert info["Account"] == "maskworks" and info["Partition"] == "main", (rules, info)
     # short steps go in one submission with their producer (group jobs), not one each
     assert any({"texture_mask", "postprocess_mask"} <= rules for rules in jobs.values()), jobs
     assert any({"repair_masks", "stitch"} <= rules for rules in jobs.values()), jobs
 
 
-def test_gpu_rules_were_submitted_with_one_gpu(slurm_run):
-    d, _ = slurm_run
-    for job_id, rules in _submitted_jobs(d).items():
+def test_jobs_ran_with_the_shipped_resources_and_latency(slurm_run):
+    """Memory and time limits are the rules' own (a group: the largest memory, the summed time),
+    and each job's Snakemake waits the profile's 60 s for its files (shared file systems)."""
+    _, out = slurm_run
+    shipped = _shipped_resources()
+    for job_id, rules in _submitted_jobs(out).items():
         info = _job_record(job_id)
-        gpu = re.search(r"TresPerJob=\S*gpu:(\d+)", info) or re.search(r"TresPerNode=\S*gpu:(\d+)", info)
-        if rules & GPU_RULES:
-            assert gpu and gpu.group(1) == "1", (rules, info)
-        else:
-            assert not gpu, (rules, info)
+        mems = [shipped[r][0] for r in rules]
+        assert info["MinMemoryNode"] == f"{max(mems)}M", (rules, info["MinMemoryNode"])
+        assert _minutes(info["TimeLimit"]) == sum(shipped[r][1] for r in rules), (rules, info["TimeLimit"])
+        script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True,
+                                text=True).stdout
+        assert re.search(r"--latency-wait 60\b", script) and "--attempt 1" in script, script[-2000:]
+    assert "latency-wait 5" not in out
+
+
+def test_no_job_holds_a_gpu_it_cannot_use(slurm_run):
+    """With the CPU envs (the default, software.gpu: false) `device: auto` asks for no GPU."""
+    _, out = slurm_run
+    for job_id, rules in _submitted_jobs(out).items():
+        info = _job_record(job_id)
+        tres = info.get("TresPerJob", "") + info.get("TresPerNode", "") + info.get("TRES", "")
+        assert "gpu" not in tres, (rules, info)
 
 
 def test_outputs_equal_the_local_run(slurm_run, local_run):

@@ -1,4 +1,5 @@
-"""The conda envs for clusters agree with the pins in pyproject.toml (one source of truth)."""
+"""The conda envs for clusters agree with the pins in pyproject.toml (one source of truth),
+and each of them installs maskworks itself from the workflow's source."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ ENVS = {
     "core.yaml": (["core"], "3.11"),
     "monai.yaml": (["core", "unet"], "3.11"),
     "deepcell.yaml": (["deepcell"], "3.10"),
+    "gpu/core.yaml": (["core", "gpu"], "3.11"),
+    "gpu/deepcell.yaml": (["deepcell"], "3.10"),
 }
+# conda-only packages of the GPU variants (CUDA libraries; no pip equivalent in pyproject)
+CUDA_LIBS = {"gpu/deepcell.yaml": {"cudatoolkit": "=11.2", "cudnn": "=8.1"}}
+SOURCE_ENTRY = "${MASKWORKS_SOURCE}"
 
 
 def _split(req: str) -> tuple[str, str]:
@@ -28,6 +34,8 @@ def _env_requirements(path) -> tuple[dict[str, str], str | None]:
     for dep in env["dependencies"]:
         items = dep["pip"] if isinstance(dep, dict) else [dep]
         for item in items:
+            if item == SOURCE_ENTRY:
+                continue
             name, spec = _split(item)
             if name == "python":
                 python = spec.lstrip("=")
@@ -46,6 +54,8 @@ def extras():
 def test_env_matches_pyproject(env_file, extras):
     wanted_extras, python = ENVS[env_file]
     reqs, env_python = _env_requirements(ROOT / "envs" / env_file)
+    for lib, spec in CUDA_LIBS.get(env_file, {}).items():
+        assert reqs.pop(lib) == spec, (env_file, lib)
     wanted = {}
     for e in wanted_extras:
         wanted.update(extras[e])
@@ -75,3 +85,24 @@ def test_must_pins_are_exact(extras):
     assert extras["unet"]["torch"] == "==2.13.0"
     assert extras["workflow"]["snakemake"].startswith("==9.")
     assert extras["workflow"]["snakemake-executor-plugin-slurm"].startswith("==")
+
+
+@pytest.mark.parametrize("env_file", sorted(ENVS))
+def test_every_env_installs_maskworks_from_the_workflow_source(env_file):
+    env = yaml.safe_load((ROOT / "envs" / env_file).read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert SOURCE_ENTRY in pip, f"envs/{env_file}: the pip section must install maskworks ({SOURCE_ENTRY})"
+
+
+def test_gpu_deepcell_env_puts_its_cuda_on_the_library_path():
+    script = ROOT / "envs" / "gpu" / "deepcell.post-deploy.sh"
+    assert script.is_file() and "LD_LIBRARY_PATH" in script.read_text()
+
+
+def test_rules_name_only_env_files_that_exist():
+    import re as _re
+
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for name in _re.findall(r'conda_env\("(\w+)"\)', smk.read_text()):
+            assert (ROOT / "envs" / f"{name}.yaml").is_file(), (smk.name, name)
+            assert name == "monai" or (ROOT / "envs" / "gpu" / f"{name}.yaml").is_file(), (smk.name, name)

@@ -89,3 +89,21 @@ def test_segment_cells_runs_mesmer_on_batches(tiny_model, tiles, tmp_path):
                 assert lab.shape == b.shape == (256, 256) and lab.dtype.kind == "u" and b.dtype == np.uint8
                 np.testing.assert_array_equal(b, find_boundaries(lab, mode="inner"))
 
+
+
+def test_mesmer_job_states_its_device_and_refuses_a_gpu_it_cannot_use(tiny_model, tiles, tmp_path):
+    common = [DC_PY, "-I", "-m", "maskworks.cli", "-v", "segment-cells", tiles, "--backend", "mesmer",
+              "--model-path", tiny_model, "--image-mpp", "0.5"]
+    proc = run([*common[:7], tmp_path / "cpu", *common[7:], "--device", "cpu"], env=QUIET, timeout=300)
+    assert "backend mesmer on device cpu" in proc.stderr
+    assert json.loads((tmp_path / "cpu" / "segment_stats.json").read_text())["device"] == "cpu"
+    probe = run([DC_PY, "-c", "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"],
+                env=QUIET, timeout=120)
+    if probe.stdout.strip() != "0":
+        pytest.skip("TensorFlow sees a GPU here")
+    # what a job given a GPU is told (device cuda): a clear error, exit 2, no outputs
+    proc = run([*common[:7], tmp_path / "gpu", *common[7:], "--device", "cuda"], env=QUIET, timeout=300,
+               check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "this job was given a GPU, but TensorFlow 2.8.4 sees 0 GPU(s)" in proc.stderr
+    assert "CUDA 11.2" in proc.stderr and not list((tmp_path / "gpu").glob("*.npz"))

@@ -51,6 +51,11 @@ def test_lint_passes(wd):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_rules_are_snakefmt_clean():
+    proc = run([exe("snakefmt"), "--check", "Snakefile", "rules"], cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_dry_run_lists_the_demo_jobs(wd):
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     counts = job_counts(proc.stdout + proc.stderr)
@@ -60,8 +65,8 @@ def test_dry_run_lists_the_demo_jobs(wd):
 
 
 def test_slurm_profile_dry_run(wd):
-    # CI has no conda: swap the profile's deployment method on the command line (the
-    # rules name no env modules, so nothing is loaded); executor and resources stay under test.
+    # CI has no conda: the local-venv choice a user makes on such a cluster (the rules name
+    # no env modules, so nothing is loaded); executor and resources stay under test.
     proc = run([exe("snakemake"), "--profile", "profiles/slurm", "-n", "--configfile", "config/demo.yaml",
                 "--sdm", "env-modules"], cwd=wd)
     counts = job_counts(proc.stdout + proc.stderr)
@@ -197,18 +202,34 @@ def test_mesmer_rule_uses_the_deepcell_venv_without_conda(wd, tmp_path):
     cfg = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
     cfg["codex"]["segment_cells"] = {"backend": "mesmer", "model_path": "demo_data", "device": "cpu"}
     (wd / "mesmer.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(wd, "-n", "-p", "--configfile", "mesmer.yaml", "--forcerun", "segment_cells",
-                     "--until", "segment_cells", check=False)
+    args = ["-n", "-p", "--configfile", "mesmer.yaml", "--forcerun", "segment_cells", "--until", "segment_cells"]
+    proc = snakemake(wd, *args, check=False)
     out = proc.stdout + proc.stderr
     venv = wd / ".venv-deepcell" / "bin" / "python"
     # the workflow copy has no .venv-deepcell yet: the error says how to get one
     assert proc.returncode != 0 and "make setup-deepcell" in out and str(venv) in out, out[-3000:]
+    assert "software.deepcell_python" in out
     venv.parent.mkdir(parents=True)
     venv.symlink_to(ROOT / ".venv-deepcell" / "bin" / "python")
-    out = snakemake(wd, "-n", "-p", "--configfile", "mesmer.yaml", "--forcerun", "segment_cells",
-                    "--until", "segment_cells").stdout
-    assert f"CUDA_VISIBLE_DEVICES= {venv} -m maskworks.cli -v segment-cells" in out, out[-3000:]
-    assert "--backend mesmer" in out and "--model-path demo_data" in out
+    out = snakemake(wd, *args).stdout
+    # isolated (-I: no PYTHONPATH, no user site), told its device
+    assert f"{venv} -I -m maskworks.cli -v segment-cells" in out, out[-3000:]
+    assert "--backend mesmer" in out and "--model-path demo_data" in out and "--device cpu" in out
+    # or any interpreter the user names (e.g. when the workflow is used as a module)
+    cfg["software"] = {"deepcell_python": str(ROOT / ".venv-deepcell" / "bin" / "python")}
+    (wd / "mesmer2.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(wd, *args[:3], "mesmer2.yaml", *args[4:]).stdout
+    assert f"{ROOT / '.venv-deepcell' / 'bin' / 'python'} -I -m maskworks.cli" in out, out[-3000:]
+
+
+def test_unknown_table_column_is_rejected(wd):
+    (wd / "typo.tsv").write_text("name\tpath\ttruht\nsample1\tdemo_data/em/sample1.zarr\tdemo_data/em/sample1_truth.zarr\n")
+    y = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
+    y["em"]["volumes"] = "typo.tsv"
+    (wd / "typotable.yaml").write_text(yaml.safe_dump(y))
+    proc = snakemake(wd, "-n", "--configfile", "typotable.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "truht" in out, out[-3000:]
 
 
 def test_report_includes_the_qc_pictures_and_stats(wd, demo_run):
