@@ -163,11 +163,12 @@ def refine_inputs(wildcards):
     return {"config": REFINE["copick_config"], "stores": stores}
 
 
-def store_state(wildcards, input):
-    """Files and newest modification time inside the input Zarr stores: Snakemake compares a
-    directory's own mtime only, which rewriting a chunk inside it does not change."""
+def store_state(wildcards):
+    """Files and newest modification time inside the input Zarr stores, as a param: Snakemake
+    compares only a directory's own mtime, which rewriting a chunk inside it does not change
+    (and params computed from `input` are not compared at all)."""
     state = {}
-    for store in input.get("stores", []):
+    for store in refine_inputs(wildcards)["stores"]:
         times = [
             os.stat(os.path.join(d, f)).st_mtime_ns
             for d, _, files in os.walk(store)
@@ -237,15 +238,26 @@ def scaled(base):
 
 def site_resources(gpu=0):
     """Slurm account and partition from the config (slurm.*), else $SBATCH_ACCOUNT /
-    $SBATCH_PARTITION; nothing when neither is set (Slurm's defaults apply)."""
+    $SBATCH_PARTITION; nothing when neither is set (Slurm's defaults apply).  ``gpu``: whether
+    the job asks for a GPU (slurm.gpu_partition), or a function of the wildcards that says so.
+    """
     account = SLURM["account"] or os.environ.get("SBATCH_ACCOUNT")
-    partition = (
-        (gpu and SLURM["gpu_partition"])
-        or SLURM["partition"]
-        or os.environ.get("SBATCH_PARTITION")
-    )
-    out = {"slurm_account": account, "slurm_partition": partition}
+    cpu = SLURM["partition"] or os.environ.get("SBATCH_PARTITION")
+    out = {"slurm_account": account}
+    if callable(gpu):
+        if SLURM["gpu_partition"] or cpu:
+            out["slurm_partition"] = (
+                lambda wildcards: (gpu(wildcards) and SLURM["gpu_partition"]) or cpu
+            )
+    else:
+        out["slurm_partition"] = (gpu and SLURM["gpu_partition"]) or cpu
     return {k: v for k, v in out.items() if v}
+
+
+def grouped_with_gpu_job(wildcards):
+    """postprocess_mask of a U-Net mask is submitted with its predict_unet job (group em_mask):
+    one submission, so the same partition as the GPU job."""
+    return wildcards.method == "unet" and gpu_request(EM["predict_unet"]["device"])
 
 
 CODEX = config["codex"]

@@ -142,7 +142,7 @@ rule postprocess_mask:
         conda_env("core")
     threads: 1
     resources:
-        **site_resources(),
+        **site_resources(gpu=grouped_with_gpu_job),
         mem_mb=scaled(4000),
         runtime=scaled(30),
     params:

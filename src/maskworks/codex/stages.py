@@ -58,6 +58,7 @@ from .repair import boundaries, check_labels, repair_masks
 from .segment import (
     BACKENDS,
     download_mesmer_model,
+    find_mesmer_model,
     label_boundaries,
     load_mesmer_model,
     segment_mesmer,
@@ -505,6 +506,7 @@ def segment_cells_files(
     params = {"backend": backend, "model_path": None if model_path is None else str(model_path), "image_mpp": mpp,
               "batch_size": int(batch_size), "device": "cpu"}
     if backend == "mesmer":
+        find_mesmer_model(model_path)  # a missing model is reported before TensorFlow is imported
         params["device"] = tensorflow_device(device)
         params.update(preprocess_kwargs=dict(preprocess_kwargs or {}),
                       postprocess_kwargs_whole_cell=dict(postprocess_kwargs_whole_cell or {}),
