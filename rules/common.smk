@@ -19,6 +19,8 @@ SLURM = config["slurm"]
 # This workflow's own source (the directory above rules/), also when it is used as a
 # module from another Snakefile (workflow.basedir is then the user's directory).
 SOURCE = workflow.current_basedir.join("..")
+# Set here, not asserted (envvars:): this workflow provides it to the conda env builds.
+SOURCE_VARIABLE = "MASKWORKS_SOURCE"
 
 
 def maskworks_source():
@@ -27,8 +29,8 @@ def maskworks_source():
     module.  $MASKWORKS_SOURCE, when set, wins (any pip requirement, e.g. a wheel)."""
     from snakemake.sourcecache import HostingProviderFile, LocalGitFile
 
-    if os.environ.get("MASKWORKS_SOURCE"):
-        return os.environ["MASKWORKS_SOURCE"]
+    if os.environ.get(SOURCE_VARIABLE):
+        return os.environ[SOURCE_VARIABLE]
     if is_local_source():
         return str(Path(SOURCE.get_path_or_uri(secret_free=True)).resolve())
     if isinstance(SOURCE, HostingProviderFile):
@@ -48,7 +50,7 @@ def is_local_source():
 
 
 # pip expands ${MASKWORKS_SOURCE} in the env files' pip sections when Snakemake builds them.
-os.environ["MASKWORKS_SOURCE"] = maskworks_source()
+os.environ[SOURCE_VARIABLE] = maskworks_source()
 
 
 def read_table(path, schema):
@@ -201,8 +203,8 @@ def conda_env(name):
 
 
 def gpu_request(device):
-    """gpu=1 for a rule that will use a GPU: `device: cuda[:N]`, or `auto` with the GPU envs
-    (software.gpu); `cpu`, or `auto` with the CPU envs, asks for none."""
+    """gpu=1 for a job that will use a GPU (`device` cuda[:N], or auto with the GPU envs,
+    software.gpu); `cpu`, or `auto` with the CPU envs, asks for none."""
     d = str(device)
     if d == "cpu":
         return 0
@@ -306,12 +308,8 @@ def deepcell_python(wildcards=None):
         py = Path(SOFTWARE["deepcell_python"])
         where = "software.deepcell_python"
     elif is_local_source():
-        py = (
-            Path(SOURCE.get_path_or_uri(secret_free=True))
-            / ".venv-deepcell"
-            / "bin"
-            / "python"
-        )
+        source = os.path.normpath(SOURCE.get_path_or_uri(secret_free=True))
+        py = Path(source) / ".venv-deepcell" / "bin" / "python"
         where = "the workflow's .venv-deepcell"
     else:
         raise WorkflowError(
