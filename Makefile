@@ -4,6 +4,7 @@ SHELL := /bin/bash
 
 VENV        := .venv
 VENV_DC     := .venv-deepcell
+VENV_PEERS  := .venv-peers
 PY          := $(VENV)/bin/python
 PY311       ?= $(shell command -v python3.11 || command -v python3)
 # deepcell 0.12.10 needs Python < 3.11; pyenv keeps 3.10 out of PATH on some machines.
@@ -14,11 +15,12 @@ NGPU        := $(if $(NGPU),$(NGPU),0)
 DEMO_DIR    ?= demo_data
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-deepcell slurm-packages demo test lint bench clean
+.PHONY: help setup setup-deepcell setup-peers slurm-packages demo test test-peers lint bench clean
 
 help:
 	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
 	@echo "make test    set up .venv and run the whole test suite (pytest)"
+	@echo "make test-peers  differential tests against SABER 1.0.1 and MemBrain-seg 0.0.10 (own venv; not in make test)"
 	@echo "make lint    ruff + snakefmt --check + snakemake --lint"
 	@echo "make bench   benchmarks in bench/ (ratios against a baseline measured in the same run)"
 	@echo "make clean   remove results, logs, demo data and caches (not the venvs)"
@@ -51,7 +53,20 @@ demo: setup
 	@$(PY) -m maskworks.cli demo-summary --results results
 
 test: setup setup-deepcell slurm-packages
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/peers $(PYTEST_ARGS)
+
+# The published tools maskworks is compared with, for understanding and comparison only:
+# installed with --no-deps plus what they import, never vendored.
+setup-peers: $(VENV_PEERS)/.stamp
+
+$(VENV_PEERS)/.stamp: Makefile
+	@test -x $(VENV_PEERS)/bin/python || $(PY311) -m venv $(VENV_PEERS)
+	$(VENV_PEERS)/bin/python -m pip install -q --no-deps saber-em==1.0.1 membrain-seg==0.0.10
+	$(VENV_PEERS)/bin/python -m pip install -q torch==2.13.0 numpy scipy tqdm SimpleITK mrcfile typer click scikit-image
+	@touch $@
+
+test-peers: setup setup-peers
+	$(PY) -m pytest -s tests/peers $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src scripts tests bench

@@ -55,7 +55,7 @@ def make_scene(shape, n_organelles: int, seed: int = 0):
     return labels, shells.astype(np.uint8)
 
 
-def _worker(data: Path, device: str) -> dict:
+def _worker(data: Path, device: str, membrane_output: str = "dilated") -> dict:
     from maskworks.cryoet.refine import refine_membranes
 
     org = np.load(data / "organelles.npy")
@@ -63,7 +63,8 @@ def _worker(data: Path, device: str) -> dict:
     base = _peak_rss_mb()
     tracemalloc.start()
     t0 = time.perf_counter()
-    out_org, out_mem, stats = refine_membranes(org, mem, device=device, progress=False)
+    out_org, out_mem, stats = refine_membranes(org, mem, device=device, progress=False,
+                                               membrane_output=membrane_output)
     seconds = time.perf_counter() - t0
     _, traced = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -76,10 +77,11 @@ def _worker(data: Path, device: str) -> dict:
     return {"seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": base, "traced_peak_mb": traced / 2**20,
             "gpu_pool_mb": gpu_pool, "device": stats["device"], "kept": stats["organelles_kept"],
             "organelles": stats["organelles_in"], "voxels": int(org.size),
+            "membrane_voxels_out": stats["membrane_voxels_out"],
             "checksum": int(out_org.astype(np.int64).sum() + 3 * out_mem.astype(np.int64).sum())}
 
 
-def _case(shape, n: int, device: str, seed: int) -> dict:
+def _case(shape, n: int, device: str, seed: int, membrane_output: str = "dilated") -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_refine_") as tmp:
         data = Path(tmp)
         t0 = time.perf_counter()
@@ -88,7 +90,8 @@ def _case(shape, n: int, device: str, seed: int) -> dict:
         np.save(data / "organelles.npy", org)
         np.save(data / "membranes.npy", mem)
         del org, mem
-        cmd = [sys.executable, __file__, "--worker", "--data", str(data), "--device", device]
+        cmd = [sys.executable, __file__, "--worker", "--data", str(data), "--device", device,
+               "--membrane-output", membrane_output]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return {"n": n, "generated_s": gen, **json.loads(res.stdout.strip().splitlines()[-1])}
 
@@ -102,9 +105,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--membrane-output", default="dilated", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.data, args.device)))
+        print(json.dumps(_worker(args.data, args.device, args.membrane_output)))
         return
 
     from maskworks.backend import resolve_device
@@ -128,6 +132,10 @@ def main(argv=None) -> None:
           f"{(many['peak_rss_mb'] - many['baseline_rss_mb']) / max(1.0, few['peak_rss_mb'] - few['baseline_rss_mb']):.2f}x, "
           f"traced peak {many['traced_peak_mb'] / max(1e-6, few['traced_peak_mb']):.2f}x "
           f"(flat = 1.00x); time ratio {many['seconds'] / few['seconds']:.2f}x")
+    inp = _case(shape, timed["n"], device, args.seed, membrane_output="input")
+    print(f"membrane_output input / dilated (SABER's, the default), {timed['n']} organelles: membrane voxels "
+          f"{inp['membrane_voxels_out'] / max(1, timed['membrane_voxels_out']):.2f}x, "
+          f"time {inp['seconds'] / timed['seconds']:.2f}x")
     print("command: python bench/bench_refine.py" + "".join(
         f" {flag} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
         for flag, v, d in (("--shape", tuple(args.shape), (200, 400, 400)), ("--counts", tuple(args.counts), (5, 20, 40)),

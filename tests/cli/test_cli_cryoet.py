@@ -90,8 +90,10 @@ def test_nifti_output_single_centre_and_tokens(tomo):
                  "--patch-size", "8", "--border", "1", "--format", "nii.gz", "--ds-token", "ds1",
                  "--token", "TS_01"]) == 0
     img = nib.load(str(out / "imagesCorr" / "ds1_TS_01_patch0.nii.gz"))
-    np.testing.assert_allclose(img.affine[:3, 3], [360, 240, 120])
-    np.testing.assert_allclose(np.diag(img.affine)[:3], [10, 10, 10])
+    # NIfTI is RAS: the LPS position (x 360, y 240, z 120) has x and y negated
+    np.testing.assert_allclose(img.affine[:3, 3], [-360, -240, 120])
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [-10, -10, 10])
+    assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
     back = read_volume(out / "imagesCorr" / "ds1_TS_01_patch0.nii.gz")
     np.testing.assert_array_equal(back.numpy(), image[2:10, 4:12, 6:14])
     assert back.unit == "angstrom"
@@ -307,3 +309,81 @@ def test_demo_patches_extract_and_merge(tmp_path):
     before = read_volume(out / "labelsCorr" / "demo_tomo1_patch0.nrrd").numpy()
     keep = fixed != 2
     assert (before[keep] != true0[keep]).sum() > 100 and (fixed[keep] == true0[keep]).all()
+
+
+# ----------------------------------------------------------------------------- viewers' geometry
+
+
+@pytest.mark.parametrize("ext", [".nrrd", ".nii.gz"])
+def test_patch_geometry_reads_the_same_in_simpleitk_for_both_formats(tmp_path, ext):
+    sitk = pytest.importorskip("SimpleITK")
+    data = np.arange(np.prod(PATCH), dtype=np.uint8).reshape(PATCH) % 3
+    path = write_volume(tmp_path / f"p{ext}", data, VS, unit="angstrom", origin=P_ORIGIN)
+    img = sitk.ReadImage(str(path))
+    assert img.GetOrigin() == pytest.approx(P_ORIGIN[::-1])  # x, y, z in LPS
+    assert img.GetSpacing() == pytest.approx(VS[::-1])
+    assert img.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), data)  # z, y, x as ours
+    back = read_volume(path)
+    assert back.origin == pytest.approx(P_ORIGIN) and back.voxel_size == pytest.approx(VS)
+
+
+@pytest.mark.parametrize("label_ext", [".nii.gz", ".nrrd"])
+def test_a_correction_saved_by_a_simpleitk_viewer_on_our_patch_merges(tmp_path, label_ext):
+    """What MITK/Slicer do: read our patch, draw, save the mask with the patch's geometry."""
+    sitk = pytest.importorskip("SimpleITK")
+    labels, corr = tmp_path / "labels", tmp_path / "corrections"
+    label = np.zeros(PATCH, np.uint8)
+    label[2:4, 2:4, 1:5] = 1
+    path = write_volume(labels / f"p0{label_ext}", label, VS, unit="angstrom", origin=P_ORIGIN)
+    add = _mask(slice(1, 5), 3, 2)
+    drawn = sitk.GetImageFromArray(add)
+    drawn.CopyInformation(sitk.ReadImage(str(path)))
+    (corr / "p0").mkdir(parents=True)
+    sitk.WriteImage(drawn, str(corr / "p0" / "Add1.nrrd"))
+    assert _merge(labels, corr, tmp_path / "merged") == 0
+    # the same merge from a mask without any geometry
+    plain = tmp_path / "plain"
+    write_volume(plain / "p0" / "Add1.npy", add)
+    assert _merge(labels, plain, tmp_path / "merged_plain") == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "merged" / f"p0{label_ext}").numpy(),
+                                  read_volume(tmp_path / "merged_plain" / f"p0{label_ext}").numpy())
+    row = _manifest(tmp_path / "merged" / "report.csv")[0]
+    assert row["status"] == "merged" and row["geometry"] == "Add1.nrrd:checked"
+
+
+def test_a_mask_without_geometry_is_accepted_with_a_note_and_a_real_mismatch_refused(tmp_path, capsys):
+    sitk = pytest.importorskip("SimpleITK")
+    labels, corr = tmp_path / "labels", tmp_path / "corrections"
+    label = np.zeros(PATCH, np.uint8)
+    write_volume(labels / "p0.nrrd", label, VS, unit="angstrom", origin=P_ORIGIN)
+    (corr / "p0").mkdir(parents=True)
+    # napari and many scripts: spacing 1, origin 0 (SimpleITK's defaults), whatever the unit says
+    sitk.WriteImage(sitk.GetImageFromArray(_mask(1, 1, 1)), str(corr / "p0" / "Add1.nii.gz"))
+    assert _merge(labels, corr, tmp_path / "merged") == 0
+    row = _manifest(tmp_path / "merged" / "report.csv")[0]
+    assert row["geometry"] == "Add1.nii.gz:none" and "geometry: none in Add1.nii.gz" in row["note"]
+    assert read_volume(tmp_path / "merged" / "p0.nrrd").numpy()[1, 1, 1] == 1
+    # a mask that carries a real, different geometry (another patch) is still refused
+    other = sitk.GetImageFromArray(_mask(1, 1, 1))
+    other.SetSpacing(VS[::-1])
+    other.SetOrigin((P_ORIGIN[2] + 50, P_ORIGIN[1], P_ORIGIN[0]))
+    sitk.WriteImage(other, str(corr / "p0" / "Add2.nrrd"))
+    assert _merge(labels, corr, tmp_path / "merged2") == 2
+    assert "another patch" in capsys.readouterr().err
+
+
+def test_extract_keeps_the_tomogram_dtype_unless_told(tmp_path):
+    image = (np.arange(np.prod(SHAPE)) % 200 - 100).astype(np.int8).reshape(SHAPE)
+    seg = np.zeros(SHAPE, np.uint8)
+    t = write_volume(tmp_path / "tomo.mrc", image, VS, unit="angstrom")
+    s = write_volume(tmp_path / "seg.mrc", seg, VS, unit="angstrom")
+    assert main(["extract-patches", str(t), str(s), str(tmp_path / "a"), "--x", "1", "--y", "8", "--z", "6",
+                 "--patch-size", "8", "--border", "1"]) == 0
+    p = read_volume(tmp_path / "a" / "imagesCorr" / "other_tomo_patch0.nrrd").numpy()
+    assert p.dtype == np.int8 and p[:, :, :3].min() == p[:, :, :3].max() == round(float(image.mean()))
+    np.testing.assert_array_equal(p[:, :, 3:], image[2:10, 4:12, 0:5])
+    assert read_volume(tmp_path / "a" / "labelsCorr" / "other_tomo_patch0.nrrd").dtype == np.uint8
+    assert main(["extract-patches", str(t), str(s), str(tmp_path / "b"), "--x", "10", "--y", "8", "--z", "6",
+                 "--patch-size", "8", "--border", "1", "--image-dtype", "float32"]) == 0
+    assert read_volume(tmp_path / "b" / "imagesCorr" / "other_tomo_patch0.nrrd").dtype == np.float32

@@ -53,7 +53,7 @@ def test_refine_writes_segmentations_qc_and_stats(project, tmp_path):
                  "--run", "TS_003", "--run", "TS_001", "--device", "cpu", "--qc-dir", str(qc),
                  "--stats", str(stats)]) == 0
     for name in ("TS_001", "TS_003"):
-        org = segs(project, name, "maskworks-refined")["organelles"]
+        org = segs(project, name, "saber-refined")["organelles"]
         mem = segs(project, name, "membrain-seg-refined")["membrane"]
         assert org.session_id == mem.session_id == "1" and org.voxel_size == 10.0
         assert cio.segmentation_type(org) == cio.segmentation_type(mem) == "multilabel"
@@ -62,7 +62,7 @@ def test_refine_writes_segmentations_qc_and_stats(project, tmp_path):
         assert set(np.unique(o)) == set(np.unique(m)) == {0, 1, big, 3}
         assert o.dtype == (np.uint16 if name == "TS_003" else np.uint8)
         assert (qc / f"{name}_refine_qc.png").stat().st_size > 1000
-    assert not segs(project, "TS_002", "maskworks-refined")  # not asked for
+    assert not segs(project, "TS_002", "saber-refined")  # not asked for
     table = rows(stats)
     assert [(r["run"], r["organelle_id"], r["kept"]) for r in table] == [
         (run_name, str(i), str(i in (1, 2, 300, 3))) for run_name, ids in
@@ -77,18 +77,18 @@ def test_rerun_with_name_only_info_reads_the_inputs_not_the_outputs(project):
     from maskworks.cryoet.stages import refine_membranes_files
 
     first = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu")
-    out = cio.read_segmentation(segs(project, "TS_002", "maskworks-refined")["organelles"]).data
+    out = cio.read_segmentation(segs(project, "TS_002", "saber-refined")["organelles"]).data
     second = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run="TS_002", device="cpu")
     assert first["runs"][0]["organelles_from"] == second["runs"][0]["organelles_from"] == \
         "organelles (user saber, session 1, voxel size 10 A, multilabel)"
     assert second["runs"][0]["membranes_from"].startswith("membrane (user membrain-seg,")
-    np.testing.assert_array_equal(cio.read_segmentation(segs(project, "TS_002", "maskworks-refined")
+    np.testing.assert_array_equal(cio.read_segmentation(segs(project, "TS_002", "saber-refined")
                                                         ["organelles"]).data, out)
     # a new session is a new output; the old one stays
     refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu",
                            save_session_id="7")
     r = cio.select_runs(cio.open_project(project), ["TS_002"])[0]
-    assert sorted(s.session_id for s in r.segmentations if s.user_id == "maskworks-refined") == ["1", "1", "7", "7"]
+    assert sorted(s.session_id for s in r.segmentations if s.user_id.endswith("-refined")) == ["1", "1", "7", "7"]
 
 
 def test_nothing_kept_writes_empty_volumes(project, tmp_path):
@@ -96,7 +96,7 @@ def test_nothing_kept_writes_empty_volumes(project, tmp_path):
     assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
                  "--run", "TS_001", "--min-membrane-area", str(10**9), "--device", "cpu",
                  "--stats", str(stats)]) == 0
-    for user, name in (("maskworks-refined", "organelles"), ("membrain-seg-refined", "membrane")):
+    for user, name in (("saber-refined", "organelles"), ("membrain-seg-refined", "membrane")):
         vol = cio.read_segmentation(segs(project, "TS_001", user)[name])
         assert vol.shape == (64, 128, 128) and not vol.data.any()
     table = rows(stats)
@@ -108,10 +108,38 @@ def test_missing_segmentation_lists_the_available_ones(project, capsys):
     assert main(["refine-membranes", "--config", str(project), "--org-info", "mito", "--mem-info", MEM,
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "refine-membranes: error: run TS_001: no segmentation matches 'mito' at voxel size 10 A" in err
+    assert ("refine-membranes: error: no run has both segmentations: run TS_001: no segmentation matches "
+            "'mito' at voxel size 10 A") in err
     assert "organelles (user saber, session 1, voxel size 10 A, multilabel)" in err
     assert "membrane (user membrain-seg, session 1, voxel size 10 A, binary)" in err
-    assert not segs(project, "TS_001", "maskworks-refined")
+    assert not segs(project, "TS_001", "saber-refined")
+
+
+def test_a_run_without_its_input_is_reported_and_the_others_refined(project, tmp_path, capsys):
+    r = cio.select_runs(cio.open_project(project), ["TS_002"])[0]
+    seg = cio.find_segmentation(r, cio.parse_segmentation_info(MEM), 10)
+    shutil.rmtree(seg.path)
+    stats = tmp_path / "stats.csv"
+    assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
+                 "--device", "cpu", "--stats", str(stats)]) == 2
+    err = capsys.readouterr().err
+    assert "run TS_002 not refined: run TS_002: no segmentation matches 'membrane,membrain-seg,1'" in err
+    assert "organelles (user saber, session 1, voxel size 10 A, multilabel)" in err  # what TS_002 has
+    for name in ("TS_001", "TS_003"):
+        assert segs(project, name, "saber-refined")["organelles"] and segs(project, name, "membrain-seg-refined")
+    assert not segs(project, "TS_002", "saber-refined")
+    table = rows(stats)
+    assert [r["reason"] for r in table if r["run"] == "TS_002"] == ["missing input"]
+
+
+def test_outputs_are_multilabel_under_the_resolved_user(project):
+    from maskworks.cryoet.stages import refine_membranes_files
+
+    refine_membranes_files(project, org_info="organelles", mem_info="membrane", run="TS_001", device="cpu")
+    out = {s.name: s for s in cio.select_runs(cio.open_project(project), ["TS_001"])[0].segmentations
+           if s.user_id.endswith("-refined")}
+    assert out["organelles"].user_id == "saber-refined" and out["membrane"].user_id == "membrain-seg-refined"
+    assert cio.segmentation_type(out["organelles"]) == cio.segmentation_type(out["membrane"]) == "multilabel"
 
 
 def test_a_failing_run_leaves_no_outputs_behind(project, tmp_path, monkeypatch):
@@ -128,7 +156,7 @@ def test_a_failing_run_leaves_no_outputs_behind(project, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
               "--device", "cpu", "--qc-dir", str(qc), "--stats", str(stats)])
-    assert not segs(project, "TS_001", "maskworks-refined") and not segs(project, "TS_001", "membrain-seg-refined")
+    assert not segs(project, "TS_001", "saber-refined") and not segs(project, "TS_001", "membrain-seg-refined")
     assert not stats.exists() and not list(qc.glob("*.png"))
 
 
@@ -143,7 +171,8 @@ def test_command_line_entry_point(project, tmp_path):
     proc = run([exe("maskworks"), "refine-membranes", "--help"])
     for option in ("--config", "--org-info", "--mem-info", "--voxel-size", "--save-session-id", "--run",
                    "--device", "--ball-size", "--min-membrane-area", "--edge-trim-z", "--edge-trim-xy",
-                   "--min-roi-relative-size", "--keep-surface-membranes", "--label-components", "--qc-dir",
+                   "--min-roi-relative-size", "--keep-surface-membranes", "--label-components",
+                   "--membrane-output", "--qc-dir",
                    "--stats"):
         assert option in proc.stdout
     run([exe("maskworks"), "refine-membranes", "--config", project, "--org-info", "organelles,saber,1",

@@ -117,8 +117,10 @@ def test_write_keeps_labels_above_255_and_touches_only_its_output(project):
     data = np.zeros(SHAPE, np.uint16)
     data[2, 3, 4] = 300
     info = cio.parse_segmentation_info("organelles,bob")
-    assert cio.refined_user_id(info) == "bob-refined"
-    assert cio.refined_user_id(cio.parse_segmentation_info("organelles")) == "maskworks-refined"
+    seg = cio.find_segmentation(run, info, 10)
+    assert cio.refined_user_id(info, seg) == "bob-refined"
+    # a name-only info: the user of the segmentation that was read, never an invented one
+    assert cio.refined_user_id(cio.parse_segmentation_info("organelles"), seg) == "bob-refined"
     cio.write_segmentation(run, "organelles", data, user_id="bob-refined", session_id="1", voxel_size=10.0)
     data = data.astype(np.uint32)
     data[2, 3, 4] = 70000
@@ -138,18 +140,19 @@ def test_write_keeps_labels_above_255_and_touches_only_its_output(project):
                 if s.user_id == "bob-refined"]
 
 
-def test_instance_inputs_give_instance_outputs(project):
+def test_instance_inputs_give_multilabel_outputs(project):
     run = cio.select_runs(cio.open_project(project[0]), ["run-a"])[0]
     seg = run.new_segmentation(voxel_size=10.0, name="vesicle", session_id="1", user_id="tool", is_instance=True)
     seg.from_numpy(project[1])
     found = cio.find_segmentation(run, cio.parse_segmentation_info("vesicle"), 10)
-    assert cio.segmentation_type(found) == "instance" and cio.output_type(found) == "instance"
-    assert cio.output_type(cio.find_segmentation(run, cio.parse_segmentation_info("membrane"), 10)) == "multilabel"
+    # an instance-typed output would be hidden from copick's default get_segmentations and copick-utils
+    assert cio.segmentation_type(found) == "instance" and cio.output_type(found) == "multilabel"
     cio.write_segmentation(run, "vesicle", project[1], user_id="tool-refined", session_id="1", voxel_size=10.0,
-                           kind="instance")
-    out = cio.find_segmentation(run, cio.parse_segmentation_info("vesicle,tool-refined"), 10)
-    assert cio.segmentation_type(out) == "instance"
-    np.testing.assert_array_equal(cio.read_segmentation(out).data, project[1])
+                           kind=cio.output_type(found))
+    run = cio.select_runs(cio.open_project(project[0]), ["run-a"])[0]
+    out = run.get_segmentations(name="vesicle", user_id="tool-refined")
+    assert len(out) == 1 and cio.segmentation_type(out[0]) == "multilabel"
+    np.testing.assert_array_equal(cio.read_segmentation(out[0]).data, project[1])
 
 
 def test_label_dtype_check(monkeypatch):

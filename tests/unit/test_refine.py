@@ -43,12 +43,13 @@ def by_id(stats):
 
 def test_organelle_with_shell_membrane_is_kept_with_its_membrane():
     org, mem = scene((7, (20, 40, 40), 10))
-    o, m, st = refine_membranes(org, mem, min_membrane_area=500, **QUIET)
+    o, m, st = refine_membranes(org, mem, min_membrane_area=500, membrane_output="input", **QUIET)
     np.testing.assert_array_equal(o, org)  # the whole sphere, with its id
     assert o.dtype == np.uint8 and m.dtype == np.uint8
     assert set(np.unique(m)) == {0, 7}
-    assert np.all(mem[m > 0] == 1)  # refined membrane is input membrane, never grown
-    assert np.count_nonzero(m) > 0.95 * np.count_nonzero(mem)
+    assert np.all(mem[m > 0] == 1)  # membrane_output="input": input membrane only, never grown
+    # the opening (background outside the crop) trims the shell only where it meets the crop edge
+    assert np.count_nonzero(m) > 0.9 * np.count_nonzero(mem)
     assert st["organelles_in"] == st["organelles_kept"] == 1 and st["organelles_dropped"] == 0
     assert st["membrane_voxels_in"] == np.count_nonzero(mem) and st["membrane_voxels_out"] == np.count_nonzero(m)
     rec = by_id(st)[7]
@@ -72,9 +73,10 @@ def test_internal_fragment_is_removed_by_keep_surface_membranes():
     mem[19:22, 38:43, 38:43] = 1  # 75 voxels inside the organelle, 5 voxels from its surface
     fragment = np.zeros(SHAPE, bool)
     fragment[19:22, 38:43, 38:43] = True
-    _, m, _ = refine_membranes(org, mem, min_membrane_area=50, **QUIET)
+    kw = {"min_membrane_area": 50, "membrane_output": "input", **QUIET}  # compare input voxels
+    _, m, _ = refine_membranes(org, mem, **kw)
     assert np.count_nonzero(m[fragment]) == 75
-    _, m_surface, _ = refine_membranes(org, mem, min_membrane_area=50, keep_surface_membranes=True, **QUIET)
+    _, m_surface, _ = refine_membranes(org, mem, keep_surface_membranes=True, **kw)
     assert np.count_nonzero(m_surface[fragment]) == 0
     np.testing.assert_array_equal(m_surface, np.where(fragment, 0, m))  # the shell itself is untouched
 
@@ -95,13 +97,14 @@ def test_label_dtype_is_the_smallest_unsigned():
 def test_edge_trim_zero_keeps_the_membrane_at_the_edge():
     org, mem = scene((1, (20, 40, 4), 10))  # touches the x = 0 face; its membrane runs along it
     assert np.count_nonzero(mem[:, :, :3]) > 0
-    _, m3, _ = refine_membranes(org, mem, min_membrane_area=100, edge_trim_xy=3, **QUIET)
-    _, m0, st = refine_membranes(org, mem, min_membrane_area=100, edge_trim_xy=0, edge_trim_z=0, **QUIET)
+    kw = {"min_membrane_area": 100, "membrane_output": "input", **QUIET}  # where input membrane survives
+    _, m3, _ = refine_membranes(org, mem, edge_trim_xy=3, **kw)
+    _, m0, st = refine_membranes(org, mem, edge_trim_xy=0, edge_trim_z=0, **kw)
     assert np.count_nonzero(m3[:, :, :3]) == 0
     assert np.count_nonzero(m0[:, :, :3]) > 0 and st["membrane_voxels_cleaned"] == np.count_nonzero(mem)
     # edge_trim_z: membrane in the first/last slices goes, and organelle voxels in them with it
     org_z, mem_z = scene((1, (8, 40, 40), 10))
-    o, m, st = refine_membranes(org_z, mem_z, min_membrane_area=100, edge_trim_z=5, edge_trim_xy=0, **QUIET)
+    o, m, st = refine_membranes(org_z, mem_z, edge_trim_z=5, edge_trim_xy=0, **kw)
     assert st["z_slices_without_membrane"] == 5 + 19  # z 0..4 trimmed, z 21..39 never had any
     assert np.count_nonzero(o[:5]) == 0 and np.count_nonzero(m[:5]) == 0 and np.count_nonzero(o[5:]) > 0
 
@@ -124,9 +127,10 @@ def test_organelle_without_membrane_nearby_is_dropped():
     assert set(np.unique(o)) == {0, 1}
 
 
-def test_overlapping_membranes_go_to_the_lower_id():
+def test_overlapping_membranes_go_to_the_higher_id():
     # Two box organelles with a one-voxel membrane sheet between them (x 10..35, sheet x = 36,
-    # x 37..62): the sheet lies in both padded boxes and within the dilation of both, so both claim it.
+    # x 37..62): the sheet lies in both padded boxes and within the dilation of both, so both
+    # claim it; as in SABER's 3-D conversion, the higher id (written later) wins.
     org = np.zeros(SHAPE, np.int32)
     org[10:30, 20:60, 10:36] = 9
     org[10:30, 20:60, 37:63] = 4
@@ -136,13 +140,85 @@ def test_overlapping_membranes_go_to_the_lower_id():
     shared[12:28, 22:58, 36] = True  # the sheet away from the boxes' rounded edges
     o, m, st = refine_membranes(org, mem, min_membrane_area=100, **QUIET)
     assert st["organelles_kept"] == 2
-    assert np.all(m[shared] == 4) and np.any(m == 9)
-    # swapping the ids gives each organelle the same voxels; the shared membrane follows the lower id
+    assert np.all(m[shared] == 9) and np.any(m == 4)
+    # swapping the ids gives each organelle the same voxels; the shared membrane follows the higher id
     swapped = np.select([org == 9, org == 4], [4, 9], 0)
     o2, m2, _ = refine_membranes(swapped, mem, min_membrane_area=100, **QUIET)
     np.testing.assert_array_equal(o2 > 0, o > 0)
     np.testing.assert_array_equal(m2 > 0, m > 0)
-    assert np.all(m2[shared] == 4) and np.all(o2[org == 9] == 4)
+    assert np.all(m2[shared] == 9) and np.array_equal(o2 == 4, o == 9)
+
+
+def test_membrane_output_dilated_is_the_band_and_input_its_membrane_voxels():
+    org, mem = scene((3, (20, 40, 40), 10))
+    o_d, m_d, st_d = refine_membranes(org, mem, min_membrane_area=500, **QUIET)  # default: dilated
+    o_i, m_i, st_i = refine_membranes(org, mem, min_membrane_area=500, membrane_output="input", **QUIET)
+    np.testing.assert_array_equal(o_d, o_i)  # the organelles do not depend on it
+    assert st_d["membrane_output"] == "dilated" and st_i["membrane_output"] == "input"
+    assert np.all(mem[m_i > 0] == 1) and np.all(m_d[m_i > 0] == 3)  # input ⊆ dilated, input ⊆ membrane
+    grown = (m_d > 0) & (mem == 0)
+    assert grown.any()  # dilated: the band reaches beyond the input membrane
+    # the band: within the dilation radius (2) of the membrane and of the organelle
+    sphere = ball(SHAPE, (20, 40, 40), 10)
+    d_org = ndi.distance_transform_edt(~sphere)
+    d_mem = ndi.distance_transform_edt(mem == 0)
+    assert np.all(d_org[m_d > 0] <= 2) and np.all(d_mem[m_d > 0] <= 2)
+    with pytest.raises(InputError, match="membrane_output"):
+        refine_membranes(org, mem, membrane_output="grown", **QUIET)
+
+
+def test_elongation_is_judged_on_the_padded_crop():
+    # tight box 8 x 8 x 25 (ratio 3.1 > 3); padded by ball_size // 2 = 1: 10 x 10 x 27 (2.7 < 3)
+    org = np.zeros(SHAPE, np.int32)
+    org[16:24, 36:44, 27:52] = 2
+    mem = shell(org > 0, thickness=2).astype(np.uint8)
+    _, _, st = refine_membranes(org, mem, min_membrane_area=100, min_roi_relative_size=0.1, ball_size=3, **QUIET)
+    assert by_id(st)[2]["kept"] and not by_id(st)[2]["elongated"]
+    # ball_size 1 pads nothing: the crop is the tight box, elongated
+    _, _, st = refine_membranes(org, mem, min_membrane_area=100, min_roi_relative_size=0.1, ball_size=1, **QUIET)
+    assert by_id(st)[2]["elongated"]
+
+
+def test_opening_treats_the_outside_of_the_crop_as_background():
+    # A box in the corner of the volume (z = 0 and y = 0 faces), its shell only on the inner
+    # sides: the crop's edge is the volume's, and the ball erodes from it as from background,
+    # so the organelle's voxels along the volume edge where z = 0 meets y = 0 are opened away.
+    org = np.zeros(SHAPE, np.int32)
+    org[0:14, 0:24, 20:56] = 6
+    mem = shell(org > 0, thickness=2).astype(np.uint8)
+    o, _, st = refine_membranes(org, mem, min_membrane_area=100, edge_trim_z=0, edge_trim_xy=0,
+                                min_roi_relative_size=0.1, ball_size=3, **QUIET)
+    assert by_id(st)[6]["kept"]
+    assert o[0, 0, 38] == 0 and o[0, 1, 38] == 0 and o[1, 0, 38] == 0  # the corner edge, rounded by the opening
+    assert o[7, 12, 38] == 6 and o[0, 12, 38] == 6  # the inside and the middle of the face stay
+    # the same box away from the volume edges keeps its corners (the shell wraps it)
+    org2 = np.zeros(SHAPE, np.int32)
+    org2[10:24, 20:44, 20:56] = 6
+    mem2 = shell(org2 > 0, thickness=2).astype(np.uint8)
+    o2, _, _ = refine_membranes(org2, mem2, min_membrane_area=100, min_roi_relative_size=0.1, ball_size=3, **QUIET)
+    assert o2[10, 20, 38] == 6
+
+
+def test_surface_is_the_26_neighbour_erosion_with_a_background_border():
+    from maskworks.backend import get_backend
+    from maskworks.cryoet.refine import _surface
+
+    b = get_backend("cpu")
+    cube = np.zeros((9, 9, 9), bool)
+    cube[2:7, 2:7, 2:7] = True
+    surf = _surface(b, cube)
+    inner = np.zeros_like(cube)
+    inner[3:6, 3:6, 3:6] = True
+    np.testing.assert_array_equal(surf, cube & ~inner)
+    # a notch: the voxel diagonal to it (no face neighbour outside) is on the surface too
+    notched = cube.copy()
+    notched[3, 3, 3] = False
+    surf = _surface(b, notched)
+    assert surf[4, 4, 4] and surf[3, 3, 4]
+    # an organelle filling the crop: its outer layer is surface (the outside is background)
+    full = np.ones((5, 5, 5), bool)
+    surf = _surface(b, full)
+    assert surf[0, 2, 2] and surf[4, 4, 4] and not surf[2, 2, 2] and surf.sum() == 125 - 27
 
 
 def test_label_permutation_permutes_the_result():

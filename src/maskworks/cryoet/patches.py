@@ -203,6 +203,7 @@ def iter_patches(
     border: int = 16,
     edge: str = "pad",
     binarize: bool = False,
+    image_dtype: str | None = None,
 ) -> Iterator[Patch]:
     """Cut a cube of image and label around each centre.
 
@@ -232,11 +233,15 @@ def iter_patches(
     binarize : bool
         Turn every nonzero segmentation value into 1.  Without it a value other
         than 0/1 is an error (a 2 would collide with the ignore label).
+    image_dtype : str, optional
+        dtype of the image patches (e.g. ``float32``); None keeps the tomogram's, as
+        MemBrain-seg does (an int8 tomogram gives int8 patches, a quarter of float32).
 
     Returns
     -------
     iterator of Patch
-        One per centre, in order.  ``image`` is float32; ``label`` is uint8
+        One per centre, in order.  ``image`` has ``image_dtype`` (padding with the
+        mean rounded to it for integers); ``label`` is uint8
         (0, 1, and 2 in the shell and the padding).
 
     Raises
@@ -255,10 +260,23 @@ def iter_patches(
         )
     plans = plan_patches(tomogram.shape, centres_xyz, patch_size=patch_size, edge=edge)
     _check_border(border, (int(patch_size),) * 3)
-    return _extract(tomogram, labels, plans, int(patch_size), int(border), binarize)
+    try:
+        dtype = np.dtype(tomogram.dtype if image_dtype in (None, "") else image_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "iuf":
+        raise InputError(f"image_dtype={image_dtype!r}: expected a numeric dtype such as float32, int8 or uint16")
+    return _extract(tomogram, labels, plans, int(patch_size), int(border), binarize, dtype)
 
 
-def _extract(tomogram, labels, plans, size, border, binarize) -> Iterator[Patch]:
+def _pad_value(mean: float, dtype: np.dtype):
+    if dtype.kind == "f":
+        return dtype.type(mean)
+    info = np.iinfo(dtype)
+    return dtype.type(min(max(round(mean), info.min), info.max))
+
+
+def _extract(tomogram, labels, plans, size, border, binarize, dtype) -> Iterator[Patch]:
     shape = tuple(tomogram.shape)
     mean = None
     for plan in plans:
@@ -271,14 +289,15 @@ def _extract(tomogram, labels, plans, size, border, binarize) -> Iterator[Patch]
         src = tuple(slice(a, b) for a, b in zip(lo, hi))
         dst = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
         where = f"the patch around {_describe(plan.index, plan.centre)}"
-        region = np.asarray(tomogram[src], dtype=np.float32)
-        if not np.isfinite(region).all():
+        region = np.asarray(tomogram[src])
+        if region.dtype.kind == "f" and not np.isfinite(region).all():
             raise InputError(f"the tomogram holds NaN/Inf values in {where}")
+        region = region.astype(dtype, copy=False)
         lab = binary_label(labels[src], binarize=binarize, what=f"the segmentation, in {where},")
         if plan.padded_voxels:
             if mean is None:
                 mean = tomogram_mean(tomogram)
-            image = np.full((size,) * 3, mean, dtype=np.float32)
+            image = np.full((size,) * 3, _pad_value(mean, dtype), dtype=dtype)
             image[dst] = region
             label = np.full((size,) * 3, IGNORE, dtype=np.uint8)
             label[dst] = lab

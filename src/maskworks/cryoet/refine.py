@@ -14,7 +14,8 @@ from maskworks.io import InputError
 MIN_NEAR_MEMBRANE = 100
 MIN_REFINED_MEMBRANE = 50
 SURFACE_FRACTION = 0.1  # keep_surface_membranes: share of a component on the organelle's surface
-ELONGATION = 3.0  # max/min bounding-box extent above which an organelle counts as elongated
+ELONGATION = 3.0  # max/min extent of the crop above which an organelle counts as elongated
+MEMBRANE_OUTPUTS = ("dilated", "input")
 
 # Above this largest id the bounding boxes are found on compressed ids (find_objects lists every id up to it).
 _DENSE_IDS = 2**22
@@ -32,6 +33,7 @@ def refine_membranes(
     min_roi_relative_size: float = 0.15,
     keep_surface_membranes: bool = False,
     label_components: bool = False,
+    membrane_output: str = "dilated",
     device: str = "auto",
     progress=None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -57,11 +59,16 @@ def refine_membranes(
         fraction of the volume's extent along that axis is dropped.
     keep_surface_membranes : bool
         Keep only membrane components with more than 10 % of their voxels on the
-        organelle's one-voxel surface (removes fragments inside the organelle).
+        organelle's surface (removes fragments inside the organelle).
     label_components : bool
         Split the organelle mask into 6-connected components first and use those
         as the organelles (ids 1..n in the order their first voxel is met in C
         order); the input ids are not kept.
+    membrane_output : {"dilated", "input"}
+        ``dilated`` (SABER's output): the refined membrane is the near-membrane band
+        (the membrane dilated within the organelle's vicinity) inside the cleaned
+        organelle + membrane mask; ``input``: only the input membrane voxels of that
+        band, so the membrane never grows.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`maskworks.backend.resolve_device`).
     progress : callable, bool or None
@@ -85,44 +92,45 @@ def refine_membranes(
 
     Notes
     -----
-    Follows the observable behaviour of SABER's ``refine-membranes`` (its
-    ``FilteringConfig`` defaults), with its defects fixed:
+    Gives SABER 1.0.1's ``refine-membranes`` result (its CPU path, ``FilteringConfig``
+    defaults) voxel for voxel, with its defects fixed: ids of 127 and more no longer
+    overflow uint8, ``edge_trim_* = 0`` trims nothing instead of wiping every membrane,
+    uint16 inputs work, memory stays flat in the number of organelles (one crop at a
+    time), and the output ids are the input ids (SABER writes id + 1).
 
     1. Membrane clean-up: the edge trims, then removal of 6-connected membrane
        components below ``min_membrane_area``; the result is binary.
     2. Organelle voxels in z-slices without any membrane left are zeroed.
-    3. Organelles are taken one at a time in ascending id, on their bounding box
-       padded by ``ball_size // 2`` (so memory does not grow with their number);
-       one whose box (after step 2) is too small for ``min_roi_relative_size`` is
-       dropped.  Membrane farther from the organelle than the padded box is not
-       seen, even within the dilation radius.
-       An organelle is *elongated* when the largest extent of its box exceeds 3
-       times the smallest; it then uses a dilation radius of 1 and an opening
-       radius of ``max(1, ball_size // 2)``, otherwise 2 and ``ball_size``.
+    3. Organelles are taken one at a time in ascending id.  One whose tight
+       bounding box (after step 2) is too small for ``min_roi_relative_size`` is
+       dropped.  The crop is that box padded by ``ball_size // 2`` and clamped to
+       the volume; membrane beyond it is not seen.  An organelle is *elongated*
+       when the largest extent of the crop exceeds 3 times the smallest; it then
+       uses a dilation radius of 1 and an opening radius of ``max(1, ball_size // 2)``,
+       otherwise 2 and ``ball_size``.
     4. Near membrane = dilate(membrane) ∧ dilate(organelle), components of at least
        100 voxels (and, with ``keep_surface_membranes``, more than 10 % of them on
-       the organelle's surface: organelle voxels with a face neighbour outside it).
-       No near membrane: the organelle is dropped.  Combined = organelle ∪ near
-       membrane, opened by the ball (the un-opened mask when the opening empties
-       it), largest component.  Refined organelle = organelle ∧ combined, largest
-       component.  Refined membrane = the input membrane voxels of the near
-       membrane ∧ combined, components of at least 50 voxels; "membrane" here is
-       the near membrane, not every membrane voxel in the box, so that
-       ``keep_surface_membranes`` does remove fragments inside the organelle and
-       the membrane never grows.  An organelle whose refined organelle or
-       membrane is empty is dropped.
+       the organelle's surface: the organelle minus its 26-neighbour erosion, the
+       outside of the crop counting as background).  No near membrane: the
+       organelle is dropped.  Combined = organelle ∪ near membrane, opened by the
+       ball (the un-opened mask when the opening empties it), largest component.
+       Refined organelle = organelle ∧ combined, largest component (an empty one
+       drops the organelle).  Refined membrane = near membrane ∧ combined
+       (``membrane_output="input"``: also ∧ the input membrane), components of at
+       least 50 voxels; it may be empty while the organelle is kept.
 
     Structuring elements are Euclidean balls ``x**2 + y**2 + z**2 <= r**2`` (as
     ``skimage.morphology.ball``), applied through exact distance transforms inside
-    the padded box; erosions count the outside of the box as foreground.
-    Components are 6-connected throughout; ties for "largest" go to the component
-    met first in C order, so the result does not depend on how a backend numbers
-    components, and CPU and GPU give the same voxels.
+    the crop; the outside of the crop is background for dilations and erosions
+    alike (scipy's ``border_value=0``, as in both of SABER's paths).  Components are
+    6-connected throughout; ties for "largest" go to the component met first in C
+    order, so the result does not depend on how a backend numbers components, and
+    CPU and GPU give the same voxels.
 
     Overlaps: a refined organelle is a subset of its own input voxels, so
     organelles never overlap; a membrane voxel near two organelles goes to the
-    lower id (organelles are written in ascending id and a written membrane
-    voxel is never overwritten), whatever order the ids come in.
+    higher id (organelles are written in ascending id and later ones overwrite
+    membrane voxels), as SABER's 3-D label conversion does.
     """
     org = np.asarray(organelles)
     mem = np.asarray(membranes)
@@ -137,12 +145,15 @@ def refine_membranes(
         min_roi_relative_size = float("nan")
     if not 0.0 <= min_roi_relative_size <= 1.0:
         raise InputError(f"min_roi_relative_size={min_roi_relative_size!r}: expected a fraction in [0, 1]")
+    if membrane_output not in MEMBRANE_OUTPUTS:
+        raise InputError(f"membrane_output={membrane_output!r}: expected one of {', '.join(MEMBRANE_OUTPUTS)}")
 
     b = get_backend(device)
     params = {
         "ball_size": ball_size, "min_membrane_area": min_membrane_area, "edge_trim_z": edge_trim_z,
         "edge_trim_xy": edge_trim_xy, "min_roi_relative_size": min_roi_relative_size,
         "keep_surface_membranes": bool(keep_surface_membranes), "label_components": bool(label_components),
+        "membrane_output": membrane_output,
     }
     with b.context():
         labels = _instance_labels(b, org, label_components)
@@ -161,7 +172,8 @@ def refine_membranes(
         try:
             for done, (oid, box) in enumerate(boxes, start=1):
                 records.append(_refine_one(b, labels, membrane, has_membrane_z, oid, box, out_org, out_mem,
-                                           ball_size, min_roi_relative_size, bool(keep_surface_membranes)))
+                                           ball_size, min_roi_relative_size, bool(keep_surface_membranes),
+                                           membrane_output == "input"))
                 tick(done)
         finally:
             if bar is not None:
@@ -267,8 +279,8 @@ def _boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
 
 
 def _refine_one(b, labels, membrane, has_membrane_z, oid, box, out_org, out_mem,
-                ball_size, min_roi, keep_surface) -> dict:
-    """Steps 2-5 for one organelle; writes into the outputs where they are still 0."""
+                ball_size, min_roi, keep_surface, input_only) -> dict:
+    """Steps 2-4 for one organelle; its membrane overwrites that of lower ids."""
     shape = labels.shape
     mine = labels[box] == oid
     rec = {"id": int(oid), "kept": False, "reason": "",
@@ -289,11 +301,12 @@ def _refine_one(b, labels, membrane, has_membrane_z, oid, box, out_org, out_mem,
                          + f" below {min_roi:g} x volume extent "
                          + ", ".join(f"{names[a]} {shape[a]}" for a in small))
         return rec
-    elongated = max(extent) / min(extent) > ELONGATION
-    rec["elongated"] = bool(elongated)
-    r_dilate, r_open = (1, max(1, ball_size // 2)) if elongated else (2, ball_size)
     pad = ball_size // 2
     crop = tuple(slice(max(0, s.start - pad), min(n, s.stop + pad)) for s, n in zip(tight, shape))
+    crop_extent = [s.stop - s.start for s in crop]
+    elongated = max(crop_extent) / min(crop_extent) > ELONGATION
+    rec["elongated"] = bool(elongated)
+    r_dilate, r_open = (1, max(1, ball_size // 2)) if elongated else (2, ball_size)
     organelle = b.asarray((labels[crop] == oid) & has_membrane_z[crop[0]][:, None, None])
     mem = membrane[crop]
 
@@ -308,19 +321,18 @@ def _refine_one(b, labels, membrane, has_membrane_z, oid, box, out_org, out_mem,
     opened = _dilate(b, _erode(b, combined, r_open), r_open)
     combined = _largest(b, opened if opened.any() else combined)
     refined_org = _largest(b, organelle & combined)
-    refined_mem = _remove_small(b, mem & near & combined, MIN_REFINED_MEMBRANE)
+    band = near & combined
+    refined_mem = _remove_small(b, band & mem if input_only else band, MIN_REFINED_MEMBRANE)
     if not refined_org.any():
         rec["reason"] = "organelle lost in the opening"
         return rec
-    if not refined_mem.any():
-        rec["reason"] = f"membrane below {MIN_REFINED_MEMBRANE} voxels after the opening"
-        return rec
     refined_org, refined_mem = b.to_numpy(refined_org), b.to_numpy(refined_mem)
     rec["voxels_refined"] = int(np.count_nonzero(refined_org))
-    free_mem = refined_mem & (out_mem[crop] == 0)
     out_org[crop][refined_org] = oid  # a subset of this organelle's own input voxels: no overlap possible
-    out_mem[crop][free_mem] = oid
-    rec.update(kept=True, voxels_out=rec["voxels_refined"], membrane_voxels_out=int(np.count_nonzero(free_mem)))
+    out_mem[crop][refined_mem] = oid  # ascending ids: a shared membrane voxel ends with the higher id
+    rec.update(kept=True, voxels_out=rec["voxels_refined"], membrane_voxels_out=int(np.count_nonzero(refined_mem)))
+    if not refined_mem.any():
+        rec["reason"] = f"kept without membrane (below {MIN_REFINED_MEMBRANE} voxels after the opening)"
     return rec
 
 
@@ -329,6 +341,7 @@ def _refine_one(b, labels, membrane, has_membrane_z, oid, box, out_org, out_mem,
 
 # 6-connectivity, as a NumPy array: cupyx.scipy.ndimage.label takes its structure on the host.
 _FACES = ndimage.generate_binary_structure(3, 1)
+_CUBE = np.ones((3, 3, 3), dtype=bool)
 
 
 def _tight(mask: np.ndarray, box) -> tuple[slice, ...]:
@@ -348,13 +361,12 @@ def _dilate(b, fg, r: int):
 
 
 def _erode(b, fg, r: int):
-    """Erosion by ``ball(r)``, the outside of the crop counting as foreground.
-
-    The distance transform only sees background inside the crop, which is that rule.
-    """
-    if r <= 0 or not fg.any() or bool(fg.all()):
+    """Erosion by ``ball(r)``, the outside of the crop counting as background (scipy's
+    ``border_value=0``): the distance transform runs on the crop framed by one background voxel."""
+    if r <= 0 or not fg.any():
         return fg.copy()
-    return b.ndi.distance_transform_edt(fg) > r
+    framed = b.xp.pad(fg, 1, mode="constant", constant_values=False)
+    return (b.ndi.distance_transform_edt(framed) > r)[1:-1, 1:-1, 1:-1]
 
 
 def _slabs(shape):
@@ -407,14 +419,13 @@ def _largest(b, fg):
 
 
 def _on_surface(b, near, organelle):
-    """Components of ``near`` with more than ``SURFACE_FRACTION`` of their voxels on the organelle's surface."""
+    """Components of ``near`` with more than ``SURFACE_FRACTION`` of their voxels on the
+    organelle's surface: the organelle minus its erosion by the 3x3x3 cube (26 neighbours),
+    the outside of the crop counting as background."""
     xp = b.xp
     if not organelle.any():
         return xp.zeros_like(near)
-    if bool(organelle.all()):
-        surface = xp.zeros_like(organelle)
-    else:
-        surface = organelle & (b.ndi.distance_transform_edt(organelle) <= 1)
+    surface = _surface(b, organelle)
     lab, n = b.ndi.label(near, structure=_FACES)
     n = int(n)
     sizes = xp.bincount(lab.ravel(), minlength=n + 1)
@@ -423,6 +434,11 @@ def _on_surface(b, near, organelle):
     keep = touching * int(round(1 / SURFACE_FRACTION)) > sizes
     keep[0] = False
     return keep[lab]
+
+
+def _surface(b, organelle):
+    """The organelle minus its erosion by the 3x3x3 cube, the outside of the crop being background."""
+    return organelle & ~b.ndi.binary_erosion(organelle, structure=b.asarray(_CUBE), border_value=0)
 
 
 def _progress(progress, total: int):

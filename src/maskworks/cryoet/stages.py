@@ -49,7 +49,8 @@ _MANIFEST_COLUMNS = [
 ]
 _REPORT_COLUMNS = [
     "key", "label", "status", "removed_voxels", "added_voxels", "ignored_voxels", "border_voxels",
-    "background_voxels", "foreground_voxels", "ignore_voxels", "add", "remove", "ignore", "output", "note",
+    "background_voxels", "foreground_voxels", "ignore_voxels", "add", "remove", "ignore", "output", "geometry",
+    "note",
 ]
 
 
@@ -244,6 +245,7 @@ def _add_extract(sub):
                    help="turn every nonzero segmentation value into 1 (else values other than 0/1 are an error)")
     p.add_argument("--manifest", help="manifest CSV; if not given, OUT_DIR/manifest.csv")
     p.add_argument("--qc", help="QC PNG; if not given, OUT_DIR/patches_qc.png")
+    p.add_argument("--image-dtype", help="dtype of the image patches (e.g. float32); if not given, the tomogram's")
     p.set_defaults(run=_run_extract)
 
 
@@ -252,36 +254,49 @@ def _run_extract(a):
         a.tomogram, a.segmentation, a.out_dir, centres=a.centres, x=a.x, y=a.y, z=a.z,
         ds_token=a.ds_token, token=a.token, idx_add=a.idx_add, format=a.format, manifest=a.manifest,
         qc=a.qc, patch_size=a.patch_size, border=a.border, edge=a.edge, binarize=a.binarize,
+        image_dtype=a.image_dtype,
     )
 
 
 # ----------------------------------------------------------------------------- merge_corrections
 
 
-def _has_geometry(vol):
-    return vol.unit is not None or any(v != 1 for v in vol.voxel_size) or any(o != 0 for o in vol.origin)
+def _carries_geometry(vol):
+    """False for a file that carries no geometry: voxel size 1 and origin 0 (what napari and many
+    scripts write), whatever unit it names."""
+    return any(v != 1 for v in vol.voxel_size) or any(o != 0 for o in vol.origin)
 
 
-def _check_same_patch(label, mask):
-    """A mask and its label must cover the same voxels: same shape and, where both files say,
-    the same voxel size and origin (to half a voxel)."""
+def _check_same_patch(label, mask) -> str:
+    """A mask and its label must cover the same voxels: same shape and, where both files carry
+    a geometry, the same voxel size, origin (to half a voxel) and axis directions.  Returns
+    ``checked``, or ``none`` for a mask without geometry (accepted on its shape, with a warning)."""
     if mask.shape != label.shape:
         raise InputError(
             f"{mask.path} has shape {mask.shape} but its label {label.path} has shape {label.shape}; "
             "a correction mask must be drawn on the label patch it corrects"
         )
-    if not (_has_geometry(label) and _has_geometry(mask)):
-        return
+    if not _carries_geometry(mask):
+        if _carries_geometry(label):
+            log.warning("merge_corrections: %s carries no geometry (voxel size 1, origin 0); accepted on its shape "
+                        "%s, which matches %s", mask.path, mask.shape, label.path)
+        return "none"
+    if not _carries_geometry(label):
+        return "none"
     unit = label.unit if mask.unit is not None else None
     vs = np.array(convert_length(mask.voxel_size, mask.unit, unit))
     origin = np.array(convert_length(mask.origin, mask.unit, unit))
-    if not np.allclose(vs, label.voxel_size, rtol=1e-3, atol=1e-9) or \
+    dirs = [v.attrs.get("direction") for v in (mask, label)]
+    same_dirs = None in dirs or np.allclose(dirs[0], dirs[1], atol=1e-3)
+    if not np.allclose(vs, label.voxel_size, rtol=1e-3, atol=1e-9) or not same_dirs or \
             np.any(np.abs(origin - label.origin) > 0.5 * np.array(label.voxel_size)):
         raise InputError(
             f"{mask.path} has voxel size {tuple(vs.tolist())} and origin {tuple(origin.tolist())} but its label "
-            f"{label.path} has voxel size {label.voxel_size} and origin {label.origin} ({label.unit or 'no unit'}): "
-            "was the mask drawn on another patch? Save it on the right patch or remove it"
+            f"{label.path} has voxel size {label.voxel_size} and origin {label.origin} ({label.unit or 'no unit'})"
+            + ("" if same_dirs else f", and other axis directions ({dirs[0]} vs {dirs[1]})")
+            + ": was the mask drawn on another patch? Save it on the right patch or remove it"
         )
+    return "checked"
 
 
 def _output_extension(label_name, key, format):
@@ -333,10 +348,11 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
     for name, key, masks in items:
         label = read_volume(labels_dir / name, ndim=3)
         vols = {kind: [] for kind in ("add", "remove", "ignore")}
+        geometry = {}
         for kind, files in (masks or {}).items():
             for f in files:
                 vol = read_volume(corrections_dir / key / f, ndim=3)
-                _check_same_patch(label, vol)
+                geometry[f] = _check_same_patch(label, vol)
                 vols[kind].append(vol.data)
         try:
             merged, st = merge_corrections(label.data, **vols, **params)
@@ -351,7 +367,11 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
         else:
             status = "merged" if any(masks.values()) else "empty corrections folder"
             note = ""
+        without = sorted(f for f, g in geometry.items() if g == "none")
+        if without and _carries_geometry(label):
+            note = "; ".join(filter(None, [note, f"geometry: none in {', '.join(without)} (accepted on shape)"]))
         rows.append({"key": key, "label": name, "status": status, **st, "output": outputs[key].name,
+                     "geometry": ";".join(f"{f}:{g}" for f, g in sorted(geometry.items())),
                      "note": note, **{k: ";".join(v) for k, v in (masks or {}).items()}})
     for folder in plan.folders_without_label:
         rows.append({"key": folder, "status": "folder without label",
@@ -422,14 +442,17 @@ def refine_membranes_files(
     For each run (``run``: a name or a list of names; None: every run, sorted),
     reads the segmentations ``org_info`` and ``mem_info`` (``name[,user[,session]]``)
     at ``voxel_size`` (Å), refines them, and writes the two results back under
-    the same names, user ``<user>-refined`` (``maskworks-refined`` when the info
-    names no user) and session ``save_session_id``, as instance segmentations
-    when the input was one and multilabel otherwise; only those two outputs are
-    overwritten.  Also writes ``qc_dir/<run>_refine_qc.png`` and ``stats`` (CSV,
-    one row per organelle and run, with the reason for each dropped one).
+    the same names, user ``<user>-refined`` (the user of the segmentation read when
+    the info names none, as SABER does) and session ``save_session_id``, always as
+    multilabel segmentations (what copick's default readers list); only those two
+    outputs are overwritten.  Also writes ``qc_dir/<run>_refine_qc.png`` and
+    ``stats`` (CSV, one row per organelle and run, with the reason for each dropped one).
 
-    Every run's inputs are found before anything is computed, so a missing
-    segmentation fails at once; on failure the segmentations, pictures and
+    Every run's inputs are found, and every output checked writable, before anything
+    is computed.  With one run, a missing segmentation is an error at once; with
+    several, the runs that have both are refined and the result's ``missing`` lists
+    the others with the reason (the command line then exits 2); none at all is an
+    error.  On failure the segmentations, pictures and
     stats this call wrote are removed again.  ``params``: the filter keywords of
     ``refine_membranes``.
     """
@@ -447,21 +470,37 @@ def refine_membranes_files(
     device = resolve_device(device)
     root = cio.open_project(config)
     runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
-    jobs = [(r, cio.find_segmentation(r, org_spec, voxel_size), cio.find_segmentation(r, mem_spec, voxel_size))
-            for r in runs]
-    qcs = {r.name: Path(qc_dir) / f"{r.name}_refine_qc.png" for r in runs} if qc_dir is not None else {}
+    jobs, missing = [], {}
+    for r in runs:
+        try:
+            org_seg, mem_seg = (cio.find_segmentation(r, org_spec, voxel_size),
+                                cio.find_segmentation(r, mem_spec, voxel_size))
+        except InputError as exc:
+            if len(runs) == 1:
+                raise
+            missing[r.name] = str(exc)
+            continue
+        for spec, seg in ((org_spec, org_seg), (mem_spec, mem_seg)):
+            cio.check_writable(r, seg.name, user_id=cio.refined_user_id(spec, seg),
+                               session_id=str(save_session_id), voxel_size=voxel_size)
+        jobs.append((r, org_seg, mem_seg))
+    if not jobs:
+        raise InputError("no run has both segmentations: " + "; ".join(missing.values()))
+    qcs = {r.name: Path(qc_dir) / f"{r.name}_refine_qc.png" for r, _, _ in jobs} if qc_dir is not None else {}
     written = []
     with all_or_nothing(*qcs.values(), stats):
         try:
-            return _refine_membranes_files(config, jobs, org_spec, mem_spec, str(save_session_id), qcs, stats,
-                                           device, params, written)
+            result = _refine_membranes_files(config, jobs, org_spec, mem_spec, str(save_session_id), qcs,
+                                             stats, device, params, written, missing)
         except BaseException:
             for r, name, kwargs in written:
                 cio.delete_segmentation(r, name, **kwargs)
             raise
+    return {**result, "missing": missing}
 
 
-def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stats, device, params, written):
+def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stats, device, params, written,
+                            missing):
     from tqdm import tqdm
 
     from ..io import copick as cio
@@ -483,7 +522,7 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
         out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
         vs = org.voxel_size[0]
         for spec, seg, data in ((org_spec, org_seg, out_org), (mem_spec, mem_seg, out_mem)):
-            kwargs = {"user_id": cio.refined_user_id(spec), "session_id": session, "voxel_size": vs,
+            kwargs = {"user_id": cio.refined_user_id(spec, seg), "session_id": session, "voxel_size": vs,
                       "kind": cio.output_type(seg)}
             written.append((r, seg.name, kwargs))
             cio.write_segmentation(r, seg.name, data, **kwargs)
@@ -506,9 +545,13 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
         summaries.append({"run": r.name, **{k: v for k, v in st.items() if k != "organelles"},
                           "organelles_from": cio.describe_segmentation(org_seg),
                           "membranes_from": cio.describe_segmentation(mem_seg),
-                          "written_user_ids": [cio.refined_user_id(org_spec), cio.refined_user_id(mem_spec)]})
+                          "written_user_ids": [cio.refined_user_id(org_spec, org_seg),
+                                               cio.refined_user_id(mem_spec, mem_seg)]})
         log.info("refine_membranes run %s: %d/%d organelles kept, membrane voxels %d -> %d", r.name,
                  st["organelles_kept"], st["organelles_in"], st["membrane_voxels_in"], st["membrane_voxels_out"])
+    for name, why in sorted(missing.items()):
+        log.error("refine_membranes run %s not refined: %s", name, why)
+        rows.append({"run": name, "kept": False, "reason": "missing input", "note": why})
     if stats is not None:
         write_csv(stats, rows, _REFINE_COLUMNS)
     return {"runs": summaries, "stats": str(stats) if stats is not None else None,
@@ -573,16 +616,22 @@ def _add_refine(sub):
                    help="keep only membrane with more than 10%% of its voxels on the organelle surface")
     p.add_argument("--label-components", action=argparse.BooleanOptionalAction, default=d["label_components"],
                    help="split the organelle mask into connected components first (for a binary mask)")
+    p.add_argument("--membrane-output", choices=["dilated", "input"], default=d["membrane_output"],
+                   help="refined membrane: the dilated near-membrane band (SABER) or only input membrane voxels")
     p.add_argument("--qc-dir", help="folder for one QC PNG per run (<run>_refine_qc.png); if not given, none")
     p.add_argument("--stats", help="stats CSV, one row per organelle; if not given, none")
     p.set_defaults(run=_run_refine)
 
 
 def _run_refine(a):
-    return refine_membranes_files(
+    result = refine_membranes_files(
         a.config, org_info=a.org_info, mem_info=a.mem_info, voxel_size=a.voxel_size,
         save_session_id=a.save_session_id, run=a.runs, qc_dir=a.qc_dir, stats=a.stats, device=a.device,
         ball_size=a.ball_size, min_membrane_area=a.min_membrane_area, edge_trim_z=a.edge_trim_z,
         edge_trim_xy=a.edge_trim_xy, min_roi_relative_size=a.min_roi_relative_size,
         keep_surface_membranes=a.keep_surface_membranes, label_components=a.label_components,
+        membrane_output=a.membrane_output,
     )
+    for name, why in sorted(result["missing"].items()):
+        print(f"maskworks refine-membranes: run {name} not refined: {why}", file=sys.stderr)
+    return 2 if result["missing"] else 0

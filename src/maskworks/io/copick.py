@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,6 @@ from .volumes import InputError, Volume
 log = logging.getLogger("maskworks")
 
 REFINED_SUFFIX = "-refined"
-DEFAULT_REFINED_USER = "maskworks" + REFINED_SUFFIX
 VOXEL_SIZE_TOLERANCE = 1e-3  # copick rounds voxel sizes to three decimals
 
 
@@ -78,9 +79,15 @@ def open_project(config) -> object:
     path = Path(config)
     if not path.is_file():
         raise InputError(f"{path}: no such copick configuration file")
-    import copick
-
     try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("config_type", "filesystem") == "filesystem":
+            # copick.from_file would first import its data-portal client (about a second)
+            from copick.impl.filesystem import CopickConfigFSSpec, CopickRootFSSpec
+
+            return CopickRootFSSpec(CopickConfigFSSpec(**{"config_type": "filesystem", **data}))
+        import copick
+
         return copick.from_file(str(path))
     except Exception as exc:  # JSON and pydantic errors do not name the file
         raise InputError(f"{path}: not a readable copick configuration ({type(exc).__name__}: {exc})") from exc
@@ -230,17 +237,38 @@ def read_tomogram(run, voxel_size: float, shape=None):
     return None
 
 
-def refined_user_id(info: SegmentationInfo) -> str:
-    """``<user>-refined``, or ``maskworks-refined`` when ``info`` names no user."""
-    return f"{info.user_id}{REFINED_SUFFIX}" if info.user_id else DEFAULT_REFINED_USER
+def refined_user_id(info: SegmentationInfo, seg) -> str:
+    """``<user>-refined``: the user ``info`` names, else the user of the segmentation that was
+    read (``seg``), as SABER does; never an invented user."""
+    return f"{info.user_id or seg.user_id}{REFINED_SUFFIX}"
 
 
 def output_type(seg) -> str:
-    """Type to write a refined version of ``seg`` as: instance stays instance, all else is multilabel.
+    """Type to write a refined version of ``seg`` as: always multilabel.
 
-    The refined volumes hold organelle ids, which a binary segmentation cannot.
+    The refined volumes hold organelle ids, which a binary segmentation cannot, and an
+    instance-typed segmentation is hidden from copick's default ``get_segmentations``,
+    from untyped copick URIs and from copick-utils' readers.
     """
-    return "instance" if segmentation_type(seg) == "instance" else "multilabel"
+    return "multilabel"
+
+
+@_keeps_logging
+def check_writable(run, name: str, *, user_id: str, session_id: str, voxel_size: float) -> None:
+    """Fail before any computing when an output cannot be written: it exists in the project's
+    read-only static storage (copick would refuse it after the work is done), or the
+    overlay folder of a file-system project is not writable."""
+    for seg in run.get_segmentations(name=name, user_id=user_id, session_id=str(session_id)):
+        if abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE and getattr(seg, "read_only", False):
+            raise InputError(f"run {run.name}: the output {describe_segmentation(seg)} already exists in the "
+                             "project's read-only static storage; choose another --save-session-id")
+    overlay = getattr(getattr(getattr(run, "root", None), "config", None), "overlay_root", None)
+    if isinstance(overlay, str) and (overlay.startswith("local://") or "://" not in overlay):
+        folder = Path(overlay.removeprefix("local://"))
+        probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), folder)
+        if not os.access(probe, os.W_OK):
+            raise InputError(f"run {run.name}: the copick overlay {folder} is not writable; refined "
+                             "segmentations are written there")
 
 
 @_keeps_logging
@@ -299,7 +327,8 @@ def delete_segmentation(run, name: str, *, user_id: str, session_id: str, voxel_
         run.refresh_segmentations()
         for seg in list(run.segmentations):
             if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind) \
-                    and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE:
+                    and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE \
+                    and not getattr(seg, "read_only", False):  # never anything outside the overlay
                 seg.delete()
     except Exception as exc:  # report, do not mask the error that brought us here
         log.warning("run %s: could not remove segmentation %s of %s/%s: %s", run.name, name, user_id,

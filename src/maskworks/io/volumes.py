@@ -355,25 +355,52 @@ def _read_zarr(path: Path, lazy: bool) -> Volume:
     return Volume(data, vs, unit, origin, attrs=attrs)
 
 
+# One geometry convention for every format, ITK's (which MITK, Slicer and the napari plugins
+# read through): physical coordinates in LPS, the origin is the LPS position of voxel 0, voxel
+# sizes are positive.  NIfTI stores RAS, so x and y change sign between the two.
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+_NRRD_SPACES = {"left-posterior-superior": np.eye(3), "LPS": np.eye(3),
+                "right-anterior-superior": _RAS_TO_LPS, "RAS": _RAS_TO_LPS,
+                "left-anterior-superior": np.diag([1.0, -1.0, 1.0]), "LAS": np.diag([1.0, -1.0, 1.0])}
+
+
+def _geometry_from_matrix(path, columns, origin):
+    """(voxel sizes, origin, direction) in (z, y, x) order from LPS axis vectors (fastest axis
+    first, one column per array axis) and the LPS origin."""
+    columns = np.asarray(columns, dtype=float)
+    sizes = np.linalg.norm(columns, axis=0)
+    if not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        raise InputError(f"{path}: voxel axes {columns.T.tolist()} are not a valid geometry (zero or non-finite)")
+    direction = columns / sizes
+    return tuple(sizes[::-1].tolist()), tuple(np.asarray(origin, dtype=float)[::-1].tolist()), direction
+
+
 def _read_nrrd(path: Path, lazy: bool) -> Volume:
     import nrrd
 
     data, header = nrrd.read(str(path), index_order="C")
     nd = data.ndim
     dirs = header.get("space directions")
-    vs_f = [1.0] * nd  # NRRD (fastest-first) axis order
-    if dirs is not None:
-        rows = [np.asarray(r, dtype=float) for r in dirs]
-        spatial = [np.linalg.norm(r) for r in rows if r is not None and np.all(np.isfinite(r))]
+    attrs = {"content": header.get("content")}
+    vs, origin = (1.0,) * nd, None
+    rows = [] if dirs is None else [np.asarray(r, dtype=float) for r in dirs]
+    if nd == 3 and len(rows) == 3 and all(r.shape == (3,) and np.all(np.isfinite(r)) for r in rows):
+        to_lps = _NRRD_SPACES.get(header.get("space"), np.eye(3))
+        origin_f = header.get("space origin")
+        origin_lps = to_lps @ np.asarray(origin_f if origin_f is not None else np.zeros(3), dtype=float)
+        vs, origin, direction = _geometry_from_matrix(path, to_lps @ np.stack(rows, axis=1), origin_lps)
+        attrs["direction"] = direction.tolist()
+    else:
+        spatial = [float(np.linalg.norm(r)) for r in rows if r.ndim == 1 and np.all(np.isfinite(r))]
         if len(spatial) == nd:
-            vs_f = spatial
-    elif "spacings" in header:
-        vs_f = [float(s) for s in header["spacings"]]
-    origin_f = header.get("space origin")
-    origin = tuple(float(o) for o in origin_f)[::-1] if origin_f is not None and len(origin_f) == nd else None
+            vs = tuple(spatial[::-1])
+        elif "spacings" in header:
+            vs = tuple(float(v) for v in header["spacings"])[::-1]
+        origin_f = header.get("space origin")
+        origin = tuple(float(o) for o in origin_f)[::-1] if origin_f is not None and len(origin_f) == nd else None
     units = header.get("space units")
     unit = units[0] if units else None
-    return Volume(data, tuple(vs_f[::-1]), unit, origin, attrs={"content": header.get("content")})
+    return Volume(data, tuple(vs), unit, origin, attrs=attrs)
 
 
 def _read_nifti(path: Path, lazy: bool) -> Volume:
@@ -383,14 +410,20 @@ def _read_nifti(path: Path, lazy: bool) -> Volume:
     data = np.asanyarray(img.dataobj)
     nd = data.ndim
     data = np.ascontiguousarray(data.transpose(tuple(range(nd))[::-1]))
-    zooms = img.header.get_zooms()[:nd]
-    origin = tuple(float(v) for v in img.affine[:nd, 3])[::-1]
+    attrs = {}
+    if nd == 3:
+        affine = img.affine  # sform, else qform, else nibabel's default (as ITK chooses)
+        vs, origin, direction = _geometry_from_matrix(path, _RAS_TO_LPS @ affine[:3, :3], _RAS_TO_LPS @ affine[:3, 3])
+        attrs["direction"] = direction.tolist()
+    else:
+        vs = tuple(float(z) for z in img.header.get_zooms()[:nd])[::-1]
+        origin = tuple(float(v) for v in img.affine[:nd, 3])[::-1]
     space_unit = img.header.get_xyzt_units()[0]
     unit = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}.get(space_unit)
     descrip = img.header["descrip"].tobytes().rstrip(b"\x00").decode("ascii", "replace")
-    if unit is None and descrip.startswith("unit="):
+    if descrip.startswith("unit="):
         unit = descrip.split("=", 1)[1].split()[0]
-    return Volume(data, tuple(float(z) for z in zooms)[::-1], unit, origin)
+    return Volume(data, vs, unit, origin, attrs=attrs)
 
 
 def _read_npy(path: Path, lazy: bool) -> Volume:
@@ -626,11 +659,15 @@ def _write_nifti(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: 
         data = data.astype(np.uint8)
     nd = data.ndim
     affine = np.eye(4)
-    for i, (v, o) in enumerate(zip(geom.voxel_size[::-1], geom.origin[::-1])):
-        affine[i, i] = v
-        affine[i, 3] = o
+    lps = np.diag([float(v) for v in geom.voxel_size[::-1]] + [1.0] * (3 - nd))[:3, :3]
+    origin = np.zeros(3)
+    origin[:nd] = geom.origin[::-1]
+    # the same LPS geometry as the NRRD writer, stored the NIfTI way (RAS)
+    affine[:3, :3] = _RAS_TO_LPS @ lps
+    affine[:3, 3] = _RAS_TO_LPS @ origin
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(tuple(range(nd))[::-1])), affine)
-    img.header.set_zooms(geom.voxel_size[::-1])
+    img.set_sform(affine, code=1)  # scanner-anat: what ITK-based viewers read
+    img.set_qform(affine, code=1)
     nifti_unit = {"millimeter": "mm", "micrometer": "micron", "meter": "meter"}.get(geom.unit or "", "unknown")
     img.header.set_xyzt_units(nifti_unit)
     if nifti_unit == "unknown" and geom.unit:
