@@ -127,3 +127,33 @@ rule stitch:
         stitch=stage_params(CODEX["stitch"]),
     script:
         "../scripts/stitch.py"
+
+
+rule quantify:
+    input:
+        unpack(codex_inputs),
+        stitch="results/codex/{name}/stitch",
+    output:
+        quantify=report(
+            directory("results/codex/{name}/quantify"),
+            patterns=["{qcname}_qc.png"],
+            caption="report/codex_quantify.rst",
+            category="multiplexed tissue",
+            subcategory="{name}",
+        ),
+    log:
+        "logs/codex/quantify/{name}.log",
+    benchmark:
+        "benchmarks/codex/quantify/{name}.tsv"
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        **site_resources(),
+        mem_mb=scaled(16000),
+        runtime=scaled(60),
+    params:
+        quantify=stage_params(CODEX["quantify"]),
+        image_mpp=lambda wc: codex_channels(wc)["image_mpp"],
+    script:
+        "../scripts/quantify.py"

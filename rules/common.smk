@@ -425,5 +425,5 @@ def all_outputs():
         out += expand("results/cryoet/merged/{name}", name=with_corrections)
         out += expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
     if CODEX["enabled"]:
-        out += expand("results/codex/{name}/stitch", name=codex_images.index)
+        out += expand("results/codex/{name}/quantify", name=codex_images.index)
     return out

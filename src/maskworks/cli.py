@@ -212,6 +212,9 @@ def demo_summary(results="results"):
         print(f"  copick run {s.name.split('_refine_stats')[0]}: refined organelles/membranes written to copick; {s}")
     for d in sorted(root.glob("codex/*/stitch")):
         print(f"  CODEX {d.parent.name}: {d / 'cell.ome.tif'} ... cells.csv")
+    for d in sorted(root.glob("codex/*/quantify")):
+        print(f"  CODEX {d.parent.name} per-cell tables: {d / 'cell_by_marker.csv'}, cell_metadata.csv, "
+              "cells.h5ad (AnnData with spatial neighbours)")
     print("  QC pictures:")
     for png in sorted(root.glob("**/*.png")):
         print(f"    {png}")

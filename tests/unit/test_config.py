@@ -54,6 +54,7 @@ SECTIONS = [
     ("codex", "tile_image", ["maskworks.codex.stages:tile_image_files"], set()),
     ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed"}),
     ("codex", "stitch", ["maskworks.codex.stages:stitch_files"], set()),
+    ("codex", "quantify", ["maskworks.codex.stages:quantify_files"], set()),
 ]
 
 

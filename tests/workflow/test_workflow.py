@@ -61,7 +61,7 @@ def test_dry_run_lists_the_demo_jobs(wd):
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 4, "train_unet": 1, "predict_unet": 2,
                       "extract_patches": 1, "merge_corrections": 1, "refine_membranes": 3, "tile_image": 1,
-                      "segment_cells": 1, "repair_masks": 1, "stitch": 1}, proc.stdout
+                      "segment_cells": 1, "repair_masks": 1, "stitch": 1, "quantify": 1}, proc.stdout
 
 
 def test_slurm_profile_dry_run(wd):
@@ -198,6 +198,29 @@ def test_demo_run_codex_outputs(wd, demo_run):
     assert np.array_equal(cells[inside], nuclei[inside])
 
 
+def test_demo_run_quantifies_every_cell_on_every_marker(wd, demo_run):
+    import anndata
+    import pandas as pd
+
+    from maskworks.io import read_volume
+
+    d = wd / "results" / "codex" / "slide1"
+    by_marker = pd.read_csv(d / "quantify" / "cell_by_marker.csv")
+    meta = pd.read_csv(d / "quantify" / "cell_metadata.csv")
+    cells = read_volume(d / "stitch" / "cell.ome.tif", ndim=2).numpy()
+    assert list(by_marker.columns) == ["cell_id", "CD45", "DAPI", "Ki67", "PanCK"]
+    assert len(by_marker) == len(meta) == len(np.unique(cells)) - 1
+    # Ki67 marks a fifth of the nuclei (demo generator): high in those nuclei, low in their cytoplasm
+    positive = meta["Ki67_nucleus_mean"] > 300
+    assert 0.1 < positive.mean() < 0.3, positive.mean()
+    assert (meta.loc[positive, "Ki67_nucleus_mean"] > 3 * meta.loc[positive, "Ki67_cytoplasm_mean"]).mean() > 0.9
+    assert meta.loc[~positive & meta["has_nucleus"], "Ki67_nucleus_mean"].median() < 50
+    adata = anndata.read_h5ad(d / "quantify" / "cells.h5ad")
+    assert adata.n_obs == len(by_marker) and list(adata.var_names) == ["CD45", "DAPI", "Ki67", "PanCK"]
+    assert adata.obsm["spatial"].shape == (adata.n_obs, 2) and adata.obsm["spatial"].max() <= 1860 * 0.5
+    assert adata.obsp["spatial_connectivities"].nnz > 2 * adata.n_obs
+
+
 def test_mesmer_rule_uses_the_deepcell_venv_without_conda(wd, tmp_path):
     cfg = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
     cfg["codex"]["segment_cells"] = {"backend": "mesmer", "model_path": "demo_data", "device": "cpu"}
@@ -239,5 +262,5 @@ def test_report_includes_the_qc_pictures_and_stats(wd, demo_run):
     names = [n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(wd / "report.zip").namelist()]
     for expected in ["texture_qc.png", "texture_final_qc.png", "texture_final_stats.json", "unet_qc.png",
                      "curves.png", "patches_qc.png", "TS_001_refine_qc.png", "TS_001_refine_stats.csv",
-                     "stitch_qc.png"]:
+                     "stitch_qc.png", "quantify_qc.png"]:
         assert expected in names, expected

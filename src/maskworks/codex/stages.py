@@ -82,11 +82,13 @@ log = logging.getLogger("maskworks")
 
 
 def add_commands(sub):
-    """Register ``tile-image``, ``segment-cells``, ``repair-masks``, ``stitch`` and ``download-mesmer-model``."""
+    """Register ``tile-image``, ``segment-cells``, ``repair-masks``, ``stitch``, ``quantify`` and
+    ``download-mesmer-model``."""
     _add_tile(sub)
     _add_segment(sub)
     _add_repair(sub)
     _add_stitch(sub)
+    _add_quantify(sub)
     _add_download(sub)
 
 
@@ -815,3 +817,196 @@ def _add_stitch(sub):
 def _run_stitch(a):
     return stitch_files(a.patches_dir, a.labels_dir, a.out_dir, format=a.format, metadata=a.metadata,
                         duplicate_overlap=a.duplicate_overlap)
+
+
+# ----------------------------------------------------------------------------- quantify
+
+QUANTIFY_OUTPUTS = ("cell_by_marker.csv", "cell_metadata.csv", "cells.h5ad", "quantify_stats.json",
+                    "quantify_qc.png")
+
+
+class _PlaneRows:
+    """One channel of a multichannel image as a (y, x) array read row block by row block."""
+
+    def __init__(self, image, channel):
+        self.image, self.channel, self.shape = image, channel, image.shape
+
+    def __getitem__(self, index):
+        ys = index if isinstance(index, slice) else index[0]
+        return self.image.region(self.channel, ys, slice(None))
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.image.region(self.channel, slice(None), slice(None))
+        return out.astype(dtype) if dtype is not None else out
+
+
+def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",), image_mpp=None,
+                   neighbours="delaunay", neighbour_radius=None, channel_axis=None):
+    """Measure every stitched cell on every channel of the source image: the ``quantify`` rule.
+
+    ``image`` and ``channels`` as for :func:`tile_image_files` (all channels are measured);
+    ``stitch_dir``: the stitch output (``cell``/``nucleus``/``cytoplasm`` as ``.ome.tif`` or
+    ``.zarr``, ``cells.csv``).  ``image_mpp`` None: the stitched labels' pixel size, else the
+    image's.  Writes into ``out_dir``: ``cell_by_marker.csv`` (``cell_id`` + the cell mean of
+    every marker), ``cell_metadata.csv`` (morphology, compartment statistics, patch id),
+    ``cells.h5ad`` (AnnData: X = cell means, obs = metadata, var = markers,
+    ``obsm["spatial"]`` = centroids (x, y) in µm, ``obsp["spatial_connectivities"]`` /
+    ``["spatial_distances"]``), ``quantify_stats.json`` and ``quantify_qc.png``.
+    """
+    out_dir = Path(out_dir)
+    outputs = {n: out_dir / n for n in QUANTIFY_OUTPUTS}
+    params = {"statistics": list(statistics), "image_mpp": image_mpp, "neighbours": neighbours,
+              "neighbour_radius": neighbour_radius, "channel_axis": channel_axis}
+    with all_or_nothing(*outputs.values()):
+        return _quantify_files(image, channels, Path(stitch_dir), outputs, params)
+
+
+def _stitched(stitch_dir, name):
+    for ext in STITCH_FORMATS.values():
+        if (stitch_dir / f"{name}{ext}").exists():
+            return read_volume(stitch_dir / f"{name}{ext}", ndim=2)
+    raise InputError(f"{stitch_dir}: no {name}.ome.tif or {name}.zarr; run stitch first")
+
+
+def _quantify_files(image, channels, stitch_dir, outputs, params):
+    import time
+
+    import pandas as pd
+
+    from .quantify import quantify_cells
+
+    t0 = time.perf_counter()
+    cell, nucleus, cyto = (_stitched(stitch_dir, k) for k in ("cell", "nucleus", "cytoplasm"))
+    with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
+        if channels not in (None, ""):
+            names, what = read_channel_names(channels), str(channels)
+        elif img.channel_names:
+            names, what = img.channel_names, f"the OME-XML channel names of {image}"
+        else:
+            raise InputError(f"{image}: no channel names in the file; give a channel names file (one name per line)")
+        if len(names) != img.n_channels:
+            raise InputError(f"{what} lists {len(names)} channel names but {image} has {img.n_channels} channel(s)")
+        if tuple(img.shape) != tuple(cell.shape):
+            raise InputError(f"{image} is {img.shape} pixels but the stitched labels in {stitch_dir} are "
+                             f"{cell.shape}: they must come from this image")
+        mpp = params["image_mpp"]
+        if mpp in (None, ""):
+            mpp = cell.voxel_size[0] if cell.unit == "micrometer" else img.mpp
+        mpp = float(mpp) if mpp else None
+        log.info("quantify %s: %d markers on %d x %d px, mpp %s, statistics %s", image, len(names), *cell.shape,
+                 mpp, params["statistics"])
+        markers, meta, graph, st = quantify_cells(
+            cell.numpy(), nucleus.numpy(), ((n, _PlaneRows(img, c)) for c, n in enumerate(names)),
+            cytoplasm=cyto.numpy(), statistics=params["statistics"], image_mpp=mpp,
+            neighbours=params["neighbours"], neighbour_radius=params["neighbour_radius"])
+        crop = _quantify_crop(img, cell.numpy(), names, markers)
+    table = stitch_dir / "cells.csv"
+    meta = pd.DataFrame(meta)
+    if table.is_file():  # where each cell came from
+        placed = pd.read_csv(table)
+        if {"id", "patch_id"} <= set(placed.columns):
+            meta = meta.merge(placed[["id", "patch_id"]].rename(columns={"id": "cell_id"}), on="cell_id", how="left")
+    by_marker = pd.DataFrame(markers)
+    with atomic_path(outputs["cell_by_marker.csv"]) as tmp:
+        by_marker.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(outputs["cell_metadata.csv"]) as tmp:
+        meta.to_csv(tmp, index=False, float_format="%.6g")
+    _write_h5ad(outputs["cells.h5ad"], by_marker, meta, names, graph, mpp, params)
+    st.update(image=str(image), stitch_dir=str(stitch_dir), outputs={k: str(v) for k, v in outputs.items()},
+              seconds=round(time.perf_counter() - t0, 3))
+    _save_quantify_qc(outputs["quantify_qc.png"], by_marker, names, crop,
+                      f"quantify: {st['cells']} cells x {len(names)} markers, {st['edges']} neighbour edges "
+                      f"({params['neighbours']})")
+    write_json(outputs["quantify_stats.json"], st)
+    log.info("quantify done: %s", {k: st[k] for k in ("cells", "edges", "cells_without_nucleus", "seconds")})
+    return st
+
+
+def _write_h5ad(path, by_marker, meta, names, graph, mpp, params):
+    import anndata
+    import pandas as pd
+
+    obs = meta.copy()
+    obs.index = obs["cell_id"].astype(str)
+    obs.index.name = None
+    adata = anndata.AnnData(X=by_marker[names].to_numpy(dtype=np.float32), obs=obs,
+                            var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+    scale = mpp or 1.0
+    adata.obsm["spatial"] = np.column_stack([meta["centroid_x"], meta["centroid_y"]]).astype(np.float64) * scale
+    if graph is not None:
+        adata.obsp["spatial_connectivities"], adata.obsp["spatial_distances"] = graph
+        adata.uns["spatial_neighbors"] = {
+            "connectivities_key": "spatial_connectivities", "distances_key": "spatial_distances",
+            "params": {"method": params["neighbours"], "radius": params["neighbour_radius"],
+                       "unit": "micrometer" if mpp else "pixel"}}
+    adata.uns["maskworks"] = {"image_mpp": mpp if mpp else "unknown", "spatial_unit": "micrometer" if mpp else "pixel"}
+    with atomic_path(Path(path)) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _quantify_crop(img, cell, names, markers, side=QC_CROP):
+    """A crop around the densest cells: each marker's cell means painted on the cells."""
+    if not len(markers["cell_id"]):
+        return None
+    ys, xs = np.nonzero(cell)
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    y0, x0 = max(0, cy - side // 2), max(0, cx - side // 2)
+    lab = cell[y0:y0 + side, x0:x0 + side].astype(np.int64)
+    maps = []
+    for name in names[:4]:
+        table = np.zeros(int(markers["cell_id"].max()) + 1, np.float64)
+        table[markers["cell_id"]] = np.nan_to_num(markers[name])
+        maps.append((name, table[lab], lab))
+    return maps
+
+
+def _save_quantify_qc(path, by_marker, names, crop, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    n = max(1, len(names))
+    shown = crop or []
+    fig, axes = plt.subplots(2, max(n, len(shown), 1), figsize=(3.2 * max(n, len(shown), 1), 6.4), squeeze=False)
+    for k, name in enumerate(names):
+        ax = axes[0][k]
+        ax.hist(np.log1p(np.nan_to_num(by_marker[name].to_numpy())), bins=60, color="0.3")
+        ax.set_title(f"{name}: log1p(cell mean)", fontsize=9)
+    for k, (name, image, lab) in enumerate(shown):
+        ax = axes[1][k]
+        ax.imshow(image, cmap="magma")
+        ax.contour(find_boundaries(lab, mode="inner"), levels=[0.5], colors="cyan", linewidths=0.3)
+        ax.set_title(f"{name} per cell", fontsize=9)
+    for row in axes:
+        for ax in row[len(names) if row is axes[0] else len(shown):]:
+            ax.axis("off")
+    for ax in axes[1][:len(shown)]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    _save_figure(fig, path)
+
+
+def _add_quantify(sub):
+    from .quantify import NEIGHBOURS, STATISTICS
+
+    p = sub.add_parser("quantify", help="measure every stitched cell: cell x marker table, morphology, "
+                       "AnnData with spatial neighbours")
+    p.add_argument("image", help="the multichannel image the cells were segmented from (all channels are measured)")
+    p.add_argument("stitch_dir", help="stitch output folder (cell, nucleus, cytoplasm labels, cells.csv)")
+    p.add_argument("out_dir", help="folder for cell_by_marker.csv, cell_metadata.csv, cells.h5ad, stats, QC")
+    p.add_argument("--channels", help="channel names file; if not given, the OME-XML names")
+    p.add_argument("--statistics", default="mean", help=f"comma list of {', '.join(STATISTICS)} (mean always)")
+    p.add_argument("--image-mpp", type=float, help="µm per pixel; if not given, the stitched labels' or the image's")
+    p.add_argument("--neighbours", choices=NEIGHBOURS, default="delaunay", help="spatial neighbour graph")
+    p.add_argument("--neighbour-radius", type=float,
+                   help="µm: the radius graph's distance, or the longest Delaunay edge kept")
+    p.set_defaults(run=_run_quantify)
+
+
+def _run_quantify(a):
+    stats = [s.strip() for s in a.statistics.split(",") if s.strip()]
+    return quantify_files(a.image, a.channels, a.stitch_dir, a.out_dir, statistics=stats, image_mpp=a.image_mpp,
+                          neighbours=a.neighbours, neighbour_radius=a.neighbour_radius)

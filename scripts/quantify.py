@@ -1,0 +1,14 @@
+"""Rule quantify: source image + stitched masks -> cell x marker table, cell metadata, AnnData, QC."""
+
+from maskworks.cli import snakemake_job
+from maskworks.codex.stages import quantify_files
+
+snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
+quantify_files(
+    snakemake.input.image,
+    snakemake.input.get("channels"),
+    snakemake.input.stitch,
+    snakemake.output.quantify,
+    image_mpp=snakemake.params.image_mpp,
+    **snakemake.params.quantify,
+)
