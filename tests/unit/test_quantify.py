@@ -136,3 +136,32 @@ def test_quantify_files_writes_tables_and_an_anndata_scanpy_reads(tmp_path):
     assert adata.obsp["spatial_connectivities"].shape == (2, 2) and adata.obsp["spatial_distances"][0, 1] > 0
     assert adata.uns["spatial_neighbors"]["connectivities_key"] == "spatial_connectivities"
     assert (tmp_path / "q" / "quantify_qc.png").stat().st_size > 1000
+
+
+def test_shapes_equal_skimage_regionprops():
+    from skimage.measure import regionprops_table
+
+    from maskworks.codex.quantify import MORPHOLOGY, region_shapes
+
+    rng = np.random.default_rng(5)
+    lab = np.zeros((120, 150), np.int32)
+    for k in range(1, 40):  # ellipses of every orientation, some cut by the border, ids sparse
+        cy, cx = rng.uniform(-5, 125), rng.uniform(-5, 155)
+        ry, rx, th = rng.uniform(2, 12), rng.uniform(1, 9), rng.uniform(0, np.pi)
+        yy, xx = np.mgrid[:120, :150]
+        u, v = (yy - cy) * np.cos(th) + (xx - cx) * np.sin(th), -(yy - cy) * np.sin(th) + (xx - cx) * np.cos(th)
+        lab[(u / ry) ** 2 + (v / rx) ** 2 <= 1] = 7 * k
+    ids = np.unique(lab)[1:]
+    ours = region_shapes(lab, ids)
+    ref = regionprops_table(lab, properties=["label", "centroid", *MORPHOLOGY])
+    np.testing.assert_array_equal(ref["label"], ids)
+    np.testing.assert_allclose(ours["centroid_y"], ref["centroid-0"], rtol=1e-9)
+    np.testing.assert_allclose(ours["centroid_x"], ref["centroid-1"], rtol=1e-9)
+    for prop, name in MORPHOLOGY.items():
+        if name != "orientation":
+            np.testing.assert_allclose(ours[name], ref[prop], rtol=1e-7, atol=1e-9, err_msg=name)
+    # orientation: an axis (defined modulo pi), undefined where the two axes are equal
+    # (and at exactly 45 degrees skimage's own special case depends on rounding)
+    defined = (ref["axis_major_length"] - ref["axis_minor_length"] > 1e-6) & (np.abs(np.cos(2 * ref["orientation"])) > 1e-6)
+    turn = np.angle(np.exp(2j * (ours["orientation"] - ref["orientation"])))
+    np.testing.assert_allclose(turn[defined], 0, atol=1e-7)

@@ -20,12 +20,12 @@ COMPARTMENTS = ("cell", "nucleus", "cytoplasm")
 NEIGHBOURS = ("delaunay", "radius", "none")
 _BLOCK_PIXELS = 2**24  # rows per intensity block: about 16 M pixels
 
-# skimage regionprops -> our column (Aegle's names where Aegle has the column)
+# skimage regionprops property -> our column (Aegle's names where Aegle has the column)
 MORPHOLOGY = {
     "area": "area", "perimeter": "perimeter", "area_convex": "convex_area",
     "axis_major_length": "major_axis_length", "axis_minor_length": "minor_axis_length",
     "eccentricity": "eccentricity", "solidity": "solidity", "extent": "extent", "orientation": "orientation",
-}
+}  # and centroid-0 / centroid-1 -> centroid_y / centroid_x
 
 
 def cell_ids(cell) -> np.ndarray:
@@ -89,18 +89,20 @@ def intensity_statistics(labels, plane, ids, statistics=("mean",)) -> dict[str, 
 
 def morphology(cell, nucleus, ids, *, mpp=None) -> dict[str, np.ndarray]:
     """Shape of every cell (``ids``) and of its nucleus (same id), with centroids and areas in
-    pixels and, when ``mpp`` (µm per pixel) is known, in µm / µm²."""
-    from skimage.measure import regionprops_table
+    pixels and, when ``mpp`` (µm per pixel) is known, in µm / µm².
 
-    props = ["label", "centroid", *MORPHOLOGY]
+    Notes
+    -----
+    The values are skimage's ``regionprops`` definitions.  Centroid, area, extent and the
+    moment-based properties (axis lengths, eccentricity, orientation, from the inertia
+    tensor) are computed for all labels at once from per-label sums (``np.bincount``, two
+    passes so the central moments are exact); only ``perimeter`` and ``convex_area`` (and
+    ``solidity`` = area / convex area) come from ``regionprops_table``.
+    """
     out: dict[str, np.ndarray] = {"cell_id": np.asarray(ids, dtype=np.int64)}
     for prefix, lab in (("", cell), ("nucleus_", nucleus)):
-        lab = np.asarray(lab)
-        table = regionprops_table(lab.astype(np.int64, copy=False), properties=props) if lab.any() else {}
-        out[f"{prefix}centroid_y"] = _aligned(table, "centroid-0", ids)
-        out[f"{prefix}centroid_x"] = _aligned(table, "centroid-1", ids)
-        for prop, name in MORPHOLOGY.items():
-            out[f"{prefix}{name}"] = _aligned(table, prop, ids, fill=0.0 if prop == "area" else np.nan)
+        for name, col in region_shapes(np.asarray(lab), ids).items():
+            out[f"{prefix}{name}"] = col
     out["nucleus_cell_area_ratio"] = np.divide(out["nucleus_area"], out["area"], out=np.zeros(len(ids)),
                                                where=out["area"] > 0)
     if mpp:
@@ -109,6 +111,68 @@ def morphology(cell, nucleus, ids, *, mpp=None) -> dict[str, np.ndarray]:
             out[f"{prefix}centroid_x_um"] = out[f"{prefix}centroid_x"] * mpp
             out[f"{prefix}area_um2"] = out[f"{prefix}area"] * mpp * mpp
     return out
+
+
+def region_shapes(lab, ids) -> dict[str, np.ndarray]:
+    """regionprops' centroid, area, perimeter, convex area, axis lengths, eccentricity,
+    solidity, extent and orientation of the labels ``ids`` of a 2-D label image, one row per
+    id (ids without pixels: area 0, the rest NaN)."""
+    from scipy import ndimage
+    from skimage.measure import regionprops_table
+
+    ids = np.asarray(ids, dtype=np.int64)
+    n = int(ids[-1]) + 1 if len(ids) else 1
+    rows = max(1, _BLOCK_PIXELS // max(1, lab.shape[1]))
+    cols = np.arange(lab.shape[1], dtype=np.float64)
+    count, sum_r, sum_c = (np.zeros(n) for _ in range(3))
+    blocks = [slice(y, y + rows) for y in range(0, lab.shape[0], rows)]
+
+    def pixels(block):
+        sub = lab[block].astype(np.int64, copy=False)
+        r = np.broadcast_to(np.arange(block.start, block.start + sub.shape[0], dtype=np.float64)[:, None], sub.shape)
+        c = np.broadcast_to(cols[None, :], sub.shape)
+        keep = (sub > 0) & (sub < n)
+        return sub[keep], r[keep], c[keep]
+
+    for block in blocks:
+        ids_here, r, c = pixels(block)
+        count += np.bincount(ids_here, minlength=n)
+        sum_r += np.bincount(ids_here, weights=r, minlength=n)
+        sum_c += np.bincount(ids_here, weights=c, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_r, mean_c = sum_r / count, sum_c / count
+    mu20, mu02, mu11 = (np.zeros(n) for _ in range(3))
+    for block in blocks:  # central moments about each label's own centroid: no cancellation
+        ids_here, r, c = pixels(block)
+        dr, dc = r - mean_r[ids_here], c - mean_c[ids_here]
+        mu20 += np.bincount(ids_here, weights=dr * dr, minlength=n)
+        mu02 += np.bincount(ids_here, weights=dc * dc, minlength=n)
+        mu11 += np.bincount(ids_here, weights=dr * dc, minlength=n)
+    area = count[ids]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a, b, c_ = mu02[ids] / area, -mu11[ids] / area, mu20[ids] / area  # skimage's inertia tensor
+        half_trace, det = (a + c_) / 2, a * c_ - b * b
+        root = np.sqrt(np.maximum(half_trace * half_trace - det, 0.0))
+        l1, l2 = np.maximum(half_trace + root, 0.0), np.maximum(half_trace - root, 0.0)
+        eccentricity = np.where(l1 == 0, 0.0, np.sqrt(np.maximum(1.0 - l2 / l1, 0.0)))
+        orientation = np.where(a - c_ == 0, np.where(b < 0, -np.pi / 4, np.pi / 4), 0.5 * np.arctan2(-2 * b, c_ - a))
+    boxes = ndimage.find_objects(lab.astype(np.int64, copy=False), max_label=n - 1)
+    box_area = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start) if s is not None else np.nan
+                         for s in (boxes[i - 1] for i in ids)], dtype=np.float64) if len(ids) else np.zeros(0)
+    table = regionprops_table(lab.astype(np.int64, copy=False), properties=["label", "perimeter", "area_convex"]) \
+        if np.any(lab) else {}
+    convex = _aligned(table, "area_convex", ids)
+    present = area > 0
+    nan = np.full(len(ids), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "centroid_y": np.where(present, mean_r[ids], nan), "centroid_x": np.where(present, mean_c[ids], nan),
+            "area": area, "perimeter": _aligned(table, "perimeter", ids), "convex_area": convex,
+            "major_axis_length": np.where(present, 4 * np.sqrt(l1), nan),
+            "minor_axis_length": np.where(present, 4 * np.sqrt(l2), nan),
+            "eccentricity": np.where(present, eccentricity, nan), "solidity": area / convex,
+            "extent": area / box_area, "orientation": np.where(present, orientation, nan),
+        }
 
 
 def _aligned(table, key, ids, fill=np.nan) -> np.ndarray:
