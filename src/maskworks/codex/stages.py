@@ -275,6 +275,21 @@ def tile_image_files(
         return _tile_image_files(image, channels, *outputs, params)
 
 
+def _channel_names(img, image, channels):
+    """The channel names of an open image: from the names file, else its OME-XML; one per channel."""
+    if channels not in (None, ""):
+        names, what = read_channel_names(channels), str(channels)
+    elif img.channel_names:
+        names, what = img.channel_names, f"the OME-XML channel names of {image}"
+    else:
+        raise InputError(f"{image}: no channel names in the file; give a channel names file (one name per line)")
+    if len(names) != img.n_channels:
+        raise InputError(f"{what} lists {len(names)} channel names but {image} has {img.n_channels} "
+                         f"channel(s) (series axes {img.axes!r}, shape {tuple(img.data.shape)}); "
+                         "fix the list or set channel_axis")
+    return names, what
+
+
 def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     import time
 
@@ -283,16 +298,7 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
 
     t0 = time.perf_counter()
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
-        if channels not in (None, ""):
-            names, what = read_channel_names(channels), str(channels)
-        elif img.channel_names:
-            names, what = img.channel_names, f"the OME-XML channel names of {image}"
-        else:
-            raise InputError(f"{image}: no channel names in the file; give a channel names file (one name per line)")
-        if len(names) != img.n_channels:
-            raise InputError(f"{what} lists {len(names)} channel names but {image} has {img.n_channels} "
-                             f"channel(s) (series axes {img.axes!r}, shape {tuple(img.data.shape)}); "
-                             "fix the list or set channel_axis")
+        names, what = _channel_names(img, image, channels)
         nuc, wc = select_channels(names, params["nuclear_channel"], params["wholecell_channels"], what=what)
         mpp = float(params["image_mpp"]) if params["image_mpp"] not in (None, "") else img.mpp
         grid = patch_grid(img.shape, split_mode=params["split_mode"], patch_height=params["patch_height"],
@@ -878,14 +884,7 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     t0 = time.perf_counter()
     cell, nucleus, cyto = (_stitched(stitch_dir, k) for k in ("cell", "nucleus", "cytoplasm"))
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
-        if channels not in (None, ""):
-            names, what = read_channel_names(channels), str(channels)
-        elif img.channel_names:
-            names, what = img.channel_names, f"the OME-XML channel names of {image}"
-        else:
-            raise InputError(f"{image}: no channel names in the file; give a channel names file (one name per line)")
-        if len(names) != img.n_channels:
-            raise InputError(f"{what} lists {len(names)} channel names but {image} has {img.n_channels} channel(s)")
+        names, _ = _channel_names(img, image, channels)
         if tuple(img.shape) != tuple(cell.shape):
             raise InputError(f"{image} is {img.shape} pixels but the stitched labels in {stitch_dir} are "
                              f"{cell.shape}: they must come from this image")
