@@ -978,12 +978,14 @@ def _save_quantify_qc(path, by_marker, names, crop, title):
         ax.imshow(image, cmap="magma")
         ax.contour(find_boundaries(lab, mode="inner"), levels=[0.5], colors="cyan", linewidths=0.3)
         ax.set_title(f"{name} per cell", fontsize=9)
-    for row in axes:
-        for ax in row[len(names) if row is axes[0] else len(shown):]:
+    for ax in axes[0][len(names):]:
+        ax.axis("off")
+    for k, ax in enumerate(axes[1]):
+        if k < len(shown):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
             ax.axis("off")
-    for ax in axes[1][:len(shown)]:
-        ax.set_xticks([])
-        ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     _save_figure(fig, path)
 
