@@ -115,7 +115,17 @@ def test_stitch_writes_whole_slide_labels_table_and_qc(chain):
     assert list(rows[0]) == list(CELL_COLUMNS) and len(rows) == k
     assert [int(r["cell_area"]) for r in rows] == np.bincount(c.ravel())[1:].tolist()
     stats = json.loads((st / "stitch_stats.json").read_text())
-    assert stats["cells"] == k and stats["from_core"] + stats["rescued"] + stats["cut_kept"] == k
+    assert stats["cells"] == k
+    placed = stats["from_core"] + stats["rescued"] + stats["joined"] + stats["cut_single"]
+    removed = stats["dropped_without_nucleus"]
+    assert placed - removed == k
+    assert stats["check"] == {"cells": k, "fragmented_cells": 0, "cells_without_nucleus": 0,
+                              "nuclei_outside_cell": 0, "fragmented_nuclei": 0, "cytoplasm_mismatch": 0}
+    # the unrepaired segmentation, stitched on its own
+    for key in ("cell", "nucleus"):
+        original = read_volume(st / f"{key}_original.ome.tif").numpy()
+        assert original.shape == SHAPE and stats["original"][key] == len(np.unique(original)) - 1
+    assert stats["original"]["cell"] >= k
     assert (st / "stitch_qc.png").stat().st_size > 10_000
     # against the truth: most true cells found once, none twice
     truth = data["cells"]
@@ -131,7 +141,7 @@ def test_stitch_writes_whole_slide_labels_table_and_qc(chain):
 def test_stitch_to_zarr_equals_ome_tiff(chain, tmp_path):
     tiles, _, rep, st, _ = chain
     assert main(["stitch", str(tiles), str(rep), str(tmp_path), "--format", "zarr"]) == 0
-    for k in ("cell", "nucleus", "cytoplasm"):
+    for k in ("cell", "nucleus", "cytoplasm", "cell_original", "nucleus_original"):
         z = read_volume(tmp_path / f"{k}.zarr")
         assert z.dtype == np.uint32 and z.voxel_size == (0.5, 0.5)
         np.testing.assert_array_equal(z.numpy(), read_volume(st / f"{k}.ome.tif").numpy())

@@ -1,11 +1,10 @@
-"""maskworks.codex.tiling: channel names and selection, patch grid, QC flags, lazy reading, stitching."""
+"""maskworks.codex.tiling: channel names and selection, patch grid, QC flags, lazy reading (stitching: test_stitch.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tifffile
-from scipy import ndimage as ndi
 
 from maskworks.codex import tiling
 from maskworks.codex.tiling import (
@@ -16,7 +15,6 @@ from maskworks.codex.tiling import (
     read_channel_names,
     read_patch,
     select_channels,
-    stitch_patches,
 )
 from maskworks.io import InputError
 
@@ -235,153 +233,3 @@ def test_patch_qc_flags():
     assert patch_qc(edge, mean_intensity_threshold=5.01)["is_noisy"]
     with pytest.raises(InputError, match="patch_qc"):
         patch_qc(np.zeros((4, 4)))
-
-
-# ----------------------------------------------------------------------------- stitching
-
-
-def _slide(shape=(260, 330), seed=0, spacing=16, radius=7.5):
-    """Round cells (Voronoi regions cut at ``radius``) with a nucleus each: nucleus k in cell k."""
-    rng = np.random.default_rng(seed)
-    h, w = shape
-    gy, gx = np.meshgrid(np.arange(6, h - 2, spacing), np.arange(6, w - 2, spacing), indexing="ij")
-    sy = np.clip(gy + rng.integers(-3, 4, gy.shape), 0, h - 1).ravel()
-    sx = np.clip(gx + rng.integers(-3, 4, gx.shape), 0, w - 1).ravel()
-    seeds = np.zeros(shape, np.int32)
-    seeds[sy, sx] = np.arange(1, sy.size + 1)
-    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-    cells = np.where(dist <= radius, seeds[iy, ix], 0)
-    nuclei = np.where(dist <= 3, cells, 0)
-    ids = np.unique(cells)[1:]
-    lut = np.zeros(cells.max() + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1)
-    return lut[cells], lut[nuclei]
-
-
-def _patch_loader(grid, cells, nuclei, seed=0, perturb=False):
-    """Per-patch 'segmentations': the truth cropped to each patch (cut at its edges), zero-padded,
-    with patch-local ids in a random order; ``perturb`` drops each object's rim in some patches
-    (as a segmentation that depends on the patch's context would)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for pid in range(grid.n_patches):
-        _, _, y0, x0 = grid.position(pid)
-        vh, vw = grid.valid_shape(pid)
-        c = np.zeros(grid.patch_shape, np.int64)
-        n = np.zeros(grid.patch_shape, np.int64)
-        c[:vh, :vw] = cells[y0:y0 + vh, x0:x0 + vw]
-        n[:vh, :vw] = nuclei[y0:y0 + vh, x0:x0 + vw]
-        if perturb:
-            inner = ndi.grey_erosion(c, size=3) == c
-            shrink = rng.random(int(c.max()) + 1) < 0.5
-            c = np.where(~inner & shrink[c], 0, c)
-            n = np.where(c == n, n, 0)
-        ids = np.unique(c)[1:]
-        lut = np.zeros(int(c.max()) + 1, np.int64)
-        lut[ids] = rng.permutation(ids.size) + 1
-        out[pid] = (lut[c].astype(np.uint16), lut[n].astype(np.uint16))
-    return out.__getitem__
-
-
-def _match(stitched, truth):
-    """(pairs with IoU > 0.5, truth ids matched more than once, stitched ids matched to none)."""
-    m = (stitched > 0) & (truth > 0)
-    top = int(truth.max()) + 1
-    keys, inter = np.unique(stitched[m].astype(np.int64) * top + truth[m], return_counts=True)
-    s, t = keys // top, keys % top
-    a_s, a_t = np.bincount(stitched.ravel()), np.bincount(truth.ravel())
-    good = inter / (a_s[s] + a_t[t] - inter) > 0.5
-    t_good, s_good = t[good], s[good]
-    return good.sum(), np.unique(t_good[np.bincount(t_good)[t_good] > 1]), \
-        np.setdiff1d(np.arange(1, int(stitched.max()) + 1), s_good)
-
-
-def test_stitch_exact_patches_gives_each_true_cell_once_and_whole():
-    cells, nuclei = _slide()
-    grid = patch_grid(cells.shape, patch_height=64, patch_width=80, overlap=0.3)  # half-overlap 9 > radius
-    cell, nucleus, cyto, table, stats = stitch_patches(grid, range(grid.n_patches),
-                                                       _patch_loader(grid, cells, nuclei))
-    assert cell.dtype == nucleus.dtype == cyto.dtype == np.uint32 and cell.shape == cells.shape
-    n_true = int(cells.max())
-    assert stats["cells"] == int(cell.max()) == n_true == table["id"].size
-    np.testing.assert_array_equal(np.unique(cell)[1:], np.arange(1, n_true + 1))
-    # every stitched object is exactly one true cell, pixel for pixel: none cut, none twice
-    pairs = np.unique(np.stack([cell[cells > 0], cells[cells > 0]]), axis=1)
-    assert pairs.shape[1] == n_true and np.unique(pairs[0]).size == n_true and np.unique(pairs[1]).size == n_true
-    assert not cell[cells == 0].any()
-    # cell k pairs with nucleus k and cytoplasm k
-    to_true = np.zeros(n_true + 1, np.int64)
-    to_true[pairs[0]] = pairs[1]
-    np.testing.assert_array_equal(to_true[nucleus], nuclei)
-    np.testing.assert_array_equal(cyto, np.where(nucleus > 0, 0, cell))
-    assert stats["from_core"] == n_true and stats["rescued"] == stats["cut_kept"] == 0
-    # the table: areas and centroids of the stitched objects
-    np.testing.assert_array_equal(table["cell_area"], np.bincount(cell.ravel())[1:])
-    np.testing.assert_array_equal(table["nucleus_area"], np.bincount(nucleus.ravel(), minlength=n_true + 1)[1:])
-    np.testing.assert_array_equal(table["cytoplasm_area"], table["cell_area"] - table["nucleus_area"])
-    cy = ndi.mean(np.indices(cell.shape)[0], cell, index=np.arange(1, n_true + 1))
-    np.testing.assert_allclose(table["centroid_y"], cy)
-
-
-@pytest.mark.parametrize("seed", [1, 3])  # seed 1 meets a duplicate, seed 3 rescues and duplicates
-def test_stitch_tolerates_patch_dependent_segmentations(seed):
-    cells, nuclei = _slide(seed=seed)
-    grid = patch_grid(cells.shape, patch_height=64, patch_width=64, overlap=0.3)
-    cell, nucleus, cyto, table, stats = stitch_patches(
-        grid, range(grid.n_patches), _patch_loader(grid, cells, nuclei, seed=seed + 1, perturb=True))
-    assert stats["duplicates"] + stats["rescued"] > 0
-    n_good, twice, unmatched = _match(cell, cells)
-    assert n_good == cells.max() == cell.max()  # each true cell once, no extras
-    assert twice.size == 0 and unmatched.size == 0
-    assert not np.any(nucleus[(nucleus > 0)] != cell[nucleus > 0])
-
-
-def test_stitch_rescues_and_keeps_objects_cut_everywhere():
-    # One row of two patches: A = x [0, 64), B = x [32, 96); cores A [0, 48), B [48, 90).
-    shape = (40, 90)
-    grid = patch_grid(shape, patch_height=40, patch_width=64, overlap=0.5)
-    assert grid.grid_shape == (1, 2) and grid.core(0) == (0, 40, 0, 48) and grid.core(1) == (0, 40, 48, 90)
-    cells = np.zeros(shape, np.int64)
-    cells[2:18, 34:46] = 1   # an L: its centroid (x ~ 41.3) lies in A's core ...
-    cells[10, 46:66] = 1     # ... its tail crosses A's right edge: whole only in B
-    cells[24:30, 20:88] = 2  # a bar cut by A's right edge and by B's left edge: cut in both
-    cells[33:37, 5:15] = 3   # an ordinary cell inside A's core
-    nuclei = np.where(np.isin(cells, [1, 3]), cells, 0)
-    nuclei[24:30, 60:64] = 2
-    cell, nucleus, cyto, table, stats = stitch_patches(grid, [0, 1], _patch_loader(grid, cells, nuclei))
-    assert stats["from_core"] == 1 and stats["rescued"] == 1 and stats["cut_kept"] == 1
-    # placement order: the ordinary cell (pass 1), the L from B (pass 2), the bar (pass 3)
-    assert table["patch_id"].tolist() == [0, 1, 0] and table["cell_area"].tolist() == [40, 16 * 12 + 20, 6 * 44]
-    assert np.unique(cell[cells == 1]).tolist() == [2]  # the L whole, from B
-    assert np.unique(cell[cells == 3]).tolist() == [1]
-    bar = cell[24:30, 20:88]
-    # cut in both patches and its centroid in both cores as each patch sees it: the first such patch
-    # (A) gives it, cut at A's edge; B's copy overlaps it and is a duplicate
-    assert (bar[:, :44] == 3).all() and (bar[:, 44:] == 0).all()
-    assert stats["duplicates"] == 2  # B's bar, and A's cut view of the L (already rescued)
-    np.testing.assert_array_equal(nucleus[24:30, 60:64], 3)
-
-
-def test_stitch_into_zarr_equals_numpy(tmp_path):
-    import zarr
-
-    cells, nuclei = _slide((130, 150), seed=3)
-    grid = patch_grid(cells.shape, patch_height=48, patch_width=48, overlap=0.4)
-    load = _patch_loader(grid, cells, nuclei, seed=4, perturb=True)
-    ref = stitch_patches(grid, range(grid.n_patches), load)
-    out = {k: zarr.zeros(cells.shape, chunks=(40, 40), dtype=np.uint32, store=str(tmp_path / k))
-           for k in ("cell", "nucleus", "cytoplasm")}
-    got = stitch_patches(grid, range(grid.n_patches), load, out=out)
-    for a, b in zip(ref[:3], got[:3]):
-        np.testing.assert_array_equal(a, b[...])
-    assert ref[4] == got[4]
-
-
-def test_stitch_checks_shapes_and_labels():
-    grid = patch_grid((20, 20), patch_height=16, patch_width=16, overlap=0.25)
-    with pytest.raises(InputError, match="patch shape"):
-        stitch_patches(grid, [0], lambda pid: (np.zeros((8, 8), int), np.zeros((8, 8), int)))
-    with pytest.raises(InputError, match="integers"):
-        stitch_patches(grid, [0], lambda pid: (np.zeros((16, 16)), np.zeros((16, 16))))
-    cell, nucleus, cyto, table, stats = stitch_patches(grid, [], None)
-    assert not cell.any() and stats["cells"] == 0 and table["id"].size == 0

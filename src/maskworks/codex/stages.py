@@ -209,7 +209,25 @@ def _read_patch_labels(path):
             return npz["cell"], npz["nucleus"]
     except KeyError as exc:
         raise InputError(f"{path}: no array {exc} (expected 'cell' and 'nucleus' from segment-cells)") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+
+
+def _read_patch_array(path, key):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[key]
+    except KeyError:
+        raise InputError(f"{path}: no array {key!r}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+
+
+def _has_originals(path) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {"cell_original", "nucleus_original"} <= set(npz.files)
+    except (OSError, ValueError, EOFError) as exc:
         raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
 
 
@@ -667,8 +685,11 @@ def _run_download(a):
 # ----------------------------------------------------------------------------- stitch
 
 STITCH_FORMATS = {"ome.tif": ".ome.tif", "zarr": ".zarr"}
-CELL_COLUMNS = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id")
+CELL_COLUMNS = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id",
+                "patches")
+STITCHED = ("cell", "nucleus", "cytoplasm", "cell_original", "nucleus_original")
 QC_CROP = 512  # side of the stitched QC crop, pixels (about 1:1 in the PNG)
+CHECK_PIXELS = 2**27  # stitched slides up to this size are checked in memory (check_stitched)
 
 
 def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5):
@@ -677,16 +698,24 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
     ``labels_dir`` holds ``patch_<patch_id>.npz`` with ``cell`` and ``nucleus``
     (cell k pairs with nucleus k, as repair-masks writes them) for every patch
     that ``metadata`` (default ``<patches_dir>/patches_metadata.csv``; the repair
-    output's copy works too) marks informative.  Writes into ``out_dir``:
-    ``cell``, ``nucleus``, ``cytoplasm`` (uint32, ``.ome.tif`` with the pixel size
-    in µm, or OME-Zarr ``.zarr`` painted patch by patch for slides that do not fit
-    in memory), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
-    ``stitch_stats.json`` and ``stitch_qc.png`` (a crop with the outlines).
+    output's copy works too) marks informative, and, when repair-masks wrote
+    them, ``cell_original`` and ``nucleus_original`` (the segmentation before
+    repair).  Writes into ``out_dir``: ``cell``, ``nucleus``, ``cytoplasm``
+    (uint32, ``.ome.tif`` with the pixel size in µm, or OME-Zarr ``.zarr``
+    painted patch by patch for slides that do not fit in memory), the unrepaired
+    ``cell_original`` and ``nucleus_original`` (each stitched on its own, as
+    Aegle keeps both), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
+    ``stitch_stats.json`` (how objects were placed and joined,
+    :func:`~maskworks.codex.tiling.stitch_patches`, and the ``check`` of the
+    result, :func:`~maskworks.codex.tiling.check_stitched`) and
+    ``stitch_qc.png`` (a crop with the outlines).
     """
     if format not in STITCH_FORMATS:
         raise InputError(f"format={format!r}: expected one of {', '.join(STITCH_FORMATS)}")
+    if not 0.0 <= float(duplicate_overlap) <= 1.0:
+        raise InputError(f"duplicate_overlap={duplicate_overlap!r}: expected a fraction in [0, 1]")
     out_dir = Path(out_dir)
-    images = {k: out_dir / f"{k}{STITCH_FORMATS[format]}" for k in ("cell", "nucleus", "cytoplasm")}
+    images = {k: out_dir / f"{k}{STITCH_FORMATS[format]}" for k in STITCHED}
     table, stats_path, qc = out_dir / "cells.csv", out_dir / "stitch_stats.json", out_dir / "stitch_qc.png"
     with all_or_nothing(*images.values(), table, stats_path, qc):
         return _stitch_files(Path(patches_dir), Path(labels_dir), images, table, stats_path, qc, format,
@@ -698,6 +727,7 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     import time
 
     from ..io import create_volume
+    from .tiling import check_stitched
 
     t0 = time.perf_counter()
     arr, grid, attrs = _open_patches(patches_dir)
@@ -706,9 +736,13 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     if missing:
         raise InputError(f"{labels_dir}: no labels for {len(missing)} informative patch(es): "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    originals = all(_has_originals(labels_dir / f"patch_{i}.npz") for i in ids)
 
     def load(pid):
         return _read_patch_labels(labels_dir / f"patch_{pid}.npz")
+
+    def load_original(key):
+        return lambda pid: _read_patch_array(labels_dir / f"patch_{pid}.npz", key)
 
     mpp = attrs.get("image_mpp")
     vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
@@ -716,27 +750,48 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
                       {"format": format, "duplicate_overlap": duplicate_overlap})
     log.info("stitch %s + %s: %d patch(es) on a %s grid -> %s", patches_dir, labels_dir, len(ids), grid.grid_shape,
              images["cell"].parent)
+    in_memory = format != "zarr"
     with contextlib.ExitStack() as stack:
-        out = None
-        if format == "zarr":
+        def target(keys):
+            if in_memory:
+                return None
             chunks = tuple(min(1024, s) for s in grid.image_shape)
-            out = {k: stack.enter_context(create_volume(p, grid.image_shape, np.uint32, vs, unit=unit, chunks=chunks,
-                                                        provenance=prov)) for k, p in images.items()}
+            return {k: stack.enter_context(create_volume(images[k], grid.image_shape, np.uint32, vs, unit=unit,
+                                                         chunks=chunks, provenance=prov)) for k in keys}
+
         cell, nucleus, cyto, cells, st = stitch_patches(
-            grid, ids, load, out=out, duplicate_overlap=duplicate_overlap,
+            grid, ids, load, out=target(("cell", "nucleus", "cytoplasm")), duplicate_overlap=duplicate_overlap,
             progress=lambda it, desc: _progress(it, desc))
-        if format != "zarr":
+        if in_memory or grid.image_shape[0] * grid.image_shape[1] <= CHECK_PIXELS:
+            st["check"] = check_stitched(np.asarray(cell), np.asarray(nucleus), np.asarray(cyto))
+        else:
+            st["check"] = None
+        if in_memory:
             for k, a in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", cyto)):
                 _write_ome_tiff(images[k], a, mpp, prov)
         crop = _qc_crop(grid, ids, arr, cell, nucleus)
+        st["original"] = {}
+        for key in ("cell_original", "nucleus_original"):
+            if not originals:
+                break
+            into = None if in_memory else {"cell": target((key,))[key]}
+            labels, _, _, _, ost = stitch_patches(grid, ids, load_original(key), out=into,
+                                                  duplicate_overlap=duplicate_overlap, paired=False,
+                                                  progress=lambda it, desc, key=key: _progress(it, f"{desc} {key}"))
+            st["original"][key.removesuffix("_original")] = ost["cells"]
+            if in_memory:
+                _write_ome_tiff(images[key], labels, mpp, prov)
     _write_cells_csv(table, cells)
     st.update(patches_dir=str(patches_dir), labels_dir=str(labels_dir), image_shape=list(grid.image_shape),
               image_mpp=mpp, format=format, duplicate_overlap=duplicate_overlap,
-              outputs={k: str(v) for k, v in images.items()}, seconds=round(time.perf_counter() - t0, 3))
+              outputs={k: str(v) for k, v in images.items() if k in ("cell", "nucleus", "cytoplasm") or originals},
+              seconds=round(time.perf_counter() - t0, 3))
     _save_stitch_qc(qc, crop, f"stitch: {st['cells']} cells from {len(ids)} patches "
-                    f"({st['from_core']} core, {st['rescued']} rescued, {st['cut_kept']} cut)")
+                    f"({st['from_core']} core, {st['rescued']} rescued, {st['joined']} joined across seams)")
     write_json(stats_path, st)
-    log.info("stitch done: %s", {k: st[k] for k in ("cells", "from_core", "rescued", "cut_kept", "duplicates")})
+    log.info("stitch done: %s; check %s",
+             {k: st[k] for k in ("cells", "from_core", "rescued", "joined", "duplicates", "dropped_without_nucleus")},
+             st["check"])
     return st
 
 

@@ -540,8 +540,9 @@ def patch_qc(patch, *, non_zero_perc_threshold=0.05, mean_intensity_threshold=1.
 # ----------------------------------------------------------------------------- stitching
 
 
-def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_overlap=0.5, progress=None):
-    """Assemble per-patch cell/nucleus labels into whole-slide labels with unique ids.
+def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_overlap=0.5, progress=None,
+                   paired=True):
+    """Assemble per-patch instance labels into whole-slide labels with unique ids.
 
     Parameters
     ----------
@@ -552,86 +553,209 @@ def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_over
     load : callable
         ``load(patch_id) -> (cell, nucleus)``: the patch's instance labels, each
         (patch_height, patch_width); nucleus ``k`` belongs to cell ``k`` (as
-        :func:`maskworks.codex.repair.repair_masks` writes them).  Called up to
-        three times per patch.
+        :func:`maskworks.codex.repair.repair_masks` writes them).  With
+        ``paired=False``, ``load(patch_id) -> labels`` (one label image).  The
+        last few patches are kept in memory (two grid rows); each is loaded up to
+        four times.
     out : dict, optional
-        ``cell``, ``nucleus``, ``cytoplasm``: zero-filled uint32 array-likes of
-        ``grid.image_shape`` to write into (e.g. Zarr arrays, for slides that do
-        not fit in memory); each patch's region is read and written once per pass.
-        Default: NumPy arrays.
-    duplicate_overlap : float
-        An object that would land on already-placed objects for more than this
-        fraction of its pixels is the same object seen from another patch and is
-        not placed again; below it, it is placed on the free pixels only.
+        ``cell`` (and, when paired, ``nucleus`` and ``cytoplasm``): zero-filled
+        uint32 array-likes of ``grid.image_shape`` to write into (e.g. Zarr
+        arrays, for slides that do not fit in memory).  Default: NumPy arrays.
+    duplicate_overlap : float in [0, 1]
+        A view of an object that lands on already-placed objects for more than
+        this fraction of its pixels is the same object seen from another patch
+        and is not placed again.
     progress : callable, optional
-        Wraps the patch iterator (e.g. ``tqdm``).
+        Wraps the patch iterators (``progress(iterable, desc=...)``, e.g. ``tqdm``).
+    paired : bool
+        Cell/nucleus pairs (default), or one label image (``nucleus`` and
+        ``cytoplasm`` are then all zero).
 
     Returns
     -------
     cell, nucleus, cytoplasm : array-like of uint32, ``grid.image_shape``
-        Cell ``k`` pairs with nucleus ``k`` and cytoplasm ``k`` (= cell ``k`` minus
-        nucleus ``k``); ids 1..n, consecutive.
+        Cell ``k`` pairs with nucleus ``k`` and cytoplasm ``k`` (= cell ``k``
+        minus nucleus ``k``); ids 1..n, consecutive, in placement order.
     table : dict of ndarray
         Per cell: ``id``, ``centroid_y``, ``centroid_x`` (pixels, image
         coordinates), ``cell_area``, ``nucleus_area``, ``cytoplasm_area``,
-        ``patch_id`` (where it was taken from).
+        ``patch_id`` (where it was taken from; for a joined object the first
+        patch holding a piece) and ``patches`` (how many patches it was
+        assembled from; 1 unless joined).
     stats : dict
-        ``cells``, ``from_core``, ``rescued`` (whole in a patch whose core does
-        not hold their centroid, because the patch that does holds them cut),
-        ``cut_kept`` (cut everywhere: larger than the overlap), ``duplicates``
-        (placements skipped as already present), ``patches``.
+        ``cells``, ``patches``; how objects were placed: ``from_core``,
+        ``rescued``, ``joined`` (assembled across seams from pieces seen in
+        several patches), ``joined_pieces`` (the pieces they were made of),
+        ``cut_single`` (a piece with no partner: its neighbour patch has no
+        result); ``duplicates`` (views not placed as the object is already
+        there), ``trimmed`` (objects placed on the free part of their pixels);
+        what the final check removed: ``dropped_unplaced`` (pieces whose pixels
+        all belong to other patches' cores or objects), ``fragments_removed``
+        (objects that kept only their largest connected part),
+        ``nucleus_fragments_removed`` (likewise for nuclei; the rest becomes
+        cytoplasm), ``dropped_without_nucleus`` (cells whose nucleus another
+        object took).
 
     Notes
     -----
-    Pass 1 takes from every patch the objects that touch none of its inner edges
-    (sides facing a neighbour; see :meth:`PatchGrid.inner_edges`) and whose
-    centroid lies in its core (:meth:`PatchGrid.core`); as cores partition the
-    image, an object of less than ``overlap // 2`` pixels from centroid to rim is
-    whole in exactly the patch that takes it.  Pass 2 places whole objects that
-    pass 1 left out because the patch whose core holds their centroid sees them
-    cut (a cut object's centroid is biased into the patch).  Pass 3 places, from
-    the patch whose core holds their centroid, objects cut in every patch.  A
-    cell's nucleus and cytoplasm always come from the patch its cell comes from.
+    An object is *whole* in a patch when it touches none of the patch's inner
+    edges (sides facing a neighbour, :meth:`PatchGrid.inner_edges`), else *cut*.
+
+    1. Whole objects are placed from the patch whose core
+       (:meth:`PatchGrid.core`; the cores partition the image) holds their
+       centroid; then whole objects whose core patch sees them cut ("rescued").
+       An object is placed on the pixels that are still free.
+    2. Cut views not covered by a placed object are joined across the seams:
+       two cut views in neighbouring patches are the same object when they
+       overlap in the patches' shared band for at least half the pixels either
+       has there (with no overlap between the patches: when they meet along at
+       least half of either's contact with the seam); the joined object takes,
+       at each pixel, the view of the patch whose core holds the pixel, and the
+       view of any of its patches where that core's patch has no result.
+    3. The final check keeps each object's largest 8-connected part (and its
+       nucleus's), drops cells left without a nucleus, and relabels the ids
+       consecutively; cytoplasm is cell minus nucleus.
+
+    So the only objects cut are those at the slide border, cell ``k`` holds
+    nucleus ``k``, and every id is one connected region.
     """
+    if not 0.0 <= float(duplicate_overlap) <= 1.0:
+        raise InputError(f"duplicate_overlap={duplicate_overlap!r}: expected a fraction in [0, 1]")
     h, w = grid.image_shape
+    keys = ("cell", "nucleus", "cytoplasm") if paired else ("cell",)
     if out is None:
-        out = {k: np.zeros((h, w), np.uint32) for k in ("cell", "nucleus", "cytoplasm")}
-    patch_ids = sorted(int(p) for p in patch_ids)
-    acc = _Accumulator()
+        out = {k: np.zeros((h, w), np.uint32) for k in keys}
+    patch_ids = sorted({int(p) for p in patch_ids})
+    for pid in patch_ids:
+        grid.position(pid)  # in the grid
     wrap = progress or (lambda it, **kw: it)
-    deferred = []
-    for pid in wrap(patch_ids, desc="stitch (core objects)"):
-        _place(grid, pid, load, out, acc, "core", duplicate_overlap)
+    views = _Views(grid, load, paired)
+    placed = _Placed()
+    for pid in wrap(patch_ids, desc="stitch (whole objects)"):
+        _place_whole(grid, views.get(pid), out, placed, "core", duplicate_overlap, paired)
     for pid in wrap(patch_ids, desc="stitch (rescue)"):
-        if _place(grid, pid, load, out, acc, "rescue", duplicate_overlap):
-            deferred.append(pid)
-    for pid in deferred:
-        _place(grid, pid, load, out, acc, "cut", duplicate_overlap)
-    table = acc.table()
-    stats = {"cells": int(table["id"].size), "patches": len(patch_ids), **acc.counts}
-    return out["cell"], out["nucleus"], out["cytoplasm"], table, stats
+        _place_whole(grid, views.get(pid), out, placed, "rescued", duplicate_overlap, paired)
+    _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap)
+    table = _finalise(grid, out, placed, paired, wrap)
+    stats = {"cells": int(table["id"].size), "patches": len(patch_ids), **placed.counts}
+    empty = {k: np.zeros((h, w), np.uint32) for k in ("nucleus", "cytoplasm") if k not in out}
+    return out["cell"], out.get("nucleus", empty.get("nucleus")), out.get("cytoplasm", empty.get("cytoplasm")), \
+        table, stats
 
 
-class _Accumulator:
-    """Per placed cell: pixel counts and coordinate sums, filled patch by patch."""
+@dataclass
+class _View:
+    """One patch's labels (ids 1..n, nucleus k of cell k) and their per-object summary."""
+
+    pid: int
+    y0: int
+    x0: int
+    cell: np.ndarray
+    nucleus: np.ndarray | None
+    n: int
+    area: np.ndarray
+    in_core: np.ndarray
+    cut: np.ndarray
+    boxes: np.ndarray  # (n + 1, 4): y_lo, y_hi, x_lo, x_hi in image coordinates
+    nuc_area: np.ndarray | None = None
+
+    @property
+    def region(self):
+        return slice(self.y0, self.y0 + self.cell.shape[0]), slice(self.x0, self.x0 + self.cell.shape[1])
+
+
+class _Views:
+    """Patch views, the most recent kept in memory (enough for the neighbours of the patch being read)."""
+
+    def __init__(self, grid, load, paired):
+        from collections import OrderedDict
+
+        self.grid, self.load, self.paired = grid, load, paired
+        reach = _reach(grid)
+        self.capacity = (reach[0] + 1) * grid.grid_shape[1] + 2
+        self.cache = OrderedDict()
+
+    def get(self, pid) -> _View:
+        if pid in self.cache:
+            self.cache.move_to_end(pid)
+            return self.cache[pid]
+        view = _read_view(self.grid, pid, self.load, self.paired)
+        self.cache[pid] = view
+        while len(self.cache) > self.capacity:
+            self.cache.popitem(last=False)
+        return view
+
+
+def _reach(grid):
+    """How many grid steps apart two patches can be and still overlap or touch, per axis."""
+    return tuple(max(1, math.ceil(p / s) - 1) if s > 0 else 1 for p, s in zip(grid.patch_shape, grid.step))
+
+
+def _read_view(grid, pid, load, paired) -> _View:
+    from scipy import ndimage as ndi
+
+    row, col, y0, x0 = grid.position(pid)
+    vh, vw = grid.valid_shape(pid)
+    if paired:
+        cell, nucleus = load(pid)
+    else:
+        cell = load(pid)
+        nucleus = np.zeros(np.shape(cell), np.uint8)
+    if tuple(np.shape(cell)) != tuple(grid.patch_shape) or tuple(np.shape(nucleus)) != tuple(grid.patch_shape):
+        raise InputError(f"patch {pid}: label shapes {np.shape(cell)} and {np.shape(nucleus)} differ from "
+                         f"the grid's patch shape {tuple(grid.patch_shape)}")
+    cell, nucleus, n = _paired_labels(np.asarray(cell)[:vh, :vw], np.asarray(nucleus)[:vh, :vw])
+    flat = cell.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    yy, xx = np.indices((vh, vw))
+    cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1) / np.maximum(area, 1) + y0
+    cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1) / np.maximum(area, 1) + x0
+    y_lo, y_hi, x_lo, x_hi = grid.core(pid)
+    in_core = (cy >= y_lo) & (cy < y_hi) & (cx >= x_lo) & (cx < x_hi)
+    cut = np.zeros(n + 1, bool)
+    top, bottom, left, right = grid.inner_edges(pid)
+    for inner, edge in ((top, cell[0]), (bottom, cell[-1]), (left, cell[:, 0]), (right, cell[:, -1])):
+        if inner:
+            cut[edge] = True
+    cut[0] = False
+    boxes = np.zeros((n + 1, 4), np.int64)
+    for k, sl in enumerate(ndi.find_objects(cell, max_label=n), start=1):
+        if sl is not None:
+            boxes[k] = (sl[0].start + y0, sl[0].stop + y0, sl[1].start + x0, sl[1].stop + x0)
+    if not paired:
+        return _View(pid, y0, x0, cell, None, n, area, in_core, cut, boxes)
+    nuc_area = np.bincount(nucleus.ravel(), minlength=n + 1)
+    return _View(pid, y0, x0, cell, nucleus, n, area, in_core, cut, boxes, nuc_area)
+
+
+class _Placed:
+    """Per placed object (global id 1..): source patch, how it was placed, bounding box (a superset)."""
+
+    HOW = ("core", "rescued", "joined", "cut_single")
 
     def __init__(self):
-        self.parts: list[np.ndarray] = []
         self.next_id = 1
-        self.counts = {"from_core": 0, "rescued": 0, "cut_kept": 0, "duplicates": 0}
+        self.parts: list[np.ndarray] = []  # rows: id, patch_id, how, n_patches, y_lo, y_hi, x_lo, x_hi
+        self.counts = {"from_core": 0, "rescued": 0, "joined": 0, "joined_pieces": 0, "cut_single": 0,
+                       "duplicates": 0, "trimmed": 0, "dropped_unplaced": 0, "fragments_removed": 0,
+                       "nucleus_fragments_removed": 0, "dropped_without_nucleus": 0}
 
-    def add(self, rows: np.ndarray):
+    def new_ids(self, k: int) -> np.ndarray:
+        ids = np.arange(self.next_id, self.next_id + k, dtype=np.int64)
+        self.next_id += k
+        return ids
+
+    def add(self, ids, patch_id, how, n_patches, boxes):
+        rows = np.zeros((len(ids), 8), np.int64)
+        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = ids, patch_id, self.HOW.index(how), n_patches
+        rows[:, 4:] = boxes
         self.parts.append(rows)
 
-    def table(self) -> dict:
-        cols = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id")
+    def rows(self) -> np.ndarray:
         if not self.parts:
-            return {c: np.zeros(0, np.float64 if c.startswith("centroid") else np.int64) for c in cols}
+            return np.zeros((0, 8), np.int64)
         a = np.concatenate(self.parts)
-        area = a[:, 1]
-        return {"id": a[:, 0].astype(np.int64), "centroid_y": a[:, 3] / area, "centroid_x": a[:, 4] / area,
-                "cell_area": area.astype(np.int64), "nucleus_area": a[:, 2].astype(np.int64),
-                "cytoplasm_area": (area - a[:, 2]).astype(np.int64), "patch_id": a[:, 5].astype(np.int64)}
+        return a[np.argsort(a[:, 0], kind="stable")]
 
 
 def _paired_labels(cell, nucleus):
@@ -648,85 +772,426 @@ def _paired_labels(cell, nucleus):
         return np.zeros(cell.shape, np.int64), np.zeros(cell.shape, np.int64), 0
     if ids[-1] == ids.size:  # already consecutive
         c = cell.astype(np.int64)
-        n = np.where(nucleus <= ids.size, nucleus, 0).astype(np.int64)
+        n = np.where((nucleus <= ids.size) & (nucleus == c), nucleus, 0).astype(np.int64)
         return c, n, int(ids.size)
     c = np.searchsorted(ids, cell) + 1
     c[cell == 0] = 0
     pos = np.minimum(np.searchsorted(ids, nucleus), ids.size - 1)
     n = np.where((nucleus != 0) & (ids[pos] == nucleus), pos + 1, 0)
+    n = np.where(n == c, n, 0)
     return c.astype(np.int64), n.astype(np.int64), int(ids.size)
 
 
-def _place(grid, pid, load, out, acc, mode, duplicate_overlap) -> bool:
-    """Place one patch's objects of one pass; in the "rescue" pass, return whether the
-    patch still has cut objects in its core that nothing covers (for the "cut" pass)."""
-    row, col, y0, x0 = grid.position(pid)
-    vh, vw = grid.valid_shape(pid)
-    cell, nucleus = load(pid)
-    if tuple(np.shape(cell)) != tuple(grid.patch_shape) or tuple(np.shape(nucleus)) != tuple(grid.patch_shape):
-        raise InputError(f"patch {pid}: label shapes {np.shape(cell)} and {np.shape(nucleus)} differ from "
-                         f"the grid's patch shape {tuple(grid.patch_shape)}")
-    cell, nucleus, n = _paired_labels(np.asarray(cell)[:vh, :vw], np.asarray(nucleus)[:vh, :vw])
-    if n == 0:
-        return False
-    flat = cell.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    yy, xx = np.indices((vh, vw))
-    cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1) / np.maximum(area, 1) + y0
-    cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1) / np.maximum(area, 1) + x0
-    y_lo, y_hi, x_lo, x_hi = grid.core(pid)
-    in_core = (cy >= y_lo) & (cy < y_hi) & (cx >= x_lo) & (cx < x_hi)
-    cut = np.zeros(n + 1, bool)
-    top, bottom, left, right = grid.inner_edges(pid)
-    for inner, edge in ((top, cell[0]), (bottom, cell[-1]), (left, cell[:, 0]), (right, cell[:, -1])):
-        if inner:
-            cut[edge] = True
-    present = area > 0
+def _read(out, key, region):
+    return np.array(out[key][region])
+
+
+def _paint(out, region, cell_buf, nuc_buf, put, lab, view):
+    cell_buf[put] = lab[put]
+    out["cell"][region] = cell_buf
+    if nuc_buf is not None:
+        nuc = put & (view.nucleus > 0)
+        nuc_buf[nuc] = lab[nuc]
+        out["nucleus"][region] = nuc_buf
+
+
+def _place_whole(grid, v: _View, out, placed: _Placed, how, duplicate_overlap, paired):
+    """Place one patch's whole objects of one pass (``core``: centroid in the core; ``rescued``: not)."""
+    if v.n == 0:
+        return
+    present = v.area > 0
     present[0] = False
-    select = {"core": ~cut & in_core, "rescue": ~cut & ~in_core, "cut": cut & in_core}[mode] & present
-
-    region = (slice(y0, y0 + vh), slice(x0, x0 + vw))
-    buf = {k: np.array(out[k][region]) for k in ("cell", "nucleus", "cytoplasm")}
-    taken = buf["cell"] != 0
-    overlap = np.bincount(flat[taken.ravel()], minlength=n + 1)
-    duplicate = select & (overlap > duplicate_overlap * area)
+    select = present & ~v.cut & (v.in_core if how == "core" else ~v.in_core)
+    if not select.any():
+        return
+    region = v.region
+    cell_buf = _read(out, "cell", region)
+    taken = cell_buf != 0
+    overlap = np.bincount(v.cell[taken], minlength=v.n + 1)
+    duplicate = select & (overlap > duplicate_overlap * v.area)
+    placed.counts["duplicates"] += int(np.count_nonzero(duplicate))
     keep = select & ~duplicate
-    if mode != "rescue":
-        acc.counts["duplicates"] += int(np.count_nonzero(duplicate))
-    more_cut = False
-    if mode == "rescue":
-        # Cut objects in the core that nothing covers yet wait for pass 3.
-        more_cut = bool(np.any(cut & in_core & present & (overlap <= duplicate_overlap * area)))
-    put = keep[cell] & ~taken
-    placed = np.bincount(cell[put], minlength=n + 1)
-    keep &= placed > 0
+    put = keep[v.cell] & ~taken
+    got = np.bincount(v.cell[put], minlength=v.n + 1)
+    keep &= got > 0
     if not keep.any():
-        return more_cut
-    new = np.zeros(n + 1, np.int64)
-    k = int(np.count_nonzero(keep))
-    new[keep] = np.arange(acc.next_id, acc.next_id + k)
-    acc.next_id += k
-    acc.counts[{"core": "from_core", "rescue": "rescued", "cut": "cut_kept"}[mode]] += k
-
-    lab = new[cell]
-    put &= lab > 0
-    nuc_put = put & (nucleus == cell)
-    cyto_put = put & ~nuc_put
-    buf["cell"][put] = lab[put]
-    buf["nucleus"][nuc_put] = lab[nuc_put]
-    buf["cytoplasm"][cyto_put] = lab[cyto_put]
-    for key in ("cell", "nucleus", "cytoplasm"):
-        out[key][region] = buf[key]
-
-    ids = cell[put]
-    m = n + 1
-    rows = np.zeros((k, 6), np.float64)
+        return
+    placed.counts["trimmed"] += int(np.count_nonzero(keep & (got < v.area)))
     sel = np.flatnonzero(keep)
-    rows[:, 0] = new[sel]
-    rows[:, 1] = np.bincount(ids, minlength=m)[sel]
-    rows[:, 2] = np.bincount(cell[nuc_put], minlength=m)[sel]
-    rows[:, 3] = np.bincount(ids, weights=yy[put] + y0, minlength=m)[sel]
-    rows[:, 4] = np.bincount(ids, weights=xx[put] + x0, minlength=m)[sel]
-    rows[:, 5] = pid
-    acc.add(rows)
-    return more_cut
+    lut = np.zeros(v.n + 1, np.int64)
+    lut[sel] = placed.new_ids(sel.size)
+    placed.add(lut[sel], v.pid, how, 1, v.boxes[sel])
+    placed.counts["from_core" if how == "core" else "rescued"] += int(sel.size)
+    lab = lut[v.cell]
+    _paint(out, region, cell_buf, _read(out, "nucleus", region) if paired else None, put & (lab > 0), lab, v)
+
+
+def _seam_pairs(a: _View, b: _View):
+    """Local ids (in a, in b) of the views of one object seen by two patches.
+
+    Where the patches overlap: views that share at least half the pixels either
+    has in the shared band.  Where they only touch (no overlap): views whose
+    cross-sections on the seam agree (side by side for at least half the longer
+    one), or a piece of one or two pixels on the seam that touches the other
+    (8-connected) across it.  Two cells that meet exactly on a seam without
+    overlap cannot be told from one cut cell and are joined.
+    """
+    ha, wa = a.cell.shape
+    hb, wb = b.cell.shape
+    y_lo, y_hi = max(a.y0, b.y0), min(a.y0 + ha, b.y0 + hb)
+    x_lo, x_hi = max(a.x0, b.x0), min(a.x0 + wa, b.x0 + wb)
+    if y_hi > y_lo and x_hi > x_lo:  # a shared band
+        sa = a.cell[y_lo - a.y0:y_hi - a.y0, x_lo - a.x0:x_hi - a.x0].ravel()
+        sb = b.cell[y_lo - b.y0:y_hi - b.y0, x_lo - b.x0:x_hi - b.x0].ravel()
+        ia, ib, count = _pair_counts(sa, sb, b.n)
+        na, nb = np.bincount(sa, minlength=a.n + 1), np.bincount(sb, minlength=b.n + 1)
+        same = 2 * count >= np.minimum(na[ia], nb[ib])
+        return ia[same], ib[same], None
+    if y_hi < y_lo or x_hi < x_lo:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), None
+    (sa, sb), (da, db), (la, lb) = _contacts(a, b, y_lo, y_hi, x_lo, x_hi)
+    na, nb = np.bincount(la, minlength=a.n + 1), np.bincount(lb, minlength=b.n + 1)
+    ia, ib, count = _pair_counts(sa, sb, b.n)
+    same = 2 * count >= np.maximum(na[ia], nb[ib])
+    if a.nucleus is not None and b.nucleus is not None:
+        # two pieces that each hold a nucleus of their own are two cells (a cut nucleus meets itself)
+        both = (a.nuc_area[ia] > 0) & (b.nuc_area[ib] > 0)
+        if both.any():
+            _, (na_d, nb_d), _ = _contacts(a, b, y_lo, y_hi, x_lo, x_hi, what="nucleus")
+            ka, kb, _ = _pair_counts(na_d, nb_d, b.n)
+            meet = np.isin(ia * (b.n + 1) + ib, ka * (b.n + 1) + kb)
+            same &= ~both | meet
+    # a spill: a piece of a few pixels against the seam (at most twice its seam pixels, or 4); joined
+    # later with the one object it touches most across any seam
+    ja, jb, touch = _pair_counts(da, db, b.n)
+    spill_a = (a.area <= np.maximum(4, 2 * na))[ja]
+    spill_b = (b.area <= np.maximum(4, 2 * nb))[jb]
+    return ia[same], ib[same], (ja, jb, touch, spill_a, spill_b)
+
+
+def _pair_counts(sa, sb, nb):
+    both = (sa > 0) & (sb > 0)
+    key, count = np.unique(sa[both].astype(np.int64) * (nb + 1) + sb[both], return_counts=True)
+    return key // (nb + 1), key % (nb + 1), count
+
+
+def _contacts(a: _View, b: _View, y_lo, y_hi, x_lo, x_hi, what="cell"):
+    """Across the seam of two patches that touch without overlapping: the label pairs side by side,
+    the pairs of 8-neighbours, and each side's labels on the seam (of ``what``: cell or nucleus)."""
+    vertical = x_hi == x_lo and y_hi > y_lo
+    horizontal = y_hi == y_lo and x_hi > x_lo
+
+    def line(v, first_side):
+        img = getattr(v, what)
+        h, w = img.shape
+        if vertical:
+            return img[y_lo - v.y0:y_hi - v.y0, w - 1 if first_side else 0]
+        if horizontal:
+            return img[h - 1 if first_side else 0, x_lo - v.x0:x_hi - v.x0]
+        return img[h - 1 if v.y0 < y_lo else 0, w - 1 if v.x0 < x_lo else 0][None]  # a corner
+
+    a_first = a.x0 < b.x0 if vertical else a.y0 < b.y0
+    la, lb = line(a, a_first), line(b, not a_first)
+    if not (vertical or horizontal):
+        return (la[:0], lb[:0]), (la, lb), (la, lb)
+    i = np.arange(la.size)
+    da = [la[i[:la.size - 1]], la[i[1:]]]  # b at i + 1, b at i - 1
+    db = [lb[i[1:]], lb[i[:la.size - 1]]]
+    return (la, lb), (np.concatenate([la] + da), np.concatenate([lb] + db)), (la, lb)
+
+
+def _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap):
+    """Pass 2: cut views not covered by placed objects, joined across seams and placed core by core."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    present = set(patch_ids)
+    ny, nx = grid.grid_shape
+    ry, rx = _reach(grid)
+    offset, candidates, edges, spills = {}, {}, [], []
+    total = 0
+    for pid in wrap(patch_ids, desc="stitch (seams)"):
+        v = views.get(pid)
+        offset[pid] = total
+        total += v.n + 1
+        cand = v.cut & (v.area > 0)
+        if cand.any():
+            taken = _read(out, "cell", v.region) != 0
+            overlap = np.bincount(v.cell[taken], minlength=v.n + 1)
+            covered = cand & (overlap > duplicate_overlap * v.area)
+            placed.counts["duplicates"] += int(np.count_nonzero(covered))
+            cand &= ~covered
+        candidates[pid] = cand
+        if not cand.any():
+            continue
+        row, col = divmod(pid, nx)
+        for r in range(max(0, row - ry), row + 1):
+            for c in range(max(0, col - rx), min(nx, col + rx + 1)):
+                q = r * nx + c
+                if q >= pid or q not in present or not candidates[q].any():
+                    continue
+                ia, ib, touching = _seam_pairs(v, views.get(q))
+                ok = cand[ia] & candidates[q][ib]
+                if ok.any():
+                    edges.append(np.stack([ia[ok] + offset[pid], ib[ok] + offset[q]]))
+                if touching is not None:
+                    ja, jb, touch, spill_a, spill_b = touching
+                    ok = cand[ja] & candidates[q][jb]
+                    for spill, this, other in ((spill_a, ja + offset[pid], jb + offset[q]),
+                                               (spill_b, jb + offset[q], ja + offset[pid])):
+                        pick = ok & spill
+                        spills.append(np.stack([this[pick], other[pick], touch[pick]]))
+    if total == 0 or not any(c.any() for c in candidates.values()):
+        return
+    e = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
+    if spills:  # each spill without a match of its own joins the object it touches most
+        sp = np.concatenate(spills, axis=1)
+        sp = sp[:, ~np.isin(sp[0], e)]
+        if sp.size:
+            sp = sp[:, np.lexsort((-sp[2], sp[0]))]
+            first = np.ones(sp.shape[1], bool)
+            first[1:] = sp[0, 1:] != sp[0, :-1]
+            e = np.concatenate([e, sp[:2, first]], axis=1)
+    graph = coo_matrix((np.ones(e.shape[1], np.int8), (e[0], e[1])), shape=(total, total))
+    _, group = connected_components(graph, directed=False)
+    nodes = np.concatenate([np.flatnonzero(candidates[pid]) + offset[pid] for pid in patch_ids])
+    node_group = group[nodes]
+    # groups numbered in order of their first piece (row-major patches, ascending local id)
+    uniq, first = np.unique(node_group, return_index=True)
+    order = uniq[np.argsort(first, kind="stable")]
+    rank = np.full(group.max() + 1, -1, np.int64)
+    rank[order] = np.arange(order.size)
+    pieces = np.bincount(rank[node_group], minlength=order.size)
+    gids = placed.new_ids(order.size)
+    boxes = np.tile(np.array([np.iinfo(np.int64).max, -1, np.iinfo(np.int64).max, -1]), (order.size, 1))
+    source = np.full(order.size, -1, np.int64)
+    got = np.zeros(order.size, np.int64)
+    owner_row, owner_col = _core_owners(grid)
+    absent = np.ones(grid.n_patches, bool)
+    absent[list(present)] = False
+    for fill in (False, True):
+        if fill and not absent.any():
+            break
+        for pid in patch_ids:
+            cand = candidates[pid]
+            if not cand.any():
+                continue
+            v = views.get(pid)
+            lut = np.zeros(v.n + 1, np.int64)
+            local = np.flatnonzero(cand)
+            g = rank[group[local + offset[pid]]]
+            lut[local] = g + 1
+            if not fill:
+                np.minimum.at(boxes[:, 0], g, v.boxes[local, 0])
+                np.maximum.at(boxes[:, 1], g, v.boxes[local, 1])
+                np.minimum.at(boxes[:, 2], g, v.boxes[local, 2])
+                np.maximum.at(boxes[:, 3], g, v.boxes[local, 3])
+                unset = source[g] < 0
+                source[g[unset]] = pid
+            region = v.region
+            ys, xs = region
+            owner = owner_row[ys][:, None] * nx + owner_col[xs][None, :]
+            where = (owner != pid) & absent[owner] if fill else owner == pid
+            cell_buf = _read(out, "cell", region)
+            rank_img = lut[v.cell]  # group rank + 1, 0 elsewhere
+            put = (rank_img > 0) & where & (cell_buf == 0)
+            if not put.any():
+                continue
+            got += np.bincount(rank_img[put] - 1, minlength=order.size)
+            gid_lut = np.zeros(v.n + 1, np.int64)
+            gid_lut[local] = gids[g]
+            _paint(out, region, cell_buf, _read(out, "nucleus", region) if paired else None, put,
+                   gid_lut[v.cell], v)
+    ok = got > 0
+    placed.counts["dropped_unplaced"] += int(np.count_nonzero(~ok))
+    joined = ok & (pieces > 1)
+    placed.counts["joined"] += int(np.count_nonzero(joined))
+    placed.counts["joined_pieces"] += int(pieces[joined].sum())
+    placed.counts["cut_single"] += int(np.count_nonzero(ok & (pieces == 1)))
+    for mask, how in ((joined, "joined"), (ok & (pieces == 1), "cut_single")):
+        if mask.any():
+            placed.add(gids[mask], source[mask], how, pieces[mask], boxes[mask])
+
+
+def _core_owners(grid):
+    """For every image row (column), the grid row (column) whose cores hold it."""
+    owners = []
+    for axis in (0, 1):
+        n, length = grid.grid_shape[axis], grid.image_shape[axis]
+        own = np.zeros(length, np.int64)
+        for i in range(n):
+            pid = i * grid.grid_shape[1] if axis == 0 else i
+            lo, hi = grid.core(pid)[2 * axis:2 * axis + 2]
+            own[lo:hi] = i
+        owners.append(own)
+    return owners
+
+
+def _finalise(grid, out, placed: _Placed, paired, wrap) -> dict:
+    """Keep each object's largest part, drop cells without a nucleus, relabel 1..n; the cell table."""
+    rows = placed.rows()
+    n = int(placed.next_id - 1)
+    cols = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id", "patches")
+    if n == 0:
+        return {c: np.zeros(0, np.float64 if c.startswith("centroid") else np.int64) for c in cols}
+    window = _windows(grid, rows[:, 4:])
+    for wid in wrap(np.unique(window[window >= 0]).tolist(), desc="stitch (check)"):
+        _, _, y0, x0 = grid.position(wid)
+        vh, vw = grid.valid_shape(wid)
+        mine = np.zeros(n + 1, bool)
+        mine[rows[window == wid, 0]] = True
+        _clean(out, (slice(y0, y0 + vh), slice(x0, x0 + vw)), mine, placed, paired)
+    for r in rows[window < 0]:  # larger than any patch: checked in its own box
+        mine = np.zeros(n + 1, bool)
+        mine[r[0]] = True
+        _clean(out, (slice(int(r[4]), int(r[5])), slice(int(r[6]), int(r[7]))), mine, placed, paired)
+
+    cores = [grid.core(pid) for pid in range(grid.n_patches)]
+    area = np.zeros(n + 1, np.int64)
+    nuc_area = np.zeros(n + 1, np.int64)
+    sy = np.zeros(n + 1)
+    sx = np.zeros(n + 1)
+    for y_lo, y_hi, x_lo, x_hi in cores:
+        region = (slice(y_lo, y_hi), slice(x_lo, x_hi))
+        c = _read(out, "cell", region).astype(np.int64)
+        if not c.any():
+            continue
+        yy, xx = np.indices(c.shape)
+        flat = c.ravel()
+        area += np.bincount(flat, minlength=n + 1)
+        sy += np.bincount(flat, weights=(yy + y_lo).ravel(), minlength=n + 1)
+        sx += np.bincount(flat, weights=(xx + x_lo).ravel(), minlength=n + 1)
+        if paired:
+            nuc = _read(out, "nucleus", region).astype(np.int64)
+            nuc_area += np.bincount(nuc.ravel(), minlength=n + 1)
+    keep = area > 0
+    keep[0] = False
+    old = np.flatnonzero(keep)
+    lut = np.zeros(n + 1, np.uint32)
+    lut[old] = np.arange(1, old.size + 1)
+    for y_lo, y_hi, x_lo, x_hi in cores:
+        region = (slice(y_lo, y_hi), slice(x_lo, x_hi))
+        c = _read(out, "cell", region)
+        if not c.any():
+            continue
+        c = lut[c]
+        out["cell"][region] = c
+        if paired:
+            nuc = lut[_read(out, "nucleus", region)]
+            out["nucleus"][region] = nuc
+            out["cytoplasm"][region] = np.where(nuc > 0, 0, c).astype(np.uint32)
+    info = np.zeros((n + 1, 2), np.int64)
+    info[rows[:, 0]] = rows[:, [1, 3]]
+    a = area[old]
+    return {"id": np.arange(1, old.size + 1, dtype=np.int64), "centroid_y": sy[old] / a, "centroid_x": sx[old] / a,
+            "cell_area": a, "nucleus_area": nuc_area[old], "cytoplasm_area": a - nuc_area[old],
+            "patch_id": info[old, 0], "patches": info[old, 1]}
+
+
+def _windows(grid, boxes) -> np.ndarray:
+    """For each box (y_lo, y_hi, x_lo, x_hi), a patch whose rectangle holds it, or -1."""
+    found = []
+    for axis, (lo, hi) in enumerate(((boxes[:, 0], boxes[:, 1]), (boxes[:, 2], boxes[:, 3]))):
+        step, size, n = grid.step[axis], grid.patch_shape[axis], grid.grid_shape[axis]
+        i = np.minimum(lo // max(step, 1), n - 1)
+        found.append((i, i * step + size >= hi))
+    (iy, oky), (ix, okx) = found
+    return np.where(oky & okx, iy * grid.grid_shape[1] + ix, -1)
+
+
+def _clean(out, region, mine, placed: _Placed, paired):
+    """In one region: the objects marked in ``mine`` keep their largest 8-connected part, their nucleus
+    its largest part (the rest turns cytoplasm); paired cells left without a nucleus are removed."""
+    from skimage.measure import label
+
+    cell = _read(out, "cell", region)
+    changed = False
+    keep = _largest_parts(cell, label(cell, connectivity=2), mine)
+    if keep is not None:
+        placed.counts["fragments_removed"] += int(np.unique(cell[~keep & (cell > 0)]).size)
+        cell[~keep] = 0
+        changed = True
+    nuc = _read(out, "nucleus", region) if paired else None
+    if paired:
+        if changed:
+            nuc[cell == 0] = 0
+        keep_n = _largest_parts(nuc, label(nuc, connectivity=2), mine)
+        if keep_n is not None:
+            placed.counts["nucleus_fragments_removed"] += int(np.unique(nuc[~keep_n & (nuc > 0)]).size)
+            nuc[~keep_n] = 0
+            changed = True
+        has = np.zeros(mine.size, bool)
+        has[nuc[nuc > 0]] = True
+        orphan = mine.copy()
+        orphan[0] = False
+        orphan &= ~has
+        present = np.zeros(mine.size, bool)
+        present[cell[cell > 0]] = True
+        orphan &= present
+        if orphan.any():
+            placed.counts["dropped_without_nucleus"] += int(np.count_nonzero(orphan))
+            cell[orphan[cell]] = 0
+            changed = True
+    if changed:
+        out["cell"][region] = cell
+        if paired:
+            out["nucleus"][region] = nuc
+
+
+def _largest_parts(labels, parts, mine):
+    """Mask of the pixels to keep: every part except the smaller parts of the ids marked in ``mine``;
+    None when there is nothing to remove."""
+    n_parts = int(parts.max())
+    if n_parts == 0:
+        return None
+    part_id = np.zeros(n_parts + 1, np.int64)
+    part_id[parts.ravel()] = labels.ravel()
+    size = np.bincount(parts.ravel(), minlength=n_parts + 1)
+    idx = np.flatnonzero(mine[part_id] & (np.arange(n_parts + 1) > 0))
+    if idx.size == 0:
+        return None
+    order = idx[np.lexsort((-size[idx], part_id[idx]))]
+    first = np.ones(order.size, bool)
+    first[1:] = part_id[order[1:]] != part_id[order[:-1]]
+    drop = np.zeros(n_parts + 1, bool)
+    drop[order[~first]] = True
+    if not drop.any():
+        return None
+    return ~drop[parts]
+
+
+def check_stitched(cell, nucleus=None, cytoplasm=None) -> dict:
+    """The promises of :func:`stitch_patches`, counted on its outputs (in memory).
+
+    Returns ``cells``; ``fragmented_cells`` (ids with more than one 8-connected
+    part), and with ``nucleus``: ``cells_without_nucleus``,
+    ``nuclei_outside_cell`` (nucleus pixels whose cell has another id),
+    ``fragmented_nuclei``; with ``cytoplasm``: ``cytoplasm_mismatch`` (pixels
+    where cytoplasm differs from cell minus nucleus).  All 0 for a good stitch.
+    """
+    from skimage.measure import label
+
+    cell = np.asarray(cell)
+    ids = np.unique(cell)
+    ids = ids[ids != 0]
+    out = {"cells": int(ids.size), "fragmented_cells": _fragmented(cell, label)}
+    if nucleus is not None:
+        nucleus = np.asarray(nucleus)
+        with_nucleus = np.unique(nucleus[(nucleus > 0) & (nucleus == cell)])
+        out["cells_without_nucleus"] = int(np.setdiff1d(ids, with_nucleus).size)
+        out["nuclei_outside_cell"] = int(np.count_nonzero((nucleus > 0) & (nucleus != cell)))
+        out["fragmented_nuclei"] = _fragmented(nucleus, label)
+        if cytoplasm is not None:
+            expected = np.where(nucleus > 0, 0, cell)
+            out["cytoplasm_mismatch"] = int(np.count_nonzero(np.asarray(cytoplasm) != expected))
+    return out
+
+
+def _fragmented(labels, label) -> int:
+    parts = label(labels, connectivity=2)
+    n = int(parts.max())
+    if n == 0:
+        return 0
+    part_id = np.zeros(n + 1, np.int64)
+    part_id[parts.ravel()] = labels.ravel()
+    return int(np.count_nonzero(np.bincount(part_id[1:]) > 1))
