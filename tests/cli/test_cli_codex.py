@@ -115,17 +115,17 @@ def test_stitch_writes_whole_slide_labels_table_and_qc(chain):
     assert list(rows[0]) == list(CELL_COLUMNS) and len(rows) == k
     assert [int(r["cell_area"]) for r in rows] == np.bincount(c.ravel())[1:].tolist()
     stats = json.loads((st / "stitch_stats.json").read_text())
-    assert stats["cells"] == k
-    placed = stats["from_core"] + stats["rescued"] + stats["joined"] + stats["cut_single"]
-    removed = stats["dropped_without_nucleus"]
-    assert placed - removed == k
+    assert stats["cells"] == k == stats["repair"]["matched"] and stats["stitched"] == ["cell_original",
+                                                                                       "nucleus_original"]
+    cs = stats["cell_stitch"]
+    assert cs["from_core"] + cs["rescued"] + cs["joined"] + cs["cut_single"] == stats["repair"]["cells_in"]
     assert stats["check"] == {"cells": k, "fragmented_cells": 0, "cells_without_nucleus": 0,
                               "nuclei_outside_cell": 0, "fragmented_nuclei": 0, "cytoplasm_mismatch": 0}
     # the unrepaired segmentation, stitched on its own
-    for key in ("cell", "nucleus"):
+    for key, what in (("cell", "cells_in"), ("nucleus", "nuclei_in")):
         original = read_volume(st / f"{key}_original.ome.tif").numpy()
-        assert original.shape == SHAPE and stats["original"][key] == len(np.unique(original)) - 1
-    assert stats["original"]["cell"] >= k
+        assert original.shape == SHAPE and stats["repair"][what] == len(np.unique(original)) - 1
+    assert stats["repair"]["cells_in"] >= k
     assert (st / "stitch_qc.png").stat().st_size > 10_000
     # against the truth: most true cells found once, none twice
     truth = data["cells"]
@@ -180,10 +180,85 @@ def test_missing_channel_lists_the_names_and_leaves_nothing(slide, tmp_path, cap
 
 def test_split_modes_on_the_command_line(slide, tmp_path):
     d, image, channels, _ = slide
-    assert main(_tile_args(image, channels, tmp_path, "--split-mode", "quarters")) == 0
+    args = [a for a in _tile_args(image, channels, tmp_path, "--split-mode", "quarters")]
+    del args[args.index("--overlap"):args.index("--overlap") + 2]
+    assert main(args) == 0
     st = json.loads((tmp_path / "tiling_stats.json").read_text())
-    assert st["grid_shape"] == [2, 2] and st["split_mode"] == "quarters"
+    assert st["grid_shape"] == [2, 2] and st["split_mode"] == "quarters" and st["overlap"] == 0.0
+    assert st["step"] == [300, 400] and st["padding"] == [0, 0]  # Aegle's split at h // 2, w // 2
     assert zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"].shape[0] == 4
+
+
+def test_halves_without_overlap_stitch_whole_cells(slide, tmp_path):
+    """Aegle's halves (no overlap): the cells on the seam are joined, not cut in two."""
+    d, image, channels, data = slide
+    tiles, seg, rep, st = (tmp_path / k for k in ("tiles", "seg", "rep", "st"))
+    args = _tile_args(image, channels, tiles, "--split-mode", "halves")
+    del args[args.index("--overlap"):args.index("--overlap") + 2]
+    assert main(args) == 0
+    assert main(["segment-cells", str(tiles), str(seg), "--backend", "watershed"]) == 0
+    assert main(["repair-masks", "--segment-dir", str(seg), "--metadata", str(tiles / "patches_metadata.csv"),
+                 "--out", str(rep)]) == 0
+    assert main(["stitch", str(tiles), str(rep), str(st)]) == 0
+    stats = json.loads((st / "stitch_stats.json").read_text())
+    assert stats["cell_stitch"]["joined"] > 0 and all(v == 0 for k, v in stats["check"].items() if k != "cells")
+    cell, truth = read_volume(st / "cell.ome.tif").numpy(), data["cells"]
+    seam = SHAPE[1] // 2
+    on_seam = np.unique(truth[:, seam - 1][(truth[:, seam - 1] == truth[:, seam]) & (truth[:, seam] > 0)])
+    m = (cell > 0) & (truth > 0)
+    top = int(truth.max()) + 1
+    keys, inter = np.unique(cell[m].astype(np.int64) * top + truth[m], return_counts=True)
+    s, t = keys // top, keys % top
+    iou = inter / (np.bincount(cell.ravel())[s] + np.bincount(truth.ravel())[t] - inter)
+    found = np.isin(on_seam, t[iou > 0.5])
+    # the true cells across the seam are found as often as the others (0.79 of them, all 0.79, here)
+    assert on_seam.size > 10 and found.mean() >= 0.7 * np.unique(t[iou > 0.5]).size / truth.max()
+
+
+def test_image_mpp_from_the_file_only_when_plausible(slide, tmp_path, capsys):
+    d, image, channels, data = slide
+    dpi72 = tmp_path / "dpi72.tif"
+    tifffile.imwrite(dpi72, data["image"], metadata={"axes": "CYX"}, resolution=(72, 72), resolutionunit="INCH")
+    out = tmp_path / "out"
+    assert main(_tile_args(dpi72, channels, out)) == 2
+    err = capsys.readouterr().err
+    assert str(dpi72) in err and "352.8" in err and "image_mpp" in err and "--image-mpp" in err
+    assert not out.exists() or not any(out.iterdir())
+    # the value given wins over the file's
+    assert main(_tile_args(dpi72, channels, out, "--image-mpp", "0.377")) == 0
+    st = json.loads((out / "tiling_stats.json").read_text())
+    assert st["image_mpp"] == 0.377 and st["image_mpp_source"] == "given"
+    assert main(_tile_args(dpi72, channels, tmp_path / "bad", "--image-mpp", "-1")) == 2
+    assert "image_mpp" in capsys.readouterr().err
+
+
+def test_full_image_patches_are_stored_in_tiles(slide, tmp_path, monkeypatch):
+    """A whole-slide patch is written block by block into Zarr tiles (any slide size works; Blosc
+    refuses chunks over 2 GiB); the smaller tile size makes this slide big enough to need it."""
+    d, image, channels, data = slide
+    from maskworks.codex import stages
+
+    monkeypatch.setattr(stages, "PATCH_CHUNK", 128)
+    monkeypatch.setattr(stages, "PATCH_CHUNK_BYTES", 2**16)
+    assert main(_tile_args(image, channels, tmp_path, "--split-mode", "full_image")) == 0
+    arr = zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"]
+    assert arr.shape == (1, *SHAPE, 2) and arr.chunks == (1, 128, 128, 2)
+    img = data["image"]
+    np.testing.assert_array_equal(arr[0, ..., 0], img[1])
+    np.testing.assert_array_equal(arr[0, ..., 1], np.maximum(img[0], img[3]))
+    row = _rows(tmp_path / "patches_metadata.csv")[0]
+    assert float(row["nucleus_mean"]) == pytest.approx(img[1].mean())
+    assert float(row["wholecell_std"]) == pytest.approx(np.maximum(img[0], img[3]).std())
+    assert float(row["nucleus_non_zero_perc"]) == pytest.approx(np.count_nonzero(img[1]) / img[1].size)
+
+
+def test_wholecell_mean_aggregation(slide, tmp_path):
+    d, image, channels, data = slide
+    assert main(_tile_args(image, channels, tmp_path, "--wholecell-aggregation", "mean")) == 0
+    arr = zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"]
+    img = data["image"].astype(np.float64)
+    np.testing.assert_array_equal(arr[0, :256, :256, 1], np.rint((img[0] + img[3]) / 2)[:256, :256])
+    assert json.loads((tmp_path / "tiling_stats.json").read_text())["wholecell_aggregation"] == "mean"
 
 
 def test_segment_cells_errors(chain, tmp_path, capsys, monkeypatch):

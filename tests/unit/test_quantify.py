@@ -165,3 +165,24 @@ def test_shapes_equal_skimage_regionprops():
     defined = (ref["axis_major_length"] - ref["axis_minor_length"] > 1e-6) & (np.abs(np.cos(2 * ref["orientation"])) > 1e-6)
     turn = np.angle(np.exp(2j * (ours["orientation"] - ref["orientation"])))
     np.testing.assert_allclose(turn[defined], 0, atol=1e-7)
+
+
+def test_repair_flags_follow_each_object_to_its_original():
+    from maskworks.codex.quantify import repair_flags
+
+    cell_original = np.zeros((8, 12), np.uint32)
+    cell_original[1:7, 1:6] = 5   # 30 px
+    cell_original[1:7, 6:11] = 9  # 30 px
+    nucleus_original = np.zeros_like(cell_original)
+    nucleus_original[2:5, 2:5] = 3    # 9 px, inside cell 5's interior
+    nucleus_original[2:6, 5:9] = 7    # 16 px, 4 of them on cell 5: trimmed to 9's interior
+    # repaired: renumbered (cell 9 -> 1, cell 5 -> 2), nucleus 7 trimmed to 9 px
+    cell = np.where(cell_original == 9, 1, np.where(cell_original == 5, 2, 0)).astype(np.uint32)
+    nucleus = np.zeros_like(cell)
+    nucleus[2:5, 2:5] = 2
+    nucleus[2:5, 6:9] = 1
+    flags = repair_flags(cell, nucleus, cell_original, nucleus_original, [1, 2])
+    assert flags["cell_area_before"].tolist() == [30, 30] and flags["cell_retained_fraction"].tolist() == [1, 1]
+    assert flags["nucleus_area_before"].tolist() == [16, 9]
+    np.testing.assert_allclose(flags["nucleus_retained_fraction"], [9 / 16, 1.0])
+    assert flags["nucleus_was_trimmed"].tolist() == [True, False]

@@ -340,3 +340,55 @@ def test_stitch_checks_shapes_and_labels():
         stitch_patches(grid, [0], None, duplicate_overlap=-1)
     cell, nucleus, cyto, table, stats = stitch_patches(grid, [], None)
     assert not cell.any() and stats["cells"] == 0 and table["id"].size == 0
+
+
+def _segmentation_loader(grid, cells, nuclei, seed=0):
+    """Per-patch unrepaired 'segmentations': cells and nuclei cropped, each with its own patch-local
+    ids (one per connected part), the nuclei numbered independently of the cells."""
+    load = _patch_loader(grid, cells, nuclei, seed=seed, split_parts=True)
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for pid in range(grid.n_patches):
+        c, n = load(pid)
+        parts = label(n, connectivity=2)
+        lut = np.zeros(int(parts.max()) + 1, np.int64)
+        lut[1:] = rng.permutation(int(parts.max())) + 1
+        out[pid] = (c, lut[parts].astype(np.uint16))
+    return out.__getitem__
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stitch_segmentation_repairs_after_placement(seed):
+    """The part of a large cut cell without a nucleus in its patch is kept (a per-patch repair drops
+    it, and the cell would end at the seam): the stitch of the unrepaired patches, repaired, is the
+    labelled image again."""
+    from maskworks.codex.repair import repair_masks
+    from maskworks.codex.tiling import stitch_segmentation
+
+    cells, nuclei, grid = _random_tiling(seed, [0.1, 0.2])
+    load = _segmentation_loader(grid, cells, nuclei, seed=seed)
+    cell, nucleus, cyto, cell0, nucleus0, table, stats = stitch_segmentation(grid, range(grid.n_patches), load)
+    assert _same_labels(cell0, cells) and _same_labels(nucleus0, nuclei)
+    # the truth has cells whose nucleus lies on their membrane: the repair treats them as it would the slide
+    truth_cell, truth_nucleus, _, truth_metrics = repair_masks(cells, nuclei)
+    assert stats["repair"] == truth_metrics
+    assert check_stitched(cell, nucleus, cyto) == {"cells": int(truth_cell.max()), **GOOD}
+    assert _same_labels(cell, truth_cell)
+    # ... and the stitch keeps the largest part of a nucleus the trimming split
+    split = check_stitched(truth_cell, truth_nucleus)["fragmented_nuclei"]
+    assert stats["nucleus_fragments_removed"] == split
+    if not split:
+        assert _same_labels(nucleus, truth_nucleus)
+    assert not nucleus[truth_nucleus == 0].any()
+    assert stats["repair"]["matched"] == stats["cells"] == table["id"].size and stats["cell_stitch"]["joined"] > 0
+    np.testing.assert_array_equal(table["cell_area"], np.bincount(cell.ravel())[1:])
+    np.testing.assert_array_equal(table["nucleus_area"], np.bincount(nucleus.ravel(), minlength=cell.max() + 1)[1:])
+    assert set(table["patches"].tolist()) > {1}
+
+    # repairing each patch first loses the nucleus-less parts of cut cells
+    def repaired(pid):
+        c, n, _, _ = repair_masks(*load(pid))
+        return c, n
+
+    before, *_ = stitch_patches(grid, range(grid.n_patches), repaired)
+    assert np.count_nonzero(before) < np.count_nonzero(cells)

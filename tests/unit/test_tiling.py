@@ -166,12 +166,12 @@ def test_grid_step_minimal_padding_and_coverage(shape, patch, overlap):
     np.testing.assert_array_equal(cores, 1)  # the cores partition the image
 
 
-@pytest.mark.parametrize("mode,shape,grid", [
-    ("full_image", (300, 500), (1, 1)), ("halves", (300, 500), (1, 2)), ("halves", (500, 300), (2, 1)),
-    ("quarters", (301, 499), (2, 2)),
+@pytest.mark.parametrize("mode,direction,shape,grid", [
+    ("full_image", "vertical", (300, 500), (1, 1)), ("halves", "vertical", (300, 500), (1, 2)),
+    ("halves", "horizontal", (500, 300), (2, 1)), ("quarters", "vertical", (301, 499), (2, 2)),
 ])
-def test_split_modes(mode, shape, grid):
-    g = patch_grid(shape, split_mode=mode, overlap=0.1)
+def test_split_modes_with_an_overlap(mode, direction, shape, grid):
+    g = patch_grid(shape, split_mode=mode, overlap=0.1, split_direction=direction)
     assert g.grid_shape == grid
     if mode == "full_image":
         assert g.patch_shape == g.padded_shape == shape
@@ -185,13 +185,51 @@ def test_split_modes(mode, shape, grid):
             assert smaller + (smaller - int(smaller * 0.1)) < shape[ax]  # the smallest size that covers
 
 
+@pytest.mark.parametrize("shape", [(300, 500), (301, 499), (7, 9)])
+def test_halves_and_quarters_follow_aegles_split(shape):
+    h, w = shape
+    # vertical (Aegle's default): left [0, w // 2), right [w // 2, w); no overlap, no padding
+    g = patch_grid(shape, split_mode="halves")
+    assert g.grid_shape == (1, 2) and g.overlap == 0.0 and g.padded_shape == shape
+    assert g.core(0) == (0, h, 0, w // 2) and g.core(1) == (0, h, w // 2, w)
+    assert g.position(1)[3] == w // 2 and g.patch_shape == (h, w - w // 2)
+    g = patch_grid(shape, split_mode="halves", split_direction="horizontal")
+    assert g.grid_shape == (2, 1) and g.core(0) == (0, h // 2, 0, w) and g.core(1) == (h // 2, h, 0, w)
+    g = patch_grid(shape, split_mode="quarters")
+    assert g.grid_shape == (2, 2) and g.padded_shape == shape
+    assert [g.core(i) for i in range(4)] == [(0, h // 2, 0, w // 2), (0, h // 2, w // 2, w),
+                                             (h // 2, h, 0, w // 2), (h // 2, h, w // 2, w)]
+    # the patches mode keeps its 10 % default overlap
+    assert patch_grid(shape, patch_height=4, patch_width=4).overlap == 0.1
+
+
 def test_grid_rejects_bad_parameters():
     with pytest.raises(InputError, match="split_mode"):
         patch_grid((10, 10), split_mode="thirds")
+    with pytest.raises(InputError, match="split_direction"):
+        patch_grid((10, 10), split_mode="halves", split_direction="diagonal")
     with pytest.raises(InputError, match="overlap"):
         patch_grid((10, 10), overlap=1.0)
+    with pytest.raises(InputError, match="overlap"):
+        patch_grid((10, 10), overlap=0.8)  # a step under a quarter of the patch
+    assert patch_grid((100, 100), patch_height=40, patch_width=40, overlap=0.75).step == (10, 10)
     with pytest.raises(InputError, match="patch_height"):
         patch_grid((10, 10), patch_height=0)
+
+
+def test_wholecell_channels_max_or_mean(tmp_path):
+    data = _stack(3, 20, 30)
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, data, metadata={"axes": "CYX"})
+    with open_multichannel(path) as img:
+        mx = model_input(img, 0, [1, 2])
+        mean = model_input(img, 0, [1, 2], aggregation="mean")
+        with pytest.raises(InputError, match="wholecell_aggregation"):
+            model_input(img, 0, [1, 2], aggregation="sum")
+    np.testing.assert_array_equal(mx[..., 1], np.maximum(data[1], data[2]))
+    expected = np.rint((data[1].astype(np.float64) + data[2]) / 2).astype(data.dtype)
+    np.testing.assert_array_equal(mean[..., 1], expected)
+    np.testing.assert_array_equal(mean[..., 0], data[0])
 
 
 def test_read_patch_pads_with_zeros(tmp_path):
@@ -215,11 +253,12 @@ def test_read_patch_pads_with_zeros(tmp_path):
 def test_patch_qc_flags():
     zeros = np.zeros((100, 100, 2), np.uint16)
     q = patch_qc(zeros)
-    assert q["is_empty"] and q["is_noisy"] and not q["is_informative"] and q["nuclear_non_zero_fraction"] == 0
+    assert q["is_empty"] and q["is_noisy"] and q["is_bad_patch"] and not q["is_informative"]
+    assert q["nucleus_non_zero_perc"] == 0
     sparse = zeros.copy()
     sparse[:3, :, 0] = 500  # 3 % non-zero, bright: empty, not noisy
     q = patch_qc(sparse)
-    assert q["is_empty"] and not q["is_noisy"] and q["nuclear_mean"] == pytest.approx(15.0)
+    assert q["is_empty"] and not q["is_noisy"] and q["nucleus_mean"] == pytest.approx(15.0)
     faint = zeros.copy()
     faint[:30, :, 0] = 1  # 30 % non-zero, mean 0.3: noisy, not empty
     q = patch_qc(faint)
@@ -228,8 +267,22 @@ def test_patch_qc_flags():
     edge[:5, :, 0] = 100  # exactly 5 %: not empty (strictly below the threshold is)
     edge[..., 1] = 7
     q = patch_qc(edge)
-    assert q["is_informative"] and q["wholecell_mean"] == 7 and q["wholecell_std"] == 0
+    assert q["is_informative"] and not q["is_bad_patch"] and q["wholecell_mean"] == 7 and q["wholecell_std"] == 0
     assert patch_qc(edge, non_zero_perc_threshold=0.06)["is_empty"]
     assert patch_qc(edge, mean_intensity_threshold=5.01)["is_noisy"]
     with pytest.raises(InputError, match="patch_qc"):
         patch_qc(np.zeros((4, 4)))
+
+
+def test_patch_stats_block_by_block_equal_one_pass():
+    rng = np.random.default_rng(0)
+    patch = rng.integers(0, 60000, (301, 77, 2)).astype(np.uint16)
+    patch[:40] = 0
+    stats = tiling.PatchStats()
+    for r0 in range(0, 301, 64):
+        stats.add(patch[r0:r0 + 64])
+    q = stats.qc()
+    for c, name in enumerate(("nucleus", "wholecell")):
+        assert q[f"{name}_mean"] == pytest.approx(patch[..., c].mean(dtype=np.float64), rel=1e-12)
+        assert q[f"{name}_std"] == pytest.approx(patch[..., c].std(dtype=np.float64), rel=1e-12)
+        assert q[f"{name}_non_zero_perc"] == np.count_nonzero(patch[..., c]) / patch[..., c].size

@@ -232,6 +232,47 @@ def spatial_neighbours(xy, *, method="delaunay", radius=None):
     return conn, dist
 
 
+def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
+    """Aegle's per-cell repair QC, from the stitched masks before and after repair.
+
+    The repair keeps a cell whole and trims its nucleus to the cell interior, so
+    repaired cell ``k`` lies inside one original cell and nucleus ``k`` inside
+    one original nucleus: the object it came from is the original label under
+    its pixels (not the one with the same id, which the repair renumbers).
+
+    Returns
+    -------
+    dict of ndarray, per id in ``ids``
+        ``cell_area_before``, ``cell_retained_fraction``, ``nucleus_area_before``,
+        ``nucleus_retained_fraction`` (area after / area before; 0 without a
+        nucleus) and ``nucleus_was_trimmed`` (retained fraction below 0.99, as
+        Aegle flags it).
+    """
+    ids = np.asarray(ids, np.int64)
+    out = {}
+    for name, after, before in (("cell", cell, cell_original), ("nucleus", nucleus, nucleus_original)):
+        after, before = np.asarray(after), np.asarray(before)
+        if after.shape != before.shape:
+            raise InputError(f"repair_flags: {name} is {after.shape} but {name}_original is {before.shape}")
+        top = int(max(after.max(initial=0), ids.max(initial=0)))
+        source = np.zeros(top + 1, np.int64)
+        area_after = np.zeros(top + 1, np.int64)
+        area_before = np.bincount(before.ravel(), minlength=1)
+        for band in range(0, after.shape[0], 1024):
+            a, b = after[band:band + 1024].ravel(), before[band:band + 1024].ravel()
+            m = a > 0
+            area_after += np.bincount(a[m], minlength=top + 1)
+            m &= b > 0
+            source[a[m]] = b[m]
+        src = source[ids]
+        before_area = np.where(src > 0, area_before[np.minimum(src, area_before.size - 1)], 0)
+        out[f"{name}_area_before"] = before_area
+        out[f"{name}_retained_fraction"] = np.divide(area_after[ids], before_area, out=np.zeros(ids.size),
+                                                     where=before_area > 0)
+    out["nucleus_was_trimmed"] = (out["nucleus_retained_fraction"] < 0.99) & (out["nucleus_area_before"] > 0)
+    return out
+
+
 def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean",), image_mpp=None,
                    neighbours="delaunay", neighbour_radius=None, progress=None):
     """Measure every cell of a stitched slide.

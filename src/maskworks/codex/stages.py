@@ -9,16 +9,19 @@ On-disk layout (what each stage reads and writes)
 -------------------------------------------------
 ``tile-image`` -> ``<patches_dir>/``
     ``patches.zarr``        Zarr v2 group; array ``patches`` of shape (n, patch_height,
-                            patch_width, 2), the image's dtype, one chunk per patch;
-                            channel 0 nuclear, 1 whole-cell (max of the whole-cell
-                            channels); zero padding bottom/right.  ``.attrs``: the grid
-                            (``image_shape``, ``patch_shape``, ``step``, ``split_mode``,
-                            ``overlap``), ``image_mpp``, channel names, source image.
-    ``patches_metadata.csv`` one row per patch: patch_id, row, col, y_start, x_start,
-                            height, width, valid_height, valid_width, nuclear_mean,
-                            nuclear_std, nuclear_non_zero_fraction, wholecell_mean,
-                            wholecell_std, wholecell_non_zero_fraction, is_empty,
-                            is_noisy, is_informative.
+                            patch_width, 2), the image's dtype, one chunk per patch up
+                            to 16 MiB, else 1024 x 1024 tiles (``full_image``,
+                            halves, quarters of a whole slide); channel 0 nuclear, 1
+                            whole-cell (max, or mean, of the whole-cell channels); zero
+                            padding bottom/right.  ``.attrs``: the grid (``image_shape``,
+                            ``patch_shape``, ``step``, ``split_mode``, ``overlap``),
+                            ``image_mpp``, channel names, source image.
+    ``patches_metadata.csv`` one row per patch, Aegle's columns first: patch_id,
+                            x_start, y_start, height, width, nucleus_mean, nucleus_std,
+                            nucleus_non_zero_perc, wholecell_mean, wholecell_std,
+                            wholecell_non_zero_perc (fractions, as in Aegle),
+                            is_empty, is_noisy, is_bad_patch, is_informative; then
+                            row, col, valid_height, valid_width.
     ``tiling_stats.json``, ``tiling_qc.png``.
 ``segment-cells`` -> ``<segment_dir>/``
     ``patch_<patch_id>.npz`` for every informative patch (``np.load`` with
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -67,15 +71,17 @@ from .segment import (
     tensorflow_device,
 )
 from .tiling import (
+    SPLIT_DIRECTIONS,
     SPLIT_MODES,
+    WHOLECELL_AGGREGATIONS,
     PatchGrid,
+    PatchStats,
+    model_input,
     open_multichannel,
     patch_grid,
     patch_qc,
     read_channel_names,
-    read_patch,
     select_channels,
-    stitch_patches,
 )
 
 log = logging.getLogger("maskworks")
@@ -258,39 +264,75 @@ def _run_repair(a):
 # ----------------------------------------------------------------------------- tile_image
 
 PATCHES_STORE = "patches.zarr"
+# Aegle's patches_metadata.csv columns first (x_start/y_start as its halves/quarters tables), then ours.
 PATCH_COLUMNS = (
-    "patch_id", "row", "col", "y_start", "x_start", "height", "width", "valid_height", "valid_width",
-    "nuclear_mean", "nuclear_std", "nuclear_non_zero_fraction",
-    "wholecell_mean", "wholecell_std", "wholecell_non_zero_fraction", "is_empty", "is_noisy", "is_informative",
+    "patch_id", "x_start", "y_start", "height", "width",
+    "nucleus_mean", "nucleus_std", "nucleus_non_zero_perc", "wholecell_mean", "wholecell_std",
+    "wholecell_non_zero_perc", "is_empty", "is_noisy", "is_bad_patch", "is_informative",
+    "row", "col", "valid_height", "valid_width",
 )
 OVERVIEW_PIXELS = 1024  # longest side of the overview pictures
+MPP_RANGE = (0.05, 5.0)  # µm/px a value read from the file must lie in to be used
+PATCH_CHUNK = 1024  # patches larger than PATCH_CHUNK_BYTES are stored as PATCH_CHUNK x PATCH_CHUNK tiles
+PATCH_CHUNK_BYTES = 16 * 2**20
 
 
 def tile_image_files(
     image, channels, out_dir, *, nuclear_channel, wholecell_channels, image_mpp=None, channel_axis=None,
-    split_mode="patches", patch_height=1440, patch_width=1920, overlap=0.1,
-    non_zero_perc_threshold=0.05, mean_intensity_threshold=1.0,
+    split_mode="patches", patch_height=1440, patch_width=1920, overlap=None, split_direction="vertical",
+    wholecell_aggregation="max", non_zero_perc_threshold=0.05, mean_intensity_threshold=1.0,
 ):
     """Cut a multichannel image into two-channel patches with QC: the ``tile_image`` rule.
 
     ``image``: TIFF/OME-TIFF (see :func:`~maskworks.codex.tiling.open_multichannel`);
     ``channels``: the channel names file (:func:`~maskworks.codex.tiling.read_channel_names`),
-    or None to use the OME-XML channel names.  ``image_mpp`` None: from the file
-    (OME PhysicalSizeX or resolution tags), else unknown (Mesmer does not rescale).
+    or None to use the OME-XML channel names.  ``image_mpp``: the value given
+    (image table or command line) wins; None: from the file (OME PhysicalSizeX
+    or resolution tags) when it lies in ``MPP_RANGE`` (0.05-5 µm/px; a 72-dpi
+    TIFF says 352.8), an error otherwise; no value in the file: unknown (Mesmer
+    does not rescale).  ``split_mode``, ``overlap``, ``split_direction``: see
+    :func:`~maskworks.codex.tiling.patch_grid`; ``wholecell_aggregation``:
+    ``max`` (Aegle) or ``mean`` (steinbock) of the whole-cell channels.
     The image is read whole up to ``tiling.IN_MEMORY_BYTES`` and lazily (per
-    patch, only the channels used) above.  Writes ``out_dir/patches.zarr``,
-    ``patches_metadata.csv``, ``tiling_stats.json`` and ``tiling_qc.png`` (see the
-    module docstring).
+    patch, only the channels used) above; a patch is written in blocks of
+    ``PATCH_CHUNK`` rows, so a ``full_image`` patch of any size works.  Writes
+    ``out_dir/patches.zarr``, ``patches_metadata.csv``, ``tiling_stats.json`` and
+    ``tiling_qc.png`` (see the module docstring).
     """
     out_dir = Path(out_dir)
     outputs = [out_dir / PATCHES_STORE, out_dir / "patches_metadata.csv", out_dir / "tiling_stats.json",
                out_dir / "tiling_qc.png"]
     params = {"nuclear_channel": nuclear_channel, "wholecell_channels": wholecell_channels, "image_mpp": image_mpp,
               "channel_axis": channel_axis, "split_mode": split_mode, "patch_height": patch_height,
-              "patch_width": patch_width, "overlap": overlap, "non_zero_perc_threshold": non_zero_perc_threshold,
+              "patch_width": patch_width, "overlap": overlap, "split_direction": split_direction,
+              "wholecell_aggregation": wholecell_aggregation, "non_zero_perc_threshold": non_zero_perc_threshold,
               "mean_intensity_threshold": mean_intensity_threshold}
     with all_or_nothing(*outputs):
         return _tile_image_files(image, channels, *outputs, params)
+
+
+def resolve_mpp(given, from_file, image) -> float | None:
+    """The pixel size to use: ``given`` (table/config/command line) if set, else the file's value when
+    it is plausible (``MPP_RANGE``); None when neither is known."""
+    if given not in (None, ""):
+        try:
+            mpp = float(given)
+        except (TypeError, ValueError):
+            raise InputError(f"{image}: image_mpp={given!r} is not a number (microns per pixel)") from None
+        if not math.isfinite(mpp) or mpp <= 0:
+            raise InputError(f"{image}: image_mpp={given!r}: expected a positive number of microns per pixel")
+        if not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+            log.warning("%s: image_mpp=%s given, outside the usual %s-%s um/px; used as given", image, mpp,
+                        *MPP_RANGE)
+        return mpp
+    if from_file is None:
+        return None
+    if not (math.isfinite(from_file) and MPP_RANGE[0] <= from_file <= MPP_RANGE[1]):
+        raise InputError(
+            f"{image}: the file says {from_file:.6g} microns per pixel (from its resolution tags or OME "
+            f"PhysicalSizeX), outside the plausible {MPP_RANGE[0]}-{MPP_RANGE[1]} um/px (a 72-dpi TIFF says "
+            "352.8); set the pixel size yourself: the image_mpp column of the image table, or --image-mpp")
+    return float(from_file)
 
 
 def _channel_names(img, image, channels):
@@ -318,46 +360,65 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
         names, what = _channel_names(img, image, channels)
         nuc, wc = select_channels(names, params["nuclear_channel"], params["wholecell_channels"], what=what)
-        mpp = float(params["image_mpp"]) if params["image_mpp"] not in (None, "") else img.mpp
+        mpp = resolve_mpp(params["image_mpp"], img.mpp, image)
         grid = patch_grid(img.shape, split_mode=params["split_mode"], patch_height=params["patch_height"],
-                          patch_width=params["patch_width"], overlap=params["overlap"])
-        log.info("tile_image %s: %d channels, %s px, nuclear %s, whole-cell %s, mpp %s, grid %s x %s of %s "
-                 "(%s)", image, img.n_channels, img.shape, names[nuc], [names[i] for i in wc], mpp,
+                          patch_width=params["patch_width"], overlap=params["overlap"],
+                          split_direction=params["split_direction"])
+        agg = params["wholecell_aggregation"]
+        log.info("tile_image %s: %d channels, %s px, nuclear %s, whole-cell %s (%s), mpp %s, grid %s x %s of %s "
+                 "(%s)", image, img.n_channels, img.shape, names[nuc], [names[i] for i in wc], agg, mpp,
                  *grid.grid_shape, grid.patch_shape, "lazy" if img.lazy else "in memory")
         dtype = np.dtype(img.data.dtype)
         factor = max(1, -(-max(img.shape) // OVERVIEW_PIXELS))
         overview = np.zeros((-(-img.shape[0] // factor), -(-img.shape[1] // factor), 2), np.float32)
         prov = provenance("tile_image", {"image": image, "channels": channels}, params)
+        ph, pw = grid.patch_shape
+        whole = ph * pw * 2 * dtype.itemsize <= PATCH_CHUNK_BYTES
+        chunks = (1, ph, pw, 2) if whole else (1, min(ph, PATCH_CHUNK), min(pw, PATCH_CHUNK), 2)
         rows = []
         with atomic_path(store) as tmp:
             root = zarr.open_group(str(tmp), mode="w")
             arr = root.create_dataset(
-                "patches", shape=(grid.n_patches, *grid.patch_shape, 2), chunks=(1, *grid.patch_shape, 2),
-                dtype=dtype, fill_value=0, compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE),
+                "patches", shape=(grid.n_patches, ph, pw, 2), chunks=chunks, dtype=dtype, fill_value=0,
+                compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE), write_empty_chunks=False,
             )
             root.attrs.update(grid=grid.to_attrs(), image=str(image), channel_names=list(names),
                               nuclear_channel=names[nuc], wholecell_channels=[names[i] for i in wc],
-                              image_mpp=mpp, maskworks=prov)
+                              wholecell_aggregation=agg, image_mpp=mpp, maskworks=prov)
             for pid in _progress(range(grid.n_patches), "tile_image"):
-                patch = read_patch(img, grid, pid, nuc, wc)
-                if dtype.kind == "f" and not np.isfinite(patch).all():
-                    raise InputError(f"{image}: NaN/Inf values in patch {pid}; fill them before tiling")
-                arr[pid] = patch
                 row, col, y0, x0 = grid.position(pid)
                 vh, vw = grid.valid_shape(pid)
-                q = patch_qc(patch, non_zero_perc_threshold=params["non_zero_perc_threshold"],
+                stats = PatchStats()
+                for r0 in range(0, ph, chunks[1]):  # a block of chunk rows at a time
+                    r1 = min(r0 + chunks[1], ph)
+                    block = np.zeros((r1 - r0, pw, 2), dtype)
+                    if r0 < vh:
+                        ys = slice(y0 + r0, y0 + min(r1, vh))
+                        block[:ys.stop - ys.start, :vw] = model_input(img, nuc, wc, ys, slice(x0, x0 + vw),
+                                                                      aggregation=agg)
+                    if dtype.kind == "f" and not np.isfinite(block).all():
+                        raise InputError(f"{image}: NaN/Inf values in patch {pid} (rows {y0 + r0}..{y0 + r1}); "
+                                         "fill them before tiling")
+                    arr[pid, r0:r1] = block
+                    stats.add(block)
+                    # the overview: every factor-th pixel of the valid part
+                    oy = (-(y0 + r0)) % factor
+                    ox = (-x0) % factor
+                    small = block[oy:max(0, min(r1, vh) - r0):factor, ox:vw:factor]
+                    if small.size:
+                        top, left = (y0 + r0 + oy) // factor, (x0 + ox) // factor
+                        overview[top:top + small.shape[0], left:left + small.shape[1]] = small
+                q = stats.qc(non_zero_perc_threshold=params["non_zero_perc_threshold"],
                              mean_intensity_threshold=params["mean_intensity_threshold"])
-                rows.append({"patch_id": pid, "row": row, "col": col, "y_start": y0, "x_start": x0,
-                             "height": grid.patch_shape[0], "width": grid.patch_shape[1],
-                             "valid_height": vh, "valid_width": vw, **q})
-                oy, ox = (-y0) % factor, (-x0) % factor
-                small = patch[oy:vh:factor, ox:vw:factor]
-                overview[(y0 + oy) // factor:(y0 + oy) // factor + small.shape[0],
-                         (x0 + ox) // factor:(x0 + ox) // factor + small.shape[1]] = small
+                rows.append({"patch_id": pid, "x_start": x0, "y_start": y0, "height": ph, "width": pw, **q,
+                             "row": row, "col": col, "valid_height": vh, "valid_width": vw})
     write_csv(table, rows, PATCH_COLUMNS)
     counts = {k: sum(bool(r[k]) for r in rows) for k in ("is_informative", "is_empty", "is_noisy")}
     st = {"image": str(image), "image_shape": list(grid.image_shape), "channels": list(names),
-          "nuclear_channel": names[nuc], "wholecell_channels": [names[i] for i in wc], "image_mpp": mpp,
+          "nuclear_channel": names[nuc], "wholecell_channels": [names[i] for i in wc],
+          "wholecell_aggregation": params["wholecell_aggregation"], "image_mpp": mpp,
+          "image_mpp_source": "given" if params["image_mpp"] not in (None, "") else "file" if mpp else None,
+          "chunks": list(chunks),
           "dtype": str(dtype), "read_lazily": bool(img.lazy), **grid.to_attrs(),
           "padded_shape": list(grid.padded_shape),
           "padding": [p - s for p, s in zip(grid.padded_shape, grid.image_shape)],
@@ -449,7 +510,14 @@ def _add_tile(sub):
     p.add_argument("--split-mode", choices=SPLIT_MODES, default=d["split_mode"])
     p.add_argument("--patch-height", type=int, default=d["patch_height"], help="pixels (split-mode patches)")
     p.add_argument("--patch-width", type=int, default=d["patch_width"], help="pixels (split-mode patches)")
-    p.add_argument("--overlap", type=float, default=d["overlap"], help="fraction of the patch shared with the next")
+    p.add_argument("--overlap", type=float, default=d["overlap"],
+                   help="fraction of the patch shared with the next, at most 0.75; default: 0.1 for patches, "
+                   "0 for halves/quarters (Aegle's split)")
+    p.add_argument("--split-direction", choices=SPLIT_DIRECTIONS, default=d["split_direction"],
+                   help="halves: vertical = left | right, horizontal = top / bottom (Aegle)")
+    p.add_argument("--wholecell-aggregation", choices=WHOLECELL_AGGREGATIONS,
+                   default=keyword_defaults(tile_image_files)["wholecell_aggregation"],
+                   help="how the whole-cell channels are combined: max (Aegle) or mean (steinbock)")
     p.add_argument("--non-zero-perc-threshold", type=float, default=d["non_zero_perc_threshold"],
                    help="a patch whose nuclear channel has a smaller non-zero fraction is empty")
     p.add_argument("--mean-intensity-threshold", type=float, default=d["mean_intensity_threshold"],
@@ -461,7 +529,8 @@ def _run_tile(a):
     return tile_image_files(
         a.image, a.channels, a.out_dir, nuclear_channel=a.nuclear_channel, wholecell_channels=a.wholecell_channels,
         image_mpp=a.image_mpp, channel_axis=a.channel_axis, split_mode=a.split_mode, patch_height=a.patch_height,
-        patch_width=a.patch_width, overlap=a.overlap, non_zero_perc_threshold=a.non_zero_perc_threshold,
+        patch_width=a.patch_width, overlap=a.overlap, split_direction=a.split_direction,
+        wholecell_aggregation=a.wholecell_aggregation, non_zero_perc_threshold=a.non_zero_perc_threshold,
         mean_intensity_threshold=a.mean_intensity_threshold,
     )
 
@@ -693,22 +762,23 @@ CHECK_PIXELS = 2**27  # stitched slides up to this size are checked in memory (c
 
 
 def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5):
-    """Assemble per-patch labels into whole-slide label images: the ``stitch`` rule.
+    """Assemble per-patch segmentations into whole-slide label images: the ``stitch`` rule.
 
-    ``labels_dir`` holds ``patch_<patch_id>.npz`` with ``cell`` and ``nucleus``
-    (cell k pairs with nucleus k, as repair-masks writes them) for every patch
-    that ``metadata`` (default ``<patches_dir>/patches_metadata.csv``; the repair
-    output's copy works too) marks informative, and, when repair-masks wrote
-    them, ``cell_original`` and ``nucleus_original`` (the segmentation before
-    repair).  Writes into ``out_dir``: ``cell``, ``nucleus``, ``cytoplasm``
-    (uint32, ``.ome.tif`` with the pixel size in µm, or OME-Zarr ``.zarr``
-    painted patch by patch for slides that do not fit in memory), the unrepaired
-    ``cell_original`` and ``nucleus_original`` (each stitched on its own, as
-    Aegle keeps both), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
-    ``stitch_stats.json`` (how objects were placed and joined,
-    :func:`~maskworks.codex.tiling.stitch_patches`, and the ``check`` of the
-    result, :func:`~maskworks.codex.tiling.check_stitched`) and
-    ``stitch_qc.png`` (a crop with the outlines).
+    ``labels_dir`` holds ``patch_<patch_id>.npz`` for every patch that ``metadata``
+    (default ``<patches_dir>/patches_metadata.csv``; the repair output's copy works
+    too) marks informative: the repair-masks output (its ``cell_original`` and
+    ``nucleus_original``, the segmentation as it was, are stitched) or the
+    segment-cells output (``cell`` and ``nucleus``).  The cells and nuclei are
+    stitched each on its own and the whole slide is repaired after placement
+    (:func:`~maskworks.codex.tiling.stitch_segmentation`).  Writes into
+    ``out_dir``: ``cell``, ``nucleus``, ``cytoplasm`` (uint32; cell k pairs with
+    nucleus k; ``.ome.tif`` with the pixel size in µm, or OME-Zarr ``.zarr``), the
+    unrepaired stitched ``cell_original`` and ``nucleus_original`` (as Aegle keeps
+    both), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
+    ``stitch_stats.json`` (how objects were placed and joined, the repair metrics
+    and the ``check`` of the result, :func:`~maskworks.codex.tiling.check_stitched`)
+    and ``stitch_qc.png`` (a crop with the outlines).  The slide is held in memory
+    (five uint32 label images and the repair's work arrays).
     """
     if format not in STITCH_FORMATS:
         raise InputError(f"format={format!r}: expected one of {', '.join(STITCH_FORMATS)}")
@@ -723,11 +793,9 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
 
 
 def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format, metadata, duplicate_overlap):
-    import contextlib
     import time
 
-    from ..io import create_volume
-    from .tiling import check_stitched
+    from .tiling import check_stitched, stitch_segmentation
 
     t0 = time.perf_counter()
     arr, grid, attrs = _open_patches(patches_dir)
@@ -737,61 +805,39 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
         raise InputError(f"{labels_dir}: no labels for {len(missing)} informative patch(es): "
                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     originals = all(_has_originals(labels_dir / f"patch_{i}.npz") for i in ids)
+    keys = ("cell_original", "nucleus_original") if originals else ("cell", "nucleus")
 
     def load(pid):
-        return _read_patch_labels(labels_dir / f"patch_{pid}.npz")
-
-    def load_original(key):
-        return lambda pid: _read_patch_array(labels_dir / f"patch_{pid}.npz", key)
+        path = labels_dir / f"patch_{pid}.npz"
+        return tuple(_read_patch_array(path, k) for k in keys)
 
     mpp = attrs.get("image_mpp")
-    vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
     prov = provenance("stitch", {"patches_dir": patches_dir, "labels_dir": labels_dir},
                       {"format": format, "duplicate_overlap": duplicate_overlap})
-    log.info("stitch %s + %s: %d patch(es) on a %s grid -> %s", patches_dir, labels_dir, len(ids), grid.grid_shape,
-             images["cell"].parent)
-    in_memory = format != "zarr"
-    with contextlib.ExitStack() as stack:
-        def target(keys):
-            if in_memory:
-                return None
-            chunks = tuple(min(1024, s) for s in grid.image_shape)
-            return {k: stack.enter_context(create_volume(images[k], grid.image_shape, np.uint32, vs, unit=unit,
-                                                         chunks=chunks, provenance=prov)) for k in keys}
-
-        cell, nucleus, cyto, cells, st = stitch_patches(
-            grid, ids, load, out=target(("cell", "nucleus", "cytoplasm")), duplicate_overlap=duplicate_overlap,
-            progress=lambda it, desc: _progress(it, desc))
-        if in_memory or grid.image_shape[0] * grid.image_shape[1] <= CHECK_PIXELS:
-            st["check"] = check_stitched(np.asarray(cell), np.asarray(nucleus), np.asarray(cyto))
+    log.info("stitch %s + %s (%s): %d patch(es) on a %s grid -> %s", patches_dir, labels_dir, ", ".join(keys),
+             len(ids), grid.grid_shape, images["cell"].parent)
+    cell, nucleus, cyto, cell0, nucleus0, cells, st = stitch_segmentation(
+        grid, ids, load, duplicate_overlap=duplicate_overlap, progress=lambda it, desc: _progress(it, desc))
+    st["check"] = check_stitched(cell, nucleus, cyto)
+    arrays = {"cell": cell, "nucleus": nucleus, "cytoplasm": cyto, "cell_original": cell0,
+              "nucleus_original": nucleus0}
+    for k, a in arrays.items():
+        if format == "zarr":
+            vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
+            write_volume(images[k], a, vs, unit=unit, chunks=tuple(min(1024, s) for s in a.shape), provenance=prov)
         else:
-            st["check"] = None
-        if in_memory:
-            for k, a in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", cyto)):
-                _write_ome_tiff(images[k], a, mpp, prov)
-        crop = _qc_crop(grid, ids, arr, cell, nucleus)
-        st["original"] = {}
-        for key in ("cell_original", "nucleus_original"):
-            if not originals:
-                break
-            into = None if in_memory else {"cell": target((key,))[key]}
-            labels, _, _, _, ost = stitch_patches(grid, ids, load_original(key), out=into,
-                                                  duplicate_overlap=duplicate_overlap, paired=False,
-                                                  progress=lambda it, desc, key=key: _progress(it, f"{desc} {key}"))
-            st["original"][key.removesuffix("_original")] = ost["cells"]
-            if in_memory:
-                _write_ome_tiff(images[key], labels, mpp, prov)
+            _write_ome_tiff(images[k], a, mpp, prov)
+    crop = _qc_crop(grid, ids, arr, cell, nucleus)
     _write_cells_csv(table, cells)
-    st.update(patches_dir=str(patches_dir), labels_dir=str(labels_dir), image_shape=list(grid.image_shape),
-              image_mpp=mpp, format=format, duplicate_overlap=duplicate_overlap,
-              outputs={k: str(v) for k, v in images.items() if k in ("cell", "nucleus", "cytoplasm") or originals},
-              seconds=round(time.perf_counter() - t0, 3))
+    cs = st["cell_stitch"]
+    st.update(stitched=list(keys), patches_dir=str(patches_dir), labels_dir=str(labels_dir),
+              image_shape=list(grid.image_shape), image_mpp=mpp, format=format, duplicate_overlap=duplicate_overlap,
+              outputs={k: str(v) for k, v in images.items()}, seconds=round(time.perf_counter() - t0, 3))
     _save_stitch_qc(qc, crop, f"stitch: {st['cells']} cells from {len(ids)} patches "
-                    f"({st['from_core']} core, {st['rescued']} rescued, {st['joined']} joined across seams)")
+                    f"({cs['from_core']} core, {cs['rescued']} rescued, {cs['joined']} joined across seams)")
     write_json(stats_path, st)
-    log.info("stitch done: %s; check %s",
-             {k: st[k] for k in ("cells", "from_core", "rescued", "joined", "duplicates", "dropped_without_nucleus")},
-             st["check"])
+    log.info("stitch done: %d cells (%s joined across seams, %s unmatched after repair); check %s", st["cells"],
+             cs["joined"], st["repair"]["cells_unmatched"], st["check"])
     return st
 
 
@@ -838,7 +884,7 @@ def _qc_crop(grid, ids, arr, cell, nucleus):
     vh, vw = grid.valid_shape(pid)
     ch, cw = min(QC_CROP, vh), min(QC_CROP, vw)
     oy, ox = (vh - ch) // 2, (vw - cw) // 2
-    patch = np.asarray(arr[pid])[oy:oy + ch, ox:ox + cw]
+    patch = np.asarray(arr[pid, oy:oy + ch, ox:ox + cw])
     region = (slice(y0 + oy, y0 + oy + ch), slice(x0 + ox, x0 + ox + cw))
     return pid, (y0 + oy, x0 + ox), patch, np.asarray(cell[region]), np.asarray(nucleus[region])
 
@@ -922,6 +968,10 @@ def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",)
         return _quantify_files(image, channels, Path(stitch_dir), outputs, params)
 
 
+def _has_stitched(stitch_dir, name) -> bool:
+    return any((stitch_dir / f"{name}{ext}").exists() for ext in STITCH_FORMATS.values())
+
+
 def _stitched(stitch_dir, name):
     for ext in STITCH_FORMATS.values():
         if (stitch_dir / f"{name}{ext}").exists():
@@ -954,12 +1004,22 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
             cytoplasm=cyto.numpy(), statistics=params["statistics"], image_mpp=mpp,
             neighbours=params["neighbours"], neighbour_radius=params["neighbour_radius"])
         crop = _quantify_crop(img, cell.numpy(), names, markers)
+    originals = [_stitched(stitch_dir, k) if _has_stitched(stitch_dir, k) else None
+                 for k in ("cell_original", "nucleus_original")]
+    if all(o is not None for o in originals):  # Aegle's repair QC per cell
+        from .quantify import repair_flags
+
+        meta.update(repair_flags(cell.numpy(), nucleus.numpy(), originals[0].numpy(), originals[1].numpy(),
+                                 meta["cell_id"]))
+        st["nuclei_trimmed"] = int(np.count_nonzero(meta["nucleus_was_trimmed"]))
     table = stitch_dir / "cells.csv"
     meta = pd.DataFrame(meta)
     if table.is_file():  # where each cell came from
         placed = pd.read_csv(table)
-        if {"id", "patch_id"} <= set(placed.columns):
-            meta = meta.merge(placed[["id", "patch_id"]].rename(columns={"id": "cell_id"}), on="cell_id", how="left")
+        cols = [c for c in ("patch_id", "patches") if c in placed.columns]
+        if "id" in placed.columns and cols:
+            meta = meta.merge(placed[["id", *cols]].rename(columns={"id": "cell_id", "patches": "stitched_from"}),
+                              on="cell_id", how="left")
     by_marker = pd.DataFrame(markers)
     with atomic_path(outputs["cell_by_marker.csv"]) as tmp:
         by_marker.to_csv(tmp, index=False, float_format="%.6g")

@@ -321,15 +321,32 @@ def _tiff_mpp(tif):
     return per_unit * res.value[1] / res.value[0] if per_unit else None
 
 
-def model_input(image: MultichannelImage, nuclear: int, wholecell, ys=slice(None), xs=slice(None)) -> np.ndarray:
+WHOLECELL_AGGREGATIONS = ("max", "mean")
+
+
+def model_input(image: MultichannelImage, nuclear: int, wholecell, ys=slice(None), xs=slice(None), *,
+                aggregation="max") -> np.ndarray:
     """The (y, x, 2) model input of a region: channel 0 the nuclear channel, channel 1
-    the pixel-wise maximum of the whole-cell channels (the image's dtype)."""
+    the whole-cell channels combined pixel by pixel (the image's dtype).
+
+    ``aggregation``: ``max`` (Aegle's maximum projection, default) or ``mean``
+    (steinbock's; rounded to the image's integer dtype).
+    """
+    if aggregation not in WHOLECELL_AGGREGATIONS:
+        raise InputError(f"wholecell_aggregation={aggregation!r}: expected one of {', '.join(WHOLECELL_AGGREGATIONS)}")
     nuc = image.region(nuclear, ys, xs)
     out = np.empty(nuc.shape + (2,), dtype=nuc.dtype)
     out[..., 0] = nuc
-    out[..., 1] = image.region(wholecell[0], ys, xs)
-    for c in wholecell[1:]:
-        np.maximum(out[..., 1], image.region(c, ys, xs), out=out[..., 1])
+    if aggregation == "max" or len(wholecell) == 1:
+        out[..., 1] = image.region(wholecell[0], ys, xs)
+        for c in wholecell[1:]:
+            np.maximum(out[..., 1], image.region(c, ys, xs), out=out[..., 1])
+        return out
+    acc = np.zeros(nuc.shape, np.float64 if nuc.dtype.itemsize > 2 else np.float32)
+    for c in wholecell:
+        acc += image.region(c, ys, xs)
+    acc /= len(wholecell)
+    out[..., 1] = np.rint(acc) if out.dtype.kind in "iu" else acc
     return out
 
 
@@ -432,7 +449,11 @@ def _axis_plan(length: int, size: int | None, n: int | None, overlap: float) -> 
     return size, size - int(size * overlap), n
 
 
-def patch_grid(image_shape, *, split_mode="patches", patch_height=1440, patch_width=1920, overlap=0.1) -> PatchGrid:
+SPLIT_DIRECTIONS = ("vertical", "horizontal")
+
+
+def patch_grid(image_shape, *, split_mode="patches", patch_height=1440, patch_width=1920, overlap=None,
+               split_direction="vertical") -> PatchGrid:
     """The patch grid of an image.
 
     Parameters
@@ -442,50 +463,75 @@ def patch_grid(image_shape, *, split_mode="patches", patch_height=1440, patch_wi
     split_mode : {"patches", "full_image", "halves", "quarters"}
         ``patches``: ``patch_height`` × ``patch_width`` patches, step = size -
         int(size × overlap) per axis, as many as cover the image.  ``full_image``:
-        one patch, the image itself (no padding).  ``halves``: two patches along
-        the longer axis (the width when equal); ``quarters``: 2 × 2.  Halves and
-        quarters overlap by the same fraction (so that stitching can take cells
-        on the seam whole from one side): their size is the smallest that covers
-        the image with that overlap.
+        one patch, the image itself (no padding).  ``halves`` and ``quarters``
+        follow Aegle: halves split at ``w // 2`` (``split_direction`` vertical:
+        left and right) or ``h // 2`` (horizontal: top and bottom), quarters at
+        both, without overlap.  The patches of a grid have one size, so the
+        first half has the size of the second (``w - w // 2``) and, for an odd
+        width, one column of context beyond the split; the cores
+        (:meth:`PatchGrid.core`) are exactly Aegle's halves.  With an overlap
+        given, the halves/quarters are the smallest patches that cover the
+        image with that overlap.
     patch_height, patch_width : int
         Patch size in ``patches`` mode.
-    overlap : float
-        Fraction of the patch size shared with the next patch, in [0, 1).
+    overlap : float or None
+        Fraction of the patch size shared with the next patch, in [0, 0.75]
+        (a step of at least a quarter patch).  None: 0.1 for ``patches``, 0
+        for ``halves``/``quarters``.
+    split_direction : {"vertical", "horizontal"}
+        Which way ``halves`` cuts the image.
 
     Returns
     -------
     PatchGrid
         The image is padded bottom/right by ``padded_shape - image_shape``: the
-        least that makes the grid cover it (0 for ``full_image``).
+        least that makes the grid cover it (0 for ``full_image``, halves and
+        quarters without overlap).
     """
     h, w = (int(s) for s in image_shape)
     if h < 1 or w < 1:
         raise InputError(f"image_shape={tuple(image_shape)}: the image is empty")
     if split_mode not in SPLIT_MODES:
         raise InputError(f"split_mode={split_mode!r}: expected one of {', '.join(SPLIT_MODES)}")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise InputError(f"overlap={overlap!r}: expected a fraction of the patch size in [0, 1)")
+    if split_direction not in SPLIT_DIRECTIONS:
+        raise InputError(f"split_direction={split_direction!r}: expected one of {', '.join(SPLIT_DIRECTIONS)}")
+    if overlap is None:
+        overlap = 0.1 if split_mode == "patches" else 0.0
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= float(overlap) <= 0.75:
+        raise InputError(f"overlap={overlap!r}: expected a fraction of the patch size in [0, 0.75] "
+                         "(a step of at least a quarter of the patch)")
     overlap = float(overlap)
     if split_mode == "full_image":
         return PatchGrid((h, w), (h, w), (h, w), (1, 1), split_mode, 0.0)
     if split_mode == "patches":
         for name, v in (("patch_height", patch_height), ("patch_width", patch_width)):
-            if int(v) != v or v < 1:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer, float)) or int(v) != v or v < 1:
                 raise InputError(f"{name}={v!r}: expected a whole number of pixels >= 1")
         ay = _axis_plan(h, int(patch_height), None, overlap)
         ax = _axis_plan(w, int(patch_width), None, overlap)
     else:
-        ny, nx = (2, 2) if split_mode == "quarters" else (1, 2) if w >= h else (2, 1)
-        ay = _axis_plan(h, None, ny, overlap)
-        ax = _axis_plan(w, None, nx, overlap)
+        ny, nx = (2, 2) if split_mode == "quarters" else (1, 2) if split_direction == "vertical" else (2, 1)
+        if overlap == 0.0:  # Aegle's split: at length // 2
+            ay, ax = (_halves(h) if ny == 2 else (h, h, 1)), (_halves(w) if nx == 2 else (w, w, 1))
+        else:
+            ay = _axis_plan(h, None, ny, overlap)
+            ax = _axis_plan(w, None, nx, overlap)
     return PatchGrid((h, w), (ay[0], ax[0]), (ay[1], ax[1]), (ay[2], ax[2]), split_mode, overlap)
 
 
-def read_patch(image: MultichannelImage, grid: PatchGrid, patch_id: int, nuclear: int, wholecell) -> np.ndarray:
+def _halves(length: int) -> tuple[int, int, int]:
+    """Two patches split at length // 2: (size, step, 2), size = the larger half."""
+    if length < 2:
+        raise InputError(f"an image side of {length} pixel cannot be split in two")
+    return length - length // 2, length // 2, 2
+
+
+def read_patch(image: MultichannelImage, grid: PatchGrid, patch_id: int, nuclear: int, wholecell, *,
+               aggregation="max") -> np.ndarray:
     """Model input of one patch, (patch_height, patch_width, 2), zero-padded beyond the image."""
     _, _, y0, x0 = grid.position(patch_id)
     vh, vw = grid.valid_shape(patch_id)
-    region = model_input(image, nuclear, wholecell, slice(y0, y0 + vh), slice(x0, x0 + vw))
+    region = model_input(image, nuclear, wholecell, slice(y0, y0 + vh), slice(x0, x0 + vw), aggregation=aggregation)
     if (vh, vw) == tuple(grid.patch_shape):
         return region
     out = np.zeros(tuple(grid.patch_shape) + (2,), dtype=region.dtype)
@@ -513,28 +559,61 @@ def patch_qc(patch, *, non_zero_perc_threshold=0.05, mean_intensity_threshold=1.
     Returns
     -------
     dict
-        ``nuclear_mean``, ``nuclear_std``, ``nuclear_non_zero_fraction`` and the
-        same three for ``wholecell``; ``is_empty``, ``is_noisy`` and
-        ``is_informative`` (neither empty nor noisy).
+        Aegle's ``patches_metadata.csv`` columns: ``nucleus_mean``,
+        ``nucleus_std``, ``nucleus_non_zero_perc`` (a fraction, as in Aegle) and
+        the same three for ``wholecell``; ``is_empty``, ``is_noisy``,
+        ``is_bad_patch`` (empty or noisy) and ``is_informative`` (not bad).
 
     Notes
     -----
     The same tests as Aegle's informative-patch QC ("Phase B"), on the nuclear
-    channel.
+    channel.  :class:`PatchStats` gives the same numbers block by block.
     """
     patch = np.asarray(patch)
     if patch.ndim != 3 or patch.shape[-1] != 2:
         raise InputError(f"patch_qc: expected a (h, w, 2) patch, got shape {patch.shape}")
-    out = {}
-    for c, name in enumerate(("nuclear", "wholecell")):
-        ch = patch[..., c]
-        out[f"{name}_mean"] = float(ch.mean(dtype=np.float64)) if ch.size else 0.0
-        out[f"{name}_std"] = float(ch.std(dtype=np.float64)) if ch.size else 0.0
-        out[f"{name}_non_zero_fraction"] = float(np.count_nonzero(ch) / ch.size) if ch.size else 0.0
-    empty = out["nuclear_non_zero_fraction"] < non_zero_perc_threshold
-    noisy = out["nuclear_mean"] < mean_intensity_threshold
-    out.update(is_empty=bool(empty), is_noisy=bool(noisy), is_informative=bool(not empty and not noisy))
-    return out
+    stats = PatchStats()
+    stats.add(patch)
+    return stats.qc(non_zero_perc_threshold=non_zero_perc_threshold, mean_intensity_threshold=mean_intensity_threshold)
+
+
+class PatchStats:
+    """Mean, standard deviation and non-zero fraction of both model-input channels, accumulated over
+    blocks of a patch (Chan et al.'s pairwise update: no float copy of the patch)."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean = np.zeros(2)
+        self.m2 = np.zeros(2)
+        self.nonzero = np.zeros(2, np.int64)
+
+    def add(self, block):
+        block = np.asarray(block)
+        k = block.shape[0] * block.shape[1]
+        if k == 0:
+            return
+        for c in range(2):
+            ch = block[..., c]
+            mean = float(ch.mean(dtype=np.float64))
+            m2 = float(np.square(ch - mean, dtype=np.float64).sum())
+            delta = mean - self.mean[c]
+            total = self.n + k
+            self.mean[c] += delta * k / total
+            self.m2[c] += m2 + delta * delta * self.n * k / total
+            self.nonzero[c] += np.count_nonzero(ch)
+        self.n += k
+
+    def qc(self, *, non_zero_perc_threshold=0.05, mean_intensity_threshold=1.0) -> dict:
+        out = {}
+        for c, name in enumerate(("nucleus", "wholecell")):
+            out[f"{name}_mean"] = float(self.mean[c]) if self.n else 0.0
+            out[f"{name}_std"] = float(np.sqrt(self.m2[c] / self.n)) if self.n else 0.0
+            out[f"{name}_non_zero_perc"] = float(self.nonzero[c] / self.n) if self.n else 0.0
+        empty = out["nucleus_non_zero_perc"] < non_zero_perc_threshold
+        noisy = out["nucleus_mean"] < mean_intensity_threshold
+        out.update(is_empty=bool(empty), is_noisy=bool(noisy), is_bad_patch=bool(empty or noisy),
+                   is_informative=bool(not empty and not noisy))
+        return out
 
 
 # ----------------------------------------------------------------------------- stitching
@@ -657,7 +736,8 @@ class _View:
     in_core: np.ndarray
     cut: np.ndarray
     boxes: np.ndarray  # (n + 1, 4): y_lo, y_hi, x_lo, x_hi in image coordinates
-    nuc_area: np.ndarray | None = None
+    hint: np.ndarray | None = None  # nucleus pixels (paired nuclei, or the nuclei given with unpaired labels)
+    nuc_area: np.ndarray | None = None  # per piece: its pixels in a nucleus
 
     @property
     def region(self):
@@ -696,10 +776,17 @@ def _read_view(grid, pid, load, paired) -> _View:
 
     row, col, y0, x0 = grid.position(pid)
     vh, vw = grid.valid_shape(pid)
+    hint = None
     if paired:
         cell, nucleus = load(pid)
     else:
         cell = load(pid)
+        if isinstance(cell, tuple):  # labels and the nuclei that tell touching pieces apart
+            cell, hint = cell
+            if tuple(np.shape(hint)) != tuple(np.shape(cell)):
+                raise InputError(f"patch {pid}: nucleus shape {np.shape(hint)} differs from the label shape "
+                                 f"{np.shape(cell)}")
+            hint = np.asarray(hint)[:vh, :vw] > 0
         nucleus = np.zeros(np.shape(cell), np.uint8)
     if tuple(np.shape(cell)) != tuple(grid.patch_shape) or tuple(np.shape(nucleus)) != tuple(grid.patch_shape):
         raise InputError(f"patch {pid}: label shapes {np.shape(cell)} and {np.shape(nucleus)} differ from "
@@ -723,9 +810,10 @@ def _read_view(grid, pid, load, paired) -> _View:
         if sl is not None:
             boxes[k] = (sl[0].start + y0, sl[0].stop + y0, sl[1].start + x0, sl[1].stop + x0)
     if not paired:
-        return _View(pid, y0, x0, cell, None, n, area, in_core, cut, boxes)
+        nuc_area = np.bincount(cell[hint], minlength=n + 1) if hint is not None else None
+        return _View(pid, y0, x0, cell, None, n, area, in_core, cut, boxes, hint, nuc_area)
     nuc_area = np.bincount(nucleus.ravel(), minlength=n + 1)
-    return _View(pid, y0, x0, cell, nucleus, n, area, in_core, cut, boxes, nuc_area)
+    return _View(pid, y0, x0, cell, nucleus, n, area, in_core, cut, boxes, nucleus > 0, nuc_area)
 
 
 class _Placed:
@@ -849,16 +937,15 @@ def _seam_pairs(a: _View, b: _View):
         return ia[same], ib[same], None
     if y_hi < y_lo or x_hi < x_lo:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), None
-    (sa, sb), (da, db), (la, lb) = _contacts(a, b, y_lo, y_hi, x_lo, x_hi)
+    (sa, sb), (da, db), (la, lb), (ma, mb) = _contacts(a, b, y_lo, y_hi, x_lo, x_hi)
     na, nb = np.bincount(la, minlength=a.n + 1), np.bincount(lb, minlength=b.n + 1)
     ia, ib, count = _pair_counts(sa, sb, b.n)
     same = 2 * count >= np.maximum(na[ia], nb[ib])
-    if a.nucleus is not None and b.nucleus is not None:
+    if a.hint is not None and b.hint is not None:
         # two pieces that each hold a nucleus of their own are two cells (a cut nucleus meets itself)
         both = (a.nuc_area[ia] > 0) & (b.nuc_area[ib] > 0)
         if both.any():
-            _, (na_d, nb_d), _ = _contacts(a, b, y_lo, y_hi, x_lo, x_hi, what="nucleus")
-            ka, kb, _ = _pair_counts(na_d, nb_d, b.n)
+            ka, kb, _ = _pair_counts(ma, mb, b.n)
             meet = np.isin(ia * (b.n + 1) + ib, ka * (b.n + 1) + kb)
             same &= ~both | meet
     # a spill: a piece of a few pixels against the seam (at most twice its seam pixels, or 4); joined
@@ -875,14 +962,14 @@ def _pair_counts(sa, sb, nb):
     return key // (nb + 1), key % (nb + 1), count
 
 
-def _contacts(a: _View, b: _View, y_lo, y_hi, x_lo, x_hi, what="cell"):
-    """Across the seam of two patches that touch without overlapping: the label pairs side by side,
-    the pairs of 8-neighbours, and each side's labels on the seam (of ``what``: cell or nucleus)."""
+def _contacts(a: _View, b: _View, y_lo, y_hi, x_lo, x_hi):
+    """Across the seam of two patches that touch without overlapping: the cell label pairs side by
+    side, the pairs of 8-neighbours, each side's labels on the seam, and the 8-neighbour pairs whose
+    pixels both lie in a nucleus."""
     vertical = x_hi == x_lo and y_hi > y_lo
     horizontal = y_hi == y_lo and x_hi > x_lo
 
-    def line(v, first_side):
-        img = getattr(v, what)
+    def line(v, img, first_side):
         h, w = img.shape
         if vertical:
             return img[y_lo - v.y0:y_hi - v.y0, w - 1 if first_side else 0]
@@ -891,13 +978,19 @@ def _contacts(a: _View, b: _View, y_lo, y_hi, x_lo, x_hi, what="cell"):
         return img[h - 1 if v.y0 < y_lo else 0, w - 1 if v.x0 < x_lo else 0][None]  # a corner
 
     a_first = a.x0 < b.x0 if vertical else a.y0 < b.y0
-    la, lb = line(a, a_first), line(b, not a_first)
-    if not (vertical or horizontal):
-        return (la[:0], lb[:0]), (la, lb), (la, lb)
-    i = np.arange(la.size)
-    da = [la[i[:la.size - 1]], la[i[1:]]]  # b at i + 1, b at i - 1
-    db = [lb[i[1:]], lb[i[:la.size - 1]]]
-    return (la, lb), (np.concatenate([la] + da), np.concatenate([lb] + db)), (la, lb)
+    la, lb = line(a, a.cell, a_first), line(b, b.cell, not a_first)
+    ha = line(a, a.hint, a_first) if a.hint is not None else None
+    hb = line(b, b.hint, not a_first) if b.hint is not None else None
+    if vertical or horizontal:
+        i = np.arange(la.size)
+        pa = np.concatenate([i, i[:-1], i[1:]])  # b's pixel at i, i + 1, i - 1 touches a's pixel i
+        pb = np.concatenate([i, i[1:], i[:-1]])
+        side = np.arange(la.size)
+    else:
+        pa = pb = np.zeros(1, np.int64)
+        side = pa[:0]
+    both = (ha[pa] & hb[pb]) if ha is not None and hb is not None else np.zeros(pa.size, bool)
+    return (la[side], lb[side]), (la[pa], lb[pb]), (la, lb), (la[pa[both]], lb[pb[both]])
 
 
 def _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap):
@@ -1158,6 +1251,93 @@ def _largest_parts(labels, parts, mine):
     if not drop.any():
         return None
     return ~drop[parts]
+
+
+def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0.5, progress=None):
+    """Whole-slide cells and nuclei from per-patch segmentations, repaired after stitching.
+
+    The patches' *unrepaired* cell and nucleus labels are stitched each on its
+    own (:func:`stitch_patches` with ``paired=False``; the nuclei keep two cell
+    pieces that each hold one apart at a seam without overlap), then the
+    whole-slide pair is repaired (:func:`maskworks.codex.repair.repair_masks`:
+    the same matcher as per patch).  Repairing after placement keeps the part
+    of a cut cell that has no nucleus in its patch, which a per-patch repair
+    drops, so large cells are joined whole.
+
+    Parameters
+    ----------
+    grid, patch_ids, duplicate_overlap, progress
+        As :func:`stitch_patches`.
+    load : callable
+        ``load(patch_id) -> (cell, nucleus)``: the segmentation's labels of
+        the patch (ids need not pair).
+
+    Returns
+    -------
+    cell, nucleus, cytoplasm : ndarray of uint32, ``grid.image_shape``
+        Cell ``k`` pairs with nucleus ``k`` (inside its interior, one connected
+        part) and cytoplasm ``k`` = cell ``k`` minus nucleus ``k``; ids 1..n.
+    cell_original, nucleus_original : ndarray of uint32
+        The stitched segmentation before repair.
+    table : dict of ndarray
+        As :func:`stitch_patches`, per repaired cell (``patch_id`` and
+        ``patches`` of its stitched cell).
+    stats : dict
+        ``cells``, ``patches``, ``cell_stitch`` and ``nucleus_stitch`` (the
+        :func:`stitch_patches` stats of each), ``repair`` (its metrics) and
+        ``nucleus_fragments_removed`` (nuclei the trimming left in several
+        parts: the largest kept, the rest turned cytoplasm).
+    """
+    from .repair import repair_masks
+
+    wrap = progress or (lambda it, **kw: it)
+    cells, _, _, cell_table, cell_stats = stitch_patches(
+        grid, patch_ids, load, duplicate_overlap=duplicate_overlap, paired=False,
+        progress=lambda it, desc: wrap(it, desc=f"{desc}, cells"))
+    nuclei, _, _, _, nucleus_stats = stitch_patches(
+        grid, patch_ids, lambda pid: load(pid)[1], duplicate_overlap=duplicate_overlap, paired=False,
+        progress=lambda it, desc: wrap(it, desc=f"{desc}, nuclei"))
+    cell, nucleus, _, metrics = repair_masks(cells, nuclei)
+    cell = cell.astype(np.uint32, copy=False)
+    nucleus = nucleus.astype(np.uint32, copy=False)
+    n = int(cell.max(initial=0))
+    mine = np.ones(n + 1, bool)
+    mine[0] = False
+    from skimage.measure import label
+
+    keep = _largest_parts(nucleus, label(nucleus, connectivity=2), mine) if n else None
+    fragments = 0
+    if keep is not None:
+        fragments = int(np.unique(nucleus[~keep & (nucleus > 0)]).size)
+        nucleus[~keep] = 0
+    cytoplasm = np.where(nucleus > 0, 0, cell).astype(np.uint32)
+    # the table, and each repaired cell's stitched cell (repair keeps the input order)
+    area = np.zeros(n + 1, np.int64)
+    nuc_area = np.zeros(n + 1, np.int64)
+    sy, sx = np.zeros(n + 1), np.zeros(n + 1)
+    source = np.zeros(n + 1, np.int64)
+    w = cell.shape[1]
+    for r0 in range(0, cell.shape[0], 1024):  # row bands: no image-sized temporaries
+        c = cell[r0:r0 + 1024]
+        flat = c.ravel()
+        area += np.bincount(flat, minlength=n + 1)
+        sy += np.bincount(flat, weights=np.repeat(np.arange(r0, r0 + c.shape[0], dtype=np.float64), w),
+                          minlength=n + 1)
+        sx += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), c.shape[0]), minlength=n + 1)
+        nuc_area += np.bincount(nucleus[r0:r0 + 1024].ravel(), minlength=n + 1)
+        fg = c > 0
+        source[c[fg]] = cells[r0:r0 + 1024][fg]
+    cy = sy[1:] / np.maximum(area[1:], 1)
+    cx = sx[1:] / np.maximum(area[1:], 1)
+    nuc_area = nuc_area[1:]
+    old = source[1:] - 1  # stitched cell ids are 1..m, rows 0..m-1 of its table
+    table = {"id": np.arange(1, n + 1, dtype=np.int64), "centroid_y": cy, "centroid_x": cx,
+             "cell_area": area[1:].astype(np.int64), "nucleus_area": nuc_area.astype(np.int64),
+             "cytoplasm_area": (area[1:] - nuc_area).astype(np.int64),
+             "patch_id": cell_table["patch_id"][old], "patches": cell_table["patches"][old]}
+    stats = {"cells": n, "patches": cell_stats["patches"], "cell_stitch": cell_stats,
+             "nucleus_stitch": nucleus_stats, "repair": metrics, "nucleus_fragments_removed": fragments}
+    return cell, nucleus, cytoplasm, np.asarray(cells, np.uint32), np.asarray(nuclei, np.uint32), table, stats
 
 
 def check_stitched(cell, nucleus=None, cytoplasm=None) -> dict:
