@@ -196,6 +196,13 @@ def test_demo_run_codex_outputs(wd, demo_run):
     # repaired pairs: every stitched nucleus lies inside the cell with the same id
     inside = nuclei > 0
     assert np.array_equal(cells[inside], nuclei[inside])
+    # the stitch's promises, recounted on the demo slide: no cell without its nucleus, none fragmented
+    from maskworks.codex.tiling import check_stitched
+
+    stats = json.loads((d / "stitch" / "stitch_stats.json").read_text())
+    assert stats["check"] == check_stitched(cells, nuclei) | {"cytoplasm_mismatch": 0}
+    assert all(v == 0 for k, v in stats["check"].items() if k != "cells")
+    assert stats["cell_stitch"]["joined"] > 0
 
 
 def test_demo_run_quantifies_every_cell_on_every_marker(wd, demo_run):
