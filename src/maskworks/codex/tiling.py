@@ -690,7 +690,8 @@ def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_over
        has there (with no overlap between the patches: when they meet along at
        least half of either's contact with the seam); the joined object takes,
        at each pixel, the view of the patch whose core holds the pixel, and the
-       view of any of its patches where that core's patch has no result.
+       view of any of its patches where that core's patch has no result.  A cut
+       view that no neighbour continues is placed whole (on the free pixels).
     3. The final check keeps each object's largest 8-connected part (and its
        nucleus's), drops cells left without a nucleus, and relabels the ids
        consecutively; cytoplasm is cell minus nucleus.
@@ -918,7 +919,8 @@ def _seam_pairs(a: _View, b: _View):
     """Local ids (in a, in b) of the views of one object seen by two patches.
 
     Where the patches overlap: views that share at least half the pixels either
-    has in the shared band.  Where they only touch (no overlap): views whose
+    has in the shared band (and, if both hold nucleus pixels, whose nuclei meet
+    in the band).  Where they only touch (no overlap): views whose
     cross-sections on the seam agree (side by side for at least half the longer
     one), or a piece of one or two pixels on the seam that touches the other
     (8-connected) across it.  Two cells that meet exactly on a seam without
@@ -934,6 +936,15 @@ def _seam_pairs(a: _View, b: _View):
         ia, ib, count = _pair_counts(sa, sb, b.n)
         na, nb = np.bincount(sa, minlength=a.n + 1), np.bincount(sb, minlength=b.n + 1)
         same = 2 * count >= np.minimum(na[ia], nb[ib])
+        if a.hint is not None and b.hint is not None:
+            # one cell seen by both holds the same nucleus in both (it crosses the band); two views
+            # with nuclei that do not meet there are two cells one patch's segmentation merged
+            both = (a.nuc_area[ia] > 0) & (b.nuc_area[ib] > 0)
+            if both.any():
+                ha = a.hint[y_lo - a.y0:y_hi - a.y0, x_lo - a.x0:x_hi - a.x0].ravel()
+                hb = b.hint[y_lo - b.y0:y_hi - b.y0, x_lo - b.x0:x_hi - b.x0].ravel()
+                ka, kb, _ = _pair_counts(sa[ha & hb], sb[ha & hb], b.n)
+                same &= ~both | np.isin(ia * (b.n + 1) + ib, ka * (b.n + 1) + kb)
         return ia[same], ib[same], None
     if y_hi < y_lo or x_hi < x_lo:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), None
@@ -1062,8 +1073,9 @@ def _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wr
     owner_row, owner_col = _core_owners(grid)
     absent = np.ones(grid.n_patches, bool)
     absent[list(present)] = False
+    single = pieces == 1  # a cut view no other patch continues is placed whole, like a whole object
     for fill in (False, True):
-        if fill and not absent.any():
+        if fill and not (absent.any() or single.any()):
             break
         for pid in patch_ids:
             cand = candidates[pid]
@@ -1084,9 +1096,13 @@ def _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wr
             region = v.region
             ys, xs = region
             owner = owner_row[ys][:, None] * nx + owner_col[xs][None, :]
-            where = (owner != pid) & absent[owner] if fill else owner == pid
             cell_buf = _read(out, "cell", region)
             rank_img = lut[v.cell]  # group rank + 1, 0 elsewhere
+            if fill:
+                alone = np.concatenate([[False], single])[rank_img]
+                where = (owner != pid) & (absent[owner] | alone)
+            else:
+                where = owner == pid
             put = (rank_img > 0) & where & (cell_buf == 0)
             if not put.any():
                 continue
