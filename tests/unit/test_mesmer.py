@@ -5,6 +5,7 @@ files do."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -67,8 +68,8 @@ def test_cli_imports_in_the_deepcell_env():
 
 def test_segment_cells_runs_mesmer_on_batches(tiny_model, tiles, tmp_path):
     out = tmp_path / "seg"
-    informative = [int(r.split(",")[0]) for r in (tiles / "patches_metadata.csv").read_text().splitlines()[1:]
-                   if r.endswith(",True")]
+    with open(tiles / "patches_metadata.csv", newline="") as fh:
+        informative = [int(r["patch_id"]) for r in csv.DictReader(fh) if r["is_informative"] == "True"]
     assert len(informative) >= 2
     run([DC_PY, "-m", "maskworks.cli", "segment-cells", tiles, out, "--backend", "mesmer",
          "--model-path", tiny_model, "--batch-size", "1", "--image-mpp", "0.5",
