@@ -186,3 +186,17 @@ def test_repair_flags_follow_each_object_to_its_original():
     assert flags["nucleus_area_before"].tolist() == [16, 9]
     np.testing.assert_allclose(flags["nucleus_retained_fraction"], [9 / 16, 1.0])
     assert flags["nucleus_was_trimmed"].tolist() == [True, False]
+
+
+def test_perimeters_of_touching_labels_equal_regionprops_across_bands(monkeypatch):
+    from skimage.measure import label, regionprops_table
+
+    from maskworks.codex import quantify
+
+    rng = np.random.default_rng(1)
+    lab = label(rng.random((90, 77)) > 0.5, connectivity=1)  # thousands of touching, ragged labels
+    lab[rng.random(lab.shape) > 0.9] = 0
+    monkeypatch.setattr(quantify, "_BLOCK_PIXELS", 77 * 7)  # bands of 7 rows: many band seams
+    got = quantify.label_perimeters(lab, int(lab.max()) + 1)
+    ref = regionprops_table(lab, properties=["label", "perimeter"])
+    np.testing.assert_allclose(got[ref["label"]], ref["perimeter"], rtol=1e-12, atol=1e-12)
