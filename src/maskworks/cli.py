@@ -85,16 +85,24 @@ def sibling(path, suffix):
 
 @contextlib.contextmanager
 def all_or_nothing(*paths):
-    """If the stage fails, remove the outputs it had already (re)written, so that no
-    mix of new and old files is left behind; untouched earlier outputs stay."""
+    """The outputs ``paths`` of a stage as one transaction (:func:`maskworks.io.atomic.transaction`):
+    written beside their targets and renamed into place together when the stage succeeds, so a
+    failed run leaves every earlier output as it was and a killed run's staging is cleaned by
+    the next.  An output written some other way and changed by a failed run is removed, so
+    that no mix of new and old files is left behind."""
+    from .io.atomic import transaction
+
     before = {Path(p): _mtime(p) for p in paths if p is not None}
-    try:
-        yield
-    except BaseException:
-        for p, t in before.items():
-            if p.exists() and _mtime(p) != t:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        raise
+    with transaction(*before) as txn:
+        try:
+            yield
+        except BaseException:
+            for p, t in before.items():
+                if p in txn.staged or Path(os.path.abspath(p)) in txn.staged:
+                    continue
+                if (p.exists() or p.is_symlink()) and _mtime(p) != t:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            raise
 
 
 def _mtime(path):

@@ -77,7 +77,11 @@ def test_numbers_move_past_existing_files_in_either_folder(tomo):
         (out / f).write_text("earlier")
     assert main(["extract-patches", str(t), str(s), str(out), "--centres", str(c),
                  "--patch-size", "8", "--border", "2", "--idx-add", "1"]) == 0
-    assert [r["N"] for r in _manifest(out / "manifest.csv")] == ["3", "4", "5"]
+    rows = _manifest(out / "manifest.csv")
+    assert [r["N"] for r in rows if r["status"] == "written"] == ["3", "4", "5"]
+    # the file it did not write is listed, as it is in the folder
+    assert [(r["status"], r["image"]) for r in rows if r["status"] != "written"] == [
+        ("existing", "imagesCorr/other_tomo_patch2.nrrd")]
     assert (out / "labelsCorr/other_tomo_patch1.nii.gz").read_text() == "earlier"
     assert (out / "imagesCorr/other_tomo_patch2.nrrd").read_text() == "earlier"
     assert (out / "labelsCorr/other_tomo_patch5.nrrd").exists()
@@ -387,3 +391,32 @@ def test_extract_keeps_the_tomogram_dtype_unless_told(tmp_path):
     assert main(["extract-patches", str(t), str(s), str(tmp_path / "b"), "--x", "10", "--y", "8", "--z", "6",
                  "--patch-size", "8", "--border", "1", "--image-dtype", "float32"]) == 0
     assert read_volume(tmp_path / "b" / "imagesCorr" / "other_tomo_patch0.nrrd").dtype == np.float32
+
+
+def test_rerun_into_the_same_folder_is_idempotent(tomo, tmp_path):
+    """The same centres give the same files (MemBrain-seg users rerun the extraction); new centres
+    continue the numbering; the manifest lists every patch in the folder."""
+    d, t, s, c, _, _ = tomo
+    out = tmp_path / "out"
+    args = ["extract-patches", str(t), str(s), str(out), "--centres", str(c), "--patch-size", "8",
+            "--border", "2"]
+    assert main(args) == 0
+
+    def contents():  # pynrrd stamps the time into its header: compare what the files hold
+        return {f"{sub}/{p.name}": (v.numpy().tobytes(), v.voxel_size, v.origin)
+                for sub in ("imagesCorr", "labelsCorr") for p in sorted((out / sub).iterdir())
+                for v in [read_volume(p)]}
+
+    first = contents()
+    manifest = (out / "manifest.csv").read_text()
+    assert main(args) == 0
+    assert contents() == first and len(first) == 6
+    assert (out / "manifest.csv").read_text() == manifest
+    # one new centre: the next number; the manifest keeps the earlier patches
+    more = tmp_path / "more.csv"
+    more.write_text("x,y,z\n12,9,7\n")
+    assert main(args[:5] + [str(more)] + args[6:]) == 0
+    rows = _manifest(out / "manifest.csv")
+    written = [r for r in rows if r["status"] == "written"]
+    assert [r["N"] for r in written] == ["0", "1", "2", "3"]
+    assert sorted(r["image"] for r in written) == [f"imagesCorr/{n}" for n in _files(out / "imagesCorr")]

@@ -52,12 +52,14 @@ import argparse
 import logging
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..cli import all_or_nothing, keyword_defaults, provenance
 from ..io import InputError, atomic_path, read_volume, write_csv, write_json, write_volume
+from ..io.volumes import describe_error
 from .repair import boundaries, check_labels, repair_masks
 from .segment import (
     BACKENDS,
@@ -215,8 +217,8 @@ def _read_patch_labels(path):
             return npz["cell"], npz["nucleus"]
     except KeyError as exc:
         raise InputError(f"{path}: no array {exc} (expected 'cell' and 'nucleus' from segment-cells)") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
 
 
 def _read_patch_array(path, key):
@@ -225,16 +227,16 @@ def _read_patch_array(path, key):
             return npz[key]
     except KeyError:
         raise InputError(f"{path}: no array {key!r}") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
 
 
 def _has_originals(path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {"cell_original", "nucleus_original"} <= set(npz.files)
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as an NPZ of label images ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
 
 
 def _add_repair(sub):
@@ -354,7 +356,8 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     import time
 
     import zarr
-    from numcodecs import Blosc
+
+    from ..io.volumes import zarr_compressor
 
     t0 = time.perf_counter()
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
@@ -380,7 +383,7 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
             root = zarr.open_group(str(tmp), mode="w")
             arr = root.create_dataset(
                 "patches", shape=(grid.n_patches, ph, pw, 2), chunks=chunks, dtype=dtype, fill_value=0,
-                compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE), write_empty_chunks=False,
+                compressor=zarr_compressor(dtype), write_empty_chunks=False,
             )
             root.attrs.update(grid=grid.to_attrs(), image=str(image), channel_names=list(names),
                               nuclear_channel=names[nuc], wholecell_channels=[names[i] for i in wc],

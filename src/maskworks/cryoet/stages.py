@@ -88,11 +88,15 @@ def extract_patches_files(
     same name under ``labelsCorr/``, with the tomogram's voxel size and the
     patch's physical position as origin, so viewers overlay them on the
     tomogram.  ``N`` is the centre's row + ``idx_add``, moved on to the next
-    number that no file in either folder (of any extension) has yet: nothing
-    is ever overwritten.  Also writes ``manifest`` (default
-    ``out_dir/manifest.csv``: one row per centre, skipped ones with the
-    reason) and ``qc`` (default ``out_dir/patches_qc.png``).  On failure the
-    patches this run wrote are removed again.  ``params``: ``patch_size``,
+    number that no file in either folder (of any extension) has yet, so other
+    patches are never overwritten; a centre the folder's manifest lists as
+    written before (same data set, token, format and x, y, z) keeps its number,
+    so a rerun rewrites the same files instead of adding copies.  Also writes
+    ``manifest`` (default ``out_dir/manifest.csv``: the patches of earlier runs
+    still in the folder, then one row per centre of this run, skipped ones
+    with the reason; patch files it does not know are listed as ``existing``)
+    and ``qc`` (default ``out_dir/patches_qc.png``).  The outputs are one
+    transaction: on failure nothing in the folder changes.  ``params``: ``patch_size``,
     ``border``, ``edge``, ``binarize`` of ``iter_patches``.
     """
     out_dir = Path(out_dir)
@@ -119,24 +123,73 @@ def extract_patches_files(
         plans = plan_patches(tomo.shape, xyz, patch_size=params["patch_size"], edge=params["edge"])
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
-    taken = _existing_keys(out_dir / "imagesCorr", out_dir / "labelsCorr")
-    names = {}
-    for plan in plans:
-        if plan.reason is None:
-            n = plan.index + int(idx_add)
-            while f"{ds_token}_{token}_patch{n}" in taken:
-                n += 1
-            taken.add(f"{ds_token}_{token}_patch{n}")
-            names[plan.index] = (n, f"{ds_token}_{token}_patch{n}.{format}")
     manifest = Path(manifest) if manifest is not None else out_dir / "manifest.csv"
     qc = Path(qc) if qc is not None else out_dir / "patches_qc.png"
+    earlier = _earlier_patches(manifest, out_dir)
+    prefix = f"{ds_token}_{token}_patch"
+    # a centre written before (same data set, token, format and x, y, z) keeps its number: a rerun
+    # rewrites the same files; only new centres take new numbers
+    again = {}
+    for r in earlier:
+        name = Path(r["image"]).name
+        if name.startswith(prefix) and name == f"{prefix}{r['N']}.{format}" and r["xyz"] is not None:
+            again.setdefault(r["xyz"], int(r["N"]))
+    taken = _existing_keys(out_dir / "imagesCorr", out_dir / "labelsCorr")
+    names, reused = {}, set()
+    for plan in plans:
+        if plan.reason is None:
+            key = tuple(round(float(v), 6) for v in xyz[plan.index])
+            if key in again and again[key] not in reused:
+                n = again[key]
+                reused.add(n)
+            else:
+                n = plan.index + int(idx_add)
+                while f"{prefix}{n}" in taken or n in again.values():
+                    n += 1
+            taken.add(f"{prefix}{n}")
+            names[plan.index] = (n, f"{prefix}{n}.{format}")
+    rewritten = {f"imagesCorr/{name}" for _, name in names.values()}
+    kept = [r["row"] for r in earlier if r["row"].get("image") not in rewritten]
     planned = [out_dir / sub / name for _, name in names.values() for sub in ("imagesCorr", "labelsCorr")]
     with all_or_nothing(*planned, manifest, qc):
         return _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names,
-                                      manifest, qc, params)
+                                      manifest, qc, params, kept)
 
 
-def _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names, manifest, qc, params):
+def _earlier_patches(manifest, out_dir):
+    """The patches already in ``out_dir``: the rows of its manifest whose files are still there, and
+    a row (status ``existing``) for every other patch file found in ``imagesCorr``."""
+    import csv
+
+    rows, listed = [], set()
+    if manifest.is_file():
+        with open(manifest, newline="") as fh:
+            for r in csv.DictReader(fh):
+                image = r.get("image") or ""
+                if r.get("status") not in ("written", "existing") or not image or not (out_dir / image).exists():
+                    continue
+                try:
+                    xyz = tuple(round(float(r[k]), 6) for k in ("x", "y", "z"))
+                except (KeyError, TypeError, ValueError):
+                    xyz = None
+                rows.append({"row": {k: r.get(k, "") for k in _MANIFEST_COLUMNS}, "image": image,
+                             "N": r.get("N", ""), "xyz": xyz})
+                listed.add(image)
+    images = out_dir / "imagesCorr"
+    for p in sorted(images.iterdir()) if images.is_dir() else []:
+        image = f"imagesCorr/{p.name}"
+        if image in listed or p.name.startswith("."):
+            continue
+        label = out_dir / "labelsCorr" / p.name
+        row = dict.fromkeys(_MANIFEST_COLUMNS, "")
+        row.update(status="existing", reason="not written by extract-patches' runs listed here",
+                   image=image, label=f"labelsCorr/{p.name}" if label.exists() else "")
+        rows.append({"row": row, "image": image, "N": "", "xyz": None})
+    return rows
+
+
+def _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names, manifest, qc, params,
+                           kept=()):
     from tqdm import tqdm
 
     prov = provenance("extract_patches", {"tomogram": tomogram, "segmentation": segmentation}, params)
@@ -176,7 +229,8 @@ def _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, sour
     _patches_qc(qc, tomo, plans_rows=rows, shown=shown, size=params["patch_size"],
                 title=f"extract_patches: {Path(str(tomogram)).name}  {stats['written']} written "
                 f"({stats['padded']} padded), {stats['skipped']} skipped")
-    write_csv(manifest, rows, _MANIFEST_COLUMNS)
+    write_csv(manifest, [*kept, *rows], _MANIFEST_COLUMNS)  # every patch in the folder
+    stats["listed_from_earlier_runs"] = len(kept)
     log.info("extract_patches done: %s", {k: stats[k] for k in ("written", "skipped", "padded")})
     return stats
 

@@ -24,7 +24,9 @@ from ..io import (
     write_json,
     write_volume,
 )
+from ..io.atomic import staged
 from ..io.qc import save_orthoslices
+from ..io.volumes import describe_error
 from .postprocess import mask_overlap, postprocess_mask
 from .texture import texture_mask
 from .unet import CHECKPOINT_FORMAT as UNET_FORMAT
@@ -80,7 +82,7 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     if truth:
         st["truth"] = _score(truth, m, vol.shape)
-    conf_vol = read_volume(confidence, lazy=True, check_finite=False)
+    conf_vol = read_volume(staged(confidence), lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"texture mask": m}, maps={"confidence": conf_vol.data},
                      voxel_size=vs, title=f"texture_mask: {Path(str(input)).name}  "
                      f"threshold {st['threshold']:.3f}  masked {st['fraction_masked']:.1%}")
@@ -265,7 +267,7 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path}: cannot be read as a maskworks U-Net checkpoint ({type(exc).__name__}: {exc}); "
+        raise InputError(f"{path}: cannot be read as a maskworks U-Net checkpoint ({describe_error(exc)}); "
                          "checkpoints come from `maskworks train-unet` (best.pt, last.pt)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != UNET_FORMAT:
         raise InputError(f"{path}: not a maskworks U-Net checkpoint (expected format {UNET_FORMAT!r})")
@@ -403,10 +405,10 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
         _, _, st = predict_volume(ckpt, data, chunk_shape=chunks, out_prob=out_p, out_mask=out_m, **params)
     st.update(input=str(input), checkpoint=str(checkpoint), checkpoint_epoch=ckpt.get("epoch"),
               shape=list(vol.shape), voxel_size=list(vs), unit=unit)
-    mask_vol = read_volume(mask, ndim=3, lazy=True)
+    mask_vol = read_volume(staged(mask), ndim=3, lazy=True)
     if truth:
         st["truth"] = _score(truth, mask_vol.numpy(), vol.shape)
-    prob_vol = read_volume(prob, ndim=3, lazy=True, check_finite=False)
+    prob_vol = read_volume(staged(prob), ndim=3, lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"U-Net mask": mask_vol.data}, maps={"probability": prob_vol.data},
                      voxel_size=vs, title=f"predict_unet: {Path(str(input)).name}  "
                      f"foreground {st['fraction_foreground']:.1%}"

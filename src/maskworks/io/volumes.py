@@ -178,7 +178,7 @@ def read_volume(
     except InputError:
         raise
     except Exception as exc:  # the libraries' own messages rarely name the file
-        raise InputError(f"{path}: cannot be read as {fmt.upper()} ({type(exc).__name__}: {exc})") from exc
+        raise InputError(f"{path}: cannot be read as {fmt.upper()} ({describe_error(exc)})") from exc
     vol.path = path
     if ndim is not None and vol.ndim != ndim:
         vol = _squeeze_to(vol, ndim)
@@ -551,9 +551,31 @@ def _copy_blockwise(src, dst) -> None:
         dst[sl] = np.asarray(src[sl])
 
 
+def describe_error(exc: BaseException) -> str:
+    """A library's error in a few words for a message that names the file.  A refusal to unpickle
+    is said as such, without the library's hint to load the file unsafely (``allow_pickle=True``,
+    ``weights_only=False``): pickled objects can run code and maskworks never loads them."""
+    text = str(exc)
+    if any(k in text for k in ("allow_pickle", "weights_only", "Unpickl", "pickle")) or \
+            "Unpickl" in type(exc).__name__:
+        return "it holds pickled Python objects, which maskworks never loads (unpickling can run code); " \
+               "save plain arrays/tensors"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
+
+
+def zarr_compressor(dtype):
+    """The Blosc/zstd compressor of every Zarr maskworks writes, made deterministic: Blosc's own
+    threads write a chunk's blocks in whatever order they finish, so the same array would give
+    different bytes on every write; with them off it gives the same bytes every time."""
+    from numcodecs import Blosc, blosc
+
+    blosc.use_threads = False
+    return Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if np.dtype(dtype).itemsize == 1 else Blosc.SHUFFLE)
+
+
 def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
     import zarr
-    from numcodecs import Blosc
     from ome_zarr.writer import write_multiscales_metadata
 
     nd = len(shape)
@@ -562,8 +584,7 @@ def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
     root = zarr.open_group(str(tmp), mode="w")
     arr = root.create_dataset(
         "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-        compressor=Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if dtype.itemsize == 1 else Blosc.SHUFFLE),
-        write_empty_chunks=False,
+        compressor=zarr_compressor(dtype), write_empty_chunks=False,
     )
     names = "zyx"[-nd:] if nd <= 3 else None
     axes = [{"name": n, "type": "space", **({"unit": geom.unit} if geom.unit else {})} for n in names]
