@@ -40,3 +40,41 @@ def test_truncated_npz_patch_labels(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:60])
     with pytest.raises(InputError, match="patch_0.npz"):
         _read_patch_labels(path)
+
+
+def test_stats_json_is_valid_json_without_nan(tmp_path):
+    import json
+
+    from maskworks.io import write_json
+
+    path = write_json(tmp_path / "s.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2),
+                                            "d": np.array([np.nan, 3.0])})
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c)) == \
+        {"a": None, "b": [1.0, None], "c": 2.0, "d": [None, 3.0]}
+
+
+@pytest.mark.parametrize("extra,what", [(["--mean", "nan", "--std", "1"], "mean=nan"),
+                                        (["--mean", "0", "--std", "-5"], "std=-5"),
+                                        (["--mean", "3"], "give both")])
+def test_predict_unet_refuses_bad_z_score_statistics(tmp_path, capsys, extra, what):
+    pytest.importorskip("monai")
+    from maskworks.io import write_volume
+
+    write_volume(tmp_path / "vol.tif", np.zeros((8, 16, 16), np.float32), 1.0)
+    ckpt = _tiny_checkpoint(tmp_path)
+    out = tmp_path / "p" / "mask.tif"
+    assert main(["predict-unet", str(tmp_path / "vol.tif"), str(ckpt), str(out), *extra]) == 2
+    assert what in capsys.readouterr().err and not out.exists()
+
+
+def _tiny_checkpoint(tmp_path):
+    """A real (untrained) U-Net checkpoint as train-unet writes it."""
+    import torch
+
+    from maskworks.em import unet
+
+    cfg = {"channels": [4, 8], "strides": [2], "num_res_units": 0}
+    model = unet.build_unet(channels=tuple(cfg["channels"]), strides=tuple(cfg["strides"]), num_res_units=0)
+    ckpt = tmp_path / "best.pt"
+    torch.save(unet._checkpoint(unet._cpu_state(model), cfg, 0, {}), ckpt)
+    return ckpt

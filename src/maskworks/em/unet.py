@@ -862,8 +862,8 @@ def predict_volume(
         Test-time augmentation: every window is also predicted flipped along each
         subset of the three axes (8 passes) and the logits are averaged.
     mean, std : float, optional
-        Global z-score statistics; computed once with :func:`intensity_stats`
-        when either is None.
+        Global z-score statistics, both given (finite, std > 0) or both None:
+        computed once with :func:`intensity_stats`.
     chunk_shape : int or (z, y, x), optional
         Process the volume in blocks of about this shape (see
         :func:`inference_chunk_shape`); each block is read together with every
@@ -927,9 +927,18 @@ def predict_volume(
         _check_divisible(roi, model.strides, "roi_size")
     model = model.to(dev).eval()
     use_amp = bool(amp) and dev.type == "cuda"
-    if mean is None or std is None:
+    if (mean is None) != (std is None):
+        raise InputError(f"mean={mean!r}, std={std!r}: give both z-score statistics or neither "
+                         "(neither: computed from the volume)")
+    if mean is not None:
+        for name, v in (("mean", mean), ("std", std)):
+            if not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
+                raise InputError(f"{name}={v!r}: expected a finite number")
+        if float(std) <= 0:
+            raise InputError(f"std={std!r}: expected a positive standard deviation")
+    else:
         mean, std = intensity_stats(volume)
-    mean, std = float(mean), float(std) if float(std) > 0 else 1.0
+    mean, std = float(mean), float(std) if float(std) > 0 else 1.0  # a constant volume: std 0
     chunks = inference_chunk_shape(shape, chunk_shape, roi, ov)
     prob = out_prob if out_prob is not None else np.zeros(shape, np.float16)
     mask = out_mask if out_mask is not None else np.zeros(shape, np.uint8)

@@ -723,11 +723,25 @@ def write_csv(path: str | Path, rows, columns) -> Path:
 
 
 def write_json(path: str | Path, obj: dict) -> Path:
-    """Write a small JSON document atomically (stats, metrics)."""
+    """Write a small JSON document atomically (stats, metrics); NaN and infinities become null."""
     path = Path(path)
+    text = json.dumps(_finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+        tmp.write_text(text + "\n")
     return path
+
+
+def _finite(o):
+    """NaN and infinities as null (JSON has no NaN: readers refuse it)."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
 
 
 def _json_default(o):
