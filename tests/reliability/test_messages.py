@@ -78,3 +78,33 @@ def _tiny_checkpoint(tmp_path):
     ckpt = tmp_path / "best.pt"
     torch.save(unet._checkpoint(unet._cpu_state(model), cfg, 0, {}), ckpt)
     return ckpt
+
+
+def test_a_patch_table_with_the_wrong_columns_is_refused(tmp_path):
+    from maskworks.codex.stages import _informative
+    from maskworks.io import InputError
+
+    table = tmp_path / "patches_metadata.csv"
+    table.write_text("patch_id,informative\n0,True\n")
+    with pytest.raises(InputError, match="no is_informative column"):
+        _informative(tmp_path, table)
+    table.write_text("patch_id,is_informative\nzero,True\n")
+    with pytest.raises(InputError, match="'zero' is not a whole number"):
+        _informative(tmp_path, table)
+
+
+def test_a_copick_project_whose_overlay_root_is_missing_is_refused(tmp_path):
+    import json
+
+    from maskworks.io import InputError
+    from maskworks.io.copick import open_project
+
+    config = tmp_path / "copick.json"
+    config.write_text(json.dumps({"name": "p", "overlay_root": f"local://{tmp_path / 'nowhere'}",
+                                  "pickable_objects": []}))
+    with pytest.raises(InputError, match="overlay_root .*nowhere.* does not exist"):
+        open_project(config)
+    (tmp_path / "static").mkdir()
+    config.write_text(json.dumps({"name": "p", "overlay_root": f"local://{tmp_path / 'new'}",
+                                  "static_root": f"local://{tmp_path / 'static'}", "pickable_objects": []}))
+    open_project(config)  # a new overlay beside an existing static root: created on the first write

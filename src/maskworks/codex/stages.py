@@ -557,8 +557,19 @@ def _open_patches(patches_dir):
 def _informative(patches_dir, metadata=None):
     """Patch ids flagged informative in the patch table (default ``<patches_dir>/patches_metadata.csv``)."""
     metadata = Path(metadata) if metadata else Path(patches_dir) / "patches_metadata.csv"
-    rows, _ = _read_patches_metadata(metadata)
-    return [int(r["patch_id"]) for r in rows if _is_true(r.get("is_informative", ""))]
+    rows, columns = _read_patches_metadata(metadata)
+    if "is_informative" not in columns:
+        raise InputError(f"{metadata}: no is_informative column (found {columns}); expected the "
+                         "patches_metadata.csv written by tile-image")
+    ids = []
+    for r in rows:
+        try:
+            pid = int(r["patch_id"])
+        except (TypeError, ValueError):
+            raise InputError(f"{metadata}: patch_id {r['patch_id']!r} is not a whole number") from None
+        if _is_true(r["is_informative"]):
+            ids.append(pid)
+    return ids
 
 
 def _segment_params(backend, params):

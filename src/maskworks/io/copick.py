@@ -82,6 +82,7 @@ def open_project(config) -> object:
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and data.get("config_type", "filesystem") == "filesystem":
+            _check_local_roots(path, data)
             # copick.from_file would first import its data-portal client (about a second)
             from copick.impl.filesystem import CopickConfigFSSpec, CopickRootFSSpec
 
@@ -89,8 +90,28 @@ def open_project(config) -> object:
         import copick
 
         return copick.from_file(str(path))
+    except InputError:
+        raise
     except Exception as exc:  # JSON and pydantic errors do not name the file
         raise InputError(f"{path}: not a readable copick configuration ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_local_roots(config, data) -> None:
+    """The local roots of a filesystem project must exist: a missing static root, or a missing
+    overlay root with no static root to read from, would make copick see a project without runs,
+    and every stage would do nothing, successfully.  (An overlay root beside an existing static
+    root may be new: copick creates it on the first write.)"""
+    def local(key):
+        root = data.get(key)
+        if not root or ("://" in str(root) and not str(root).startswith("local://")):
+            return None  # not given, or a remote file system copick checks itself
+        return Path(str(root).removeprefix("local://"))
+
+    static, overlay = local("static_root"), local("overlay_root")
+    for key, root, needed in (("static_root", static, True), ("overlay_root", overlay, static is None)):
+        if root is not None and needed and not root.is_dir():
+            raise InputError(f"{config}: {key} {str(root)!r} does not exist on this machine; "
+                             "fix the path in the copick configuration")
 
 
 @_keeps_logging
