@@ -108,3 +108,19 @@ def test_a_copick_project_whose_overlay_root_is_missing_is_refused(tmp_path):
     config.write_text(json.dumps({"name": "p", "overlay_root": f"local://{tmp_path / 'new'}",
                                   "static_root": f"local://{tmp_path / 'static'}", "pickable_objects": []}))
     open_project(config)  # a new overlay beside an existing static root: created on the first write
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_zarr_chunk_is_an_error_naming_the_store(tmp_path, capsys, damage):
+    from maskworks.demo import make_em_volume
+    from maskworks.io import write_volume
+
+    image, _ = make_em_volume(shape=(24, 48, 48), seed=1)
+    store = write_volume(tmp_path / "vol.zarr", image, (10, 10, 10), unit="nanometer", chunks=(8, 24, 24))
+    chunk = sorted((store / "0").glob("1.*"))[0]
+    chunk.write_bytes(chunk.read_bytes()[:20] if damage == "truncate" else b"not blosc at all" * 4)
+    out = tmp_path / "o" / "mask.zarr"
+    assert main(["texture-mask", str(store), str(out), "--block-size", "16", "--chunk-shape", "16"]) == 2
+    err = capsys.readouterr().err
+    assert str(store) in err and "cannot be read" in err and "Traceback" not in err
+    assert not out.exists()

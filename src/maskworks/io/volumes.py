@@ -351,8 +351,49 @@ def _read_zarr(path: Path, lazy: bool) -> Volume:
             raise InputError(f"{path}: Zarr group has neither OME-NGFF 'multiscales' metadata nor an array '0'")
         if "maskworks" in node.attrs:
             attrs["provenance"] = node.attrs["maskworks"]
-    data = arr if lazy else arr[...]
+    data = CheckedArray(arr, path) if lazy else arr[...]
     return Volume(data, vs, unit, origin, attrs=attrs)
+
+
+class CheckedArray:
+    """A lazily read Zarr array whose every read failure (a truncated or corrupt chunk, a chunk
+    file that cannot be opened) is an :class:`InputError` naming the store and the region,
+    instead of a decompression traceback deep inside a stage.  Everything else is the array's."""
+
+    def __init__(self, array, path):
+        self._array, self._path = array, Path(path)
+
+    def __getitem__(self, key):
+        try:
+            return self._array[key]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{self._path}: the data of region {_region_text(key)} cannot be read "
+                             f"({describe_error(exc)}); the store is damaged or incomplete") from exc
+
+    def __array__(self, dtype=None, copy=None):
+        data = self[...]
+        return np.asarray(data, dtype=dtype) if dtype is not None else np.asarray(data)
+
+    def __len__(self):
+        return len(self._array)
+
+    def __getattr__(self, name):
+        return getattr(self._array, name)
+
+
+def _region_text(key) -> str:
+    parts = key if isinstance(key, tuple) else (key,)
+    out = []
+    for k in parts:
+        if isinstance(k, slice):
+            out.append(f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}")
+        elif k is Ellipsis:
+            out.append("...")
+        else:
+            out.append(str(k))
+    return "[" + ", ".join(out) + "]"
 
 
 # One geometry convention for every format, ITK's (which MITK, Slicer and the napari plugins
