@@ -926,8 +926,10 @@ def _add_stitch(sub):
     p = sub.add_parser("stitch", help="assemble per-patch cell/nucleus labels into whole-slide labels "
                        "(unique ids, each cell once, none cut at the seams)")
     p.add_argument("patches_dir", help="tile-image output folder (patches.zarr with the grid, patches_metadata.csv)")
-    p.add_argument("labels_dir", help="folder of patch_<patch_id>.npz with cell and nucleus (repair-masks output)")
-    p.add_argument("out_dir", help="folder for cell, nucleus, cytoplasm, cells.csv, stitch_stats.json, stitch_qc.png")
+    p.add_argument("labels_dir", help="folder of patch_<patch_id>.npz: the repair-masks output (its unrepaired "
+                   "cell_original/nucleus_original are stitched, then the slide is repaired) or segment-cells'")
+    p.add_argument("out_dir", help="folder for cell, nucleus, cytoplasm, cell_original, nucleus_original, cells.csv, "
+                   "stitch_stats.json, stitch_qc.png")
     p.add_argument("--format", choices=sorted(STITCH_FORMATS), default="ome.tif", help="whole-slide label format")
     p.add_argument("--metadata", help="patch table choosing the patches; if not given, the tile-image one")
     p.add_argument("--duplicate-overlap", type=float, default=0.5,
