@@ -211,27 +211,23 @@ def _is_true(value) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
 
-def _read_patch_labels(path):
+def _read_patch_labels(path, keys=("cell", "nucleus")):
+    """The arrays ``keys`` of a patch NPZ, read in one opening (never pickles)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return npz["cell"], npz["nucleus"]
-    except KeyError as exc:
-        raise InputError(f"{path}: no array {exc} (expected 'cell' and 'nucleus' from segment-cells)") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
-
-
-def _read_patch_array(path, key):
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[key]
-    except KeyError:
-        raise InputError(f"{path}: no array {key!r}") from None
+            missing = [k for k in keys if k not in npz.files]
+            if missing:
+                raise InputError(f"{path}: no array {', '.join(map(repr, missing))} (found {npz.files}; expected "
+                                 "'cell' and 'nucleus' from segment-cells, or repair-masks' outputs)")
+            return tuple(npz[k] for k in keys)
+    except InputError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
 
 
 def _has_originals(path) -> bool:
+    """Whether a patch NPZ holds the unrepaired segmentation (repair-masks' ``*_original``)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {"cell_original", "nucleus_original"} <= set(npz.files)
@@ -822,8 +818,7 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     keys = ("cell_original", "nucleus_original") if originals else ("cell", "nucleus")
 
     def load(pid):
-        path = labels_dir / f"patch_{pid}.npz"
-        return tuple(_read_patch_array(path, k) for k in keys)
+        return _read_patch_labels(labels_dir / f"patch_{pid}.npz", keys)
 
     mpp = attrs.get("image_mpp")
     prov = provenance("stitch", {"patches_dir": patches_dir, "labels_dir": labels_dir},
