@@ -93,13 +93,11 @@ def all_or_nothing(*paths):
     from .io.atomic import transaction
 
     before = {Path(p): _mtime(p) for p in paths if p is not None}
-    with transaction(*before) as txn:
+    with transaction(*before):
         try:
             yield
         except BaseException:
-            for p, t in before.items():
-                if p in txn.staged or Path(os.path.abspath(p)) in txn.staged:
-                    continue
+            for p, t in before.items():  # staged outputs never touched their targets
                 if (p.exists() or p.is_symlink()) and _mtime(p) != t:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
             raise
