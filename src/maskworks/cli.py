@@ -57,18 +57,9 @@ def _triple(value, name):
         raise InputError(f"{name}={value!r} is not a number or a 'z,y,x' triple") from None
     if len(out) == 1:
         out = out * 3
-    if len(out) != 3 or not all(v > 0 for v in out):
-        raise InputError(f"{name}={value!r}: expected one positive number or three (z,y,x)")
+    if len(out) != 3 or not all(np.isfinite(v) and v > 0 for v in out):
+        raise InputError(f"{name}={value!r}: expected one positive finite number or three (z,y,x)")
     return out
-
-
-def int_triple(value, name):
-    if value in (None, "", "auto"):
-        return None
-    t = _triple(value, name)
-    if any(v != int(v) for v in t):
-        raise InputError(f"{name}={value!r}: expected whole numbers of voxels")
-    return tuple(int(v) for v in t)
 
 
 def provenance(stage, inputs, params):

@@ -78,6 +78,46 @@ def test_schema_defaults_are_the_library_defaults(schema, arm, section, funcs, w
         assert default == value or (default is None and value == {}), (key, default, value)
 
 
+# The keywords of a schema node that say what a value may be (the rest is description and default).
+RANGE_KEYS = ("type", "enum", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
+              "items", "minItems", "maxItems", "oneOf")
+
+
+def _ranges(node):
+    return {k: node[k] for k in RANGE_KEYS if k in node}
+
+
+def _section_specs(funcs):
+    import importlib
+
+    from maskworks.io.params import specs_of
+
+    specs = {}
+    for func in funcs:
+        mod, name = func.split(":")
+        specs.update(specs_of(getattr(importlib.import_module(mod), name)))
+    return specs
+
+
+@pytest.mark.parametrize("arm,section,funcs,workflow_keys", SECTIONS, ids=[s[1] for s in SECTIONS])
+def test_schema_ranges_are_the_library_ranges(schema, arm, section, funcs, workflow_keys):
+    """Every config key's type and range is exactly what the library checks (maskworks.io.params),
+    so a value the schema lets through is one the stage accepts, and the reverse."""
+    specs = _section_specs(funcs)
+    node = schema["properties"][arm]["properties"][section]["properties"]
+    keys = [k for k in node if k not in workflow_keys and "properties" not in node[k]]
+    wrong = {k: (_ranges(node[k]), specs[k].schema() if k in specs else None)
+             for k in keys if k not in specs or _ranges(node[k]) != specs[k].schema()}
+    assert not wrong, "schema ranges (left) differ from the library's (right):\n" + \
+        "\n".join(f"  {arm}.{section}.{k}: {a} != {b}" for k, (a, b) in wrong.items())
+
+
+def test_watershed_ranges_are_the_library_ranges(schema):
+    specs = _section_specs(["maskworks.codex.segment:segment_watershed"])
+    node = schema["properties"]["codex"]["properties"]["segment_cells"]["properties"]["watershed"]["properties"]
+    assert {k: _ranges(v) for k, v in node.items()} == {k: specs[k].schema() for k in node}
+
+
 def test_watershed_defaults_are_the_library_defaults(schema):
     from maskworks.codex.segment import segment_watershed
 

@@ -198,7 +198,7 @@ def test_training_accepts_0_255_labels_and_rejects_other_values(em):
     assert history[0]["val_dice"] is None and np.isfinite(history[0]["train_loss"])
     with pytest.raises(InputError, match="training label 0"):
         unet.train_unet([(image, truth * 3)], epochs=1, **TINY)
-    with pytest.raises(InputError, match="divisible by 4"):
+    with pytest.raises(InputError, match="multiple of 4"):
         unet.train_unet([(image, truth)], epochs=1, **{**TINY, "patch_size": 18})
 
 
@@ -275,7 +275,7 @@ def test_predict_volume_checks_its_settings():
     model = unet.build_unet(channels=(4, 8), strides=(2,), num_res_units=0)
     with pytest.raises(InputError, match="overlap"):
         unet.predict_volume(model, vol, roi_size=8, overlap=8, device="cpu")
-    with pytest.raises(InputError, match="divisible by 2"):
+    with pytest.raises(InputError, match="multiple of 2"):
         unet.predict_volume(model, vol, roi_size=9, overlap=2, device="cpu")
     with pytest.raises(InputError, match="device='gpu'"):
         unet.predict_volume(model, vol, roi_size=8, overlap=2, device="gpu")

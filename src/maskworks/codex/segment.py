@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError, atomic_path
+from maskworks.io.params import Number, checked
 
 log = logging.getLogger("maskworks")
 
@@ -45,6 +46,15 @@ def label_boundaries(labels) -> np.ndarray:
 # ----------------------------------------------------------------------------- watershed
 
 
+@checked(
+    smoothing_sigma=Number(minimum=0, unit="pixels"),
+    threshold_scale=Number(exclusive_minimum=0),
+    min_nucleus_distance=Number(integer=True, minimum=1, unit="pixels"),
+    min_nucleus_area=Number(integer=True, minimum=0, unit="pixels"),
+    foreground_sigma=Number(minimum=0, unit="pixels"),
+    max_expansion=Number(minimum=0, unit="pixels"),
+    min_cell_area=Number(integer=True, minimum=0, unit="pixels"),
+)
 def segment_watershed(
     image,
     *,

@@ -59,7 +59,9 @@ import numpy as np
 
 from ..cli import all_or_nothing, keyword_defaults, provenance
 from ..io import InputError, atomic_path, read_volume, write_csv, write_json, write_volume
+from ..io.params import DEVICE, Choice, Choices, Mapping, Number, Text, checked
 from ..io.volumes import describe_error
+from .quantify import NEIGHBOURS, STATISTICS
 from .repair import boundaries, check_labels, repair_masks
 from .segment import (
     BACKENDS,
@@ -275,6 +277,16 @@ PATCH_CHUNK = 1024  # patches larger than PATCH_CHUNK_BYTES are stored as PATCH_
 PATCH_CHUNK_BYTES = 16 * 2**20
 
 
+@checked(
+    split_mode=Choice(SPLIT_MODES),
+    patch_height=Number(integer=True, minimum=16, unit="pixels"),
+    patch_width=Number(integer=True, minimum=16, unit="pixels"),
+    overlap=Number(minimum=0, maximum=0.75, nullable=True),
+    split_direction=Choice(SPLIT_DIRECTIONS),
+    wholecell_aggregation=Choice(WHOLECELL_AGGREGATIONS),
+    non_zero_perc_threshold=Number(minimum=0, maximum=1),
+    mean_intensity_threshold=Number(minimum=0),
+)
 def tile_image_files(
     image, channels, out_dir, *, nuclear_channel, wholecell_channels, image_mpp=None, channel_axis=None,
     split_mode="patches", patch_height=1440, patch_width=1920, overlap=None, split_direction="vertical",
@@ -578,6 +590,10 @@ def _segment_params(backend, params):
     return {**known, **params}
 
 
+@checked(segment_watershed, backend=Choice(BACKENDS), batch_size=Number(integer=True, minimum=1), device=DEVICE,
+         model_path=Text(r"^.+$", "a path to a Mesmer model (.tar.gz, .keras/.h5 or a SavedModel folder)",
+                         nullable=True),
+         preprocess_kwargs=Mapping(), postprocess_kwargs_whole_cell=Mapping(), postprocess_kwargs_nuclear=Mapping())
 def segment_cells_files(
     patches_dir, out_dir, *, backend="mesmer", model_path=None, image_mpp=None, batch_size=4,
     preprocess_kwargs=None, postprocess_kwargs_whole_cell=None, postprocess_kwargs_nuclear=None,
@@ -597,8 +613,6 @@ def segment_cells_files(
     """
     out_dir = Path(out_dir)
     ws = _segment_params(backend, watershed_params)
-    if int(batch_size) < 1:
-        raise InputError(f"batch_size={batch_size!r}: expected a whole number >= 1")
     arr, grid, attrs = _open_patches(patches_dir)
     ids = _informative(patches_dir, metadata)
     bad = [i for i in ids if not 0 <= i < arr.shape[0]]
@@ -771,6 +785,7 @@ QC_CROP = 512  # side of the stitched QC crop, pixels (about 1:1 in the PNG)
 CHECK_PIXELS = 2**27  # stitched slides up to this size are checked in memory (check_stitched)
 
 
+@checked(format=Choice(tuple(STITCH_FORMATS)), duplicate_overlap=Number(exclusive_minimum=0, maximum=1))
 def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5):
     """Assemble per-patch segmentations into whole-slide label images: the ``stitch`` rule.
 
@@ -958,6 +973,8 @@ class _PlaneRows:
         return out.astype(dtype) if dtype is not None else out
 
 
+@checked(statistics=Choices(STATISTICS), neighbours=Choice(NEIGHBOURS),
+         neighbour_radius=Number(exclusive_minimum=0, unit="µm", nullable=True))
 def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",), image_mpp=None,
                    neighbours="delaunay", neighbour_radius=None, channel_axis=None):
     """Measure every stitched cell on every channel of the source image: the ``quantify`` rule.
@@ -1117,7 +1134,6 @@ def _save_quantify_qc(path, by_marker, names, crop, title):
 
 
 def _add_quantify(sub):
-    from .quantify import NEIGHBOURS, STATISTICS
 
     p = sub.add_parser("quantify", help="measure every stitched cell: cell x marker table, morphology, "
                        "AnnData with spatial neighbours")

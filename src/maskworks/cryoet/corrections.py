@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from maskworks.io import FORMATS, InputError, strip_extension
+from maskworks.io.params import Flag, Number, checked
 
 from .patches import IGNORE, _check_border, _set_border, binary_label, class_counts
 
@@ -21,6 +22,7 @@ from .patches import IGNORE, _check_border, _set_border, binary_label, class_cou
 MASK_KINDS = (("remove", 0, "removed_voxels"), ("add", 1, "added_voxels"), ("ignore", IGNORE, "ignored_voxels"))
 
 
+@checked(border=Number(integer=True, minimum=0, unit="voxels"), binarize=Flag())
 def merge_corrections(
     label,
     *,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from maskworks.io import InputError
+from maskworks.io.params import Choice, Flag, Number, checked
 
 EDGE_POLICIES = ("pad", "skip", "error")
 IGNORE = 2  # the training label for "no loss here": patch borders, padding, Ignore masks
@@ -194,6 +195,16 @@ def plan_patches(shape, centres_xyz, *, patch_size: int = 160, edge: str = "pad"
     return plans
 
 
+IMAGE_DTYPES = ("float32", "float64", "float16", "int8", "uint8", "int16", "uint16", "int32", "uint32")
+
+
+@checked(
+    patch_size=Number(integer=True, minimum=4, unit="voxels"),
+    border=Number(integer=True, minimum=0, unit="voxels"),
+    edge=Choice(EDGE_POLICIES),
+    binarize=Flag(),
+    image_dtype=Choice(IMAGE_DTYPES, nullable=True),
+)
 def iter_patches(
     tomogram,
     labels,

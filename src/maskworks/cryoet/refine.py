@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from maskworks.backend import get_backend
 from maskworks.io import InputError
+from maskworks.io.params import DEVICE, Choice, Flag, Number, checked
 
 # Fixed sizes of the per-organelle step (voxels), as in SABER's refine-membranes.
 MIN_NEAR_MEMBRANE = 100
@@ -22,6 +23,17 @@ _DENSE_IDS = 2**22
 _SLAB_VOXELS = 2**22
 
 
+@checked(
+    ball_size=Number(integer=True, minimum=1, unit="voxels"),
+    min_membrane_area=Number(integer=True, minimum=0, unit="voxels"),
+    edge_trim_z=Number(integer=True, minimum=0, unit="slices"),
+    edge_trim_xy=Number(integer=True, minimum=0, unit="voxels"),
+    min_roi_relative_size=Number(minimum=0, maximum=1),
+    keep_surface_membranes=Flag(),
+    label_components=Flag(),
+    membrane_output=Choice(MEMBRANE_OUTPUTS),
+    device=DEVICE,
+)
 def refine_membranes(
     organelles,
     membranes,
@@ -135,18 +147,6 @@ def refine_membranes(
     org = np.asarray(organelles)
     mem = np.asarray(membranes)
     _check_inputs(org, mem)
-    ball_size = _whole("ball_size", ball_size, minimum=1)
-    min_membrane_area = _whole("min_membrane_area", min_membrane_area, minimum=0)
-    edge_trim_z = _whole("edge_trim_z", edge_trim_z, minimum=0)
-    edge_trim_xy = _whole("edge_trim_xy", edge_trim_xy, minimum=0)
-    try:
-        min_roi_relative_size = float(min_roi_relative_size)
-    except (TypeError, ValueError):
-        min_roi_relative_size = float("nan")
-    if not 0.0 <= min_roi_relative_size <= 1.0:
-        raise InputError(f"min_roi_relative_size={min_roi_relative_size!r}: expected a fraction in [0, 1]")
-    if membrane_output not in MEMBRANE_OUTPUTS:
-        raise InputError(f"membrane_output={membrane_output!r}: expected one of {', '.join(MEMBRANE_OUTPUTS)}")
 
     b = get_backend(device)
     params = {
@@ -225,17 +225,6 @@ def _check_inputs(org: np.ndarray, mem: np.ndarray) -> None:
         raise InputError(f"organelles hold negative labels (min {int(org.min())}); ids must be >= 0")
     if org.dtype == np.uint64 and org.size and int(org.max()) > np.iinfo(np.int64).max:
         raise InputError(f"organelle id {int(org.max())} is above the int64 range used for labels")
-
-
-def _whole(name: str, value, *, minimum: int) -> int:
-    try:
-        v = int(value)
-        ok = v == value and not isinstance(value, bool)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or v < minimum:
-        raise InputError(f"{name}={value!r}: expected a whole number >= {minimum}")
-    return v
 
 
 def _instance_labels(b, org: np.ndarray, label_components: bool) -> np.ndarray:

@@ -25,6 +25,7 @@ from ..io import (
     write_volume,
 )
 from ..io.coordinates import read_centres
+from ..io.params import DEVICE, Choice, Number, Text, checked
 from .corrections import merge_corrections, plan_corrections
 from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
 
@@ -64,20 +65,18 @@ def _centres_from(centres, x, y, z):
     return np.array([[x, y, z]], dtype=np.float64), f"centre x={x:g}, y={y:g}, z={z:g}"
 
 
-def _check_tokens(ds_token, token):
-    if not ds_token or "_" in ds_token or any(c in ds_token for c in "/\\ \t"):
-        raise InputError(
-            f"ds_token={ds_token!r}: expected a non-empty word without underscores, slashes or spaces "
-            "(the part before the first '_' of a patch name is read back as the data set)"
-        )
-    if not token or any(c in token for c in "/\\"):
-        raise InputError(f"token={token!r}: expected a non-empty name without slashes")
-
-
 def _existing_keys(*folders):
     return {strip_extension(p.name) for d in folders if d.is_dir() for p in d.iterdir()}
 
 
+@checked(
+    iter_patches,
+    ds_token=Text(r"^[^_/\\\s]+$", "a non-empty word without underscores, slashes or spaces (the part before "
+                  "the first '_' of a patch name is read back as the data set)"),
+    token=Text(r"^[^/\\]+$", "a non-empty name without slashes", nullable=True),
+    idx_add=Number(integer=True, minimum=0),
+    format=Choice(PATCH_FORMATS),
+)
 def extract_patches_files(
     tomogram, segmentation, out_dir, *, centres=None, x=None, y=None, z=None, ds_token="other",
     token=None, idx_add=0, format="nrrd", manifest=None, qc=None, **params,
@@ -101,12 +100,7 @@ def extract_patches_files(
     """
     out_dir = Path(out_dir)
     params = {**keyword_defaults(iter_patches), **params}
-    if format not in PATCH_FORMATS:
-        raise InputError(f"format={format!r}: expected one of {', '.join(PATCH_FORMATS)}")
-    token = strip_extension(Path(tomogram).name) if token is None else str(token)
-    _check_tokens(ds_token, token)
-    if int(idx_add) != idx_add or idx_add < 0:
-        raise InputError(f"idx_add={idx_add!r}: expected a whole number >= 0")
+    token = strip_extension(Path(tomogram).name) if token is None else token
     xyz, source = _centres_from(centres, x, y, z)
     tomo = read_volume(tomogram, ndim=3, lazy=True, check_finite=False)
     seg = read_volume(segmentation, ndim=3, lazy=True, check_finite=False)
@@ -355,13 +349,12 @@ def _check_same_patch(label, mask) -> str:
 
 def _output_extension(label_name, key, format):
     if format is not None:
-        if format not in _MERGE_EXTENSIONS:
-            raise InputError(f"format={format!r}: expected one of {', '.join(_MERGE_EXTENSIONS)}")
         return _MERGE_EXTENSIONS[format]
     ext = label_name[len(key):]
     return ".nrrd" if ext.lower() == ".nhdr" else ext  # a detached header cannot be written atomically
 
 
+@checked(merge_corrections, format=Choice(tuple(_MERGE_EXTENSIONS), nullable=True))
 def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None, report=None, **params):
     """Run :func:`maskworks.cryoet.corrections.merge_corrections` on a folder of label patches.
 
@@ -487,6 +480,11 @@ _REFINE_COLUMNS = [
 ]
 
 
+@checked(
+    voxel_size=Number(exclusive_minimum=0, unit="angstrom"),
+    save_session_id=Text(r"^[^/\\\s]+$", "a non-empty session id without slashes or spaces"),
+    device=DEVICE,
+)
 def refine_membranes_files(
     config, *, org_info, mem_info, voxel_size=10.0, save_session_id="1", run=None, qc_dir=None,
     stats=None, device="auto", **params,

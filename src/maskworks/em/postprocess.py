@@ -6,8 +6,19 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError
+from maskworks.io.params import Flag, Number, checked
+
+# A ball radius beyond this is no clean-up any more (and its structuring element alone would be huge).
+MAX_RADIUS = 50
 
 
+@checked(
+    opening_radius=Number(integer=True, minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
+    closing_radius=Number(integer=True, minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
+    grow_radius=Number(integer=True, minimum=-MAX_RADIUS, maximum=MAX_RADIUS, unit="voxels; < 0 shrinks"),
+    keep_largest=Flag(),
+    fill_holes=Flag(),
+)
 def postprocess_mask(
     mask,
     *,
@@ -80,9 +91,6 @@ def postprocess_mask(
             f"mask has dtype {arr.dtype} but an integer or boolean mask is needed; "
             "threshold probabilities before post-processing"
         )
-    opening_radius = _radius("opening_radius", opening_radius, allow_negative=False)
-    closing_radius = _radius("closing_radius", closing_radius, allow_negative=False)
-    grow_radius = _radius("grow_radius", grow_radius, allow_negative=True)
 
     fg = arr != 0
     full = ndi.generate_binary_structure(fg.ndim, fg.ndim)
@@ -132,19 +140,6 @@ def postprocess_mask(
         "closing_radius": closing_radius,
     }
     return out, stats
-
-
-def _radius(name: str, value, *, allow_negative: bool) -> int:
-    try:
-        r = int(value)
-        ok = r == value and not isinstance(value, bool)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InputError(f"{name}={value!r} is not a whole number of voxels")
-    if r < 0 and not allow_negative:
-        raise InputError(f"{name}={value!r} is negative; use 0 to turn this step off")
-    return r
 
 
 def _bbox(fg: np.ndarray, margin: int) -> tuple[slice, ...] | None:

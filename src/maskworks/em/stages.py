@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import all_or_nothing, geometry, int_triple, keyword_defaults, provenance, sibling
+from ..cli import all_or_nothing, geometry, keyword_defaults, provenance, sibling
 from ..io import (
     InputError,
     atomic_path,
@@ -25,6 +25,7 @@ from ..io import (
     write_volume,
 )
 from ..io.atomic import staged
+from ..io.params import Flag, Size, checked
 from ..io.qc import save_orthoslices
 from ..io.volumes import describe_error
 from .postprocess import mask_overlap, postprocess_mask
@@ -53,6 +54,7 @@ def _score(truth_path, mask, shape):
     return mask_overlap(mask, truth.numpy())
 
 
+@checked(texture_mask, chunk_shape=Size(8, nullable=True))
 def texture_mask_files(
     input, mask, *, confidence, stats, qc, truth=None, voxel_size=None, unit=None,
     chunk_shape=None, **params,
@@ -69,7 +71,7 @@ def texture_mask_files(
 def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
     vol = read_volume(input, ndim=3, lazy=True)
     vs, unit = geometry(vol, voxel_size, unit)
-    chunks = int_triple(chunk_shape, "chunk_shape") or _auto_chunks(vol.shape)
+    chunks = chunk_shape or _auto_chunks(vol.shape)
     data = vol.data if chunks is not None else vol.numpy()
     log.info("texture_mask %s shape=%s voxel_size=%s %s chunks=%s params=%s",
              input, vol.shape, vs, unit, chunks, params)
@@ -91,6 +93,7 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     return st
 
 
+@checked(postprocess_mask)
 def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, **params):
     """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
     with all_or_nothing(output, stats, qc):
@@ -190,6 +193,7 @@ def _run_postprocess(a):
 UNET_OUTPUTS = ("best.pt", "last.pt", "history.csv", "curves.png", "metrics.json")
 
 
+@checked(train_unet, resume=Flag())
 def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_dir=None, resume=False,
                      **params):
     """Run :func:`maskworks.em.unet.train_unet` on volume files and write its outputs to ``out_dir``.
@@ -369,6 +373,7 @@ def _save_curves(path, rows) -> None:
     plt.close(fig)
 
 
+@checked(predict_volume, chunk_shape=Size(8, nullable=True))
 def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, voxel_size=None, unit=None,
                        chunk_shape=None, **params):
     """Run :func:`maskworks.em.unet.predict_volume` on a volume file and write every output.
@@ -389,7 +394,7 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
     vol = read_volume(input, ndim=3, lazy=True)
     vs, unit = geometry(vol, voxel_size, unit)
     ckpt = load_checkpoint(checkpoint)
-    chunks = int_triple(chunk_shape, "chunk_shape") or _auto_chunks(vol.shape)
+    chunks = chunk_shape or _auto_chunks(vol.shape)
     d = keyword_defaults(predict_volume)
     roi, overlap = params.get("roi_size", d["roi_size"]), params.get("overlap", d["overlap"])
     used = inference_chunk_shape(vol.shape, chunks, roi, overlap)

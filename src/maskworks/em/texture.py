@@ -16,6 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
+from maskworks.io.params import Number, Size, bad_value, checked
 
 # Gaussian kernels are cut at TRUNCATE sigmas (scipy's default, spelled out because the halo depends on it).
 TRUNCATE = 4.0
@@ -220,47 +221,35 @@ def _normalise(block, p1: float, p99: float) -> np.ndarray:
     return np.clip(x, 0.0, 1.0, out=x)
 
 
-def _check(volume, block_size, texture_sigma, edge_sigma, min_region_size, threshold, chunk_shape):
+def _check(volume, texture_sigma, edge_sigma):
+    """The volume's shape and dtype, and the sigmas against it (the keywords' own ranges are
+    checked by :func:`~maskworks.io.params.checked`)."""
     if not (hasattr(volume, "shape") and hasattr(volume, "dtype") and hasattr(volume, "__getitem__")):
         volume = np.asarray(volume)
-    shape = tuple(volume.shape)
+    shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
         raise InputError(f"texture_mask: volume has shape {shape} ({len(shape)}-D); expected a 3-D (z, y, x) array")
     if min(shape) < 1:
-        raise InputError(f"texture_mask: volume has shape {tuple(shape)}; every axis needs at least 1 voxel")
+        raise InputError(f"texture_mask: volume has shape {shape}; every axis needs at least 1 voxel")
     dtype = np.dtype(volume.dtype)
     if dtype.kind not in "iuf":
         raise InputError(f"texture_mask: volume has dtype {dtype}; expected integer or floating-point intensities")
-
-    def bad(name, value, expected):
-        return InputError(f"texture_mask: {name}={value!r}; expected {expected}")
-
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 3:
-        raise bad("block_size", block_size, "an integer >= 3 (voxels)")
+    # A Gaussian wider than the volume measures nothing, and its kernel (and halo) would grow
+    # without bound: sigmas are kept within the longest axis.
     for name, value in (("texture_sigma", texture_sigma), ("edge_sigma", edge_sigma)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value) \
-                or value <= 0:
-            raise bad(name, value, "a finite number > 0 (voxels)")
-    if isinstance(min_region_size, bool) or not isinstance(min_region_size, (int, np.integer)) \
-            or min_region_size < 0:
-        raise bad("min_region_size", min_region_size, "an integer >= 0 (voxels)")
-    if isinstance(threshold, str):
-        if threshold != "otsu":
-            raise bad("threshold", threshold, "'otsu' or a number in (0, 1)")
-    elif isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number)) \
-            or not 0.0 < float(threshold) < 1.0:
-        raise bad("threshold", threshold, "'otsu' or a number in (0, 1)")
-    if chunk_shape is not None:
-        try:
-            cs = tuple(int(c) for c in chunk_shape)
-        except (TypeError, ValueError):
-            raise bad("chunk_shape", chunk_shape, "None or three positive integers") from None
-        if len(cs) != 3 or min(cs) < 1:
-            raise bad("chunk_shape", chunk_shape, "None or three positive integers")
-        chunk_shape = cs
-    return volume, tuple(int(s) for s in shape), chunk_shape
+        if value > max(shape):
+            raise bad_value("texture_mask", name, value, f"at most the longest axis of the volume {shape} (voxels)")
+    return volume, shape
 
 
+@checked(
+    block_size=Number(integer=True, minimum=3, unit="voxels"),
+    texture_sigma=Number(exclusive_minimum=0, unit="voxels"),
+    edge_sigma=Number(exclusive_minimum=0, unit="voxels"),
+    min_region_size=Number(integer=True, minimum=0, unit="voxels"),
+    threshold=Number(exclusive_minimum=0, exclusive_maximum=1, words=("otsu",)),
+    chunk_shape=Size(8, nullable=True),
+)
 def texture_mask(
     volume,
     *,
@@ -372,8 +361,8 @@ def texture_mask(
     Results equal the unchunked ones to float rounding (the uniform filter's
     running sums start at different places); the mask is the same.
     """
-    volume, shape, chunk_shape = _check(volume, block_size, texture_sigma, edge_sigma, min_region_size,
-                                threshold, chunk_shape)
+    volume, shape = _check(volume, texture_sigma, edge_sigma)
+    chunk_shape = None if chunk_shape is None else tuple(chunk_shape)
     if chunk_shape is None and not isinstance(volume, np.ndarray):
         volume = np.asarray(volume[...])
     sc = _scales(float(texture_sigma), float(edge_sigma), int(block_size))

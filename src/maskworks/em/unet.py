@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from maskworks.io import InputError, iter_blocks, progress_reporter
+from maskworks.io.params import DEVICE, Choice, Flag, Number, NumberList, Size, checked
 
 NORMALIZATIONS = ("patch", "volume")
 IGNORE = 2  # training label meaning "no loss here" (patch borders, padding, Ignore masks)
@@ -440,6 +441,33 @@ class _PatchData:
         return image, label
 
 
+_PROB = Number(minimum=0, maximum=1)
+
+
+@checked(
+    channels=NumberList(Number(integer=True, minimum=1), 2),
+    strides=NumberList(Number(integer=True, minimum=1), 1),
+    num_res_units=Number(integer=True, minimum=0),
+    patch_size=Size(8),
+    split_block_shape=Size(8, nullable=True),
+    val_fraction=Number(minimum=0, maximum=0.5),
+    test_fraction=Number(minimum=0, maximum=0.5),
+    patches_per_epoch=Number(integer=True, minimum=1),
+    val_patches=Number(integer=True, minimum=1),
+    foreground_fraction=_PROB,
+    normalization=Choice(NORMALIZATIONS),
+    batch_size=Number(integer=True, minimum=1),
+    epochs=Number(integer=True, minimum=1),
+    learning_rate=Number(exclusive_minimum=0),
+    patience=Number(integer=True, minimum=0),
+    min_delta=Number(minimum=0),
+    flip_prob=_PROB, rotate_prob=_PROB, zoom_prob=_PROB, noise_prob=_PROB,
+    zoom_range=NumberList(Number(exclusive_minimum=0), 2, 2, increasing=True),
+    noise_std=Number(minimum=0),
+    seed=Number(integer=True, minimum=0),
+    device=DEVICE,
+    amp=Flag(),
+)
 def train_unet(
     pairs,
     *,
@@ -560,9 +588,6 @@ def train_unet(
     patch = _triple_int(patch_size, "patch_size")
     channels, strides = _ints(channels, "channels"), _ints(strides, "strides")
     _check_divisible(patch, strides, "patch_size")
-    for name, v in (("batch_size", batch_size), ("epochs", epochs), ("patches_per_epoch", patches_per_epoch)):
-        if int(v) < 1:
-            raise InputError(f"{name}={v}: expected a whole number >= 1")
     shapes = [im.shape for im in images]
     blocks = split_blocks(shapes, patch_size=patch, split_block_shape=split_block_shape,
                           val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
@@ -822,6 +847,19 @@ def inference_chunk_shape(shape, chunk_shape, roi_size=64, overlap=16):
     return tuple(out)
 
 
+@checked(
+    roi_size=Size(8),
+    overlap=Size(0),
+    sw_batch_size=Number(integer=True, minimum=1),
+    tta=Flag(),
+    mean=Number(nullable=True),
+    std=Number(exclusive_minimum=0, nullable=True),
+    chunk_shape=Size(8, nullable=True),
+    threshold=Number(exclusive_minimum=0, exclusive_maximum=1),
+    device=DEVICE,
+    amp=Flag(),
+    blend=Choice(("gaussian", "constant")),
+)
 def predict_volume(
     model,
     volume,
@@ -916,10 +954,6 @@ def predict_volume(
     ov = _triple_int(overlap, "overlap", minimum=0)
     if any(o >= r for o, r in zip(ov, roi)):
         raise InputError(f"overlap={list(ov)} must be smaller than roi_size={list(roi)}")
-    if not 0 < float(threshold) < 1:
-        raise InputError(f"threshold={threshold}: expected a probability in (0, 1)")
-    if blend not in ("gaussian", "constant"):
-        raise InputError(f"blend={blend!r}: expected 'gaussian' or 'constant'")
     dev = device if isinstance(device, torch.device) else torch_device(device)
     if isinstance(model, dict):
         model = load_unet(model, device=dev)
@@ -930,13 +964,7 @@ def predict_volume(
     if (mean is None) != (std is None):
         raise InputError(f"mean={mean!r}, std={std!r}: give both z-score statistics or neither "
                          "(neither: computed from the volume)")
-    if mean is not None:
-        for name, v in (("mean", mean), ("std", std)):
-            if not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
-                raise InputError(f"{name}={v!r}: expected a finite number")
-        if float(std) <= 0:
-            raise InputError(f"std={std!r}: expected a positive standard deviation")
-    else:
+    if mean is None:
         mean, std = intensity_stats(volume)
     mean, std = float(mean), float(std) if float(std) > 0 else 1.0  # a constant volume: std 0
     chunks = inference_chunk_shape(shape, chunk_shape, roi, ov)
@@ -1052,7 +1080,10 @@ def _triple_int(value, name, minimum: int = 1) -> tuple[int, int, int]:
 
 
 def _check_divisible(size: Sequence[int], strides, name: str) -> None:
+    """``size`` must pass through every down-sampling whole and reach the bottom level with more
+    than one voxel per axis (instance normalisation needs at least two)."""
     factor = int(np.prod(strides))
-    if any(s % factor for s in size):
-        raise InputError(f"{name}={list(size)} must be divisible by {factor} (the product of strides "
-                         f"{list(strides)}) on every axis, e.g. {[max(factor, s // factor * factor) for s in size]}")
+    if any(s % factor or s < 2 * factor for s in size):
+        raise InputError(f"{name}={list(size)} must be a multiple of {factor} (the product of strides "
+                         f"{list(strides)}) and at least {2 * factor} on every axis, "
+                         f"e.g. {[max(2 * factor, s // factor * factor) for s in size]}")
