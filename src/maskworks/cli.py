@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import importlib
 import inspect
@@ -36,7 +37,7 @@ ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages", "maskworks.codex.stage
 
 def geometry(vol, voxel_size=None, unit=None):
     """Voxel size/unit of a volume, overridden by the user's values when given."""
-    vs = vol.voxel_size if voxel_size in (None, "", []) else _triple(voxel_size, "voxel_size")
+    vs = voxel_size_override(voxel_size) or vol.voxel_size
     return vs, (unit or vol.unit)
 
 
@@ -44,6 +45,11 @@ def keyword_defaults(func):
     """Keyword-only defaults of a library function: the single source of CLI defaults."""
     return {k: p.default for k, p in inspect.signature(func).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def voxel_size_override(voxel_size):
+    """The (z, y, x) voxel size a user gave to replace a file's, or None."""
+    return None if voxel_size in (None, "", []) else _triple(voxel_size, "voxel_size")
 
 
 def _triple(value, name):
@@ -60,6 +66,17 @@ def _triple(value, name):
     if len(out) != 3 or not all(np.isfinite(v) and v > 0 for v in out):
         raise InputError(f"{name}={value!r}: expected one positive finite number or three (z,y,x)")
     return out
+
+
+@contextlib.contextmanager
+def about(path):
+    """Errors about the data read from ``path`` name it (a library function sees only arrays)."""
+    try:
+        yield
+    except InputError as exc:
+        if str(path) in str(exc):
+            raise
+        raise InputError(f"{path}: {exc}") from exc
 
 
 def provenance(stage, inputs, params):
@@ -114,11 +131,27 @@ def snakemake_job(snakemake):
 
 
 def _job_excepthook(rule, default, kind, exc, tb):
-    """Bad input ends a job with its message, as on the command line; anything else with a traceback."""
-    if issubclass(kind, InputError):
-        print(f"maskworks {rule}: error: {exc}", file=sys.stderr)
+    """Bad input and an output that cannot be written end a job with their message, as on the
+    command line; anything else with a traceback."""
+    message = str(exc) if issubclass(kind, InputError) else write_failure(exc)
+    if message is not None:
+        print(f"maskworks {rule}: error: {message}", file=sys.stderr)
     else:
         default(kind, exc, tb)
+
+
+# OS errors that mean "the output cannot be written here" (a person can fix them), not a bug.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_failure(exc) -> str | None:
+    """The message for an output that could not be written (full or read-only disk, no permission),
+    or None when ``exc`` is something else."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return (f"cannot write{where}: {exc.strerror or exc}; earlier outputs are left as they were - "
+                "free space or choose a writable output folder, then rerun")
+    return None
 
 
 def _inside(path, prefixes) -> bool:
@@ -240,6 +273,12 @@ def main(argv=None):
         result = args.run(args)
     except InputError as exc:
         print(f"maskworks {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = write_failure(exc)
+        if message is None:
+            raise
+        print(f"maskworks {args.command}: error: {message}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

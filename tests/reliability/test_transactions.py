@@ -150,3 +150,35 @@ def test_transaction_commits_together_or_not_at_all(tmp_path):
             with atomic_path(p) as tmp:
                 tmp.write_text(f"new {p.stem}")
     assert a.read_text() == "new a" and b.read_text() == "new b"
+
+
+def test_a_killed_training_rerun_gives_back_the_earlier_model(volume, tmp_path):
+    """SIGKILL a train-unet rerun at several points: the earlier run's five outputs are either
+    still in place or kept whole in .previous_run, and the next run puts them back first."""
+    d, out = volume, tmp_path / "model"
+    tiny = ["--channels", "4,8", "--strides", "2", "--num-res-units", "0", "--patch-size", "16",
+            "--split-block-shape", "16", "--patches-per-epoch", "2", "--val-patches", "1", "--batch-size", "1",
+            "--device", "cpu"]
+    base = [exe("maskworks"), "train-unet", out, "--images", d / "vol.tif", "--labels", d / "truth.tif", *tiny]
+    t0 = time.perf_counter()
+    run([*base, "--epochs", "4", "--seed", "1"])
+    full = time.perf_counter() - t0
+    seen = set()
+    for fraction in (0.5, 0.8):
+        run([*base, "--epochs", "1"])  # the earlier model (timings in its history differ run to run)
+        old = _state(out)
+        proc = subprocess.Popen([str(a) for a in base] + ["--epochs", "4", "--seed", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(fraction * full)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        previous = out / ".previous_run"
+        if previous.is_dir():  # killed while training: the earlier set waits there, whole
+            assert _state(previous) == old, fraction
+            seen.add("aside")
+        else:  # not started moving, or finished: one whole set
+            now = _state(out)
+            assert now == old or (set(now) == set(old) and now["metrics.json"] != old["metrics.json"]), fraction
+        run([*base, "--epochs", "1"])  # restores first, then trains the earlier model again
+        assert not previous.exists() and set(_state(out)) == set(old)
+    assert "aside" in seen  # at least one kill landed while the new model was training

@@ -324,3 +324,16 @@ def test_invariant_to_label_permutation_without_competition():
         assert same_up_to_relabelling(base[1], permuted[1]) == {k: cell_map[k] for k in np.unique(base[1]).tolist()}
         same_up_to_relabelling(base[2], permuted[2])
         assert {k: v for k, v in base[3].items()} == permuted[3]
+
+
+def test_no_nucleus_at_all_over_several_bands_gives_no_cells(monkeypatch):
+    """All-zero nuclei (a wrong nuclear channel, say) on an image of several bands: no cell
+    pairs, nothing is kept, and the metrics say so (it used to end in an IndexError)."""
+    from maskworks.codex import repair
+
+    monkeypatch.setattr(repair, "BAND_PIXELS", 64 * 16)
+    cells = np.zeros((64, 64), np.uint16)
+    cells[4:20, 4:20], cells[30:60, 10:40] = 1, 2
+    cell, nucleus, cytoplasm, metrics = repair.repair_masks(cells, np.zeros_like(cells))
+    assert not cell.any() and not nucleus.any() and not cytoplasm.any()
+    assert metrics["matched"] == 0 and metrics["cells_unmatched"] == 2 and metrics["nuclei_in"] == 0

@@ -269,7 +269,7 @@ def _merge_pairs(found, n_nuclei):
     """One (cell, nucleus, count) list from the bands' lists, counts of a pair summed."""
     cell, nuc, count = (np.concatenate([f[i] for f in found]) if found else np.zeros(0, np.int64)
                         for i in range(3))
-    if len(found) < 2:
+    if len(found) < 2 or not len(cell):  # one band, or no cell meets a nucleus at all
         return cell, nuc, count
     keys = cell * (n_nuclei + 1) + nuc
     order = np.argsort(keys, kind="stable")

@@ -49,8 +49,10 @@ On-disk layout (what each stage reads and writes)
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -60,7 +62,7 @@ import numpy as np
 from ..cli import all_or_nothing, keyword_defaults, provenance
 from ..io import InputError, atomic_path, read_volume, write_csv, write_json, write_volume
 from ..io.params import DEVICE, Choice, Choices, Mapping, Number, Text, checked
-from ..io.volumes import describe_error
+from ..io.volumes import CheckedArray, describe_error
 from .quantify import NEIGHBOURS, STATISTICS
 from .repair import boundaries, check_labels, repair_masks
 from .segment import (
@@ -559,7 +561,7 @@ def _open_patches(patches_dir):
     root = zarr.open_group(str(path), mode="r")
     if "patches" not in root or "grid" not in root.attrs:
         raise InputError(f"{path}: not a tile-image patch store (no 'patches' array or 'grid' attribute)")
-    return root["patches"], PatchGrid.from_attrs(root.attrs["grid"]), dict(root.attrs)
+    return CheckedArray(root["patches"], path), PatchGrid.from_attrs(root.attrs["grid"]), dict(root.attrs)
 
 
 def _informative(patches_dir, metadata=None):
@@ -1083,7 +1085,13 @@ def _write_h5ad(path, by_marker, meta, names, graph, mpp, params):
                        "unit": "micrometer" if mpp else "pixel"}}
     adata.uns["maskworks"] = {"image_mpp": mpp if mpp else "unknown", "spatial_unit": "micrometer" if mpp else "pixel"}
     with atomic_path(Path(path)) as tmp:
-        adata.write_h5ad(tmp)
+        try:
+            adata.write_h5ad(tmp)
+        except RuntimeError as exc:  # HDF5 reports a failed write(2) as a RuntimeError quoting errno
+            code = next((e for e in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) if f"errno = {e}," in str(exc)), None)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def _quantify_crop(img, cell, names, markers, side=QC_CROP):

@@ -52,7 +52,12 @@ def read_channel_names(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: channel names file not found")
-    lines = [ln.rstrip("\r\n") for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x} at position {exc.start}); "
+                         "save the channel names file as UTF-8") from None
+    lines = [ln.rstrip("\r\n") for ln in text.splitlines()]
     lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         raise InputError(f"{path}: no channel names (expected one per line, or a table with a header)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from ..io import (
     write_volume,
 )
 from ..io.coordinates import read_centres
-from ..io.params import DEVICE, Choice, Number, Text, checked
+from ..io.params import DEVICE, Choice, Flag, Number, Text, checked
 from .corrections import merge_corrections, plan_corrections
 from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
 
@@ -484,10 +485,12 @@ _REFINE_COLUMNS = [
     voxel_size=Number(exclusive_minimum=0, unit="angstrom"),
     save_session_id=Text(r"^[^/\\\s]+$", "a non-empty session id without slashes or spaces"),
     device=DEVICE,
+    fill_missing=Flag(),
+    allow_empty_output=Flag(),
 )
 def refine_membranes_files(
     config, *, org_info, mem_info, voxel_size=10.0, save_session_id="1", run=None, qc_dir=None,
-    stats=None, device="auto", **params,
+    stats=None, device="auto", fill_missing=False, allow_empty_output=False, **params,
 ):
     """Run :func:`maskworks.cryoet.refine.refine_membranes` on the runs of a copick project.
 
@@ -504,9 +507,13 @@ def refine_membranes_files(
     is computed.  With one run, a missing segmentation is an error at once; with
     several, the runs that have both are refined and the result's ``missing`` lists
     the others with the reason (the command line then exits 2); none at all is an
-    error.  On failure the segmentations, pictures and
-    stats this call wrote are removed again.  ``params``: the filter keywords of
-    ``refine_membranes``.
+    error.  A chunk missing from an input store is an error unless ``fill_missing``
+    (then it reads as zeros).  A run whose refinement keeps nothing is not written over
+    a non-empty earlier output unless ``allow_empty_output``: with one run that is an
+    error, with several the run is listed in ``missing`` and its row in the stats says
+    so.  The outputs are one transaction: on failure the segmentations this call
+    overwrote are put back as they were (new ones removed), and the pictures and stats
+    are left as before.  ``params``: the filter keywords of ``refine_membranes``.
     """
     from ..backend import resolve_device
     from ..io import copick as cio
@@ -543,16 +550,23 @@ def refine_membranes_files(
     with all_or_nothing(*qcs.values(), stats):
         try:
             result = _refine_membranes_files(config, jobs, org_spec, mem_spec, str(save_session_id), qcs,
-                                             stats, device, params, written, missing)
+                                             stats, device, params, written, missing,
+                                             fill_missing=fill_missing, allow_empty_output=allow_empty_output)
         except BaseException:
-            for r, name, kwargs in written:
-                cio.delete_segmentation(r, name, **kwargs)
+            for r, name, kwargs, aside in reversed(written):
+                if aside is not None:
+                    cio.put_back(aside)
+                else:
+                    cio.delete_segmentation(r, name, **kwargs)
             raise
+    for *_, aside in written:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     return {**result, "missing": missing}
 
 
 def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stats, device, params, written,
-                            missing):
+                            missing, *, fill_missing, allow_empty_output):
     from tqdm import tqdm
 
     from ..io import copick as cio
@@ -563,8 +577,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
     rows, summaries = [], []
     for r, org_seg, mem_seg in tqdm(jobs, desc="refine_membranes", unit="run", file=sys.stderr,
                                     disable=len(jobs) < 2):
-        org = cio.read_segmentation(org_seg)
-        mem = cio.read_segmentation(mem_seg)
+        org = cio.read_segmentation(org_seg, fill_missing=fill_missing)
+        mem = cio.read_segmentation(mem_seg, fill_missing=fill_missing)
         if org.shape != mem.shape:
             raise InputError(f"run {r.name}: organelles {cio.describe_segmentation(org_seg)} have shape {org.shape} "
                              f"but membranes {cio.describe_segmentation(mem_seg)} have {mem.shape}")
@@ -573,11 +587,25 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
         cio.check_label_dtype(label_dtype(bound), f"run {r.name}: refined labels")
         out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
         vs = org.voxel_size[0]
+        outputs = []
         for spec, seg, data in ((org_spec, org_seg, out_org), (mem_spec, mem_seg, out_mem)):
             kwargs = {"user_id": cio.refined_user_id(spec, seg), "session_id": session, "voxel_size": vs,
                       "kind": cio.output_type(seg)}
-            written.append((r, seg.name, kwargs))
-            cio.write_segmentation(r, seg.name, data, **kwargs)
+            outputs.append((seg.name, data, kwargs, cio.find_output(r, seg.name, **kwargs)))
+        kept_old = [f"{cio.describe_segmentation(old)}" for _, data, _, old in outputs
+                    if not np.any(data) and old is not None and not cio.is_empty(old)]
+        if kept_old and not allow_empty_output:
+            why = (f"the refinement kept nothing, and the earlier non-empty output(s) {', '.join(kept_old)} are "
+                   "not overwritten with an empty result; check the inputs and parameters, or pass "
+                   "allow_empty_output (--allow-empty-output) to write it")
+            if len(jobs) == 1:
+                raise InputError(f"run {r.name}: {why}")
+            missing[r.name] = why
+            continue
+        for name, data, kwargs, old in outputs:
+            aside = cio.set_aside(old)
+            written.append((r, name, kwargs, aside))
+            cio.write_segmentation(r, name, data, **kwargs)
         if st.get("note"):
             log.warning("refine_membranes run %s: %s", r.name, st["note"])
         run_cols = {"run": r.name, "run_membrane_voxels_in": st["membrane_voxels_in"],
@@ -603,7 +631,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
                  st["organelles_kept"], st["organelles_in"], st["membrane_voxels_in"], st["membrane_voxels_out"])
     for name, why in sorted(missing.items()):
         log.error("refine_membranes run %s not refined: %s", name, why)
-        rows.append({"run": name, "kept": False, "reason": "missing input", "note": why})
+        reason = "empty result not written" if "kept nothing" in why else "missing input"
+        rows.append({"run": name, "kept": False, "reason": reason, "note": why})
     if stats is not None:
         write_csv(stats, rows, _REFINE_COLUMNS)
     return {"runs": summaries, "stats": str(stats) if stats is not None else None,
@@ -670,6 +699,10 @@ def _add_refine(sub):
                    help="split the organelle mask into connected components first (for a binary mask)")
     p.add_argument("--membrane-output", choices=["dilated", "input"], default=d["membrane_output"],
                    help="refined membrane: the dilated near-membrane band (SABER) or only input membrane voxels")
+    p.add_argument("--fill-missing", action="store_true",
+                   help="read chunks missing from an input store as zeros (default: an error)")
+    p.add_argument("--allow-empty-output", action="store_true",
+                   help="write a result that kept nothing over a non-empty earlier output (default: refuse)")
     p.add_argument("--qc-dir", help="folder for one QC PNG per run (<run>_refine_qc.png); if not given, none")
     p.add_argument("--stats", help="stats CSV, one row per organelle; if not given, none")
     p.set_defaults(run=_run_refine)
@@ -682,7 +715,7 @@ def _run_refine(a):
         ball_size=a.ball_size, min_membrane_area=a.min_membrane_area, edge_trim_z=a.edge_trim_z,
         edge_trim_xy=a.edge_trim_xy, min_roi_relative_size=a.min_roi_relative_size,
         keep_surface_membranes=a.keep_surface_membranes, label_components=a.label_components,
-        membrane_output=a.membrane_output,
+        membrane_output=a.membrane_output, fill_missing=a.fill_missing, allow_empty_output=a.allow_empty_output,
     )
     for name, why in sorted(result["missing"].items()):
         print(f"maskworks refine-membranes: run {name} not refined: {why}", file=sys.stderr)

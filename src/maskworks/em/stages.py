@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import all_or_nothing, geometry, keyword_defaults, provenance, sibling
+from ..cli import about, all_or_nothing, geometry, keyword_defaults, provenance, sibling, voxel_size_override
 from ..io import (
     InputError,
     atomic_path,
@@ -69,7 +71,7 @@ def texture_mask_files(
 
 
 def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-    vol = read_volume(input, ndim=3, lazy=True)
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
     vs, unit = geometry(vol, voxel_size, unit)
     chunks = chunk_shape or _auto_chunks(vol.shape)
     data = vol.data if chunks is not None else vol.numpy()
@@ -79,7 +81,8 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     zchunks = chunks or (64, 256, 256)
     with create_volume(confidence, vol.shape, np.float32, vs, unit=unit, origin=vol.origin,
                        chunks=zchunks, provenance=prov) as out_conf:
-        m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, **params)
+        with about(input):
+            m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, **params)
         write_volume(mask, m, vs, unit=unit, origin=vol.origin, chunks=zchunks, provenance=prov)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     if truth:
@@ -103,7 +106,8 @@ def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, 
 def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
     vol = read_volume(input, ndim=3)
     log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
-    m, st = postprocess_mask(vol.numpy(), **params)
+    with about(input):
+        m, st = postprocess_mask(vol.numpy(), **params)
     prov = provenance("postprocess_mask", {"input": input}, params)
     write_volume(output, m, vol.voxel_size, unit=vol.unit, origin=vol.origin, provenance=prov)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vol.voxel_size), unit=vol.unit)
@@ -206,28 +210,59 @@ def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_d
     Writes ``best.pt`` (best epoch by validation Dice), ``last.pt`` (with the
     optimiser state, for ``resume``), ``history.csv`` and ``curves.png`` after
     every epoch, and ``metrics.json`` (test Dice/Jaccard and a summary) at the
-    end.  All writes are atomic.  A fresh run first removes these files from an
-    earlier run; an interrupted run keeps the checkpoints of its finished
+    end.  All writes are atomic.  The outputs of an earlier run in ``out_dir`` are kept
+    aside (in ``out_dir/.previous_run``) while this run trains and put back if it fails
+    or is killed (the next run restores them first), so a failed rerun leaves the earlier
+    result as it was.  A first run that fails keeps the checkpoints of its finished
     epochs (``resume=True`` continues from ``last.pt``) but no ``metrics.json``.
     ``params``: the keywords of ``train_unet``.
     """
     out_dir = Path(out_dir)
     pairs, sources = _training_pairs(images, labels, images_dir, labels_dir)
     paths = {name: out_dir / name for name in UNET_OUTPUTS}
+    previous = out_dir / PREVIOUS_RUN
+    _restore_previous_run(previous, paths)  # a rerun killed before it finished: the run before it comes back
     last = None
     if resume and paths["last.pt"].exists():
         last = load_checkpoint(paths["last.pt"])
         log.info("train_unet: resuming from %s (epoch %s)", paths["last.pt"], last.get("epoch"))
-    else:
-        if resume:
-            log.warning("train_unet: resume asked for but %s does not exist; starting afresh", paths["last.pt"])
-        for p in paths.values():
-            if p.exists():
-                log.info("train_unet: removing %s of an earlier run", p)
-                p.unlink()
+    elif resume:
+        log.warning("train_unet: resume asked for but %s does not exist; starting afresh", paths["last.pt"])
+    earlier = [p for p in paths.values() if p.exists()]
+    if earlier:  # kept aside until this run has finished, and put back if it fails
+        previous.mkdir(parents=True, exist_ok=True)
+        for p in earlier:
+            log.info("train_unet: keeping %s of an earlier run aside in %s until this run ends", p.name, previous)
+            (shutil.copy2 if last is not None else os.replace)(p, previous / p.name)
     paths["metrics.json"].unlink(missing_ok=True)
+    try:
+        metrics = _train_unet_files(pairs, sources, paths, last, params)
+    except BaseException:
+        _restore_previous_run(previous, paths)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+    return metrics
+
+
+# Folder (inside out_dir) holding an earlier run's outputs while train-unet runs again.
+PREVIOUS_RUN = ".previous_run"
+
+
+def _restore_previous_run(previous: Path, paths: dict) -> None:
+    """Put the outputs of the run before back in place of a failed or killed run's."""
+    if not previous.is_dir():
+        return
+    log.info("train_unet: restoring the outputs of the earlier run from %s", previous)
+    for p in paths.values():
+        p.unlink(missing_ok=True)
+    for f in previous.iterdir():
+        os.replace(f, previous.parent / f.name)
+    previous.rmdir()
+
+
+def _train_unet_files(pairs, sources, paths, last, params):
     log.info("train_unet: %d training volume(s) %s -> %s, params=%s", len(pairs),
-             [tuple(np.shape(im)) for im, _ in pairs], out_dir, params)
+             [tuple(np.shape(im)) for im, _ in pairs], paths["best.pt"].parent, params)
 
     def on_epoch(row, last_ckpt, best_ckpt):
         save_checkpoint(paths["last.pt"], last_ckpt)
@@ -251,12 +286,20 @@ def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_d
 
 
 def save_checkpoint(path, checkpoint: dict) -> Path:
-    """``torch.save`` a checkpoint dictionary atomically."""
+    """``torch.save`` a checkpoint dictionary atomically.
+
+    Serialised in memory first and written with Python's own file I/O, so that a full or
+    read-only disk is an ``OSError`` naming the file (torch's writer says only "basic_ios::clear").
+    """
+    import io
+
     import torch
 
     path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        tmp.write_bytes(buffer.getbuffer())
     return path
 
 
@@ -391,7 +434,7 @@ def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, 
 
 
 def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-    vol = read_volume(input, ndim=3, lazy=True)
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
     vs, unit = geometry(vol, voxel_size, unit)
     ckpt = load_checkpoint(checkpoint)
     chunks = chunk_shape or _auto_chunks(vol.shape)
@@ -407,7 +450,8 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
     geom = {"unit": unit, "origin": vol.origin, "chunks": zchunks, "provenance": prov}
     with create_volume(prob, vol.shape, np.float16, vs, **geom) as out_p, \
             create_volume(mask, vol.shape, np.uint8, vs, **geom) as out_m:
-        _, _, st = predict_volume(ckpt, data, chunk_shape=chunks, out_prob=out_p, out_mask=out_m, **params)
+        with about(input):
+            _, _, st = predict_volume(ckpt, data, chunk_shape=chunks, out_prob=out_p, out_mask=out_m, **params)
     st.update(input=str(input), checkpoint=str(checkpoint), checkpoint_epoch=ckpt.get("epoch"),
               shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     mask_vol = read_volume(staged(mask), ndim=3, lazy=True)

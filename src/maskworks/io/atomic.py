@@ -139,9 +139,11 @@ def transaction(*targets):
     token = _ACTIVE.set(txn)
     try:
         yield txn
-    except BaseException:
+    except BaseException as exc:
         for tmp in txn.staged.values():
             _remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None and paths:
+            exc.filename = str(paths[0].parent)  # "no space left" names no file: the outputs' folder
         raise
     finally:
         _ACTIVE.reset(token)
@@ -171,6 +173,8 @@ def atomic_path(target: str | os.PathLike):
             txn.staged[key] = tmp
         else:
             _swap_in(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         _remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            exc.filename = str(target)
         raise

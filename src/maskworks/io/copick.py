@@ -14,12 +14,13 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .volumes import InputError, Volume
+from .volumes import InputError, Volume, describe_error
 
 log = logging.getLogger("maskworks")
 
@@ -214,9 +215,31 @@ def input_stores(root, run: str, infos, voxel_size: float) -> list[str]:
 
 
 @_keeps_logging
-def read_segmentation(seg) -> Volume:
-    """A copick segmentation (pyramid level 0) as a (z, y, x) :class:`Volume` in ångström."""
-    data = np.asarray(seg.numpy())
+def read_segmentation(seg, *, fill_missing: bool = False) -> Volume:
+    """A copick segmentation (pyramid level 0) as a (z, y, x) :class:`Volume` in ångström.
+
+    A chunk missing from the store (deleted, or never written by an interrupted writer) is an
+    error: Zarr would read it as zeros, and every organelle in it would silently disappear.
+    ``fill_missing=True`` reads missing chunks as zeros (a store written without its empty
+    chunks).  A chunk that cannot be decoded is always an error.
+    """
+    where = local_store(seg) or describe_segmentation(seg)
+    try:
+        import zarr
+
+        level = zarr.open(seg.zarr(), mode="r")["0"]
+        missing = int(level.nchunks) - int(level.nchunks_initialized)
+        if missing and not fill_missing:
+            raise InputError(
+                f"copick segmentation {describe_segmentation(seg)} ({where}): {missing} of {level.nchunks} "
+                "chunks are missing from the store, so part of it would read as zeros; restore the store, "
+                "or pass fill_missing (--fill-missing) if it was written without its empty chunks")
+        data = np.asarray(level[...])
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"copick segmentation {describe_segmentation(seg)} ({where}) cannot be read: "
+                         f"{describe_error(exc)}") from exc
     if data.ndim != 3:
         raise InputError(f"copick segmentation {describe_segmentation(seg)} has shape {data.shape}; "
                          "a 3-D (z, y, x) volume is needed")
@@ -338,6 +361,58 @@ def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, sessio
         raise RuntimeError(f"copick stored {describe_segmentation(seg)} as {stored.dtype} {stored.shape}, "
                            f"not {data.dtype} {data.shape}")
     return seg
+
+
+def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: float, kind: str = "multilabel"):
+    """The segmentation :func:`write_segmentation` would overwrite, or None."""
+    run.refresh_segmentations()
+    for seg in run.segmentations:
+        if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind) \
+                and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE:
+            return seg
+    return None
+
+
+_ASIDE = ".maskworks-previous"
+
+
+def set_aside(seg) -> Path | None:
+    """Copy the local store of an output about to be overwritten to a hidden sibling, so that a
+    failed run can :func:`put_back` the previous result; None for a store that is not on this
+    machine.  A copy left by a killed run is put back first (its run did not finish)."""
+    store = local_store(seg) if seg is not None else None
+    if store is None:
+        return None
+    store = Path(store)
+    aside = store.with_name(f".{store.name}{_ASIDE}")
+    if aside.is_dir():
+        put_back(aside)
+    tmp = aside.with_name(aside.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(store, tmp)
+    os.replace(tmp, aside)
+    return aside
+
+
+def put_back(aside: Path) -> None:
+    """Restore the store :func:`set_aside` copied (replacing what is there now)."""
+    target = aside.with_name(aside.name[1:].removesuffix(_ASIDE))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(aside, target)
+
+
+def is_empty(seg) -> bool:
+    """Whether a stored segmentation holds no label (0 everywhere, or no data written)."""
+    import zarr
+
+    level = zarr.open(seg.zarr(), mode="r")["0"]
+    return not level.nchunks_initialized or not any(np.any(level[sl]) for sl in _slabs_of(level))
+
+
+def _slabs_of(level):
+    step = max(1, int(level.chunks[0]))
+    return [slice(z, min(z + step, level.shape[0])) for z in range(0, level.shape[0], step)]
 
 
 @_keeps_logging

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def read_volume(
     ndim: int | None = None,
     lazy: bool = False,
     check_finite: bool = True,
+    voxel_size=None,
 ) -> Volume:
     """Read a volume or image with its voxel size, unit and origin.
 
@@ -164,6 +166,10 @@ def read_volume(
         memory-mapped.  Other formats are always read into memory.
     check_finite : bool
         Fail on NaN or Inf in floating-point data (scanned block-wise for Zarr).
+    voxel_size : float or sequence of float, optional
+        Use this (z, y, x) voxel size instead of the header's (the ``--voxel-size``
+        override).  Without it, a header voxel size that is not a positive finite
+        number is an error naming the file (an MRC header's 0, "not set", reads as 1).
 
     Returns
     -------
@@ -182,6 +188,11 @@ def read_volume(
     vol.path = path
     if ndim is not None and vol.ndim != ndim:
         vol = _squeeze_to(vol, ndim)
+    if voxel_size is not None:
+        vol.voxel_size = _tuple(voxel_size, vol.ndim, "voxel_size")
+    if not all(math.isfinite(v) and v > 0 for v in vol.voxel_size):
+        raise InputError(f"{path}: the header's voxel size {vol.voxel_size} is not positive and finite; "
+                         "fix the header, or give the voxel size (--voxel-size / voxel_size)")
     if check_finite and vol.dtype.kind in "fc":
         _check_finite(vol)
     return vol
@@ -249,7 +260,7 @@ def _read_mrc(path: Path, lazy: bool) -> Volume:
         raise InputError(f"{path}: MRC file holds no data")
     nd = data.ndim
     unit = "angstrom"
-    if not all(v > 0 for v in vs_xyz[:nd]):
+    if all(v == 0 for v in vs_xyz[:nd]):  # MRC2014: a zero cell size means "not set"
         vs_xyz, unit = (1.0, 1.0, 1.0), None
     return Volume(data, vs_xyz[:nd][::-1], unit, origin_xyz[:nd][::-1])
 
