@@ -70,7 +70,8 @@ def _triple(value, name):
 
 @contextlib.contextmanager
 def about(path):
-    """Errors about the data read from ``path`` name it (a library function sees only arrays)."""
+    """Errors about the data read from ``path`` (a file, or a copick run) name it: a library
+    function sees only arrays."""
     try:
         yield
     except InputError as exc:

@@ -224,6 +224,20 @@ def _delete_copick_chunk(project: Path):
     next(p for p in sorted((store / "0").rglob("*")) if p.is_file() and not p.name.startswith(".")).unlink()
 
 
+def _labels(dtype, value, nuclei=(64, 64)):
+    """repair-masks on one image pair: cells holding ``value`` in ``dtype``, nuclei of shape ``nuclei``."""
+    def edit(args, env, bad):
+        cells = np.zeros((64, 64), dtype)
+        cells[10:30, 10:30] = value
+        nuc = np.zeros(nuclei, np.uint16)
+        nuc[15:25, 15:25] = 1
+        tifffile.imwrite(bad / "cells.tif", cells)
+        tifffile.imwrite(bad / "nuclei.tif", nuc)
+        return ["repair-masks", "--cells", str(bad / "cells.tif"), "--nuclei", str(bad / "nuclei.tif"),
+                "--out", args[args.index("--out") + 1]]
+    return edit
+
+
 CASES = [
     # texture-mask
     Case("texture-mask", "truncated", "TIFF cut in half", _with_file("vol.tif", _truncate), "{bad}/vol.tif"),
@@ -304,6 +318,10 @@ CASES = [
          "min_nucleus_distance=0"),
     # repair-masks
     Case("repair-masks", "truncated", "label NPZ cut", _with_file("seg", _npz_truncated), "patch_"),
+    Case("repair-masks", "wrong dtype", "negative cell labels", _labels(np.int32, -3), "{bad}/cells.tif"),
+    Case("repair-masks", "wrong dtype", "float cell labels", _labels(np.float32, 1.5), "{bad}/cells.tif"),
+    Case("repair-masks", "shape mismatch", "nuclei of another shape", _labels(np.uint16, 1, nuclei=(40, 40)),
+         "{bad}/nuclei.tif"),
     # stitch
     Case("stitch", "truncated", "label NPZ cut", _with_file("rep", _npz_truncated), "patch_"),
     Case("stitch", "parameter", "--duplicate-overlap -1", _extra("--duplicate-overlap", "-1"),

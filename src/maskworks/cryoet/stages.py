@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import all_or_nothing, keyword_defaults, provenance
+from ..cli import about, all_or_nothing, keyword_defaults, provenance
 from ..io import (
     InputError,
     atomic_path,
@@ -585,7 +585,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
         # The widest label the outputs can hold must be writable before any computing.
         bound = int(np.count_nonzero(org.data)) if params.get("label_components") else int(org.data.max(initial=0))
         cio.check_label_dtype(label_dtype(bound), f"run {r.name}: refined labels")
-        out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
+        with about(f"run {r.name}"):
+            out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
         vs = org.voxel_size[0]
         outputs = []
         for spec, seg, data in ((org_spec, org_seg, out_org), (mem_spec, mem_seg, out_mem)):
