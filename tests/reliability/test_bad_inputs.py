@@ -132,9 +132,14 @@ def env(tmp_path_factory):
 
 def _copy_project(src: Path, dest: Path) -> None:
     shutil.copytree(src, dest)
-    cfg = dest / "copick_config.json"
+    _point_project_at(dest)
+
+
+def _point_project_at(project: Path) -> None:
+    """A copied copick project's config names its own folder as the overlay."""
+    cfg = project / "copick_config.json"
     data = json.loads(cfg.read_text())
-    data["overlay_root"] = f"local://{dest}"
+    data["overlay_root"] = f"local://{project}"
     cfg.write_text(json.dumps(data))
 
 
@@ -340,10 +345,7 @@ RESULTS: list[tuple] = []
 def _refine_copy(env, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(env["golden"] / "refine-membranes", out)
-    cfg = out / "copick" / "copick_config.json"
-    data = json.loads(cfg.read_text())
-    data["overlay_root"] = f"local://{out / 'copick'}"
-    cfg.write_text(json.dumps(data))
+    _point_project_at(out / "copick")
     return out, _fmt(STAGES["refine-membranes"], **{"in": env["in"], "out": out, "bad": tmp_path})
 
 
@@ -391,10 +393,7 @@ def test_bad_input(env, tmp_path, capsys, case):
     bad.mkdir()
     shutil.copytree(env["golden"] / case.stage, out)
     if case.stage == "refine-membranes":
-        cfg = out / "copick" / "copick_config.json"
-        data = json.loads(cfg.read_text())
-        data["overlay_root"] = f"local://{out / 'copick'}"
-        cfg.write_text(json.dumps(data))
+        _point_project_at(out / "copick")
     _bad_side_files(env, bad)
     where = {"in": env["in"], "out": out, "bad": bad}
     args = case.edit(_fmt(STAGES[case.stage], **where), env, bad)
@@ -451,10 +450,7 @@ def test_an_output_folder_that_cannot_be_written(env, tmp_path, tmpfs, capsys, s
     for p in golden.iterdir():
         (shutil.copytree if p.is_dir() else shutil.copy2)(p, out / p.name)
     if stage == "refine-membranes":
-        cfg = out / "copick" / "copick_config.json"
-        data = json.loads(cfg.read_text())
-        data["overlay_root"] = f"local://{out / 'copick'}"
-        cfg.write_text(json.dumps(data))
+        _point_project_at(out / "copick")
     if disk == "read-only":
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
     before = _state(out)
