@@ -147,11 +147,16 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 def write_failure(exc) -> str | None:
     """The message for an output that could not be written (full or read-only disk, no permission),
-    or None when ``exc`` is something else."""
-    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-        where = f" {exc.filename}" if exc.filename else ""
-        return (f"cannot write{where}: {exc.strerror or exc}; earlier outputs are left as they were - "
-                "free space or choose a writable output folder, then rerun")
+    or None when ``exc`` is something else.  Libraries that turn the OSError into their own error
+    (zarr: a KeyError) keep it as the cause, so the chain is searched."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            where = f" {exc.filename}" if exc.filename else ""
+            return (f"cannot write{where}: {exc.strerror or exc}; earlier outputs are left as they were - "
+                    "free space or choose a writable output folder, then rerun")
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -275,7 +280,7 @@ def main(argv=None):
     except InputError as exc:
         print(f"maskworks {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except Exception as exc:
         message = write_failure(exc)
         if message is None:
             raise

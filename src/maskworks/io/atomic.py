@@ -28,10 +28,14 @@ _ACTIVE = contextvars.ContextVar("maskworks_transaction", default=None)
 
 
 def _remove(path: Path) -> None:
+    """Remove staging, best effort: on a read-only or vanished folder it must not hide the error
+    that brought us here (what it cannot remove, the next run's :func:`remove_stale` does)."""
+    if not os.path.lexists(path):
+        return
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
 
 
@@ -175,6 +179,10 @@ def atomic_path(target: str | os.PathLike):
             _swap_in(tmp, target)
     except BaseException as exc:
         _remove(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
-            exc.filename = str(target)
+        cause = exc
+        while cause is not None:  # the user knows the target, not its hidden staging name
+            if isinstance(cause, OSError) and cause.errno is not None and \
+                    (cause.filename is None or str(cause.filename).startswith(str(tmp))):
+                cause.filename = str(target)
+            cause = cause.__cause__ or cause.__context__
         raise
