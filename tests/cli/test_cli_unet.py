@@ -86,6 +86,19 @@ def test_predict_writes_probability_mask_stats_and_qc(data, trained, tmp_path, e
     assert (tmp_path / "mask_qc.png").stat().st_size > 1000
 
 
+def test_predict_blend_constant_on_the_command_line(data, trained, tmp_path):
+    """--blend constant (Catena's plain average) reaches the library: recorded in the stats and a
+    different probability where windows overlap than the default gaussian blend."""
+    probs = {}
+    for blend in ("gaussian", "constant"):
+        out = tmp_path / blend / "mask.tif"
+        assert main(["predict-unet", str(data / "img.zarr"), str(trained / "best.pt"), str(out), "--roi-size", "16",
+                     "--overlap", "8", "--device", "cpu", "--blend", blend]) == 0
+        assert json.loads((tmp_path / blend / "mask_stats.json").read_text())["blend"] == blend
+        probs[blend] = read_volume(tmp_path / blend / "mask_prob.zarr").numpy().astype(np.float32)
+    assert not np.array_equal(probs["gaussian"], probs["constant"])
+
+
 def test_train_from_a_folder_of_patch_pairs(tmp_path):
     from maskworks.demo import make_em_volume
 

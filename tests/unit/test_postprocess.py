@@ -198,3 +198,23 @@ def test_mask_overlap_known_answer_and_ignore():
     assert mask_overlap(np.zeros((2, 2)), np.zeros((2, 2)))["dice"] == 1.0
     with pytest.raises(InputError):
         mask_overlap(np.zeros((2, 2)), np.zeros((3, 2)))
+
+
+def test_per_slice_hole_fill_closes_a_tube_open_at_the_faces():
+    """A tube along z: its lumen touches the top and bottom faces, so the 3-D fill leaves it; the
+    per-slice fill across z closes it in every section (Catena's filled outline), and across x
+    (where the wall is two stripes) fills nothing."""
+    z, y, x = np.ogrid[:12, :32, :32]
+    r = np.sqrt((y - 16.0) ** 2 + (x - 16.0) ** 2)
+    tube = np.broadcast_to((r >= 6) & (r <= 9), (12, 32, 32)).astype(np.uint8)
+    lumen = np.broadcast_to(r < 6, (12, 32, 32))
+    kw = {"opening_radius": 0, "keep_largest": False}
+    plain, st = postprocess_mask(tube, **kw)
+    assert not plain[lumen].any() and st["holes_filled"] == 0 and st["holes_filled_2d"] == 0
+    filled, st = postprocess_mask(tube, fill_holes_2d="z", **kw)
+    assert filled[lumen].all() and st["holes_filled_2d"] == int(lumen.sum())
+    np.testing.assert_array_equal(filled, (tube | lumen).astype(np.uint8))
+    across_x, st = postprocess_mask(tube, fill_holes_2d="x", **kw)
+    np.testing.assert_array_equal(across_x, tube)
+    with pytest.raises(InputError, match="fill_holes_2d='w'"):
+        postprocess_mask(tube, fill_holes_2d="w")

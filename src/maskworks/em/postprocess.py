@@ -6,7 +6,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError
-from maskworks.io.params import Flag, Number, checked
+from maskworks.io.params import Choice, Flag, Number, checked
+
+# The axis of the slices that ``fill_holes_2d`` fills, by name.
+SLICE_AXES = {"z": 0, "y": 1, "x": 2}
 
 # A ball radius beyond this is no clean-up any more (and its structuring element alone would be huge).
 MAX_RADIUS = 50
@@ -18,6 +21,7 @@ MAX_RADIUS = 50
     grow_radius=Number(integer=True, minimum=-MAX_RADIUS, maximum=MAX_RADIUS, unit="voxels; < 0 shrinks"),
     keep_largest=Flag(),
     fill_holes=Flag(),
+    fill_holes_2d=Choice(tuple(SLICE_AXES), nullable=True),
 )
 def postprocess_mask(
     mask,
@@ -27,6 +31,7 @@ def postprocess_mask(
     fill_holes: bool = True,
     grow_radius: int = 0,
     closing_radius: int = 0,
+    fill_holes_2d: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Post-process a binary segmentation mask in 3-D (or 2-D).
 
@@ -49,6 +54,11 @@ def postprocess_mask(
     closing_radius : int
         Radius in voxels of the ball for a binary closing that bridges small
         gaps before anything else; 0 turns it off.
+    fill_holes_2d : {"z", "y", "x"} or None
+        After the 3-D fill, also fill the holes of every 2-D slice across this
+        axis (background 4-connected regions that touch no edge of the slice):
+        a tissue outline closed in each section is filled even where the hole
+        opens to a neighbouring section.  None: no per-slice fill.
 
     Returns
     -------
@@ -115,6 +125,9 @@ def postprocess_mask(
         holes = _holes(fg)
         holes_filled = int(np.count_nonzero(holes))
         fg |= holes
+    holes_filled_2d = 0
+    if fill_holes_2d is not None:
+        holes_filled_2d = _fill_slices(fg, SLICE_AXES[fill_holes_2d] if fg.ndim == 3 else None)
 
     if grow_radius > 0:
         fg = _dilate(fg, grow_radius)
@@ -133,6 +146,8 @@ def postprocess_mask(
         "components_removed": int(components_removed),
         "components_out": int(ndi.label(fg, structure=full)[1]),
         "holes_filled": holes_filled,
+        "holes_filled_2d": holes_filled_2d,
+        "fill_holes_2d": fill_holes_2d,
         "opening_radius": opening_radius,
         "keep_largest": bool(keep_largest),
         "fill_holes": bool(fill_holes),
@@ -179,6 +194,27 @@ def _erode(fg: np.ndarray, r: int) -> np.ndarray:
     else:
         out[box] = ndi.distance_transform_edt(crop) > r
     return out
+
+
+def _fill_slices(fg: np.ndarray, axis: int | None) -> int:
+    """Fill the 2-D holes of every slice of ``fg`` across ``axis`` in place (None: ``fg`` is one
+    2-D slice); returns the voxels filled."""
+    if axis is None:
+        holes = _holes(fg)
+        fg |= holes
+        return int(np.count_nonzero(holes))
+    filled = 0
+    for i in range(fg.shape[axis]):
+        plane = np.take(fg, i, axis=axis)
+        if plane.any() and not plane.all():
+            holes = _holes(plane)
+            n = int(np.count_nonzero(holes))
+            if n:
+                index = [slice(None)] * fg.ndim
+                index[axis] = i
+                fg[tuple(index)] |= holes
+                filled += n
+    return filled
 
 
 def _holes(fg: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from ..io.atomic import staged
 from ..io.params import Flag, Size, checked
 from ..io.qc import save_orthoslices
 from ..io.volumes import describe_error
-from .postprocess import mask_overlap, postprocess_mask
+from .postprocess import SLICE_AXES, mask_overlap, postprocess_mask
 from .texture import texture_mask
 from .unet import CHECKPOINT_FORMAT as UNET_FORMAT
 from .unet import NORMALIZATIONS, inference_chunk_shape, predict_volume, train_unet, training_labels
@@ -180,6 +180,8 @@ def _add_postprocess(sub):
                    help="fill holes that do not touch the volume faces")
     p.add_argument("--grow-radius", type=int, default=d["grow_radius"],
                    help="dilate (>0) or erode (<0) by this many voxels at the end")
+    p.add_argument("--fill-holes-2d", choices=list(SLICE_AXES), default=d["fill_holes_2d"],
+                   help="also fill the holes of every 2-D slice across this axis (z: each section)")
     p.set_defaults(run=_run_postprocess)
 
 
@@ -189,6 +191,7 @@ def _run_postprocess(a):
         a.input, out, stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"),
         image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
         keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
+        fill_holes_2d=a.fill_holes_2d,
     )
 
 
@@ -577,6 +580,8 @@ def _add_predict(sub):
     p.add_argument("--chunk-shape", help="'z,y,x' block for out-of-core inference; if not given, automatic")
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda | cuda:N")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
+    p.add_argument("--blend", choices=["gaussian", "constant"], default=d["blend"],
+                   help="weights of overlapping windows: gaussian (MONAI's, less seam) or constant (Catena's)")
     p.set_defaults(run=_run_predict)
 
 
@@ -587,7 +592,7 @@ def _run_predict(a):
         stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"), truth=a.truth,
         voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape, roi_size=a.roi_size, overlap=a.overlap,
         sw_batch_size=a.sw_batch_size, tta=a.tta, threshold=a.threshold, mean=a.mean, std=a.std,
-        device=a.device, amp=a.amp,
+        device=a.device, amp=a.amp, blend=a.blend,
     )
 
 
