@@ -300,3 +300,20 @@ def test_inference_chunk_shape_rounds_to_window_steps():
     assert unet.inference_chunk_shape((500, 500, 500), (100, 130, 20), 64, 16) == (96, 96, 48)
     assert unet.inference_chunk_shape((30, 500, 500), 256, 64, 16) == (30, 240, 240)
     assert unet.inference_chunk_shape((30, 30, 30), None) is None
+
+
+def test_automatic_patches_per_epoch_covers_the_train_blocks_once():
+    blocks = unet.split_blocks([(32, 64, 64)], patch_size=16, split_block_shape=16, val_fraction=0.25,
+                               test_fraction=0.25, seed=0)
+    train = sum(1 for _, split in blocks[0] if split == "train")
+    assert unet.auto_patches_per_epoch(blocks, (16, 16, 16)) == train  # one 16³ block = one 16³ patch
+    assert unet.auto_patches_per_epoch(blocks, (16, 16, 16), batch_size=64) == 64  # at least one batch
+    big = unet.split_blocks([(1024, 1024, 1024)], patch_size=16, split_block_shape=256, seed=0)
+    assert unet.auto_patches_per_epoch(big, (16, 16, 16)) == unet.MAX_AUTO_PATCHES
+
+
+def test_training_without_patches_per_epoch_draws_the_automatic_number(em):
+    image, truth = em
+    tiny = {k: v for k, v in TINY.items() if k != "patches_per_epoch"}
+    _, history, metrics = unet.train_unet([(image, truth)], epochs=1, **tiny)
+    assert history and np.isfinite(history[0]["train_loss"])

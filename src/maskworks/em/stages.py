@@ -516,7 +516,7 @@ def _add_train(sub):
                    help="blocks given whole to train/val/test; None: the patch size")
     g.add_argument("--val-fraction", type=float, default=d["val_fraction"], help="share of blocks for validation")
     g.add_argument("--test-fraction", type=float, default=d["test_fraction"], help="share of blocks for the test")
-    g.add_argument("--patches-per-epoch", type=int, default=d["patches_per_epoch"], help="training patches per epoch")
+    g.add_argument("--patches-per-epoch", type=int, default=d["patches_per_epoch"], help="training patches per epoch; if not given, enough to cover the train blocks once (at most 4096)")
     g.add_argument("--val-patches", type=int, default=d["val_patches"], help="fixed validation patches")
     g.add_argument("--foreground-fraction", type=float, default=d["foreground_fraction"],
                    help="share of training patches forced to contain foreground")

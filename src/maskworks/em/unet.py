@@ -15,6 +15,7 @@ Labels follow the training convention of the workflow: 0 background,
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ import numpy as np
 
 from maskworks.io import InputError, iter_blocks, progress_reporter
 from maskworks.io.params import DEVICE, Choice, Flag, Number, NumberList, Size, checked
+
+log = logging.getLogger("maskworks")
 
 NORMALIZATIONS = ("patch", "volume")
 IGNORE = 2  # training label meaning "no loss here" (patch borders, padding, Ignore masks)
@@ -247,6 +250,19 @@ def split_blocks(shapes, *, patch_size=64, split_block_shape=None, val_fraction:
     return [[(sl, split[(i, j)]) for j, sl in enumerate(bl)] for i, bl in enumerate(blocks)]
 
 
+# The automatic patches_per_epoch is capped here (an epoch of a huge volume still ends).
+MAX_AUTO_PATCHES = 4096
+
+
+def auto_patches_per_epoch(blocks, patch, batch_size: int = 1) -> int:
+    """Patches per epoch that cover the train blocks of ``blocks`` (:func:`split_blocks`) about once:
+    their voxels over a patch's voxels, at least one batch, at most ``MAX_AUTO_PATCHES``."""
+    voxels = sum(int(np.prod([s.stop - s.start for s in box])) for vol in blocks for box, split in vol
+                 if split == "train")
+    n = -(-voxels // int(np.prod(patch)))
+    return int(min(MAX_AUTO_PATCHES, max(int(batch_size), n)))
+
+
 def split_map(shape, blocks) -> np.ndarray:
     """uint8 volume of ``shape`` with each voxel's split: 0 train, 1 val, 2 test."""
     out = np.zeros(shape, np.uint8)
@@ -452,7 +468,7 @@ _PROB = Number(minimum=0, maximum=1)
     split_block_shape=Size(8, nullable=True),
     val_fraction=Number(minimum=0, maximum=0.5),
     test_fraction=Number(minimum=0, maximum=0.5),
-    patches_per_epoch=Number(integer=True, minimum=1),
+    patches_per_epoch=Number(integer=True, minimum=1, nullable=True),
     val_patches=Number(integer=True, minimum=1),
     foreground_fraction=_PROB,
     normalization=Choice(NORMALIZATIONS),
@@ -478,7 +494,7 @@ def train_unet(
     split_block_shape=None,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
-    patches_per_epoch: int = 64,
+    patches_per_epoch: int | None = None,
     val_patches: int = 16,
     foreground_fraction: float = 0.0,
     normalization: str = "patch",
@@ -513,8 +529,11 @@ def train_unet(
         Training patch; divisible by the product of ``strides``.
     split_block_shape, val_fraction, test_fraction
         The leakage-free split (:func:`split_blocks`).
-    patches_per_epoch : int
+    patches_per_epoch : int or None
         Training patches per epoch, drawn anew every epoch inside the train blocks.
+        None: as many as the train blocks hold patches side by side (their voxels
+        over the patch's, at least ``batch_size`` and at most ``MAX_AUTO_PATCHES``),
+        so that an epoch sees the training data about once whatever its size.
     val_patches : int
         Validation patches, drawn once inside the val blocks (0: no validation).
     foreground_fraction : float
@@ -594,6 +613,9 @@ def train_unet(
     train_sampler = PatchSampler(shapes, blocks, "train", patch, labels=labels if foreground_fraction > 0 else None,
                                  seed=seed)
     val_sampler = PatchSampler(shapes, blocks, "val", patch)
+    if patches_per_epoch is None:
+        patches_per_epoch = auto_patches_per_epoch(blocks, patch, batch_size)
+        log.info("train_unet: %d patches per epoch (the train blocks' volume over a patch's)", patches_per_epoch)
     dev = torch_device(device)
     use_amp = bool(amp) and dev.type == "cuda"
     config = {"channels": list(channels), "strides": list(strides), "num_res_units": int(num_res_units),
