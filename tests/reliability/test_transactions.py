@@ -164,7 +164,7 @@ def test_a_killed_training_rerun_gives_back_the_earlier_model(volume, tmp_path):
     run([*base, "--epochs", "4", "--seed", "1"])
     full = time.perf_counter() - t0
     seen = set()
-    for fraction in (0.5, 0.8):
+    for fraction in (0.6,):  # past reading the inputs and setting the earlier set aside, before the end
         run([*base, "--epochs", "1"])  # the earlier model (timings in its history differ run to run)
         old = _state(out)
         proc = subprocess.Popen([str(a) for a in base] + ["--epochs", "4", "--seed", "1"],
