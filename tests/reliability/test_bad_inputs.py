@@ -159,10 +159,6 @@ def _copy_in(env, bad: Path, name: str) -> Path:
     return dst
 
 
-def _swap(args, old, new):
-    return [new if a == old else a for a in args]
-
-
 @dataclass
 class Case:
     stage: str

@@ -344,8 +344,7 @@ def checked(*inherit, **specs):
     ``specs`` maps keyword names to specifications; ``inherit`` names other checked functions
     whose specifications apply to keywords of the same name (a stage runner that passes
     ``**params`` on to a library function).  The wrapped function checks every declared keyword
-    it is given, inside ``**kwargs`` too, before its body runs; ``func.check(**kwargs)`` runs the
-    same check alone and returns the checked values.
+    it is given, inside ``**kwargs`` too, before its body runs.
     """
     def decorate(func):
         merged = {}
@@ -375,15 +374,7 @@ def checked(*inherit, **specs):
             check(bound.arguments)
             return func(*bound.args, **bound.kwargs)
 
-        def check_only(**kwargs):
-            arguments = {k: v for k, v in kwargs.items() if k in sig.parameters and k != varkw}
-            if varkw:
-                arguments[varkw] = {k: v for k, v in kwargs.items() if k not in arguments}
-            out = check(arguments)
-            return {**{k: v for k, v in out.items() if k != varkw}, **out.get(varkw, {})}
-
         wrapper.params = merged
-        wrapper.check = check_only
         return wrapper
 
     return decorate
