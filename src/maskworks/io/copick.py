@@ -363,14 +363,18 @@ def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, sessio
     return seg
 
 
-def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: float, kind: str = "multilabel"):
-    """The segmentation :func:`write_segmentation` would overwrite, or None."""
+def _outputs(run, name, user_id, session_id, voxel_size, kind) -> list:
+    """The stored segmentations with exactly the keys :func:`write_segmentation` writes."""
     run.refresh_segmentations()
-    for seg in run.segmentations:
-        if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind) \
-                and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE:
-            return seg
-    return None
+    return [seg for seg in run.segmentations
+            if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind)
+            and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE]
+
+
+def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: float, kind: str = "multilabel"):
+    """The segmentation :func:`write_segmentation` would overwrite (the overlay's), or None."""
+    hits = _outputs(run, name, user_id, session_id, voxel_size, kind)
+    return next((seg for seg in hits if not getattr(seg, "read_only", False)), hits[0] if hits else None)
 
 
 _ASIDE = ".maskworks-previous"
@@ -420,11 +424,8 @@ def delete_segmentation(run, name: str, *, user_id: str, session_id: str, voxel_
                         kind: str = "multilabel") -> None:
     """Remove one segmentation that :func:`write_segmentation` (re)wrote, after a failure."""
     try:
-        run.refresh_segmentations()
-        for seg in list(run.segmentations):
-            if (seg.name, seg.user_id, seg.session_id, segmentation_type(seg)) == (name, user_id, str(session_id), kind) \
-                    and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE \
-                    and not getattr(seg, "read_only", False):  # never anything outside the overlay
+        for seg in _outputs(run, name, user_id, session_id, voxel_size, kind):
+            if not getattr(seg, "read_only", False):  # never anything outside the overlay
                 seg.delete()
     except Exception as exc:  # report, do not mask the error that brought us here
         log.warning("run %s: could not remove segmentation %s of %s/%s: %s", run.name, name, user_id,
