@@ -30,6 +30,14 @@ log = logging.getLogger("maskworks")
 
 # Modules with an ``add_commands(subparsers)``; imported when the parser is built.
 ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages", "maskworks.codex.stages"]
+# The commands each arm registers: a run of one stage imports only its arm (each arm pulls in
+# its own libraries), the full parser (``--help``, an unknown command) imports them all.
+COMMANDS = {
+    "maskworks.em.stages": ("texture-mask", "postprocess-mask", "train-unet", "predict-unet"),
+    "maskworks.cryoet.stages": ("extract-patches", "merge-corrections", "refine-membranes"),
+    "maskworks.codex.stages": ("tile-image", "segment-cells", "download-mesmer-model", "repair-masks",
+                               "stitch", "quantify"),
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -257,7 +265,9 @@ def demo_summary(results="results"):
     return 0
 
 
-def build_parser():
+def build_parser(argv=None):
+    """The ``maskworks`` parser.  With ``argv`` that names a stage, only that stage's arm is
+    imported and registered (the start-up cost of one run); otherwise every arm."""
     parser = argparse.ArgumentParser(prog="maskworks", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"maskworks {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -265,14 +275,16 @@ def build_parser():
         dest="command", required=True, metavar="STAGE",
         parser_class=functools.partial(argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter),
     )
-    for arm in ARMS:
+    command = next((a for a in (argv or ()) if not a.startswith("-")), None)
+    arms = [arm for arm in ARMS if command in COMMANDS[arm]] or ARMS
+    for arm in arms:
         importlib.import_module(arm).add_commands(sub)
     _add_demo(sub)
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:

@@ -111,3 +111,21 @@ def test_failure_after_partial_write_leaves_nothing(em, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         main(["texture-mask", str(paths[".tif"]), str(tmp_path / "o.zarr")])
     assert not list(tmp_path.iterdir())
+
+
+def test_each_stage_imports_only_its_arm():
+    """``COMMANDS`` lists what each arm registers, so a run of one stage builds its parser from that
+    arm alone; the full parser has every command once."""
+    import argparse
+
+    from maskworks.cli import ARMS, COMMANDS, build_parser
+
+    def commands(parser):
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return set(sub.choices) - {"demo-data", "demo-summary"}
+
+    listed = [c for arm in ARMS for c in COMMANDS[arm]]
+    assert len(listed) == len(set(listed)) and commands(build_parser()) == set(listed)
+    for arm in ARMS:
+        for command in COMMANDS[arm]:
+            assert commands(build_parser(["-v", command, "x"])) == set(COMMANDS[arm])

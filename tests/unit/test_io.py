@@ -158,6 +158,13 @@ def test_ome_zarr_metadata_is_ngff_0_4(tmp_path):
 
     (node,) = list(Reader(parse_url(str(tmp_path / "v.zarr")))())
     assert node.data[0].shape == SHAPE
+    # the same metadata as ome_zarr's own writer gives for this level
+    import zarr
+    from ome_zarr.writer import write_multiscales_metadata
+
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
+    write_multiscales_metadata(ref, [{"path": "0", "coordinateTransformations": trs}], axes=ms["axes"])
+    assert json.loads(json.dumps(ref.attrs.asdict()))["multiscales"] == attrs["multiscales"]
 
 
 def test_zarr_reads_lazily(tmp_path):

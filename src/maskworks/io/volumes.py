@@ -628,7 +628,6 @@ def zarr_compressor(dtype):
 
 def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
     import zarr
-    from ome_zarr.writer import write_multiscales_metadata
 
     nd = len(shape)
     chunks = tuple(chunks) if chunks is not None else (64,) * nd if nd == 3 else (512,) * nd
@@ -643,7 +642,10 @@ def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
     transforms = [{"type": "scale", "scale": list(geom.voxel_size)}]
     if any(o != 0 for o in geom.origin):
         transforms.append({"type": "translation", "translation": list(geom.origin)})
-    write_multiscales_metadata(root, [{"path": "0", "coordinateTransformations": transforms}], axes=axes)
+    # OME-NGFF 0.4 "multiscales", one level (what ome_zarr.writer.write_multiscales_metadata writes,
+    # without importing it: the writer pulls in dask, half a second of every stage's start-up).
+    root.attrs["multiscales"] = [{"version": "0.4", "name": "/", "axes": axes,
+                                  "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]
     if provenance:
         root.attrs["maskworks"] = provenance
     return arr
