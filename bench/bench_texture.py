@@ -1,10 +1,21 @@
-"""Benchmark texture_mask: whole volume in memory versus chunked out-of-core (Zarr in, Zarr out).
+"""Benchmark texture_mask: against one Gaussian pass, against the previous version, 1 -> N threads,
+and out of core under a memory budget.
 
-Each mode runs in its own subprocess so that its peak resident memory (ru_maxrss) is its own;
-the baseline (interpreter, imports, the Zarr store opened) is measured the same way and reported
-beside it.  Ratios are chunked / unchunked, measured in the same run.
+Every mode runs in its own subprocess on the same volume (``make_em_volume``), so that its peak
+resident memory (VmHWM) is its own; each also reports its baseline (the interpreter, the imports
+and the volume loaded) so that the memory the call itself takes is seen apart.
 
-    python bench/bench_texture.py [--shape 128 256 256] [--chunk 64 128 128]
+- ``pass``: one ``scipy.ndimage.gaussian_filter`` over the whole float32 volume at
+  ``texture_sigma``: the floor that any texture filter pays.  texture_mask's time is given as a
+  multiple of it.
+- ``previous``: texture_mask as it was at ``--baseline-rev`` (its source read with ``git show``
+  and imported from a temporary folder; it runs single-threaded).
+- ``threads1`` / ``threadsN``: this version, whole volume in memory, with 1 and N threads.
+- ``bounded``: this version on a Zarr volume with Zarr outputs and ``memory_mb`` = a quarter of
+  the volume's size (at least texture.MIN_MEMORY_MB): its peak above the baseline is compared
+  with the budget, and its mask with the in-memory one.
+
+    python bench/bench_texture.py [--shape 128 256 256] [--threads 2] [--baseline-rev 9bef2ee]
 """
 
 from __future__ import annotations
@@ -20,46 +31,73 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+# The version before the speed and memory work of issue #13.
+BASELINE_REV = "9bef2ee"
+
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (MiB).
-
-    VmHWM rather than ru_maxrss: on Linux ru_maxrss survives exec, so a worker would report
-    its parent's peak (the parent has just generated the volume).
-    """
+    """Peak resident memory of this process (MiB): VmHWM (ru_maxrss survives exec on Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _worker(mode: str, data: Path, chunk) -> dict:
+def _previous_module(rev: str, folder: Path):
+    """texture.py at ``rev``, imported as a module of its own."""
+    import importlib.util
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/maskworks/em/texture.py"],
+                         check=True, capture_output=True, text=True).stdout
+    path = folder / f"texture_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"texture_{rev}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _worker(mode: str, data: Path, args) -> dict:
     import zarr
+    from scipy import ndimage as ndi
 
     from maskworks.em.texture import texture_mask
 
-    src = zarr.open(str(data / "volume.zarr"), mode="r")
+    previous = _previous_module(args.baseline_rev, data) if mode == "previous" else None
+    if mode == "bounded":
+        src = zarr.open(str(data / "volume.zarr"), mode="r")
+    else:
+        volume = np.load(data / "volume.npy")
     base = _peak_rss_mb()
     t0 = time.perf_counter()
-    if mode == "unchunked":
-        volume = src[...]
-        mask, conf, stats = texture_mask(volume, progress=False)
+    extra = {}
+    if mode == "pass":
+        ndi.gaussian_filter(volume.astype(np.float32), 1.0)
+        mask = conf = None
+    elif mode == "previous":
+        mask, conf, _ = previous.texture_mask(volume, progress=False)
+    elif mode.startswith("threads"):
+        mask, conf, _ = texture_mask(volume, progress=False, threads=int(mode[len("threads"):]))
     else:
-        out = zarr.open(str(data / "confidence.zarr"), mode="w", shape=src.shape, chunks=tuple(chunk), dtype="f4")
-        mask, conf, stats = texture_mask(src, chunk_shape=tuple(chunk), out_confidence=out, progress=False)
+        out_c = zarr.open(str(data / "conf.zarr"), mode="w", shape=src.shape, chunks=(32, 256, 256), dtype="f4")
+        out_m = zarr.open(str(data / "mask.zarr"), mode="w", shape=src.shape, chunks=(32, 256, 256), dtype="u1")
+        mask, conf, st = texture_mask(src, out_confidence=out_c, out_mask=out_m, memory_mb=args.memory_mb,
+                                      progress=False, threads=args.threads)
+        extra = {"chunks": st["chunks"], "chunk_shape": st["chunk_shape"]}
     seconds = time.perf_counter() - t0
-    peak = _peak_rss_mb()  # before the results are saved (that reads the chunked confidence back)
-    np.save(data / f"mask_{mode}.npy", mask)
-    np.save(data / f"conf_{mode}.npy", np.asarray(conf[...]))
-    return {"mode": mode, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": base,
-            "voxels": stats["voxels"], "chunks": stats["chunks"], "halo": stats["halo"]}
+    peak = _peak_rss_mb()
+    if mask is not None:
+        np.save(data / f"mask_{mode}.npy", np.asarray(mask[...]))
+    return {"mode": mode, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": base, **extra}
 
 
-def _run_worker(mode: str, data: Path, chunk) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--chunk", *map(str, chunk)]
+def _run_worker(mode: str, data: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--baseline-rev", args.baseline_rev,
+           "--threads", str(args.threads), "--memory-mb", str(args.memory_mb)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -67,50 +105,64 @@ def _run_worker(mode: str, data: Path, chunk) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", type=int, nargs=3, default=(128, 256, 256), help="volume (z y x)")
-    ap.add_argument("--chunk", type=int, nargs=3, default=(64, 128, 128), help="chunk_shape of the chunked run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--worker", choices=("unchunked", "chunked"), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2, help="N of the threadsN run and of the bounded run")
+    ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the previous version")
+    ap.add_argument("--memory-mb", type=float, help="budget of the bounded run (default: a quarter of the volume)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.data, args.chunk)))
+        print(json.dumps(_worker(args.worker, args.data, args)))
         return
 
     import zarr
 
     from maskworks.demo import make_em_volume
+    from maskworks.em.texture import MIN_MEMORY_MB
 
     with tempfile.TemporaryDirectory(prefix="bench_texture_") as tmp:
         data = Path(tmp)
-        t0 = time.perf_counter()
         image, truth = make_em_volume(tuple(args.shape), seed=args.seed)
-        gen = time.perf_counter() - t0
-        zarr.array(image, chunks=tuple(args.chunk), store=str(data / "volume.zarr"))
-        rows = [_run_worker(mode, data, args.chunk) for mode in ("unchunked", "chunked")]
-        masks = {m: np.load(data / f"mask_{m}.npy") for m in ("unchunked", "chunked")}
-        confs = {m: np.load(data / f"conf_{m}.npy") for m in ("unchunked", "chunked")}
+        image = image.astype(np.float32)
+        np.save(data / "volume.npy", image)
+        zarr.array(image, chunks=(32, 256, 256), store=str(data / "volume.zarr"))
+        if args.memory_mb is None:
+            args.memory_mb = max(float(MIN_MEMORY_MB), image.nbytes / 2**20 / 4)
+        modes = ["pass", "previous", "threads1", f"threads{args.threads}", "bounded"]
+        rows = {m: _run_worker(m, data, args) for m in modes}
+        masks = {m: np.load(data / f"mask_{m}.npy") for m in modes if m != "pass"}
 
     truth = truth.astype(bool)
-    dice = 2 * np.count_nonzero(masks["unchunked"].astype(bool) & truth) / (
-        np.count_nonzero(masks["unchunked"]) + np.count_nonzero(truth))
-    print(f"texture_mask on make_em_volume{tuple(args.shape)} seed {args.seed} "
-          f"({image.size / 1e6:.1f} M voxels, generated in {gen:.1f} s); chunk {tuple(args.chunk)}, "
-          f"halo {rows[1]['halo']}, {rows[1]['chunks']} chunks")
-    print(f"{'mode':<10} {'seconds':>8} {'Mvoxel/s':>9} {'peak RSS MB':>12} {'baseline MB':>12} {'above baseline':>15}")
-    for r in rows:
-        print(f"{r['mode']:<10} {r['seconds']:8.2f} {r['voxels'] / r['seconds'] / 1e6:9.2f} "
-              f"{r['peak_rss_mb']:12.0f} {r['baseline_rss_mb']:12.0f} {r['peak_rss_mb'] - r['baseline_rss_mb']:15.0f}")
-    u, c = rows
-    print(f"ratio chunked/unchunked: time {c['seconds'] / u['seconds']:.2f}x, peak RSS "
-          f"{c['peak_rss_mb'] / u['peak_rss_mb']:.2f}x, above baseline "
-          f"{(c['peak_rss_mb'] - c['baseline_rss_mb']) / max(1.0, u['peak_rss_mb'] - u['baseline_rss_mb']):.2f}x")
-    print(f"chunked == unchunked: mask {np.array_equal(masks['chunked'], masks['unchunked'])}, "
-          f"max |confidence diff| {float(np.abs(confs['chunked'] - confs['unchunked']).max()):.2e}; "
-          f"Dice vs truth {dice:.4f}")
+
+    def dice(m):
+        m = m.astype(bool)
+        return 2 * np.count_nonzero(m & truth) / (np.count_nonzero(m) + np.count_nonzero(truth))
+
+    mb = image.nbytes / 2**20
+    one = rows["pass"]["seconds"]
+    print(f"texture_mask on make_em_volume{tuple(args.shape)} seed {args.seed}, float32 "
+          f"({image.size / 1e6:.1f} M voxels, {mb:.0f} MiB)")
+    print(f"{'mode':<10} {'seconds':>8} {'x 1 pass':>9} {'peak RSS MiB':>13} {'above base':>11} "
+          f"{'x input':>8} {'Dice':>7}")
+    for m, r in rows.items():
+        above = r["peak_rss_mb"] - r["baseline_rss_mb"]
+        d = f"{dice(masks[m]):7.4f}" if m in masks else f"{'':>7}"
+        print(f"{m:<10} {r['seconds']:8.2f} {r['seconds'] / one:9.1f} {r['peak_rss_mb']:13.0f} {above:11.0f} "
+              f"{above / mb:8.2f} {d}")
+    n = f"threads{args.threads}"
+    prev, cur1, curn, bnd = rows["previous"], rows["threads1"], rows[n], rows["bounded"]
+    print(f"speed-up vs the previous version ({args.baseline_rev}): {prev['seconds'] / cur1['seconds']:.2f}x at 1 "
+          f"thread, {prev['seconds'] / curn['seconds']:.2f}x at {args.threads}")
+    print(f"speed-up 1 -> {args.threads} threads: {cur1['seconds'] / curn['seconds']:.2f}x")
+    print(f"Dice change vs the previous version: {dice(masks[n]) - dice(masks['previous']):+.4f}")
+    above = bnd["peak_rss_mb"] - bnd["baseline_rss_mb"]
+    print(f"bounded (Zarr in and out, memory_mb {args.memory_mb:.0f}, volume {mb / args.memory_mb:.1f}x the budget, "
+          f"{bnd['chunks']} chunks of {tuple(bnd['chunk_shape'])}): peak above baseline {above:.0f} MiB = "
+          f"{above / args.memory_mb:.2f}x the budget; mask == in-memory: "
+          f"{np.array_equal(masks['bounded'], masks[n])}")
     print("command: python bench/bench_texture.py" + "".join(
-        f" {flag} {' '.join(map(str, v))}" for flag, v, d in (("--shape", args.shape, (128, 256, 256)),
-                                                             ("--chunk", args.chunk, (64, 128, 128)))
-        if tuple(v) != d))
+        f" --shape {' '.join(map(str, args.shape))}" for _ in [0] if tuple(args.shape) != (128, 256, 256)))
 
 
 if __name__ == "__main__":

@@ -113,8 +113,12 @@ def test_fixed_threshold_is_used_as_given(small_em, small_em_result):
     np.testing.assert_array_equal(conf, small_em_result[1])  # the confidence does not depend on it
 
 
-def test_small_components_removed_and_holes_filled():
+@pytest.mark.parametrize("step, threads, store", [(20, 1, "numpy"), (3, 2, "numpy"), (1, 2, "zarr"), (7, 1, "zarr")])
+def test_small_components_removed_and_holes_filled(step, threads, store):
+    """The clean-up by z-slabs (in memory, or out of core on a Zarr mask) gives what one pass on
+    the whole mask gives, whatever the slabs: components and holes cross the slab faces."""
     from maskworks.em.texture import _clean
+    from maskworks.io.blocks import Slabs
 
     mask = np.zeros((20, 20, 20), np.uint8)
     mask[2:14, 2:14, 2:14] = 1  # 1728 voxels, kept
@@ -124,9 +128,41 @@ def test_small_components_removed_and_holes_filled():
     expected = np.zeros_like(mask)
     expected[2:14, 2:14, 2:14] = 1
     expected[16:20, 0:5, 0:5] = 1
-    assert _clean(mask, 100) == (1, 1)
-    np.testing.assert_array_equal(mask, expected)
-    assert _clean(mask, 100) == (0, 0)  # idempotent
+    if store == "zarr":
+        mask = zarr.array(mask, chunks=(4, 20, 20))
+    with Slabs(threads) as par:
+        assert _clean(mask, 100, par, step) == (1, 1)
+        np.testing.assert_array_equal(mask[...], expected)
+        assert _clean(mask, 100, par, step) == (0, 0)  # idempotent
+
+
+def test_threads_and_memory_bound_change_nothing(small_em, small_em_result):
+    """Two threads give the single-thread result bit for bit; a memory budget chooses chunks that
+    fit it and gives the same mask (the halo makes chunked == unchunked)."""
+    from maskworks.em.texture import memory_chunks
+
+    image = small_em[0]
+    mask0, conf0, stats0 = small_em_result
+    mask1, conf1, stats1 = texture_mask(image, threads=1)
+    mask2, conf2, stats2 = texture_mask(image, threads=2)
+    assert stats1["threads"] == 1 and stats2["threads"] == 2
+    np.testing.assert_array_equal(conf1, conf2)
+    np.testing.assert_array_equal(mask1, mask2)
+    image, _ = make_em_volume((96, 160, 160), seed=5)  # 2.5 M voxels: more than 64 MiB of work
+    mask0, conf0, _ = texture_mask(image)
+    out = zarr.zeros(image.shape, chunks=(8, 80, 80), dtype="u1")
+    mask3, conf3, stats3 = texture_mask(image, memory_mb=64, out_mask=out, progress=False)
+    assert mask3 is out and stats3["chunks"] > 1 and stats3["memory_mb"] == 64
+    np.testing.assert_array_equal(out[...], mask0)
+    np.testing.assert_allclose(conf3, conf0, atol=1e-5)
+    # the chunk's working set (with its halo) fits the budget; full y/x slabs where they fit
+    from maskworks.em.texture import WORK_BYTES_PER_VOXEL
+
+    for shape, mb in [((256, 512, 512), 2048), ((1000, 2000, 2000), 1024), ((64, 64, 64), 64)]:
+        cz, cy, cx = memory_chunks(shape, 34, mb, 4)
+        outer = [min(s, c + 68) for s, c in zip(shape, (cz, cy, cx))]
+        assert np.prod(outer) * (WORK_BYTES_PER_VOXEL + 4) <= mb * 2**20 or (cz, cy, cx) == (8, 8, 8)
+    assert memory_chunks((256, 512, 512), 34, 2048, 4)[1:] == (512, 512)
 
 
 def test_featureless_volume_gives_an_empty_mask():

@@ -262,3 +262,126 @@ def mask_overlap(mask, truth, *, ignore_label: int | None = None) -> dict:
         "voxels": int(np.count_nonzero(keep)),
         "true_positive": tp, "false_positive": fp, "false_negative": fn,
     }
+
+
+# ----------------------------------------------------------------------------- components by slabs
+
+
+class SlabComponents:
+    """Connected components of a binary volume, labelled in z-slabs and merged across the slabs'
+    faces with union-find, so that the volume is never labelled (or held) whole.
+
+    ``read(z0, z1)`` returns the boolean planes ``z0:z1`` (from memory or a Zarr array); each
+    slab is labelled with :func:`scipy.ndimage.label` (in the threads of ``par``), the labels
+    that touch across a slab face are joined (:func:`scipy.sparse.csgraph.connected_components`),
+    and every component gets its voxel count and whether it touches a face of the volume.
+    The components are those of one :func:`scipy.ndimage.label` call on the whole volume.
+
+    ``keep``: hold the slabs' labels (int32, 4 bytes per voxel) for :meth:`ids`; otherwise
+    each slab is labelled again when asked for (what an out-of-core pass does).
+    """
+
+    def __init__(self, read, shape, *, connectivity: int, step: int, par, keep: bool = True):
+        self.read, self.shape, self.step = read, tuple(int(s) for s in shape), max(1, int(step))
+        self.structure = ndi.generate_binary_structure(len(self.shape), connectivity)
+        self.connectivity = connectivity
+        nz = self.shape[0]
+        self.bounds = [(z0, min(nz, z0 + self.step)) for z0 in range(0, nz, self.step)]
+        parts = [None] * len(self.bounds)
+
+        def one(sl):
+            for k in range(sl[0].start, sl[0].stop):
+                parts[k] = self._summary(k, keep)
+        par.run(one, (len(self.bounds),))
+        counts = [p["n"] for p in parts]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        total = int(self.offsets[-1])
+        sizes = np.zeros(total + 1, np.int64)
+        border = np.zeros(total + 1, bool)
+        pairs = []
+        for k, p in enumerate(parts):
+            off = self.offsets[k]
+            sizes[off + 1:off + 1 + p["n"]] = p["sizes"][1:]
+            border[off + p["border"][p["border"] > 0]] = True
+            if k:
+                pairs.append(self._face_pairs(parts[k - 1]["last"], self.offsets[k - 1], p["first"], off))
+        border[0] = False
+        root = np.arange(total + 1)
+        if pairs and sum(len(q) for q in pairs):
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            q = np.concatenate(pairs)
+            graph = coo_matrix((np.ones(len(q), np.int8), (q[:, 0], q[:, 1])), shape=(total + 1, total + 1))
+            _, root = connected_components(graph, directed=False)
+        # component numbers 1..n in order of their first label (background stays 0)
+        _, first, inverse = np.unique(root, return_index=True, return_inverse=True)
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        self.lut = rank[inverse].astype(np.int64)  # label 0 (background) has the lowest index: 0
+        self.n = int(self.lut.max()) if total else 0
+        self.sizes = np.bincount(self.lut, weights=sizes, minlength=self.n + 1).astype(np.int64)
+        self.sizes[0] = 0
+        self.border = np.zeros(self.n + 1, bool)
+        np.logical_or.at(self.border, self.lut, border)
+        self.border[0] = False
+        self._labels = [p.get("labels") for p in parts]
+
+    def _summary(self, k, keep):
+        z0, z1 = self.bounds[k]
+        labels, n = ndi.label(self.read(z0, z1), structure=self.structure, output=np.int32)
+        faces = [labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]]
+        if z0 > 0:
+            faces[0] = labels[:0, 0]
+        if z1 < self.shape[0]:
+            faces[1] = labels[:0, 0]
+        flat = labels.reshape(-1)
+        sizes = np.zeros(n + 1, np.int64)
+        for i in range(0, flat.size, 1 << 22):  # in pieces: bincount casts its input to int64
+            sizes += np.bincount(flat[i:i + (1 << 22)], minlength=n + 1)
+        out = {"n": int(n), "sizes": sizes,
+               "border": np.unique(np.concatenate([f.ravel() for f in faces])),
+               "first": labels[0].copy(), "last": labels[-1].copy()}
+        if keep:
+            out["labels"] = labels
+        return out
+
+    def _face_pairs(self, last, off_last, first, off_first) -> np.ndarray:
+        """Pairs of global labels joined across a z face (6: the same (y, x); 26: any of the 9 in reach)."""
+        shifts = [(0, 0)] if self.connectivity == 1 else [
+            (dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            if self.structure[0, 1 + dy, 1 + dx]]
+        out = []
+        ny, nx = last.shape
+        for dy, dx in shifts:
+            a = last[max(0, -dy):ny - max(0, dy), max(0, -dx):nx - max(0, dx)]
+            b = first[max(0, dy):ny - max(0, -dy), max(0, dx):nx - max(0, -dx)]
+            hit = (a > 0) & (b > 0)
+            if hit.any():
+                out.append(np.stack([a[hit] + off_last, b[hit] + off_first], axis=1))
+        if not out:
+            return np.zeros((0, 2), np.int64)
+        q = np.concatenate(out).astype(np.int64)
+        key = np.unique(q[:, 0] * (int(q[:, 1].max()) + 1) + q[:, 1])  # 1-D: a hash, not a sort of rows
+        width = int(q[:, 1].max()) + 1
+        return np.stack([key // width, key % width], axis=1)
+
+    def ids(self, k) -> np.ndarray:
+        """Component numbers (0: background) of slab ``k``'s voxels."""
+        return self.lookup(k, np.arange(self.n + 1))
+
+    def lookup(self, k, table) -> np.ndarray:
+        """``table[component number]`` for each voxel of slab ``k`` (``table[0]``: background)."""
+        labels = self._labels[k]
+        if labels is None:
+            z0, z1 = self.bounds[k]
+            labels, _ = ndi.label(self.read(z0, z1), structure=self.structure, output=np.int32)
+        local = table[self.lut[self.offsets[k]:self.offsets[k + 1] + 1]]
+        local[0] = table[0]
+        return local[labels]
+
+    def touches(self, k, table) -> bool:
+        """Whether any component of slab ``k`` has ``table`` True (without labelling it again)."""
+        local = table[self.lut[self.offsets[k] + 1:self.offsets[k + 1] + 1]]
+        return bool(local.any())

@@ -16,7 +16,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
+from maskworks.io.blocks import Slabs, resolve_threads
 from maskworks.io.params import Number, Size, bad_value, checked
+
+from .postprocess import SlabComponents
 
 # Gaussian kernels are cut at TRUNCATE sigmas (scipy's default, spelled out because the halo depends on it).
 TRUNCATE = 4.0
@@ -30,6 +33,14 @@ _TINY = 1e-8
 # Evidence scales are never below this (in units of the normalised intensity range): a volume
 # without any texture (a constant one, say) keeps a confidence near 0 instead of amplified noise.
 MIN_SCALE = 1e-3
+# Bytes of working memory per voxel of a chunk read with its halo: six float32 block-sized
+# arrays at the peak of _evidence, the normalised copy and the chunk as read (measured:
+# bench/bench_texture.py --memory-mb reports the peak against the budget).
+WORK_BYTES_PER_VOXEL = 30
+# Bytes per voxel of a slab of the clean-up: its planes, the selection and the int32 labels.
+CLEAN_BYTES_PER_VOXEL = 10
+# The smallest budget: a chunk of a few voxels and its halo, plus the libraries' own buffers.
+MIN_MEMORY_MB = 64
 
 __all__ = ["local_variance", "sym3_eigenvalues", "texture_mask"]
 
@@ -80,7 +91,7 @@ def _scales(texture_sigma: float, edge_sigma: float, block_size: int) -> dict:
         "block_size": block_size,
     }
     r = {k: _radius(v) for k, v in s.items() if k.endswith("sigma")}
-    coherence = r["edge_sigma"] + r["integration_sigma"]
+    coherence = r["edge_sigma"] + r["integration_sigma"] + 2  # + 2: the coarse samples' interpolation
     chain = max(
         max(r["texture_sigma"], r["surround_sigma"], coherence) + r["average_sigma"],  # texture
         coherence + r["average_sigma"],  # edges
@@ -88,46 +99,282 @@ def _scales(texture_sigma: float, edge_sigma: float, block_size: int) -> dict:
     )
     minimum = max(math.ceil(4.0 * max(s["surround_sigma"], s["average_sigma"], s["integration_sigma"])),
                   math.ceil(block_size / 2))
-    s["halo"] = max(chain, minimum)
+    s["halo"] = max(chain + 2, minimum)  # + 2: the confidence is interpolated from coarse samples too
     return s
 
 
-def _evidence(x: np.ndarray, sc: dict) -> dict[str, np.ndarray]:
-    """Raw evidence maps (float32, >= 0) of a normalised block ``x``."""
-    f = np.float32
-    # Structure tensor of Gaussian derivatives along z, y and x.
-    grads = [ndi.gaussian_filter(x, sc["edge_sigma"], order=tuple(int(a == b) for b in range(3)),
-                                 mode="reflect", truncate=TRUNCATE) for a in range(3)]
-    grad_mag = np.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2)
-    planarity = _planarity(grads, sc["integration_sigma"])
-    del grads
-    incoherence = 1.0 - planarity
-    del planarity
-
-    band = ndi.gaussian_filter(x, sc["texture_sigma"], mode="reflect", truncate=TRUNCATE)
-    band -= ndi.gaussian_filter(x, sc["surround_sigma"], mode="reflect", truncate=TRUNCATE)
-    np.abs(band, out=band)
-    band *= incoherence
-    texture = ndi.gaussian_filter(band, sc["average_sigma"], mode="reflect", truncate=TRUNCATE)
-    del band
-    grad_mag *= incoherence
-    edges = ndi.gaussian_filter(grad_mag, sc["average_sigma"], mode="reflect", truncate=TRUNCATE)
-    del grad_mag
-    contrast = np.sqrt(local_variance(x, sc["block_size"])).astype(f)
-    return {"texture": texture.astype(f, copy=False), "contrast": contrast, "edges": edges.astype(f, copy=False)}
+def _g1(src, sigma, axis, order, out, par):
+    """One 1-D Gaussian (``order`` 1: derivative) pass along ``axis``, ``src`` -> ``out`` (may be
+    ``src``), split over the threads along another axis."""
+    def one(sl):
+        ndi.gaussian_filter1d(src[sl], sigma, axis=axis, order=order, mode="reflect", truncate=TRUNCATE,
+                              output=out[sl])
+    par.run(one, src.shape, avoid=axis)
+    return out
 
 
-def _planarity(grads, rho: float, slab: int = 1 << 18) -> np.ndarray:
-    """(l1 - l2) / l1 of the structure tensor smoothed at ``rho`` (1: a single plane, 0: isotropic)."""
-    comps = [ndi.gaussian_filter(grads[a] * grads[b], rho, mode="reflect", truncate=TRUNCATE).reshape(-1)
-             for a, b in _TENSOR_INDEX]
-    shape = grads[0].shape
-    out = np.empty(comps[0].size, np.float32)
-    for start in range(0, out.size, slab):  # slabs bound the float64 temporaries
-        part = [c[start:start + slab].astype(np.float64) for c in comps]
-        l1, l2, _ = sym3_eigenvalues(*part)
-        out[start:start + slab] = np.clip((l1 - l2) / (l1 + _TINY), 0.0, 1.0)
-    return out.reshape(shape)
+def _gauss(src, sigma, out, par):
+    """Gaussian smoothing along z, y, x (as ``scipy.ndimage.gaussian_filter``), ``src`` -> ``out``."""
+    for axis in range(3):
+        _g1(src if axis == 0 else out, sigma, axis, 0, out, par)
+    return out
+
+
+def _uniform(src, size, out, par):
+    """Moving average over a ``size`` cube (as ``scipy.ndimage.uniform_filter``), ``src`` -> ``out``."""
+    for axis in range(3):
+        inp = src if axis == 0 else out
+        par.run(lambda sl, inp=inp, axis=axis: ndi.uniform_filter1d(inp[sl], size, axis=axis, mode="reflect",
+                                                                     output=out[sl]), src.shape, avoid=axis)
+    return out
+
+
+def _central_difference(a, axis, par, out=None) -> np.ndarray:
+    """``(a[i + 1] - a[i - 1]) / 2`` along ``axis``, the array's ends repeated (``reflect``)."""
+    out = np.empty(a.shape, np.float32) if out is None else out
+    n = a.shape[axis]
+
+    def one(sl):
+        src, dst = np.moveaxis(a[sl], axis, 0), np.moveaxis(out[sl], axis, 0)
+        if n == 1:
+            dst[...] = 0.0
+            return
+        np.subtract(src[2:], src[:-2], out=dst[1:-1])
+        np.subtract(src[1], src[0], out=dst[0])
+        np.subtract(src[-1], src[-2], out=dst[-1])
+        dst *= np.float32(0.5)
+    par.run(one, a.shape, avoid=axis)
+    return out
+
+
+def _each(par, shape, fn):
+    """``fn(slab)`` over slabs of ``shape`` in the threads (element-wise work)."""
+    return par.run(fn, shape)
+
+
+def _phase(outer) -> tuple[int, ...]:
+    """Local index, per axis, of a block's first voxel at an even global index (0 or 1)."""
+    return tuple(sl.start % 2 for sl in outer)
+
+
+def _lo_crop(crop, phase) -> tuple[slice, ...]:
+    """The coarse samples (even global indices) that lie inside ``crop`` of a block."""
+    return tuple(slice(-(-(c.start - p) // 2), -(-(c.stop - p) // 2)) for c, p in zip(crop, phase))
+
+
+class _Work:
+    """Float32 work arrays reused from one step (and one chunk) to the next.
+
+    A fresh array of hundreds of MiB costs its page faults every time (the allocator hands
+    large blocks back to the system); the same memory reused costs them once.  Arrays are
+    views of flat buffers grown to the largest size asked for under each name.
+    """
+
+    def __init__(self):
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self._flat.get(name)
+        if buf is None or buf.size < size:
+            buf = self._flat[name] = np.empty(size, np.float32)
+        return buf[:size].reshape(shape)
+
+
+def _take_even(a, axis, start, par, out=None) -> np.ndarray:
+    """``a[..., start::2, ...]`` along ``axis`` as a contiguous array (``out`` or a new one),
+    copied by the threads."""
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(start, None, 2)
+    src = a[tuple(index)]
+    out = np.empty(src.shape, np.float32) if out is None else out
+
+    def one(sl):
+        out[sl] = src[sl]
+    par.run(one, out.shape, avoid=axis)
+    return out
+
+
+def _even_shape(shape, axis, start) -> tuple[int, ...]:
+    return shape[:axis] + (len(range(start, shape[axis], 2)),) + shape[axis + 1:]
+
+
+def _smooth_coarse(src, pass1d, phase, par, out=None) -> np.ndarray:
+    """A separable smoothing of ``src`` evaluated at the even global indices only (a new array).
+
+    The x pass runs on the whole block, the y pass (in place) on its even columns, the z pass
+    on its even rows and columns (``pass1d(src, axis, out, par)``): the values at those samples
+    are exactly those of the smoothing of the whole block, for 1 + 1/2 + 1/4 of one pass's
+    work.  ``out`` receives the passes and may be ``src``.
+    """
+    a = pass1d(src, 2, np.empty(src.shape, np.float32) if out is None else out, par)
+    a = a[:, :, phase[2]::2]
+    pass1d(a, 1, a, par)
+    a = a[:, phase[1]::2, :]
+    pass1d(a, 0, a, par)
+    return _take_even(a, 0, phase[0], par)
+
+
+def _gauss_pass(sigma):
+    return lambda src, axis, out, par: _g1(src, sigma, axis, 0, out, par)
+
+
+def _uniform_pass(size):
+    def one(src, axis, out, par):
+        par.run(lambda sl: ndi.uniform_filter1d(src[sl], size, axis=axis, mode="reflect", output=out[sl]),
+                src.shape, avoid=axis)
+        return out
+    return one
+
+
+def upsample(coarse, phase, shape, par: Slabs | None = None, out=None) -> np.ndarray:
+    """Linear interpolation of samples at the even global indices back to every voxel of a block.
+
+    A voxel at an even index takes its sample; one between two samples their mean; one with
+    a sample on one side only (the volume's first voxel at an odd start, its last at an even
+    length) that sample.  ``out``: the array of ``shape`` to fill.  Each thread fills a z-slab
+    from the samples in its reach, so no block-sized intermediate is made.
+    """
+    par = par or Slabs(1)
+    a = np.asarray(coarse, np.float32)
+    out = np.empty(tuple(shape), np.float32) if out is None else out
+    pz, m = phase[0], a.shape[0]
+
+    def one(sl):
+        z0, z1 = sl[0].start, sl[0].stop
+        j0 = min(m - 1, max(0, (z0 - pz) // 2))
+        j1 = min(m - 1, max(0, (z1 - 1 - pz) // 2 + 1))
+        part = a[j0:j1 + 1]
+        for axis in (1, 2):  # y, then x: every sample plane in reach, at full resolution
+            full = part.shape[:axis] + (shape[axis],) + part.shape[axis + 1:]
+            dst = np.empty(full, np.float32)
+            _upsample1(part, dst, axis, phase[axis], shape[axis])
+            part = dst
+        for z in range(z0, z1):
+            t = z - pz
+            lo = min(m - 1, max(0, t // 2))
+            if t < 0 or t % 2 == 0 or lo + 1 > m - 1:
+                out[z] = part[lo - j0]
+            else:
+                np.add(part[lo - j0], part[lo + 1 - j0], out=out[z])
+                out[z] *= np.float32(0.5)
+    par.run(one, out.shape)
+    return out
+
+
+def _upsample1(a, out, axis, p, n) -> None:
+    a = np.moveaxis(a, axis, 0)
+    out = np.moveaxis(out, axis, 0)
+    m = a.shape[0]
+    out[p::2] = a[: len(range(p, n, 2))]
+    k = len(range(p + 1, n, 2))  # voxels between sample j and j + 1 (j = 0, 1, ...)
+    if k:
+        pairs = min(k, m - 1)
+        mid = out[p + 1:p + 1 + 2 * pairs:2]
+        np.add(a[:pairs], a[1:pairs + 1], out=mid)
+        mid *= np.float32(0.5)
+        if k > pairs:  # past the last sample
+            out[p + 1 + 2 * pairs::2] = a[m - 1]
+    if p:
+        out[0] = a[0]
+
+
+def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[str, np.ndarray]:
+    """Evidence maps of a normalised block ``x`` at the even global indices (coarse, float32,
+    >= 0): texture, the local variance (the contrast's square) and edges.
+
+    The band-pass, the gradients and their products are computed on every voxel; every wide
+    smoothing after them (the surround at ``4 s``, the structure tensor at ``rho``, the averages
+    at ``4 s``, the ``block_size`` window) is evaluated on the even samples only
+    (:func:`_smooth_coarse`; the surround and the incoherence are interpolated back with
+    :func:`upsample`): the maps are smooth at those scales, and the planarity and the
+    confidence need an eighth of the voxels.  Float32 throughout, in five block-sized work
+    arrays (``work`` "a" .. "e"; ``x`` is "a"), reused in place.
+    """
+    shape = x.shape
+    e, s, rho, avg = sc["edge_sigma"], sc["texture_sigma"], sc["integration_sigma"], sc["average_sigma"]
+    b, c, d, g = (work.get(k, shape) for k in "bcde")
+
+    # local variance E[x^2] - E[x]^2 over a block_size cube (the contrast is its square root)
+    box = _uniform_pass(sc["block_size"])
+    mean = _smooth_coarse(x, box, phase, par, out=b)
+    _each(par, shape, lambda sl: np.multiply(x[sl], x[sl], out=b[sl]))
+    var = _smooth_coarse(b, box, phase, par, out=b)
+    var -= mean * mean
+    np.maximum(var, 0.0, out=var)
+    del mean
+
+    # the image smoothed at the edge scale, S = G_e x (c); the fine band-pass scale from it
+    # (G_s = G_sqrt(s^2 - e^2) G_e); the surround G_4s x on the coarse samples, interpolated (d)
+    smooth = _gauss(x, e, c, par)
+    surround = upsample(_smooth_coarse(x, _gauss_pass(sc["surround_sigma"]), phase, par, out=b),
+                        phase, shape, par, out=d)
+    if s > e:
+        band = _gauss(smooth, math.sqrt(s * s - e * e), b, par)
+    else:  # a fine scale at or below the edge scale: from the image itself
+        band = _gauss(x, s, b, par)
+    _each(par, shape, lambda sl: np.abs(np.subtract(band[sl], surround[sl], out=band[sl]), out=band[sl]))
+
+    # gradients: central differences of S along z, y and x (a, d, e)
+    grads = (_central_difference(smooth, 0, par, out=x), _central_difference(smooth, 1, par, out=d),
+             _central_difference(smooth, 2, par, out=g))
+    prod = smooth  # c, free from here
+
+    # structure tensor at rho on the coarse samples -> incoherence w = 1 - planarity (f)
+    tensor = []
+    for i, j in _TENSOR_INDEX:
+        gi, gj = grads[i], grads[j]
+        _each(par, shape, lambda sl, gi=gi, gj=gj: np.multiply(gi[sl], gj[sl], out=prod[sl]))
+        tensor.append(_smooth_coarse(prod, _gauss_pass(rho), phase, par, out=prod))
+    w_coarse = np.empty(tensor[0].shape, np.float32)
+
+    def incoherence(sl):
+        flat = [t[sl].reshape(-1) for t in tensor]
+        out = w_coarse[sl].reshape(-1)
+        for i in range(0, out.size, 1 << 16):  # pieces that stay in cache (float64 temporaries)
+            part = [t[i:i + (1 << 16)].astype(np.float64) for t in flat]
+            out[i:i + (1 << 16)] = 1.0 - _planarity(*part)
+    _each(par, w_coarse.shape, incoherence)
+    del tensor
+    w = upsample(w_coarse, phase, shape, par, out=prod)
+
+    # w is applied to the band-pass energies and to the gradient magnitude (written over the
+    # z gradient) before they are averaged, so that an isolated plane contributes (almost) no evidence
+    gz, gy, gx = grads
+
+    def apply(sl):
+        edge, y, x = gz[sl], gy[sl], gx[sl]
+        np.multiply(edge, edge, out=edge)
+        np.multiply(y, y, out=y)
+        edge += y
+        np.multiply(x, x, out=x)
+        edge += x
+        np.sqrt(edge, out=edge)
+        edge *= w[sl]
+        band[sl] *= w[sl]
+    _each(par, shape, apply)
+    texture = _smooth_coarse(band, _gauss_pass(avg), phase, par, out=band)
+    edges = _smooth_coarse(gz, _gauss_pass(avg), phase, par, out=gz)
+    return {"texture": texture, "variance": var, "edges": edges}
+
+
+def _planarity(a00, a11, a22, a01, a02, a12) -> np.ndarray:
+    """``clip((l1 - l2) / l1, 0, 1)`` of symmetric 3x3 matrices, in closed form.
+
+    With the eigenvalues ``q + 2 p cos(phi + 2 pi k / 3)`` (:func:`sym3_eigenvalues`),
+    ``l1 - l2 = 2 sqrt(3) p sin(phi + 2 pi / 3)`` and ``l1 = q + 2 p cos(phi)``: no third
+    eigenvalue is needed.
+    """
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * (a01 * a01 + a02 * a02 + a12 * a12)) / 6.0)
+    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(p > 0, det / (2.0 * p**3), 0.0)
+    phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
+    gap = (2.0 * math.sqrt(3.0)) * p * np.sin(phi + 2.0 * np.pi / 3.0)
+    top = q + 2.0 * p * np.cos(phi)
+    return np.clip(gap / (top + _TINY), 0.0, 1.0)
 
 
 # Order of the six independent components of a symmetric 3x3 tensor: zz, yy, xx, zy, zx, yx.
@@ -154,10 +401,8 @@ def sym3_eigenvalues(a00, a11, a22, a01, a02, a12):
     return l1, 3.0 * q - l1 - l3, l3
 
 
-def _log_hist(values: np.ndarray) -> np.ndarray:
-    idx = (np.log10(np.maximum(values, 10.0**_LOG_LO)) - _LOG_LO) * (_NBINS / (_LOG_HI - _LOG_LO))
-    idx = np.clip(idx.astype(np.int64), 0, _NBINS - 1)
-    return np.bincount(idx.ravel(), minlength=_NBINS)
+def _extent(slices) -> tuple[int, ...]:
+    return tuple(sl.stop - sl.start for sl in slices)
 
 
 def _bin_centres() -> np.ndarray:
@@ -214,11 +459,52 @@ def _intensity_range(volume, shape, chunk_shape) -> tuple[float, float, int]:
     return float(p1), float(p99), stride
 
 
-def _normalise(block, p1: float, p99: float) -> np.ndarray:
-    x = np.asarray(block, dtype=np.float32)
+def _normalise(block, p1: float, p99: float, par: Slabs, out=None) -> np.ndarray:
+    """``clip((block - p1) / (p99 - p1), 0, 1)`` as float32 (in ``out`` or a new array)."""
+    block = np.asarray(block)
+    x = np.empty(block.shape, np.float32) if out is None else out
     span = p99 - p1 if p99 > p1 else 1.0
-    x = (x - np.float32(p1)) * np.float32(1.0 / span)
-    return np.clip(x, 0.0, 1.0, out=x)
+
+    def one(sl):
+        np.subtract(block[sl], np.float32(p1), out=x[sl], dtype=np.float32, casting="unsafe")
+        x[sl] *= np.float32(1.0 / span)
+        np.clip(x[sl], 0.0, 1.0, out=x[sl])
+    par.run(one, x.shape)
+    return x
+
+
+def _log_index(logs: np.ndarray) -> np.ndarray:
+    """Bins of the fixed log10 histogram for values given by their log10."""
+    idx = (logs - np.float32(_LOG_LO)) * np.float32(_NBINS / (_LOG_HI - _LOG_LO))
+    return np.clip(idx, 0, _NBINS - 1).astype(np.intp)
+
+
+def _confidence_block(ev: dict, crop_lo, par: Slabs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The unscaled confidence ``prod(map ** weight)`` on a block's coarse samples, and the log10
+    histograms of each map and of the result over the samples inside the block's own region
+    (``crop_lo``: each sample of the volume is counted once, whatever the chunking).
+
+    Done in log10: the histograms need the logs anyway, and the weighted geometric mean is
+    their weighted sum.  The contrast is the square root of the variance map: half its log.
+    """
+    maps = {"texture": (ev["texture"], 1.0, _TINY), "contrast": (ev["variance"], 0.5, _TINY**2),
+            "edges": (ev["edges"], 1.0, _TINY)}
+    shape = ev["texture"].shape
+    logs = {k: np.empty(shape, np.float32) for k in maps}
+    total = np.zeros(shape, np.float32)
+
+    def one(sl):
+        for k, (m, power, floor) in maps.items():
+            lg = logs[k][sl]
+            np.log10(np.maximum(m[sl], np.float32(floor)), out=lg)
+            if power != 1.0:
+                lg *= np.float32(power)
+            total[sl] += lg * np.float32(WEIGHTS[k])
+    par.run(one, shape)
+    hists = {k: np.bincount(_log_index(v[crop_lo]).ravel(), minlength=_NBINS) for k, v in logs.items()}
+    hists["raw"] = np.bincount(_log_index(total[crop_lo]).ravel(), minlength=_NBINS)
+    par.run(lambda sl: np.power(np.float32(10.0), total[sl], out=total[sl]), shape)
+    return total, hists
 
 
 def _check(volume, texture_sigma, edge_sigma):
@@ -249,6 +535,8 @@ def _check(volume, texture_sigma, edge_sigma):
     min_region_size=Number(integer=True, minimum=0, unit="voxels"),
     threshold=Number(exclusive_minimum=0, exclusive_maximum=1, words=("otsu",)),
     chunk_shape=Size(8, nullable=True),
+    threads=Number(integer=True, minimum=1, nullable=True, unit="CPU threads; null: every CPU this process may use"),
+    memory_mb=Number(minimum=MIN_MEMORY_MB, nullable=True, unit="MiB of working memory; null: no bound"),
 )
 def texture_mask(
     volume,
@@ -260,7 +548,10 @@ def texture_mask(
     threshold: str | float = "otsu",
     chunk_shape=None,
     out_confidence=None,
+    out_mask=None,
     progress: Callable[[int, int], None] | bool | None = None,
+    threads: int | None = None,
+    memory_mb: float | None = None,
 ):
     """Mask the tissue of a downsampled volume-EM block: textured tissue versus smooth resin.
 
@@ -362,60 +653,72 @@ def texture_mask(
     running sums start at different places); the mask is the same.
     """
     volume, shape = _check(volume, texture_sigma, edge_sigma)
-    chunk_shape = None if chunk_shape is None else tuple(chunk_shape)
-    if chunk_shape is None and not isinstance(volume, np.ndarray):
-        volume = np.asarray(volume[...])
     sc = _scales(float(texture_sigma), float(edge_sigma), int(block_size))
     halo = sc["halo"]
+    itemsize = np.dtype(volume.dtype).itemsize
+    if chunk_shape is None and memory_mb is not None:
+        chunk_shape = memory_chunks(shape, halo, memory_mb, itemsize)
+    chunk_shape = None if chunk_shape is None else tuple(int(c) for c in chunk_shape)
+    if chunk_shape is None and not isinstance(volume, np.ndarray):
+        volume = np.asarray(volume[...])
     total = n_blocks(shape, chunk_shape)
     p1, p99, stride = _intensity_range(volume, shape, chunk_shape)
-
-    if out_confidence is None:
-        confidence = np.empty(shape, np.float32)
-    else:
-        if tuple(out_confidence.shape) != shape:
-            raise InputError(f"texture_mask: out_confidence has shape {tuple(out_confidence.shape)}; "
-                             f"expected the volume's shape {shape}")
-        confidence = out_confidence
+    confidence = _output(out_confidence, "out_confidence", shape, np.float32)
+    mask = _output(out_mask, "out_mask", shape, np.uint8)
+    nthreads = resolve_threads(threads)
 
     bar, report = progress_reporter(progress, total, "texture_mask")
-    hists = {k: np.zeros(_NBINS, np.int64) for k in WEIGHTS}
-    raw_hist = np.zeros(_NBINS, np.int64)
+    hists = {k: np.zeros(_NBINS, np.int64) for k in (*WEIGHTS, "raw")}
     try:
-        for done, blk in enumerate(iter_blocks(shape, chunk_shape, halo), start=1):
-            x = _normalise(volume[blk.outer], p1, p99)
-            ev = {k: v[blk.crop] for k, v in _evidence(x, sc).items()}
-            del x
-            raw = np.ones(ev["texture"].shape, np.float32)
-            for k, wgt in WEIGHTS.items():
-                hists[k] += _log_hist(ev[k])
-                raw *= np.maximum(ev[k], np.float32(_TINY)) ** np.float32(wgt)
-            raw_hist += _log_hist(raw)
-            confidence[blk.inner] = raw
-            report(done)
+        with Slabs(nthreads) as par:
+            work = _Work()
+            for done, blk in enumerate(iter_blocks(shape, chunk_shape, halo), start=1):
+                phase = _phase(blk.outer)
+                outer = _extent(blk.outer)
+                x = _normalise(volume[blk.outer], p1, p99, par, out=work.get("a", outer))
+                ev = _evidence(x, sc, phase, par, work)
+                raw, h = _confidence_block(ev, _lo_crop(blk.crop, phase), par)
+                del ev, x
+                for k in hists:
+                    hists[k] += h[k]
+                if isinstance(confidence, np.ndarray) and blk.outer == blk.inner:
+                    upsample(raw, phase, outer, par, out=confidence[blk.inner])
+                else:
+                    confidence[blk.inner] = upsample(raw, phase, outer, par, out=work.get("b", outer))[blk.crop]
+                del raw
+                report(done)
+
+            scales = {k: max(_hist_percentile(hists[k], 99.0), MIN_SCALE) for k in WEIGHTS}
+            gain = 1.0 / math.prod(scales[k] ** w for k, w in WEIGHTS.items())
+            if threshold == "otsu":
+                t = _otsu(hists["raw"], np.minimum(_bin_centres() * gain, 1.0), np.minimum(_bin_tops() * gain, 1.0))
+                method = "otsu"
+            else:
+                t, method = float(threshold), "fixed"
+
+            for blk in iter_blocks(shape, chunk_shape, 0):
+                c = np.asarray(confidence[blk.inner], dtype=np.float32)
+                m = np.empty(c.shape, np.uint8)
+
+                def scale(sl, c=c, m=m):
+                    c[sl] *= np.float32(gain)
+                    np.clip(c[sl], 0.0, 1.0, out=c[sl])
+                    np.greater(c[sl], t, out=m[sl], casting="unsafe")
+                par.run(scale, c.shape)
+                confidence[blk.inner] = c
+                mask[blk.inner] = m
+                del c, m
+            del work
+            step = clean_step(shape, nthreads, memory_mb, in_memory=isinstance(mask, np.ndarray))
+            removed, filled = _clean(mask, int(min_region_size), par, step)
+            masked = sum(int(np.count_nonzero(mask[z0:z0 + step])) for z0 in range(0, shape[0], step))
     finally:
         if bar is not None:
             bar.close()
 
-    scales = {k: max(_hist_percentile(h, 99.0), MIN_SCALE) for k, h in hists.items()}
-    gain = 1.0 / math.prod(scales[k] ** w for k, w in WEIGHTS.items())
-    if threshold == "otsu":
-        t = _otsu(raw_hist, np.minimum(_bin_centres() * gain, 1.0), np.minimum(_bin_tops() * gain, 1.0))
-        method = "otsu"
-    else:
-        t, method = float(threshold), "fixed"
-
-    mask = np.zeros(shape, np.uint8)
-    for blk in iter_blocks(shape, chunk_shape, 0):
-        c = np.asarray(confidence[blk.inner], dtype=np.float32) * np.float32(gain)
-        np.clip(c, 0.0, 1.0, out=c)
-        confidence[blk.inner] = c
-        mask[blk.inner] = c > t
-
-    removed, filled = _clean(mask, int(min_region_size))
     stats = {
         "voxels": int(np.prod(shape)),
-        "fraction_masked": float(np.count_nonzero(mask)) / max(1, int(np.prod(shape))),
+        "fraction_masked": masked / max(1, int(np.prod(shape))),
         "threshold": float(t),
         "threshold_method": method,
         "intensity_p1": p1,
@@ -429,28 +732,79 @@ def texture_mask(
         "chunks": total,
         "halo": halo,
         "chunk_shape": list(chunk_shape) if chunk_shape is not None else None,
+        "threads": nthreads,
+        "memory_mb": memory_mb,
     }
     return mask, confidence, stats
 
 
-def _clean(mask: np.ndarray, min_size: int) -> tuple[int, int]:
-    """Remove small components and fill small holes of ``mask`` in place; return how many of each."""
+def _output(out, name, shape, dtype):
+    """``out`` (a preallocated array of ``shape``, e.g. Zarr) or a new NumPy array."""
+    if out is None:
+        return np.zeros(shape, dtype)
+    if tuple(out.shape) != shape:
+        raise InputError(f"texture_mask: {name} has shape {tuple(out.shape)}; expected the volume's shape {shape}")
+    return out
+
+
+def memory_chunks(shape, halo: int, memory_mb: float, itemsize: int = 4) -> tuple[int, int, int]:
+    """The chunk of the largest volume whose working set (with its halo) fits ``memory_mb``.
+
+    z-slabs with the full y/x extent where they fit (the halo is then paid along z only); else
+    the y and x extents are halved, the longer first, until a slab of at least 8 planes fits.
+    """
+    budget = float(memory_mb) * 2**20 / (WORK_BYTES_PER_VOXEL + itemsize)
+    nz, ny, nx = (int(s) for s in shape)
+    cy, cx = ny, nx
+    while True:
+        oy, ox = min(ny, cy + 2 * halo), min(nx, cx + 2 * halo)
+        cz = int(budget // (oy * ox)) - 2 * halo
+        if cz >= min(nz, 8) or (cy <= 8 and cx <= 8):
+            return (max(8, min(nz, cz)), cy, cx)
+        if cy >= cx:
+            cy = max(8, -(-cy // 2))
+        else:
+            cx = max(8, -(-cx // 2))
+
+
+def clean_step(shape, threads: int, memory_mb: float | None, in_memory: bool = True) -> int:
+    """z-planes per slab of the clean-up: one slab per thread, fewer planes where ``memory_mb``
+    bounds the slabs (each of the threads holds one)."""
+    nz = int(shape[0])
+    step = -(-nz // max(1, threads))
+    if memory_mb is not None and not in_memory:
+        plane = int(np.prod(shape[1:]))
+        step = min(step, max(1, int(float(memory_mb) * 2**20 / (CLEAN_BYTES_PER_VOXEL * plane * max(1, threads)))))
+    return step
+
+
+def _clean(mask, min_size: int, par: Slabs, step: int) -> tuple[int, int]:
+    """Remove small components and fill small holes of ``mask`` (a NumPy or Zarr array) in
+    place, z-slab by z-slab (``step`` planes; components merged across the slabs, see
+    :class:`~maskworks.em.postprocess.SlabComponents`); return how many of each."""
     if min_size <= 1:
         return 0, 0
-    structure = ndi.generate_binary_structure(3, 1)
+    in_memory = isinstance(mask, np.ndarray)
 
-    def flip_small(region, value) -> int:
-        """Set 6-connected components of ``region`` below min_size to ``value``; count them."""
-        labels, n = ndi.label(region, structure=structure, output=np.int32)
-        if not n:
-            return 0
-        small = np.bincount(labels.ravel()) < min_size
+    def flip_small(select, value) -> int:
+        """Set 6-connected components of ``select(planes)`` below min_size to ``value``; count them."""
+        comp = SlabComponents(lambda z0, z1: select(np.asarray(mask[z0:z1])), mask.shape, connectivity=1,
+                              step=step, par=par, keep=in_memory)
+        small = comp.sizes < min_size
         small[0] = False
         count = int(np.count_nonzero(small))
         if count:
-            mask[small[labels]] = value
+            def one(sl):
+                for k in range(sl[0].start, sl[0].stop):
+                    if comp.touches(k, small):
+                        z0, z1 = comp.bounds[k]
+                        planes = np.asarray(mask[z0:z1])
+                        np.putmask(planes, comp.lookup(k, small), value)
+                        if not in_memory:
+                            mask[z0:z1] = planes
+            par.run(one, (len(comp.bounds),))
         return count
 
-    removed = flip_small(mask, 0)
-    filled = flip_small(mask == 0, 1)
+    removed = flip_small(lambda m: m != 0, 0)
+    filled = flip_small(lambda m: m == 0, 1)
     return removed, filled

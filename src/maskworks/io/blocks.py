@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -65,3 +66,65 @@ def progress_reporter(progress, total: int, desc: str, unit: str = "chunk"):
 
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr)
     return bar, lambda done: bar.update(done - bar.n)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what Slurm or taskset granted)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(threads) -> int:
+    """``threads`` None: every CPU this process may use (:func:`available_cpus`); else ``threads``."""
+    return available_cpus() if threads is None else int(threads)
+
+
+class Slabs:
+    """Run a function on slabs of an array in a pool of threads.
+
+    NumPy's element-wise operations and scipy.ndimage's filters release the GIL, so slabs of
+    one array are processed in parallel by threads, without copies.  A 1-D filter along one
+    axis is split along another axis (``avoid``), so each slab holds whole lines and the
+    result is the same, bit for bit, as one call on the whole array.  Use as a context manager
+    (the pool is shut down on exit); with one thread, functions run in the calling thread.
+    """
+
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, int(threads))
+        self._pool = None
+
+    def __enter__(self):
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="maskworks")
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def slices(self, shape, avoid: int | None = None, pieces: int | None = None) -> list[tuple[slice, ...]]:
+        """About equal slabs of ``shape`` (one per thread, or ``pieces``) along its first axis,
+        or its second when ``avoid`` is 0, each a tuple of slices of every axis."""
+        shape = tuple(int(s) for s in shape)
+        axis = 1 if (avoid == 0 and len(shape) > 1) else 0
+        n = max(1, min(pieces or self.threads, shape[axis]))
+        bounds = np.linspace(0, shape[axis], n + 1).round().astype(int)
+        full = [slice(None)] * len(shape)
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                full[axis] = slice(int(a), int(b))
+                out.append(tuple(full))
+        return out
+
+    def run(self, fn, shape, avoid: int | None = None, pieces: int | None = None) -> list:
+        """``[fn(slab) for slab in self.slices(shape, avoid, pieces)]``, in parallel."""
+        parts = self.slices(shape, avoid, pieces)
+        if self._pool is None or len(parts) == 1:
+            return [fn(p) for p in parts]
+        return list(self._pool.map(fn, parts))
