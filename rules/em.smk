@@ -27,13 +27,13 @@ rule texture_mask:
         "em_mask"
     conda:
         conda_env("core")
-    threads: 1
+    threads: EM["texture_mask"]["threads"]
     resources:
         **site_resources(),
         mem_mb=scaled(16000),
         runtime=scaled(120),
     params:
-        texture=stage_params(EM["texture_mask"]),
+        texture=stage_params(EM["texture_mask"], drop=("threads",)),
         geometry=em_geometry,
     script:
         "../scripts/texture_mask.py"
@@ -95,14 +95,14 @@ rule predict_unet:
         "em_mask"
     conda:
         conda_env("monai")
-    threads: 2
+    threads: EM["predict_unet"]["threads"]
     resources:
         **site_resources(gpu=gpu_request(EM["predict_unet"]["device"])),
         mem_mb=scaled(16000),
         runtime=scaled(120),
         gpu=gpu_request(EM["predict_unet"]["device"]),
     params:
-        predict=stage_params(EM["predict_unet"], drop=("device",)),
+        predict=stage_params(EM["predict_unet"], drop=("device", "threads")),
         device=job_device(EM["predict_unet"]["device"]),
         geometry=em_geometry,
     script:
@@ -140,12 +140,12 @@ rule postprocess_mask:
         "em_mask"
     conda:
         conda_env("core")
-    threads: 1
+    threads: EM["postprocess_mask"]["threads"]
     resources:
         **site_resources(gpu=grouped_with_gpu_job),
         mem_mb=scaled(4000),
         runtime=scaled(30),
     params:
-        postprocess=stage_params(EM["postprocess_mask"]),
+        postprocess=stage_params(EM["postprocess_mask"], drop=("threads",)),
     script:
         "../scripts/postprocess_mask.py"

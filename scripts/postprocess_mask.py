@@ -12,4 +12,5 @@ postprocess_mask_files(
     image=snakemake.input.volume,
     truth=snakemake.input.get("truth"),
     **snakemake.params.postprocess,
+    threads=snakemake.threads,
 )

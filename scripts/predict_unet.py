@@ -15,4 +15,5 @@ predict_unet_files(
     **snakemake.params.geometry,
     **snakemake.params.predict,
     device=snakemake.params.device,
+    threads=snakemake.threads,
 )

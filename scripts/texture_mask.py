@@ -13,4 +13,5 @@ texture_mask_files(
     truth=snakemake.input.get("truth"),
     **snakemake.params.geometry,
     **snakemake.params.texture,
+    threads=snakemake.threads,
 )

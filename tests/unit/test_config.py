@@ -39,8 +39,8 @@ def test_every_key_is_described(schema):
 
 # config section -> the functions whose keywords it sets; keys handled by the workflow itself.
 SECTIONS = [
-    ("em", "texture_mask", ["maskworks.em.texture:texture_mask"], set()),
-    ("em", "postprocess_mask", ["maskworks.em.postprocess:postprocess_mask"], set()),
+    ("em", "texture_mask", ["maskworks.em.texture:texture_mask"], {"threads"}),
+    ("em", "postprocess_mask", ["maskworks.em.postprocess:postprocess_mask"], {"threads"}),
     ("cryoet", "extract_patches",
      ["maskworks.cryoet.patches:iter_patches", "maskworks.cryoet.stages:extract_patches_files"], set()),
     ("cryoet", "merge_corrections",
@@ -50,7 +50,8 @@ SECTIONS = [
      {"copick_config", "runs", "org_info", "mem_info"}),
     ("em", "train_unet", ["maskworks.em.unet:train_unet", "maskworks.em.stages:train_unet_files"],
      {"enabled", "training", "images_dir", "labels_dir"}),
-    ("em", "predict_unet", ["maskworks.em.unet:predict_volume", "maskworks.em.stages:predict_unet_files"], set()),
+    ("em", "predict_unet", ["maskworks.em.unet:predict_volume", "maskworks.em.stages:predict_unet_files"],
+     {"threads"}),
     ("codex", "tile_image", ["maskworks.codex.stages:tile_image_files"], set()),
     ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed"}),
     ("codex", "stitch", ["maskworks.codex.stages:stitch_files"], set()),

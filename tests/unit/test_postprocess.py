@@ -218,3 +218,37 @@ def test_per_slice_hole_fill_closes_a_tube_open_at_the_faces():
     np.testing.assert_array_equal(across_x, tube)
     with pytest.raises(InputError, match="fill_holes_2d='w'"):
         postprocess_mask(tube, fill_holes_2d="w")
+
+
+@pytest.mark.parametrize("params", [
+    dict(opening_radius=1, keep_largest=True, fill_holes=True, grow_radius=2, closing_radius=1),
+    dict(opening_radius=2, keep_largest=False, fill_holes=True, grow_radius=-1, fill_holes_2d="z"),
+    dict(opening_radius=0, keep_largest=True, fill_holes=False, grow_radius=0, fill_holes_2d="y"),
+])
+def test_threads_and_memory_bound_give_the_whole_volume_result(params):
+    """Slabs over two threads, and out of core (Zarr in, Zarr out, a budget that makes ~20 slabs
+    of a few planes), give the one-slab result voxel for voxel and the same stats."""
+    import zarr
+
+    rng = np.random.default_rng(4)
+    m = (ndi.gaussian_filter(rng.random((40, 200, 200)), 2.0) > 0.5).astype(np.uint8)
+    ref, st_ref = postprocess_mask(m, threads=1, **params)
+    two, st_two = postprocess_mask(m, threads=2, **params)
+    np.testing.assert_array_equal(two, ref)
+    src = zarr.array(m, chunks=(8, 100, 100))
+    out = zarr.zeros(m.shape, chunks=(8, 100, 100), dtype="u1")
+    res, st_oc = postprocess_mask(src, threads=2, memory_mb=24, out=out, **params)
+    assert res is out
+    np.testing.assert_array_equal(out[...], ref)
+    skip = {"threads", "memory_mb"}
+    assert {k: v for k, v in st_two.items() if k not in skip} == {k: v for k, v in st_ref.items() if k not in skip}
+    assert {k: v for k, v in st_oc.items() if k not in skip} == {k: v for k, v in st_ref.items() if k not in skip}
+    assert st_ref["components_in"] > 1 and st_oc["memory_mb"] == 24
+
+
+def test_a_budget_too_small_for_one_slab_is_an_error():
+    import zarr
+
+    src = zarr.zeros((8, 2000, 2000), chunks=(8, 500, 500), dtype="u1")
+    with pytest.raises(InputError, match="memory_mb=16 cannot hold one slab of 2000x2000 planes"):
+        postprocess_mask(src, memory_mb=16, opening_radius=3)

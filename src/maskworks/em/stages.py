@@ -8,6 +8,7 @@ call, atomic writes of the outputs, a stats JSON and a QC PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -48,12 +49,21 @@ def _auto_chunks(shape):
 
 
 def _score(truth_path, mask, shape):
-    """Dice/Jaccard of ``mask`` against a ground-truth mask file (for demo and validation data)."""
-
-    truth = read_volume(truth_path, ndim=3)
+    """Dice/Jaccard of ``mask`` (NumPy or Zarr) against a ground-truth mask file (for demo and
+    validation data), counted z-slab by z-slab so that neither is loaded whole."""
+    truth = read_volume(truth_path, ndim=3, lazy=True)
     if truth.shape != tuple(shape):
         raise InputError(f"{truth_path}: truth shape {truth.shape} differs from the mask shape {tuple(shape)}")
-    return mask_overlap(mask, truth.numpy())
+    step = max(1, (1 << 24) // max(1, int(np.prod(shape[1:]))))
+    counts = {"true_positive": 0, "false_positive": 0, "false_negative": 0, "voxels": 0}
+    for z0 in range(0, shape[0], step):
+        part = mask_overlap(np.asarray(mask[z0:z0 + step]), np.asarray(truth.data[z0:z0 + step]))
+        for k in counts:
+            counts[k] += part[k]
+    tp, fp, fn = counts["true_positive"], counts["false_positive"], counts["false_negative"]
+    denom = 2 * tp + fp + fn
+    return {"dice": 1.0 if denom == 0 else 2 * tp / denom,
+            "jaccard": 1.0 if denom == 0 else tp / (tp + fp + fn), **counts}
 
 
 @checked(texture_mask, chunk_shape=Size(8, nullable=True))
@@ -73,17 +83,31 @@ def texture_mask_files(
 def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
     vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
     vs, unit = geometry(vol, voxel_size, unit)
-    chunks = chunk_shape or _auto_chunks(vol.shape)
+    memory_mb = params.get("memory_mb")
+    chunks = chunk_shape or (None if memory_mb is not None else _auto_chunks(vol.shape))
+    if chunks is None and memory_mb is not None:
+        from .texture import _scales, memory_chunks
+
+        d = keyword_defaults(texture_mask)
+        halo = _scales(*(float(params.get(k, d[k])) for k in ("texture_sigma", "edge_sigma")),
+                       int(params.get("block_size", d["block_size"])))["halo"]
+        chunks = memory_chunks(vol.shape, halo, memory_mb, vol.dtype.itemsize)
     data = vol.data if chunks is not None else vol.numpy()
     log.info("texture_mask %s shape=%s voxel_size=%s %s chunks=%s params=%s",
              input, vol.shape, vs, unit, chunks, params)
     prov = provenance("texture_mask", {"input": input}, {**params, "chunk_shape": chunks})
-    zchunks = chunks or (64, 256, 256)
-    with create_volume(confidence, vol.shape, np.float32, vs, unit=unit, origin=vol.origin,
-                       chunks=zchunks, provenance=prov) as out_conf:
+    zchunks = _zarr_chunks(chunks) if chunks else (64, 256, 256)
+    geom = {"unit": unit, "origin": vol.origin, "chunks": zchunks, "provenance": prov}
+    # a Zarr mask is written block by block (the mask is never whole in memory when a budget is
+    # set); other formats are assembled in memory
+    out_of_core = format_of(mask) == "zarr" and chunks is not None
+    with create_volume(confidence, vol.shape, np.float32, vs, **geom) as out_conf, \
+            (create_volume(mask, vol.shape, np.uint8, vs, **geom) if out_of_core else _nothing()) as out_mask:
         with about(input):
-            m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, **params)
-        write_volume(mask, m, vs, unit=unit, origin=vol.origin, chunks=zchunks, provenance=prov)
+            m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, out_mask=out_mask,
+                                       **params)
+        if not out_of_core:
+            write_volume(mask, m, vs, **geom)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     if truth:
         st["truth"] = _score(truth, m, vol.shape)
@@ -96,6 +120,11 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     return st
 
 
+@contextlib.contextmanager
+def _nothing():
+    yield None
+
+
 @checked(postprocess_mask)
 def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, **params):
     """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
@@ -104,12 +133,17 @@ def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, 
 
 
 def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
-    vol = read_volume(input, ndim=3)
+    lazy = params.get("memory_mb") is not None
+    vol = read_volume(input, ndim=3, lazy=lazy)
     log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
-    with about(input):
-        m, st = postprocess_mask(vol.numpy(), **params)
     prov = provenance("postprocess_mask", {"input": input}, params)
-    write_volume(output, m, vol.voxel_size, unit=vol.unit, origin=vol.origin, provenance=prov)
+    geom = {"unit": vol.unit, "origin": vol.origin, "provenance": prov}
+    out_of_core = lazy and format_of(output) == "zarr"
+    with (create_volume(output, vol.shape, np.uint8, vol.voxel_size, **geom) if out_of_core else _nothing()) as out:
+        with about(input):
+            m, st = postprocess_mask(vol.data if lazy else vol.numpy(), out=out, **params)
+        if not out_of_core:
+            write_volume(output, m, vol.voxel_size, **geom)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vol.voxel_size), unit=vol.unit)
     if truth:
         st["truth"] = _score(truth, m, vol.shape)
@@ -149,7 +183,15 @@ def _add_texture(sub):
                    help="smallest kept component and largest filled hole (voxels)")
     p.add_argument("--threshold", type=_threshold, default=d["threshold"], help="'otsu' or a value in (0, 1)")
     p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing; if not given, automatic")
+    _add_cores_and_memory(p)
     p.set_defaults(run=_run_texture)
+
+
+def _add_cores_and_memory(p):
+    p.add_argument("--threads", type=int, help="CPU threads; if not given, every CPU this process may use")
+    p.add_argument("--memory-mb", type=float,
+                   help="bound the working memory (MiB): the volume is read, processed and written (.zarr) "
+                        "chunk by chunk; if not given, no bound")
 
 
 def _run_texture(a):
@@ -159,7 +201,7 @@ def _run_texture(a):
         stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"),
         truth=a.truth, voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape,
         block_size=a.block_size, texture_sigma=a.texture_sigma, edge_sigma=a.edge_sigma,
-        min_region_size=a.min_region_size, threshold=a.threshold,
+        min_region_size=a.min_region_size, threshold=a.threshold, threads=a.threads, memory_mb=a.memory_mb,
     )
 
 
@@ -182,6 +224,7 @@ def _add_postprocess(sub):
                    help="dilate (>0) or erode (<0) by this many voxels at the end")
     p.add_argument("--fill-holes-2d", choices=list(SLICE_AXES), default=d["fill_holes_2d"],
                    help="also fill the holes of every 2-D slice across this axis (z: each section)")
+    _add_cores_and_memory(p)
     p.set_defaults(run=_run_postprocess)
 
 
@@ -191,7 +234,7 @@ def _run_postprocess(a):
         a.input, out, stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"),
         image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
         keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
-        fill_holes_2d=a.fill_holes_2d,
+        fill_holes_2d=a.fill_holes_2d, threads=a.threads, memory_mb=a.memory_mb,
     )
 
 
@@ -579,6 +622,7 @@ def _add_predict(sub):
     p.add_argument("--std", type=float, default=d["std"], help="z-score std; if not given, from the volume")
     p.add_argument("--chunk-shape", help="'z,y,x' block for out-of-core inference; if not given, automatic")
     p.add_argument("--device", default=d["device"], help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads of the network (torch); if not given, torch's default")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
     p.add_argument("--blend", choices=["gaussian", "constant"], default=d["blend"],
                    help="weights of overlapping windows: gaussian (MONAI's, less seam) or constant (Catena's)")
@@ -592,7 +636,7 @@ def _run_predict(a):
         stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"), truth=a.truth,
         voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape, roi_size=a.roi_size, overlap=a.overlap,
         sw_batch_size=a.sw_batch_size, tta=a.tta, threshold=a.threshold, mean=a.mean, std=a.std,
-        device=a.device, amp=a.amp, blend=a.blend,
+        device=a.device, amp=a.amp, blend=a.blend, threads=a.threads,
     )
 
 

@@ -10,13 +10,14 @@ every filter, so the result does not depend on the chunking.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
-from maskworks.io.blocks import Slabs, resolve_threads
+from maskworks.io.blocks import Slabs, resolve_threads, return_freed_memory
 from maskworks.io.params import Number, Size, bad_value, checked
 
 from .postprocess import SlabComponents
@@ -656,6 +657,8 @@ def texture_mask(
     sc = _scales(float(texture_sigma), float(edge_sigma), int(block_size))
     halo = sc["halo"]
     itemsize = np.dtype(volume.dtype).itemsize
+    if memory_mb is not None:
+        return_freed_memory()
     if chunk_shape is None and memory_mb is not None:
         chunk_shape = memory_chunks(shape, halo, memory_mb, itemsize)
     chunk_shape = None if chunk_shape is None else tuple(int(c) for c in chunk_shape)
@@ -785,6 +788,7 @@ def _clean(mask, min_size: int, par: Slabs, step: int) -> tuple[int, int]:
     if min_size <= 1:
         return 0, 0
     in_memory = isinstance(mask, np.ndarray)
+    lock = threading.Lock()
 
     def flip_small(select, value) -> int:
         """Set 6-connected components of ``select(planes)`` below min_size to ``value``; count them."""
@@ -801,7 +805,8 @@ def _clean(mask, min_size: int, par: Slabs, step: int) -> tuple[int, int]:
                         planes = np.asarray(mask[z0:z1])
                         np.putmask(planes, comp.lookup(k, small), value)
                         if not in_memory:
-                            mask[z0:z1] = planes
+                            with lock:  # slabs may share a Zarr chunk: one write at a time
+                                mask[z0:z1] = planes
             par.run(one, (len(comp.bounds),))
         return count
 

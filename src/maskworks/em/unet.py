@@ -881,6 +881,7 @@ def inference_chunk_shape(shape, chunk_shape, roi_size=64, overlap=16):
     device=DEVICE,
     amp=Flag(),
     blend=Choice(("gaussian", "constant")),
+    threads=Number(integer=True, minimum=1, nullable=True, unit="CPU threads of the network on the CPU; null: torch's"),
 )
 def predict_volume(
     model,
@@ -900,6 +901,7 @@ def predict_volume(
     amp: bool = True,
     blend: str = "gaussian",
     progress: Callable | bool | None = None,
+    threads: int | None = None,
 ):
     """Foreground probability and mask of a whole volume by sliding-window inference.
 
@@ -942,6 +944,9 @@ def predict_volume(
     progress : callable, bool or None
         None: a tqdm bar on stderr when there is more than one block; False: none;
         a callable: ``progress(done, total)`` after each block.
+    threads : int or None
+        Threads of torch's CPU operators during the call (``torch.set_num_threads``, set
+        back afterwards); None: torch's own setting.
 
     Returns
     -------
@@ -1003,6 +1008,9 @@ def predict_volume(
     bar, report = progress_reporter(progress, len(blocks), "predict_unet", "block")
     t0 = time.perf_counter()
     foreground = windows = 0
+    torch_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
     try:
         with torch.inference_mode():
             for done, block in enumerate(blocks, start=1):
@@ -1021,6 +1029,7 @@ def predict_volume(
                 foreground += int(np.count_nonzero(m))
                 report(done)
     finally:
+        torch.set_num_threads(torch_threads)
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
@@ -1031,6 +1040,7 @@ def predict_volume(
         "tta": bool(tta), "blend": blend, "threshold": float(threshold), "chunk_shape": list(chunks) if chunks else None,
         "blocks": len(blocks), "windows": windows, "seconds": round(seconds, 3), "voxels_per_second": n / seconds if seconds else None,
         "device": str(dev), "amp": use_amp, "probability_dtype": "float16",
+        "threads": int(threads) if threads is not None else torch_threads,
     }
     return prob, mask, stats
 

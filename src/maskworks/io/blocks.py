@@ -128,3 +128,22 @@ class Slabs:
         if self._pool is None or len(parts) == 1:
             return [fn(p) for p in parts]
         return list(self._pool.map(fn, parts))
+
+
+def return_freed_memory() -> None:
+    """Have glibc's allocator hand blocks of 1 MiB and more back to the system when they are freed.
+
+    By default the threshold above which malloc maps memory of its own rises with every large
+    block freed (up to 32 MiB), and blocks below it are kept in each thread's arena: a
+    memory-bounded run that allocates and frees slab after slab in several threads would hold
+    many of them at once.  Called by the stages that are given a memory budget; elsewhere (not
+    glibc) it does nothing.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixed: no dynamic adjustment)
+    except (OSError, AttributeError):
+        pass
