@@ -12,8 +12,9 @@ and the volume loaded) so that the memory the call itself takes is seen apart.
   and imported from a temporary folder; it runs single-threaded).
 - ``threads1`` / ``threadsN``: this version, whole volume in memory, with 1 and N threads.
 - ``bounded``: this version on a Zarr volume with Zarr outputs and ``memory_mb`` = a quarter of
-  the volume's size (at least texture.MIN_MEMORY_MB): its peak above the baseline is compared
-  with the budget, and its mask with the in-memory one.
+  what the in-memory run took above its baseline (at least texture.MIN_MEMORY_MB; or
+  ``--memory-mb``): its peak above the baseline is compared with the budget, and its mask with
+  the in-memory one.
 
     python bench/bench_texture.py [--shape 128 256 256] [--threads 2] [--baseline-rev 9bef2ee]
 """
@@ -83,8 +84,8 @@ def _worker(mode: str, data: Path, args) -> dict:
     elif mode.startswith("threads"):
         mask, conf, _ = texture_mask(volume, progress=False, threads=int(mode[len("threads"):]))
     else:
-        out_c = zarr.open(str(data / "conf.zarr"), mode="w", shape=src.shape, chunks=(32, 256, 256), dtype="f4")
-        out_m = zarr.open(str(data / "mask.zarr"), mode="w", shape=src.shape, chunks=(32, 256, 256), dtype="u1")
+        out_c = zarr.open(str(data / "conf.zarr"), mode="w", shape=src.shape, chunks=(16, 128, 128), dtype="f4")
+        out_m = zarr.open(str(data / "mask.zarr"), mode="w", shape=src.shape, chunks=(16, 128, 128), dtype="u1")
         mask, conf, st = texture_mask(src, out_confidence=out_c, out_mask=out_m, memory_mb=args.memory_mb,
                                       progress=False, threads=args.threads)
         extra = {"chunks": st["chunks"], "chunk_shape": st["chunk_shape"]}
@@ -97,8 +98,10 @@ def _worker(mode: str, data: Path, args) -> dict:
 
 def _run_worker(mode: str, data: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--baseline-rev", args.baseline_rev,
-           "--threads", str(args.threads), "--memory-mb", str(args.memory_mb)]
-    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+           "--threads", str(args.threads)] + (["--memory-mb", str(args.memory_mb)] if args.memory_mb else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        sys.exit(f"bench_texture: the {mode} run failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -108,13 +111,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="N of the threadsN run and of the bounded run")
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the previous version")
-    ap.add_argument("--memory-mb", type=float, help="budget of the bounded run (default: a quarter of the volume)")
+    ap.add_argument("--memory-mb", type=float,
+                    help="budget of the bounded run (default: a quarter of the in-memory run's memory)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.data, args)))
         return
+    if args.memory_mb is not None and args.memory_mb <= 0:
+        ap.error("--memory-mb must be positive")
 
     import zarr
 
@@ -126,11 +132,14 @@ def main(argv=None) -> None:
         image, truth = make_em_volume(tuple(args.shape), seed=args.seed)
         image = image.astype(np.float32)
         np.save(data / "volume.npy", image)
-        zarr.array(image, chunks=(32, 256, 256), store=str(data / "volume.zarr"))
-        if args.memory_mb is None:
-            args.memory_mb = max(float(MIN_MEMORY_MB), image.nbytes / 2**20 / 4)
+        zarr.array(image, chunks=(16, 128, 128), store=str(data / "volume.zarr"))
         modes = ["pass", "previous", "threads1", f"threads{args.threads}", "bounded"]
-        rows = {m: _run_worker(m, data, args) for m in modes}
+        rows = {}
+        for m in modes:
+            if m == "bounded" and args.memory_mb is None:
+                r = rows[f"threads{args.threads}"]
+                args.memory_mb = max(float(MIN_MEMORY_MB), round((r["peak_rss_mb"] - r["baseline_rss_mb"]) / 4))
+            rows[m] = _run_worker(m, data, args)
         masks = {m: np.load(data / f"mask_{m}.npy") for m in modes if m != "pass"}
 
     truth = truth.astype(bool)
@@ -157,9 +166,11 @@ def main(argv=None) -> None:
     print(f"speed-up 1 -> {args.threads} threads: {cur1['seconds'] / curn['seconds']:.2f}x")
     print(f"Dice change vs the previous version: {dice(masks[n]) - dice(masks['previous']):+.4f}")
     above = bnd["peak_rss_mb"] - bnd["baseline_rss_mb"]
-    print(f"bounded (Zarr in and out, memory_mb {args.memory_mb:.0f}, volume {mb / args.memory_mb:.1f}x the budget, "
-          f"{bnd['chunks']} chunks of {tuple(bnd['chunk_shape'])}): peak above baseline {above:.0f} MiB = "
-          f"{above / args.memory_mb:.2f}x the budget; mask == in-memory: "
+    inmem = curn["peak_rss_mb"] - curn["baseline_rss_mb"]
+    print(f"bounded (Zarr in and out, memory_mb {args.memory_mb:.0f}: the in-memory run took {inmem:.0f} MiB = "
+          f"{inmem / args.memory_mb:.1f}x it; the volume is {mb / args.memory_mb:.1f}x it; {bnd['chunks']} chunks of "
+          f"{tuple(bnd['chunk_shape'])}): peak above baseline {above:.0f} MiB = {above / args.memory_mb:.2f}x the "
+          f"budget, time {bnd['seconds'] / curn['seconds']:.1f}x in-memory; mask == in-memory: "
           f"{np.array_equal(masks['bounded'], masks[n])}")
     print("command: python bench/bench_texture.py" + "".join(
         f" --shape {' '.join(map(str, args.shape))}" for _ in [0] if tuple(args.shape) != (128, 256, 256)))

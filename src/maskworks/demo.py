@@ -25,6 +25,10 @@ EM_SAMPLES = {
                 "voxel_size": (40.0, 16.0, 16.0), "unit": "nanometer"},
     "sample2": {"shape": (64, 128, 128), "seed": 1, "path": "sample2.mrc",
                 "voxel_size": (80.0, 80.0, 80.0), "unit": "angstrom"},
+    # crossing cracks and sheets, curtaining and a brightness ramp (not in the demo's volume table:
+    # for `maskworks texture-mask demo_data/em/sample3.tif ... --truth demo_data/em/sample3_truth.tif`)
+    "sample3": {"shape": (64, 128, 128), "seed": 2, "path": "sample3.tif", "variant": "artefacts",
+                "voxel_size": (40.0, 16.0, 16.0), "unit": "nanometer"},
 }
 
 
@@ -84,7 +88,32 @@ def _planar_artefact(rng, shape, allowed: np.ndarray, radius: float, half_width:
     return empty, np.zeros(shape, bool)
 
 
-def make_em_volume(shape=(96, 160, 160), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+# What make_em_volume's variants add to the plain block.
+EM_VARIANTS = ("plain", "artefacts")
+
+
+def _crossing_planes(rng, shape, allowed: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Three discs through one point where ``allowed`` is 1, at right angles to each other (randomly
+    turned): two dark cracks and a bright sheet that cut each other along three lines."""
+    candidates = np.flatnonzero(allowed >= 1.0)
+    if not candidates.size:
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    centre = np.unravel_index(candidates[rng.integers(candidates.size)], shape)
+    axes, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # three orthonormal normals
+    zz, yy, xx = (np.arange(n, dtype=np.float32)[tuple(slice(None) if i == a else None for i in range(3))]
+                  for a, n in enumerate(shape))
+    dz, dy, dx = zz - centre[0], yy - centre[1], xx - centre[2]
+    r2 = dz * dz + dy * dy + dx * dx
+    out = []
+    for normal in axes.T:
+        dist = dz * normal[0] + dy * normal[1] + dx * normal[2]
+        in_plane = np.sqrt(np.maximum(r2 - dist * dist, 0.0))
+        disc = 1.0 / (1.0 + np.exp(np.clip((in_plane - radius) / 2.0, -30, 30), dtype=np.float32))
+        out.append((_sheet(dist, 0.8) * disc * allowed).astype(np.float32))
+    return np.maximum(out[0], out[1]), out[2]
+
+
+def make_em_volume(shape=(96, 160, 160), seed: int = 0, variant: str = "plain") -> tuple[np.ndarray, np.ndarray]:
     """Synthetic downsampled FIB-SEM block: textured tissue next to smooth resin.
 
     Parameters
@@ -93,6 +122,12 @@ def make_em_volume(shape=(96, 160, 160), seed: int = 0) -> tuple[np.ndarray, np.
         (z, y, x) size; at least 16 voxels per axis.
     seed : int
         Seed of :func:`numpy.random.default_rng`; the same seed gives the same volume.
+    variant : {"plain", "artefacts"}
+        ``"artefacts"`` adds what a FIB-SEM block brings besides: in the resin, two cracks
+        and a bright sheet that cross each other at right angles (where a single-plane test
+        no longer sees a plane); curtaining over the whole block (streaks along y, random in x,
+        drifting slowly in z, as ion milling leaves them); and a brightness ramp along z
+        (-12 % .. +12 %, the detector drifting as the block is milled).
 
     Returns
     -------
@@ -117,6 +152,8 @@ def make_em_volume(shape=(96, 160, 160), seed: int = 0) -> tuple[np.ndarray, np.
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise InputError(f"make_em_volume: shape={shape}; expected three sizes of at least 16 voxels")
+    if variant not in EM_VARIANTS:
+        raise InputError(f"make_em_volume: variant={variant!r}; expected one of {', '.join(EM_VARIANTS)}")
     rng = np.random.default_rng(seed)
     norm = [np.linspace(0.0, 1.0, s, dtype=np.float32) for s in shape]
     zz, yy, xx = norm[0][:, None, None], norm[1][None, :, None], norm[2][None, None, :]
@@ -151,22 +188,31 @@ def make_em_volume(shape=(96, 160, 160), seed: int = 0) -> tuple[np.ndarray, np.
     crack, near_crack = _planar_artefact(rng, shape, far, radius=0.3 * max(shape), half_width=0.7)
     wall, _ = _planar_artefact(rng, shape, far, radius=0.25 * max(shape), half_width=0.8, avoid=near_crack)
     resin_img = resin_img - 110.0 * crack + 80.0 * wall
+    if variant == "artefacts":
+        cracks, sheet = _crossing_planes(rng, shape, far * (1.0 - near_crack), radius=0.22 * max(shape))
+        resin_img = resin_img - 110.0 * cracks + 80.0 * sheet
 
     image = np.where(tissue, tissue_img, resin_img)
+    if variant == "artefacts":
+        streaks = ndi.gaussian_filter(rng.standard_normal((shape[0], shape[2])).astype(np.float32), (6.0, 1.2))
+        streaks *= 14.0 / max(float(streaks.std()), 1e-12)
+        image = image + streaks[:, None, :]
+        image = image * (0.88 + 0.24 * zz)
     image += 5.0 * rng.standard_normal(shape, dtype=np.float32)  # detector noise, everywhere
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return image, tissue.astype(np.uint8)
 
 
 def _write_em(out_dir: Path) -> dict[str, Path]:
-    """EM arm: ``em/sample1.zarr`` (OME-Zarr) and ``em/sample2.mrc`` with their truths."""
+    """EM arm: ``em/sample1.zarr`` (OME-Zarr), ``em/sample2.mrc`` and ``em/sample3.tif`` (the
+    "artefacts" variant) with their truths."""
     written = {}
     for name, spec in EM_SAMPLES.items():
-        image, truth = make_em_volume(spec["shape"], seed=spec["seed"])
+        image, truth = make_em_volume(spec["shape"], seed=spec["seed"], variant=spec.get("variant", "plain"))
         target = out_dir / "em" / spec["path"]
         truth_target = target.with_name(target.name.replace(name, f"{name}_truth", 1))
         prov = {"stage": "demo-data", "generator": "maskworks.demo.make_em_volume",
-                "shape": list(spec["shape"]), "seed": spec["seed"]}
+                "shape": list(spec["shape"]), "seed": spec["seed"], "variant": spec.get("variant", "plain")}
         written[name] = write_volume(target, image, spec["voxel_size"], unit=spec["unit"], provenance=prov)
         written[f"{name}_truth"] = write_volume(
             truth_target, truth, spec["voxel_size"], unit=spec["unit"], provenance={**prov, "truth": True}

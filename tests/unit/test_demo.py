@@ -40,7 +40,8 @@ def test_make_em_volume_rejects_bad_shapes():
 
 def test_write_demo_data(tmp_path):
     written = write_demo_data(tmp_path, arms=("em",))
-    assert set(written) == {"em/sample1", "em/sample1_truth", "em/sample2", "em/sample2_truth"}
+    assert set(written) == {"em/sample1", "em/sample1_truth", "em/sample2", "em/sample2_truth",
+                            "em/sample3", "em/sample3_truth"}
     assert written["em/sample1"] == tmp_path / "em" / "sample1.zarr"
     assert written["em/sample2_truth"] == tmp_path / "em" / "sample2_truth.mrc"
     first = {}

@@ -530,8 +530,8 @@ class SlabComponents:
             faces[1] = labels[:0, 0]
         flat = labels.reshape(-1)
         sizes = np.zeros(n + 1, np.int64)
-        for i in range(0, flat.size, 1 << 22):  # in pieces: bincount casts its input to int64
-            sizes += np.bincount(flat[i:i + (1 << 22)], minlength=n + 1)
+        for i in range(0, flat.size, 1 << 20):  # in pieces: bincount casts its input to int64
+            sizes += np.bincount(flat[i:i + (1 << 20)], minlength=n + 1)
         out = {"n": int(n), "sizes": sizes,
                "border": np.unique(np.concatenate([f.ravel() for f in faces])),
                "first": labels[0].copy(), "last": labels[-1].copy()}

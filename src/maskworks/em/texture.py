@@ -37,9 +37,9 @@ MIN_SCALE = 1e-3
 # Bytes of working memory per voxel of a chunk read with its halo: six float32 block-sized
 # arrays at the peak of _evidence, the normalised copy and the chunk as read (measured:
 # bench/bench_texture.py --memory-mb reports the peak against the budget).
-WORK_BYTES_PER_VOXEL = 30
+WORK_BYTES_PER_VOXEL = 36
 # Bytes per voxel of a slab of the clean-up: its planes, the selection and the int32 labels.
-CLEAN_BYTES_PER_VOXEL = 10
+CLEAN_BYTES_PER_VOXEL = 16
 # The smallest budget: a chunk of a few voxels and its halo, plus the libraries' own buffers.
 MIN_MEMORY_MB = 64
 
@@ -288,7 +288,7 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
     smoothing after them (the surround at ``4 s``, the structure tensor at ``rho``, the averages
     at ``4 s``, the ``block_size`` window) is evaluated on the even samples only
     (:func:`_smooth_coarse`; the surround and the incoherence are interpolated back with
-    :func:`upsample`): the maps are smooth at those scales, and the planarity and the
+    :func:`upsample`): the maps are smooth at those scales, and the eigenvalues and the
     confidence need an eighth of the voxels.  Float32 throughout, in five block-sized work
     arrays (``work`` "a" .. "e"; ``x`` is "a"), reused in place.
     """
@@ -321,7 +321,7 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
              _central_difference(smooth, 2, par, out=g))
     prod = smooth  # c, free from here
 
-    # structure tensor at rho on the coarse samples -> incoherence w = 1 - planarity (f)
+    # structure tensor at rho on the coarse samples -> incoherence w = l3 / l1
     tensor = []
     for i, j in _TENSOR_INDEX:
         gi, gj = grads[i], grads[j]
@@ -334,7 +334,7 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
         out = w_coarse[sl].reshape(-1)
         for i in range(0, out.size, 1 << 16):  # pieces that stay in cache (float64 temporaries)
             part = [t[i:i + (1 << 16)].astype(np.float64) for t in flat]
-            out[i:i + (1 << 16)] = 1.0 - _planarity(*part)
+            out[i:i + (1 << 16)] = 1.0 - _anisotropy(*part)
     _each(par, w_coarse.shape, incoherence)
     del tensor
     w = upsample(w_coarse, phase, shape, par, out=prod)
@@ -359,12 +359,12 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
     return {"texture": texture, "variance": var, "edges": edges}
 
 
-def _planarity(a00, a11, a22, a01, a02, a12) -> np.ndarray:
-    """``clip((l1 - l2) / l1, 0, 1)`` of symmetric 3x3 matrices, in closed form.
+def _anisotropy(a00, a11, a22, a01, a02, a12) -> np.ndarray:
+    """``clip((l1 - l3) / l1, 0, 1)`` of symmetric 3x3 matrices, in closed form.
 
     With the eigenvalues ``q + 2 p cos(phi + 2 pi k / 3)`` (:func:`sym3_eigenvalues`),
-    ``l1 - l2 = 2 sqrt(3) p sin(phi + 2 pi / 3)`` and ``l1 = q + 2 p cos(phi)``: no third
-    eigenvalue is needed.
+    ``l1 - l3 = 2 sqrt(3) p sin(phi + pi / 3)`` and ``l1 = q + 2 p cos(phi)``: the middle
+    eigenvalue is not needed.
     """
     q = (a00 + a11 + a22) / 3.0
     b00, b11, b22 = a00 - q, a11 - q, a22 - q
@@ -373,7 +373,7 @@ def _planarity(a00, a11, a22, a01, a02, a12) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(p > 0, det / (2.0 * p**3), 0.0)
     phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
-    gap = (2.0 * math.sqrt(3.0)) * p * np.sin(phi + 2.0 * np.pi / 3.0)
+    gap = (2.0 * math.sqrt(3.0)) * p * np.sin(phi + np.pi / 3.0)
     top = q + 2.0 * p * np.cos(phi)
     return np.clip(gap / (top + _TINY), 0.0, 1.0)
 
@@ -445,18 +445,62 @@ def _otsu(hist: np.ndarray, centres: np.ndarray, tops: np.ndarray) -> float:
 
 
 def _intensity_range(volume, shape, chunk_shape) -> tuple[float, float, int]:
-    """1st and 99th percentile of the whole volume (of a strided subsample above MAX_SAMPLE voxels)."""
+    """1st and 99th percentile of the whole volume (of a strided subsample above MAX_SAMPLE voxels).
+
+    Exactly :func:`numpy.percentile` of that sample (linear interpolation between order
+    statistics), found without gathering it: a histogram over the chunks locates the bins
+    that hold the order statistics needed, and a second pass counts the distinct values in
+    those bins only.  Memory: one chunk, whatever the volume's size.
+    """
     size = int(np.prod(shape))
     stride = 1
     while size > MAX_SAMPLE * stride**3:
         stride += 1
-    parts = []
-    for blk in iter_blocks(shape, chunk_shape, 0):
-        start = [(-sl.start) % stride for sl in blk.inner]
-        sub = tuple(slice(sl.start + s0, sl.stop, stride) for sl, s0 in zip(blk.inner, start))
-        parts.append(np.asarray(volume[sub]).ravel())
-    sample = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    p1, p99 = np.percentile(sample, [1.0, 99.0])
+
+    def parts():
+        for blk in iter_blocks(shape, chunk_shape, 0):
+            start = [(-sl.start) % stride for sl in blk.inner]
+            sub = tuple(slice(sl.start + s0, sl.stop, stride) for sl, s0 in zip(blk.inner, start))
+            yield np.asarray(volume[sub]).ravel()
+
+    lo, hi, n = np.inf, -np.inf, 0
+    for part in parts():
+        if part.size:
+            lo, hi, n = min(lo, float(part.min())), max(hi, float(part.max())), n + part.size
+    if hi <= lo:
+        return float(lo), float(lo), stride
+    nbins = 1 << 16
+    scale = nbins / (hi - lo)
+    hist = np.zeros(nbins, np.int64)
+    for part in parts():
+        hist += np.bincount(np.minimum(((part.astype(np.float64) - lo) * scale).astype(np.int64), nbins - 1),
+                            minlength=nbins)
+    cum = np.cumsum(hist)
+    ranks = {}
+    for q in (1.0, 99.0):
+        r = q / 100.0 * (n - 1)
+        ranks[q] = (r, int(math.floor(r)))
+    wanted = sorted({k for _, k0 in ranks.values() for k in (k0, min(k0 + 1, n - 1))})
+    bins = {k: int(np.searchsorted(cum, k + 1)) for k in wanted}  # the bin holding order statistic k
+    values = {b: {} for b in set(bins.values())}
+    for part in parts():
+        idx = np.minimum(((part.astype(np.float64) - lo) * scale).astype(np.int64), nbins - 1)
+        for b, seen in values.items():
+            v, c = np.unique(part[idx == b], return_counts=True)
+            for a, k in zip(v.tolist(), c.tolist()):
+                seen[a] = seen.get(a, 0) + k
+
+    def order_statistic(k):
+        b = bins[k]
+        before = int(cum[b - 1]) if b else 0
+        for v in sorted(values[b]):
+            before += values[b][v]
+            if before > k:
+                return v
+        raise AssertionError("order statistic outside its bin")
+
+    p1, p99 = (order_statistic(k0) + (r - k0) * (order_statistic(min(k0 + 1, n - 1)) - order_statistic(k0))
+               for r, k0 in (ranks[1.0], ranks[99.0]))
     return float(p1), float(p99), stride
 
 
@@ -568,7 +612,8 @@ def texture_mask(
         Sigma (voxels) of the Difference-of-Gaussians band-pass that measures fine
         texture; the band is ``texture_sigma .. 4 * texture_sigma``.
     edge_sigma : float
-        Sigma (voxels) of the Gaussian derivatives (gradient magnitude and structure tensor).
+        Sigma (voxels) of the smoothing whose central differences give the gradient
+        (gradient magnitude and structure tensor).
     min_region_size : int
         Connected components (6-connected) smaller than this are removed and holes
         smaller than it filled; 0 keeps the thresholded mask as it is.
@@ -582,9 +627,17 @@ def texture_mask(
     out_confidence : array_like, optional
         Preallocated float32 array of ``volume.shape`` (e.g. a Zarr array) that
         receives the confidence block by block; returned as ``confidence``.
+    out_mask : array_like, optional
+        Preallocated uint8 array of ``volume.shape`` (e.g. a Zarr array) that receives the
+        mask chunk by chunk (and is cleaned in place, slab by slab); returned as ``mask``.
     progress : callable, bool or None
         None: a tqdm bar on stderr when there is more than one chunk; False: none;
         a callable: called as ``progress(done, total)`` after each chunk.
+    threads : int or None
+        CPU threads (None: every CPU this process may use); the result does not depend on it.
+    memory_mb : float or None
+        Working-memory budget (MiB) when ``chunk_shape`` is None: the chunks are sized to it
+        (see *Memory*).  None: no bound.
 
     Returns
     -------
@@ -596,7 +649,7 @@ def texture_mask(
         voxels, fraction_masked, threshold (float), threshold_method ("otsu" or
         "fixed"), intensity_p1, intensity_p99, intensity_sample_stride,
         evidence_scales and evidence_weights (per map), filter_sigmas,
-        components_removed, holes_filled, chunks, halo, chunk_shape.
+        components_removed, holes_filled, chunks, halo, chunk_shape, threads, memory_mb.
 
     Notes
     -----
@@ -610,22 +663,32 @@ def texture_mask(
     *Evidence* (scipy.ndimage, ``mode="reflect"``, kernels cut at 4 sigma), with
     ``s = texture_sigma``, ``e = edge_sigma``:
 
-    - incoherence ``w = 1 - (l1 - l2) / l1`` where ``l1 >= l2 >= l3`` are the
-      eigenvalues of the structure tensor: outer products of the Gaussian
-      derivatives (sigma ``e``) along z, y and x, smoothed at the integration
-      scale ``rho = max(2 e, 2 s)`` (eigenvalues in closed form,
-      :func:`sym3_eigenvalues`).  ``rho`` is tied to the texture scale because
-      that is where tissue texture becomes isotropic: at ``rho = 2 s`` the
-      membranes of neighbouring processes already mix.  ``w`` is ~0 on and next to a single plane (a
-      resin crack, a bright sheet) and ~1 in isotropic texture (tissue, where
-      many membranes of all orientations meet within ``rho``) and in plain noise;
-      it is applied to the band-pass energies *before* they are averaged, so an
-      isolated planar structure contributes (almost) no evidence;
+    - incoherence ``w = l3 / l1`` where ``l1 >= l2 >= l3`` are the eigenvalues
+      of the structure tensor: outer products of the gradients of ``G_e * x``
+      (central differences) along z, y and x, smoothed at the integration scale
+      ``rho = max(2 e, 2 s)`` (eigenvalues in closed form, :func:`sym3_eigenvalues`).
+      ``rho`` is tied to the texture scale because that is where tissue texture
+      becomes isotropic: at ``rho = 2 s`` the membranes of neighbouring processes
+      already mix.  ``w`` is ~0 on and next to a plane (a resin crack, a bright
+      sheet: ``l2, l3 ~ 0``) and where two planes cross (``l1 ~ l2``, ``l3 ~ 0``:
+      a test of ``l2`` alone would take a crossing for texture), and ~1 in
+      isotropic texture (tissue, where many membranes of all orientations meet
+      within ``rho``) and in plain noise; it is applied to the band-pass energies
+      *before* they are averaged, so planar structures and their crossings
+      contribute (almost) no evidence;
     - texture ``T``: Gaussian average (sigma ``4 s``) of ``w * |G_s * x - G_4s * x|``;
     - local contrast ``C``: local standard deviation over a ``block_size`` cube,
       ``sqrt(E[x^2] - E[x]^2)`` from two uniform filters;
-    - edges ``E``: Gaussian average (sigma ``4 s``) of ``w * |grad G_e * x|``
-      (the gradient magnitude of :func:`scipy.ndimage.gaussian_gradient_magnitude`).
+    - edges ``E``: Gaussian average (sigma ``4 s``) of ``w * |grad G_e * x|``.
+
+    *Sampling.*  ``x`` (normalised), ``G_e * x``, ``G_s * x`` (from it), the band-pass,
+    the gradients and their products are computed at every voxel.  Every wide smoothing
+    after them (``G_4s``, the tensor at ``rho``, the averages at ``4 s``, the
+    ``block_size`` window) is evaluated at the voxels of even global index only (the x
+    pass on every voxel, the y pass on even x, the z pass on even x and y: exact at those
+    samples) and interpolated linearly back to every voxel where needed (the surround,
+    ``w``, the confidence): those maps vary at scales of 2 sigma and more.  The
+    histograms below are of the samples.
 
     *Confidence.*  Each map is divided by its scale, the 99th percentile of that
     map over the whole volume (from a fixed log-binned histogram accumulated over
@@ -641,15 +704,26 @@ def texture_mask(
 
     *Mask.*  ``confidence > threshold``, then 6-connected components smaller than
     ``min_region_size`` are removed and background components (holes) smaller
-    than it are filled, in 3-D on the whole mask (as
-    ``skimage.morphology.remove_small_objects`` / ``remove_small_holes``).  The
-    uint8 mask and its int32 labels are held in memory (5 bytes per voxel);
-    the confidence too (4 bytes per voxel) unless ``out_confidence`` is given.
+    than it are filled, in 3-D (as ``skimage.morphology.remove_small_objects`` /
+    ``remove_small_holes``): the mask is labelled in z-slabs whose components are
+    joined across the slab faces (:class:`~maskworks.em.postprocess.SlabComponents`).
+
+    *Threads.*  Every filter pass and element-wise step runs on slabs of the block in
+    ``threads`` threads (scipy.ndimage and NumPy release the GIL); a 1-D pass is split
+    along another axis, so the result does not depend on the number of threads.
+
+    *Memory.*  In memory, the work takes five float32 arrays of the block (reused from
+    step to step) besides the input, the confidence and the mask.  With ``memory_mb`` the
+    chunks are chosen (:func:`memory_chunks`) so that a chunk with its halo fits the
+    budget (z-slabs with the full y/x extent where they fit), the clean-up's slabs too, and
+    with ``out_confidence`` and ``out_mask`` (Zarr arrays) nothing of the volume's size is
+    held: the peak is the budget, measured in bench/bench_texture.py.
 
     *Chunks.*  Each chunk is read with a halo of ``stats["halo"]`` voxels, the
     summed support of the longest filter chain (at least ``max(4 x the largest
     sigma, block_size / 2)``), and only its centre is kept; at the volume border
-    the chunk reaches the real border, so ``reflect`` matches the unchunked run.
+    the chunk reaches the real border, so ``reflect`` matches the unchunked run;
+    the coarse samples sit on the volume's even indices whatever the chunk.
     Results equal the unchunked ones to float rounding (the uniform filter's
     running sums start at different places); the mask is the same.
     """
@@ -660,7 +734,14 @@ def texture_mask(
     if memory_mb is not None:
         return_freed_memory()
     if chunk_shape is None and memory_mb is not None:
-        chunk_shape = memory_chunks(shape, halo, memory_mb, itemsize)
+        # what the stores hold while a chunk is read or written: a few of their decoded chunks
+        reserve = 4 * _chunk_bytes(volume) + 2 * _chunk_bytes(out_confidence) + 2 * _chunk_bytes(out_mask)
+        room = float(memory_mb) - reserve / 2**20
+        if room < MIN_MEMORY_MB / 2:
+            raise InputError(f"texture_mask: memory_mb={memory_mb} leaves {room:.0f} MiB for the work once the "
+                             f"Zarr chunks of the input and outputs ({reserve / 2**20:.0f} MiB) are held; "
+                             "give more memory or store them in smaller chunks")
+        chunk_shape = memory_chunks(shape, halo, room, itemsize)
     chunk_shape = None if chunk_shape is None else tuple(int(c) for c in chunk_shape)
     if chunk_shape is None and not isinstance(volume, np.ndarray):
         volume = np.asarray(volume[...])
@@ -739,6 +820,14 @@ def texture_mask(
         "memory_mb": memory_mb,
     }
     return mask, confidence, stats
+
+
+def _chunk_bytes(array) -> int:
+    """Bytes of one decoded chunk of a chunked array (Zarr); 0 for anything else."""
+    chunks = getattr(array, "chunks", None)
+    if array is None or isinstance(array, np.ndarray) or not chunks:
+        return 0
+    return int(np.prod([int(c) for c in chunks])) * np.dtype(array.dtype).itemsize
 
 
 def _output(out, name, shape, dtype):
