@@ -23,15 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_texture import _peak_rss_mb  # VmHWM of this process; runs as `python bench/...`
 
 PARAMS = dict(closing_radius=1, opening_radius=2, keep_largest=True, fill_holes=True, grow_radius=2)
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _worker(mode: str, data: Path, args) -> dict:

@@ -129,3 +129,29 @@ def test_each_stage_imports_only_its_arm():
     for arm in ARMS:
         for command in COMMANDS[arm]:
             assert commands(build_parser(["-v", command, "x"])) == set(COMMANDS[arm])
+
+
+def test_memory_bound_runs_write_zarr_piece_by_piece_with_the_same_result(tmp_path):
+    """`--memory-mb` on both EM stages: Zarr in, Zarr out, chunked and slab-wise, and the same
+    masks, stats and Dice as the unbounded runs (the bounded texture run takes more chunks)."""
+    from maskworks.demo import make_em_volume
+
+    image, truth = make_em_volume((96, 160, 160), seed=5)
+    write_volume(tmp_path / "vol.zarr", image, (30, 10, 10), unit="nanometer", chunks=(16, 80, 80))
+    write_volume(tmp_path / "truth.zarr", truth, (30, 10, 10), unit="nanometer")
+    stats = {}
+    for tag, extra in [("free", []), ("bound", ["--memory-mb", "64", "--threads", "2"])]:
+        assert main(["texture-mask", str(tmp_path / "vol.zarr"), str(tmp_path / f"{tag}.zarr"),
+                     "--truth", str(tmp_path / "truth.zarr"), *extra]) == 0
+        assert main(["postprocess-mask", str(tmp_path / f"{tag}.zarr"), str(tmp_path / f"{tag}_final.zarr"),
+                     "--grow-radius", "1", *(["--memory-mb", "24", "--threads", "2"] if extra else [])]) == 0
+        stats[tag] = json.loads((tmp_path / f"{tag}_stats.json").read_text())
+        stats[tag + "_final"] = json.loads((tmp_path / f"{tag}_final_stats.json").read_text())
+    assert stats["bound"]["chunks"] > 1 == stats["free"]["chunks"] and stats["bound"]["memory_mb"] == 64
+    assert stats["bound"]["truth"] == stats["free"]["truth"] and stats["free"]["truth"]["dice"] > 0.9
+    for name in ("", "_final"):
+        a, b = read_volume(tmp_path / f"free{name}.zarr"), read_volume(tmp_path / f"bound{name}.zarr")
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        assert b.voxel_size == pytest.approx((30, 10, 10))
+    assert stats["bound_final"]["voxels_out"] == stats["free_final"]["voxels_out"]
+    assert stats["bound_final"]["memory_mb"] == 24 and stats["bound_final"]["threads"] == 2

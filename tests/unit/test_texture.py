@@ -205,3 +205,44 @@ def test_crossing_planes_curtaining_and_a_ramp_stay_out_of_the_mask():
         assert np.count_nonzero(mask[far]) < 0.015 * np.count_nonzero(far)
     with pytest.raises(InputError, match="variant"):
         make_em_volume((32, 32, 32), variant="cracks")
+
+
+def test_anisotropy_is_one_minus_l3_over_l1():
+    from maskworks.em.texture import _anisotropy
+
+    rng = np.random.default_rng(2)
+    g = rng.normal(size=(500, 3, 4))
+    a = g @ g.transpose(0, 2, 1)
+    n = rng.normal(size=(2, 3))
+    a[0] = np.outer(n[0], n[0])  # one plane: l2 = l3 = 0
+    a[1] = np.outer(n[0], n[0]) + np.outer(n[1], n[1])  # two crossing planes: l3 = 0
+    a[2] = np.eye(3)  # isotropic
+    ref = np.linalg.eigvalsh(a)
+    got = _anisotropy(a[:, 0, 0], a[:, 1, 1], a[:, 2, 2], a[:, 0, 1], a[:, 0, 2], a[:, 1, 2])
+    np.testing.assert_allclose(got, (ref[:, 2] - ref[:, 0]) / ref[:, 2], atol=1e-7)
+    assert got[0] == pytest.approx(1.0) and got[1] == pytest.approx(1.0) and got[2] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("shape, phase", [((9, 10, 11), (0, 0, 0)), ((8, 7, 12), (1, 0, 1)), ((5, 6, 2), (1, 1, 1))])
+def test_coarse_smoothing_is_exact_at_the_even_samples_and_upsampling_is_linear(shape, phase):
+    from maskworks.em.texture import _gauss_pass, _smooth_coarse, upsample
+    from maskworks.io.blocks import Slabs
+
+    rng = np.random.default_rng(3)
+    x = rng.random(shape).astype(np.float32)
+    with Slabs(2) as par:
+        coarse = _smooth_coarse(x.copy(), _gauss_pass(1.5), phase, par)
+        full = ndi.gaussian_filter(x, 1.5, mode="reflect", truncate=4.0)
+        np.testing.assert_allclose(coarse, full[phase[0]::2, phase[1]::2, phase[2]::2], atol=1e-6)
+        up = upsample(coarse, phase, shape, par)
+    # known answer along each axis: samples kept, midpoints averaged, ends without a neighbour copied
+    expect = coarse
+    for axis, (p, n) in enumerate(zip(phase, shape)):
+        a = np.moveaxis(expect, axis, 0)
+        rows = []
+        for j in range(n):
+            t = j - p
+            lo = min(a.shape[0] - 1, max(0, t // 2))
+            rows.append(a[lo] if t < 0 or t % 2 == 0 or lo + 1 >= a.shape[0] else 0.5 * (a[lo] + a[lo + 1]))
+        expect = np.moveaxis(np.stack(rows), 0, axis)
+    np.testing.assert_allclose(up, expect, atol=1e-6)

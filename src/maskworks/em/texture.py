@@ -359,6 +359,18 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
     return {"texture": texture, "variance": var, "edges": edges}
 
 
+def _cubic(a00, a11, a22, a01, a02, a12):
+    """``q, p, phi`` of the trigonometric solution of the characteristic cubic: the eigenvalues
+    are ``q + 2 p cos(phi + 2 pi k / 3)``, k = 0, 1, 2 (O. K. Smith, Comm. ACM 4:168, 1961)."""
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * (a01 * a01 + a02 * a02 + a12 * a12)) / 6.0)
+    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(p > 0, det / (2.0 * p**3), 0.0)
+    return q, p, np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
+
+
 def _anisotropy(a00, a11, a22, a01, a02, a12) -> np.ndarray:
     """``clip((l1 - l3) / l1, 0, 1)`` of symmetric 3x3 matrices, in closed form.
 
@@ -366,13 +378,7 @@ def _anisotropy(a00, a11, a22, a01, a02, a12) -> np.ndarray:
     ``l1 - l3 = 2 sqrt(3) p sin(phi + pi / 3)`` and ``l1 = q + 2 p cos(phi)``: the middle
     eigenvalue is not needed.
     """
-    q = (a00 + a11 + a22) / 3.0
-    b00, b11, b22 = a00 - q, a11 - q, a22 - q
-    p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * (a01 * a01 + a02 * a02 + a12 * a12)) / 6.0)
-    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(p > 0, det / (2.0 * p**3), 0.0)
-    phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
+    q, p, phi = _cubic(a00, a11, a22, a01, a02, a12)
     gap = (2.0 * math.sqrt(3.0)) * p * np.sin(phi + np.pi / 3.0)
     top = q + 2.0 * p * np.cos(phi)
     return np.clip(gap / (top + _TINY), 0.0, 1.0)
@@ -390,13 +396,7 @@ def sym3_eigenvalues(a00, a11, a22, a01, a02, a12):
     :func:`numpy.linalg.eigvalsh` to ~1e-7 of the largest eigenvalue and is several
     times faster on stacks of millions of tensors.
     """
-    q = (a00 + a11 + a22) / 3.0
-    b00, b11, b22 = a00 - q, a11 - q, a22 - q
-    p = np.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * (a01 * a01 + a02 * a02 + a12 * a12)) / 6.0)
-    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(p > 0, det / (2.0 * p**3), 0.0)
-    phi = np.arccos(np.clip(r, -1.0, 1.0)) / 3.0
+    q, p, phi = _cubic(a00, a11, a22, a01, a02, a12)
     l1 = q + 2.0 * p * np.cos(phi)
     l3 = q + 2.0 * p * np.cos(phi + 2.0 * np.pi / 3.0)
     return l1, 3.0 * q - l1 - l3, l3

@@ -1013,21 +1013,37 @@ def predict_volume(
         torch.set_num_threads(int(threads))
     try:
         with torch.inference_mode():
-            for done, block in enumerate(blocks, start=1):
-                outer = tuple(_window_region(st, sl, r, s) for st, sl, r, s in zip(starts, block.inner, roi, shape))
-                crop = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(block.inner, outer))
-                windows += math.prod(len(_window_starts(o.stop - o.start, r, r - v)) for o, r, v in zip(outer, roi, ov))
-                x = (np.asarray(volume[outer], dtype=np.float32) - np.float32(mean)) / np.float32(std)
+            if len(blocks) == 1:  # the whole volume: MONAI's blending as it is
+                x = (np.asarray(volume[...], dtype=np.float32) - np.float32(mean)) / np.float32(std)
                 logits = sliding_window_inference(
                     torch.from_numpy(x)[None, None].to(dev), roi, int(sw_batch_size), predictor,
                     overlap=fraction, mode=blend, sw_device=dev, device=dev,
                 )
-                p = torch.sigmoid(logits[0, 0][crop].float()).cpu().numpy()
+                windows = math.prod(len(st) for st in starts)
+                p = torch.sigmoid(logits[0, 0].float()).cpu().numpy()
                 m = (p > threshold).astype(np.uint8)
-                prob[block.inner] = p.astype(np.float16)
-                mask[block.inner] = m
-                foreground += int(np.count_nonzero(m))
-                report(done)
+                prob[...] = p.astype(np.float16)
+                mask[...] = m
+                foreground = int(np.count_nonzero(m))
+                report(1)
+            else:
+                run = _OwnedWindows(shape, chunks, starts, roi, blend)
+                for done, block in enumerate(blocks, start=1):
+                    region = run.region(block)
+                    if region is not None:  # the windows that start in this block, blended by MONAI
+                        windows += math.prod(len(w) for w in run.owned(block))
+                        x = (np.asarray(volume[region], dtype=np.float32) - np.float32(mean)) / np.float32(std)
+                        logits = sliding_window_inference(
+                            torch.from_numpy(x)[None, None].to(dev), roi, int(sw_batch_size), predictor,
+                            overlap=fraction, mode=blend, sw_device=dev, device=dev,
+                        )
+                        run.add(block, region, logits[0, 0].float().cpu().numpy())
+                    p = run.finish(block)
+                    m = (p > threshold).astype(np.uint8)
+                    prob[block.inner] = p.astype(np.float16)
+                    mask[block.inner] = m
+                    foreground += int(np.count_nonzero(m))
+                    report(done)
     finally:
         torch.set_num_threads(torch_threads)
         if bar is not None:
@@ -1070,12 +1086,58 @@ def _window_starts(size: int, roi: int, step: int) -> list[int]:
     return list(range(0, size - roi, step)) + [size - roi]
 
 
-def _window_region(starts, inner: slice, roi: int, size: int) -> slice:
-    """The span of all windows that touch ``inner``: what a block must read to be exact."""
-    if size <= roi:
-        return slice(0, size)
-    touching = [w for w in starts if w < inner.stop and w + roi > inner.start]
-    return slice(min(touching), min(size, max(touching) + roi))
+class _OwnedWindows:
+    """Block-by-block inference in which every window is evaluated once.
+
+    Each window belongs to the block its start lies in; MONAI blends a block's own windows
+    over the span they cover (``sum(w f) / sum(w)``, ``w`` its importance map), which reaches
+    into the next blocks along each axis.  The weights' sum ``W_B`` over the block's windows
+    needs no network, so each block leaves a share ``(W_B * result, W_B)`` in every block its
+    span covers; a block is finished, numerator over weights, once the blocks before it along
+    each axis are done, which the raster order of the blocks guarantees.  Only the shares
+    that spill into blocks not yet done are held: slabs of ``roi - step`` voxels.
+    """
+
+    def __init__(self, shape, chunks, starts, roi, blend):
+        from monai.data.utils import compute_importance_map
+
+        self.shape, self.chunks, self.starts, self.roi = shape, chunks, starts, roi
+        self.importance = compute_importance_map(tuple(roi), mode=blend, sigma_scale=0.125).cpu().numpy()
+        self.pending: dict[tuple, list] = {}
+
+    def owned(self, block):
+        return [[w for w in st if sl.start <= w < sl.stop] for st, sl in zip(self.starts, block.inner)]
+
+    def region(self, block):
+        own = self.owned(block)
+        if not all(own):
+            return None
+        return tuple(slice(w[0], min(n, w[-1] + r)) for w, n, r in zip(own, self.shape, self.roi))
+
+    def add(self, block, region, logits) -> None:
+        """Hold this block's share of numerator and weights for every block its span covers."""
+        weight = np.zeros(logits.shape, np.float32)
+        for start in itertools.product(*self.owned(block)):
+            at = tuple(slice(w - r.start, min(w - r.start + k, r.stop - r.start))
+                       for w, r, k in zip(start, region, self.roi))
+            weight[at] += self.importance[tuple(slice(0, a.stop - a.start) for a in at)]
+        num = logits * weight
+        spans = [range(sl.start // c, (sl.stop - 1) // c + 1) for sl, c in zip(region, self.chunks)]
+        for key in itertools.product(*spans):
+            target = tuple(slice(i * c, min(n, (i + 1) * c)) for i, c, n in zip(key, self.chunks, self.shape))
+            part = tuple(slice(max(t.start, r.start), min(t.stop, r.stop)) for t, r in zip(target, region))
+            local = tuple(slice(p.start - r.start, p.stop - r.start) for p, r in zip(part, region))
+            self.pending.setdefault(tuple(t.start for t in target), []).append((part, num[local], weight[local]))
+
+    def finish(self, block) -> np.ndarray:
+        """The probability of ``block``'s voxels: sigmoid(numerator / weights)."""
+        size = tuple(sl.stop - sl.start for sl in block.inner)
+        num, den = np.zeros(size, np.float64), np.zeros(size, np.float64)
+        for part, n, w in self.pending.pop(tuple(sl.start for sl in block.inner), []):
+            at = tuple(slice(p.start - i.start, p.stop - i.start) for p, i in zip(part, block.inner))
+            num[at] += n
+            den[at] += w
+        return (1.0 / (1.0 + np.exp(-num / den))).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- small helpers
