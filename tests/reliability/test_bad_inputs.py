@@ -81,7 +81,11 @@ def _state(folder: Path) -> dict:
 def env(tmp_path_factory):
     """Good inputs for every stage and each stage's golden outputs (one good run)."""
     from maskworks.demo import (
-        CODEX_SLIDE, _write_cryoet_copick, make_codex_slide, make_cryoet_tomogram, make_em_volume,
+        CODEX_SLIDE,
+        _write_cryoet_copick,
+        make_codex_slide,
+        make_cryoet_tomogram,
+        make_em_volume,
     )
 
     root = tmp_path_factory.mktemp("bad_inputs")

@@ -10,7 +10,17 @@ import pytest
 
 from maskworks.io import InputError
 from maskworks.io.params import (
-    DEVICE, Choice, Choices, Flag, Mapping, Number, NumberList, Size, Text, checked, specs_of,
+    DEVICE,
+    Choice,
+    Choices,
+    Flag,
+    Mapping,
+    Number,
+    NumberList,
+    Size,
+    Text,
+    checked,
+    specs_of,
 )
 
 

@@ -118,7 +118,7 @@ def postprocess_mask(
     if len(shape) not in (2, 3):
         raise InputError(f"mask has shape {shape} ({len(shape)}-D) but a 3-D volume or 2-D image is needed")
     dtype = np.dtype(mask.dtype) if hasattr(mask, "dtype") else np.asarray(mask).dtype
-    if dtype != bool and dtype.kind not in "iu":
+    if dtype.kind not in "biu":
         raise InputError(
             f"mask has dtype {dtype} but an integer or boolean mask is needed; "
             "threshold probabilities before post-processing"

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import about, all_or_nothing, geometry, keyword_defaults, provenance, sibling, voxel_size_override
+from ..cli import (
+    about,
+    all_or_nothing,
+    geometry,
+    keyword_defaults,
+    provenance,
+    sibling,
+    voxel_size_override,
+)
 from ..io import (
     InputError,
     atomic_path,

@@ -336,7 +336,7 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
             part = [t[i:i + (1 << 16)].astype(np.float64) for t in flat]
             out[i:i + (1 << 16)] = 1.0 - _anisotropy(*part)
     _each(par, w_coarse.shape, incoherence)
-    del tensor
+    tensor.clear()
     w = upsample(w_coarse, phase, shape, par, out=prod)
 
     # w is applied to the band-pass energies and to the gradient magnitude (written over the

@@ -928,10 +928,11 @@ def predict_volume(
         computed once with :func:`intensity_stats`.
     chunk_shape : int or (z, y, x), optional
         Process the volume in blocks of about this shape (see
-        :func:`inference_chunk_shape`); each block is read together with every
-        window that touches it, so the result equals the unchunked one (up to
-        floating-point noise) and peak memory follows the block, not the volume.
-        None: the whole volume at once.
+        :func:`inference_chunk_shape`); each window is evaluated once, in the block
+        where it starts, and its blended share carried into the blocks its span
+        reaches (:class:`_OwnedWindows`), so the result equals the unchunked one (up
+        to floating-point noise) at the same cost, and peak memory follows the block,
+        not the volume.  None: the whole volume at once.
     out_prob, out_mask : array_like, optional
         Preallocated arrays of the volume's shape (e.g. Zarr arrays) that receive
         the probability (float16) and the mask (uint8) block by block.
