@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -251,7 +253,7 @@ class _Slabwise:
             for k in range(sl[0].start, sl[0].stop):
                 z0, z1 = comp.bounds[k]
                 res = combine(self.read(src, z0, z1), comp.lookup(k, table))
-                dst[z0:z1] = res if self.memory_mb is None else res
+                dst[z0:z1] = res
         # the writes of a Zarr intermediate are not thread-safe across its chunks: one at a time
         if self.memory_mb is None:
             self.par.run(one, (len(comp.bounds),))
@@ -322,20 +324,16 @@ class _Slabwise:
             ix[axis] = slice(a, b)
             return tuple(ix)
 
+        lock = threading.Lock()  # slabs along y or x share the Zarr chunks of an intermediate
+
         def one(sl):
             filled = 0
             for a, b in bounds[sl[0]]:
                 fg = np.asarray(src[index(a, b)]) != 0
                 filled += _fill_slices(fg, axis)
-                if self.memory_mb is None:
+                with lock:
                     dst[index(a, b)] = fg
-                else:
-                    with self._lock:
-                        dst[index(a, b)] = fg
             return filled
-        import threading
-
-        self._lock = threading.Lock()
         return dst, sum(self.par.run(one, (len(bounds),)))
 
 

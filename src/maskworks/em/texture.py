@@ -121,15 +121,6 @@ def _gauss(src, sigma, out, par):
     return out
 
 
-def _uniform(src, size, out, par):
-    """Moving average over a ``size`` cube (as ``scipy.ndimage.uniform_filter``), ``src`` -> ``out``."""
-    for axis in range(3):
-        inp = src if axis == 0 else out
-        par.run(lambda sl, inp=inp, axis=axis: ndi.uniform_filter1d(inp[sl], size, axis=axis, mode="reflect",
-                                                                     output=out[sl]), src.shape, avoid=axis)
-    return out
-
-
 def _central_difference(a, axis, par, out=None) -> np.ndarray:
     """``(a[i + 1] - a[i - 1]) / 2`` along ``axis``, the array's ends repeated (``reflect``)."""
     out = np.empty(a.shape, np.float32) if out is None else out
@@ -194,10 +185,6 @@ def _take_even(a, axis, start, par, out=None) -> np.ndarray:
         out[sl] = src[sl]
     par.run(one, out.shape, avoid=axis)
     return out
-
-
-def _even_shape(shape, axis, start) -> tuple[int, ...]:
-    return shape[:axis] + (len(range(start, shape[axis], 2)),) + shape[axis + 1:]
 
 
 def _smooth_coarse(src, pass1d, phase, par, out=None) -> np.ndarray:
