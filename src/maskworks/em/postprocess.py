@@ -432,15 +432,18 @@ def mask_overlap(mask, truth, *, ignore_label: int | None = None) -> dict:
     keep = truth != ignore_label if ignore_label is not None else np.ones(truth.shape, bool)
     m = (mask != 0) & keep
     t = (truth != 0) & keep
-    tp = int(np.count_nonzero(m & t))
-    fp = int(np.count_nonzero(m & ~t))
-    fn = int(np.count_nonzero(~m & t))
+    return overlap_scores(int(np.count_nonzero(m & t)), int(np.count_nonzero(m & ~t)),
+                          int(np.count_nonzero(~m & t)), int(np.count_nonzero(keep)))
+
+
+def overlap_scores(true_positive: int, false_positive: int, false_negative: int, voxels: int) -> dict:
+    """:func:`mask_overlap`'s dict from its counts (which add up over the parts of a volume)."""
+    tp, fp, fn = true_positive, false_positive, false_negative
     denom = 2 * tp + fp + fn
     return {
         "dice": 1.0 if denom == 0 else 2 * tp / denom,
         "jaccard": 1.0 if denom == 0 else tp / (tp + fp + fn),
-        "voxels": int(np.count_nonzero(keep)),
-        "true_positive": tp, "false_positive": fp, "false_negative": fn,
+        "voxels": voxels, "true_positive": tp, "false_positive": fp, "false_negative": fn,
     }
 
 

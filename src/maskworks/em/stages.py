@@ -39,7 +39,7 @@ from ..io.atomic import staged
 from ..io.params import Flag, Size, checked
 from ..io.qc import save_orthoslices
 from ..io.volumes import describe_error
-from .postprocess import SLICE_AXES, mask_overlap, postprocess_mask
+from .postprocess import SLICE_AXES, mask_overlap, overlap_scores, postprocess_mask
 from .texture import texture_mask
 from .unet import CHECKPOINT_FORMAT as UNET_FORMAT
 from .unet import NORMALIZATIONS, inference_chunk_shape, predict_volume, train_unet, training_labels
@@ -68,10 +68,7 @@ def _score(truth_path, mask, shape):
         part = mask_overlap(np.asarray(mask[z0:z0 + step]), np.asarray(truth.data[z0:z0 + step]))
         for k in counts:
             counts[k] += part[k]
-    tp, fp, fn = counts["true_positive"], counts["false_positive"], counts["false_negative"]
-    denom = 2 * tp + fp + fn
-    return {"dice": 1.0 if denom == 0 else 2 * tp / denom,
-            "jaccard": 1.0 if denom == 0 else tp / (tp + fp + fn), **counts}
+    return overlap_scores(**counts)
 
 
 @checked(texture_mask, chunk_shape=Size(8, nullable=True))
@@ -92,25 +89,21 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
     vs, unit = geometry(vol, voxel_size, unit)
     memory_mb = params.get("memory_mb")
+    # with a budget the library sizes the chunks itself (it counts the stores' chunks too)
     chunks = chunk_shape or (None if memory_mb is not None else _auto_chunks(vol.shape))
-    if chunks is None and memory_mb is not None:
-        from .texture import _scales, memory_chunks
-
-        d = keyword_defaults(texture_mask)
-        halo = _scales(*(float(params.get(k, d[k])) for k in ("texture_sigma", "edge_sigma")),
-                       int(params.get("block_size", d["block_size"])))["halo"]
-        chunks = memory_chunks(vol.shape, halo, memory_mb, vol.dtype.itemsize)
-    data = vol.data if chunks is not None else vol.numpy()
+    lazy = chunks is not None or memory_mb is not None
+    data = vol.data if lazy else vol.numpy()
     log.info("texture_mask %s shape=%s voxel_size=%s %s chunks=%s params=%s",
              input, vol.shape, vs, unit, chunks, params)
     prov = provenance("texture_mask", {"input": input}, {**params, "chunk_shape": chunks})
-    zchunks = _zarr_chunks(chunks) if chunks else (64, 256, 256)
+    zchunks = _zarr_chunks(chunks) if chunks else (32, 128, 128) if memory_mb is not None else (64, 256, 256)
     geom = {"unit": unit, "origin": vol.origin, "chunks": zchunks, "provenance": prov}
     # a Zarr mask is written block by block (the mask is never whole in memory when a budget is
     # set); other formats are assembled in memory
-    out_of_core = format_of(mask) == "zarr" and chunks is not None
+    out_of_core = format_of(mask) == "zarr" and lazy
     with create_volume(confidence, vol.shape, np.float32, vs, **geom) as out_conf, \
-            (create_volume(mask, vol.shape, np.uint8, vs, **geom) if out_of_core else _nothing()) as out_mask:
+            (create_volume(mask, vol.shape, np.uint8, vs, **geom) if out_of_core else contextlib.nullcontext()) \
+            as out_mask:
         with about(input):
             m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, out_mask=out_mask,
                                        **params)
@@ -128,11 +121,6 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     return st
 
 
-@contextlib.contextmanager
-def _nothing():
-    yield None
-
-
 @checked(postprocess_mask)
 def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, **params):
     """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
@@ -147,7 +135,8 @@ def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
     prov = provenance("postprocess_mask", {"input": input}, params)
     geom = {"unit": vol.unit, "origin": vol.origin, "provenance": prov}
     out_of_core = lazy and format_of(output) == "zarr"
-    with (create_volume(output, vol.shape, np.uint8, vol.voxel_size, **geom) if out_of_core else _nothing()) as out:
+    with (create_volume(output, vol.shape, np.uint8, vol.voxel_size, **geom) if out_of_core
+          else contextlib.nullcontext()) as out:
         with about(input):
             m, st = postprocess_mask(vol.data if lazy else vol.numpy(), out=out, **params)
         if not out_of_core:
