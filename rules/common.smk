@@ -256,10 +256,18 @@ def site_resources(gpu=0):
     return {k: v for k, v in out.items() if v}
 
 
+def em_mask_gpu(method):
+    """Whether the group em_mask of a `method` (texture | unet) mask runs where there is a GPU:
+    its job that makes the mask (texture_mask or predict_unet) and its postprocess_mask job are
+    submitted together, so they share one partition, the GPU one if either asks for a GPU.
+    """
+    maker = EM["texture_mask" if method == "texture" else "predict_unet"]["device"]
+    return bool(gpu_request(maker) or gpu_request(EM["postprocess_mask"]["device"]))
+
+
 def grouped_with_gpu_job(wildcards):
-    """postprocess_mask of a U-Net mask is submitted with its predict_unet job (group em_mask):
-    one submission, so the same partition as the GPU job."""
-    return wildcards.method == "unet" and gpu_request(EM["predict_unet"]["device"])
+    """postprocess_mask is submitted with the job that made its mask (group em_mask)."""
+    return em_mask_gpu(wildcards.method)
 
 
 CODEX = config["codex"]

@@ -29,11 +29,13 @@ rule texture_mask:
         conda_env("core")
     threads: EM["texture_mask"]["threads"]
     resources:
-        **site_resources(),
+        **site_resources(gpu=em_mask_gpu("texture")),
         mem_mb=scaled(16000),
         runtime=scaled(120),
+        gpu=gpu_request(EM["texture_mask"]["device"]),
     params:
-        texture=stage_params(EM["texture_mask"], drop=("threads",)),
+        texture=stage_params(EM["texture_mask"], drop=("threads", "device")),
+        device=job_device(EM["texture_mask"]["device"]),
         geometry=em_geometry,
     script:
         "../scripts/texture_mask.py"
@@ -97,7 +99,7 @@ rule predict_unet:
         conda_env("monai")
     threads: EM["predict_unet"]["threads"]
     resources:
-        **site_resources(gpu=gpu_request(EM["predict_unet"]["device"])),
+        **site_resources(gpu=em_mask_gpu("unet")),
         mem_mb=scaled(16000),
         runtime=scaled(120),
         gpu=gpu_request(EM["predict_unet"]["device"]),
@@ -145,7 +147,9 @@ rule postprocess_mask:
         **site_resources(gpu=grouped_with_gpu_job),
         mem_mb=scaled(4000),
         runtime=scaled(30),
+        gpu=gpu_request(EM["postprocess_mask"]["device"]),
     params:
-        postprocess=stage_params(EM["postprocess_mask"], drop=("threads",)),
+        postprocess=stage_params(EM["postprocess_mask"], drop=("threads", "device")),
+        device=job_device(EM["postprocess_mask"]["device"]),
     script:
         "../scripts/postprocess_mask.py"

@@ -13,4 +13,5 @@ postprocess_mask_files(
     truth=snakemake.input.get("truth"),
     **snakemake.params.postprocess,
     threads=snakemake.threads,
+    device=snakemake.params.device,
 )

@@ -14,4 +14,5 @@ texture_mask_files(
     **snakemake.params.geometry,
     **snakemake.params.texture,
     threads=snakemake.threads,
+    device=snakemake.params.device,
 )

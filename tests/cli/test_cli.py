@@ -67,6 +67,19 @@ def test_fixed_threshold_and_voxel_size_override(em, tmp_path):
     assert json.loads((tmp_path / "m_stats.json").read_text())["threshold"] == 0.5
 
 
+@pytest.mark.skipif(__import__("maskworks.backend", fromlist=["x"]).resolve_device("auto") != "cpu",
+                    reason="a GPU is there")
+@pytest.mark.parametrize("stage", ["texture-mask", "postprocess-mask"])
+def test_cuda_without_a_gpu_fails_and_writes_nothing(em, stage, tmp_path, capsys):
+    _, paths = em
+    out = tmp_path / "m.zarr"
+    assert main([stage, str(paths[".tif"]), str(out), "--device", "cuda"]) == 2
+    assert "asks for a GPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main([stage, str(paths[".tif"]), str(out), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "m_stats.json").read_text())["device"] == "cpu"
+
+
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     assert main(["texture-mask", str(tmp_path / "nope.mrc"), str(tmp_path / "o.zarr")]) == 2
     err = capsys.readouterr().err

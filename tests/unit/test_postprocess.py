@@ -252,3 +252,73 @@ def test_a_budget_too_small_for_one_slab_is_an_error():
     src = zarr.zeros((8, 2000, 2000), chunks=(8, 500, 500), dtype="u1")
     with pytest.raises(InputError, match="memory_mb=16 cannot hold one slab of 2000x2000 planes"):
         postprocess_mask(src, memory_mb=16, opening_radius=3)
+
+
+GPU = __import__("maskworks.backend", fromlist=["resolve_device"]).resolve_device("auto") != "cpu"
+PIPELINES = [
+    dict(opening_radius=1, keep_largest=True, fill_holes=True, grow_radius=2, closing_radius=1),
+    dict(opening_radius=2, keep_largest=False, fill_holes=True, grow_radius=-1, fill_holes_2d="z"),
+    dict(opening_radius=0, keep_largest=True, fill_holes=False, grow_radius=0, fill_holes_2d="x"),
+]
+
+
+def speckled(seed=4, shape=(40, 120, 120)):
+    rng = np.random.default_rng(seed)
+    return (ndi.gaussian_filter(rng.random(shape), 2.0) > 0.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("params", PIPELINES)
+def test_the_whole_volume_pipeline_of_a_gpu_gives_the_slab_result(params):
+    """On a GPU the mask is processed in one piece (distance transforms and labels of the whole
+    volume, not slabs joined by union-find): that pipeline, run here with NumPy and scipy as
+    its array modules, gives the slab-wise voxels and stats."""
+    from maskworks.em.postprocess import _HOST, _whole
+
+    m = speckled()
+    ref, st = postprocess_mask(m, threads=2, device="cpu", **params)
+    full = {**OFF, "fill_holes_2d": None, **params}
+    whole, st_whole = _whole(_HOST, m, full)
+    np.testing.assert_array_equal(whole, ref)
+    assert st_whole == {k: st[k] for k in st_whole} and st["device"] == "cpu"
+
+
+def test_the_whole_volume_pipeline_breaks_ties_by_position():
+    """Two largest components of equal size: the one met first in C order is kept, whatever
+    the numbering of the labelling (a GPU's need not follow C order)."""
+    from maskworks.em.postprocess import _HOST, _first_largest
+
+    m = np.zeros((6, 10, 10), np.uint8)
+    m[1:3, 6:9, 6:9] = 1  # 18 voxels, met second in C order (z = 1, y = 6)
+    m[1:3, 1:4, 1:4] = 1  # 18 voxels, met first (z = 1, y = 1)
+    m[4, 0, 0] = 1
+    labels, _ = ndi.label(m)
+    swapped = np.choose(labels, [0, 3, 2, 1]).astype(np.int32)  # a numbering not in C order
+    assert _first_largest(_HOST, labels) == labels[1, 1, 1]
+    assert _first_largest(_HOST, swapped) == swapped[1, 1, 1]
+    out, _ = postprocess_mask(m, **{**OFF, "keep_largest": True})
+    assert out[1, 1, 1] == 1 and out[1, 7, 7] == 0
+
+
+@pytest.mark.skipif(not GPU, reason="needs cupy and a CUDA device")
+@pytest.mark.parametrize("params", PIPELINES)
+def test_cpu_and_gpu_give_the_same_mask(params):
+    import zarr
+
+    m = speckled()
+    ref, st = postprocess_mask(m, device="cpu", **params)
+    gpu, st_gpu = postprocess_mask(m, device="cuda", **params)
+    np.testing.assert_array_equal(gpu, ref)
+    assert st_gpu["device"] == "cuda:0" and st_gpu["voxels_out"] == st["voxels_out"]
+    out = zarr.zeros(m.shape, chunks=(8, 60, 60), dtype="u1")
+    postprocess_mask(zarr.array(m, chunks=(8, 60, 60)), device="cuda", memory_mb=24, out=out, **params)
+    np.testing.assert_array_equal(out[...], ref)
+    plane, _ = postprocess_mask(m[20], device="cuda", **params)
+    np.testing.assert_array_equal(plane, postprocess_mask(m[20], device="cpu", **params)[0])
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is there")
+def test_a_gpu_asked_for_without_one_is_a_clear_error():
+    with pytest.raises(InputError, match="device='cuda:1' asks for a GPU but"):
+        postprocess_mask(cube(), device="cuda:1")
+    assert postprocess_mask(cube(), device="auto")[1]["device"] == "cpu"
+    assert postprocess_mask(cube()[10], device="cpu")[1]["device"] == "cpu"

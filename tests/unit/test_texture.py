@@ -246,3 +246,70 @@ def test_coarse_smoothing_is_exact_at_the_even_samples_and_upsampling_is_linear(
             rows.append(a[lo] if t < 0 or t % 2 == 0 or lo + 1 >= a.shape[0] else 0.5 * (a[lo] + a[lo + 1]))
         expect = np.moveaxis(np.stack(rows), 0, axis)
     np.testing.assert_allclose(up, expect, atol=1e-6)
+
+
+GPU = __import__("maskworks.backend", fromlist=["resolve_device"]).resolve_device("auto") != "cpu"
+
+
+def test_the_device_runner_gives_the_thread_pool_result(small_em):
+    """On a GPU each step runs as one call on the whole block (``_OnDevice``), in the backend's
+    array modules.  With NumPy and scipy as those modules it gives the thread pool's evidence,
+    histograms and confidence: what differs on a GPU is CuPy's arithmetic, not the steps."""
+    from maskworks.backend import get_backend
+    from maskworks.em.texture import (
+        _confidence_block,
+        _evidence,
+        _lo_crop,
+        _normalise,
+        _OnDevice,
+        _scales,
+        _Work,
+        upsample,
+    )
+    from maskworks.io.blocks import Slabs
+
+    image = small_em[0][:, 3:, 1:]  # odd extents: both phases of the coarse samples
+    sc = _scales(1.0, 0.5, 16)
+    phase = (0, 1, 1)
+    crop = tuple(slice(2, n - 3) for n in image.shape)
+    results = []
+    with Slabs(2) as pool:
+        for run in (pool, _OnDevice(get_backend("cpu"))):
+            work = _Work()
+            x = _normalise(image, 20.0, 230.0, run, out=work.get("a", image.shape))
+            raw, hists = _confidence_block(_evidence(x, sc, phase, run, work), _lo_crop(crop, phase), run)
+            results.append((upsample(raw, phase, image.shape, run).copy(), hists))
+    (c_pool, h_pool), (c_dev, h_dev) = results
+    np.testing.assert_allclose(c_dev, c_pool, rtol=1e-6, atol=1e-7)
+    assert h_dev.keys() == h_pool.keys() and all(np.array_equal(h_dev[k], h_pool[k]) for k in h_pool)
+    assert all(isinstance(h, np.ndarray) and h.sum() > 0 for h in h_dev.values())
+
+
+@pytest.mark.skipif(not GPU, reason="needs cupy and a CUDA device")
+def test_cpu_and_gpu_give_the_same_mask(small_em):
+    image, truth = small_em
+    m_cpu, c_cpu, st_cpu = texture_mask(image, device="cpu")
+    m_gpu, c_gpu, st_gpu = texture_mask(image, device="cuda")
+    assert st_gpu["device"] == "cuda:0" and st_cpu["device"] == "cpu"
+    np.testing.assert_allclose(c_gpu, c_cpu, atol=1e-5)
+    assert abs(st_gpu["threshold"] - st_cpu["threshold"]) < 1e-4
+    assert np.count_nonzero(m_gpu != m_cpu) <= 1e-4 * m_cpu.size
+    # chunks on the device (and a memory budget sizing them) give the same result
+    m_chunks, c_chunks, _ = texture_mask(image, device="cuda", chunk_shape=(16, 40, 40))
+    np.testing.assert_allclose(c_chunks, c_gpu, atol=1e-5)
+    assert np.count_nonzero(m_chunks != m_gpu) <= 1e-4 * m_cpu.size
+    out_c = zarr.zeros(image.shape, chunks=(8, 40, 40), dtype="f4")
+    out_m = zarr.zeros(image.shape, chunks=(8, 40, 40), dtype="u1")
+    texture_mask(zarr.array(image, chunks=(8, 40, 40)), device="cuda", memory_mb=64, out_confidence=out_c,
+                 out_mask=out_m)
+    assert np.count_nonzero(out_m[...] != m_gpu) <= 1e-4 * m_cpu.size
+    assert dice(m_gpu, truth) >= dice(m_cpu, truth) - 0.005
+
+
+@pytest.mark.skipif(GPU, reason="a GPU is there")
+def test_a_gpu_asked_for_without_one_is_a_clear_error(small_em):
+    with pytest.raises(InputError, match="device='cuda' asks for a GPU but"):
+        texture_mask(small_em[0], device="cuda")
+    with pytest.raises(InputError, match="texture_mask: device='gpu'"):
+        texture_mask(small_em[0], device="gpu")
+    assert texture_mask(small_em[0][:16, :32, :32], device="auto", min_region_size=0)[2]["device"] == "cpu"

@@ -18,7 +18,7 @@ from conftest import ROOT, exe, run, workflow_copy
 
 pytestmark = pytest.mark.workflow
 
-GPU_RULES = {"refine_membranes", "train_unet", "predict_unet"}
+GPU_RULES = {"refine_membranes", "train_unet", "predict_unet", "texture_mask", "postprocess_mask"}
 SETTINGS = ["cores", "jobs", "latency_wait", "retries", "executor", "software_deployment_method",
             "set_resources", "default_resources", "printshellcmds", "rerun_incomplete"]
 
@@ -96,20 +96,36 @@ def test_site_settings_from_the_config_and_gpu_partition(wd):
         "slurm": {"account": "mylab", "partition": "cpu", "gpu_partition": "gpu"}}))
     found = dry_run_resources(wd, "site.yaml")
     assert GPU_RULES <= set(found), found
-    # post-processing of a U-Net mask is submitted with its predict_unet job: the GPU partition
-    assert {_resources(line)["slurm_partition"] for line in found["postprocess_mask"]} == {"cpu", "gpu"}
     for rule, lines in found.items():
         for line in lines:
             res = _resources(line)
-            if rule == "postprocess_mask":
-                assert res.get("gpu", "0") == "0" and res["slurm_account"] == "mylab"
-                continue
             if rule in GPU_RULES:
                 assert res.get("gpu") == "1" and res["slurm_partition"] == "gpu", (rule, res)
             elif rule != "all":
                 assert res.get("gpu", "0") == "0" and res["slurm_partition"] == "cpu", (rule, res)
             if rule != "all":
                 assert res["slurm_account"] == "mylab" and int(res["mem_mb"]) >= 2000 and int(res["runtime"]) > 0
+
+
+def test_a_cpu_job_shares_the_partition_of_the_gpu_job_of_its_group(wd):
+    """texture_mask / predict_unet and the postprocess_mask of their mask are submitted together
+    (group em_mask): a job that asks for no GPU goes to the GPU partition when the other one
+    asks for a GPU, and stays on the CPU partition otherwise."""
+    site = {"software": {"gpu": True}, "slurm": {"account": "mylab", "partition": "cpu", "gpu_partition": "gpu"}}
+    (wd / "post_cpu.yaml").write_text(yaml.safe_dump({**site, "em": {
+        "texture_mask": {"device": "cpu"}, "postprocess_mask": {"device": "cpu"}}}))
+    found = dry_run_resources(wd, "post_cpu.yaml")
+    post = [_resources(line) for line in found["postprocess_mask"]]
+    assert all(r.get("gpu", "0") == "0" for r in post)
+    # the U-Net mask's post-processing goes with predict_unet (GPU), the texture mask's stays on the CPU
+    assert {r["slurm_partition"] for r in post} == {"cpu", "gpu"}
+    assert {_resources(line)["slurm_partition"] for line in found["texture_mask"]} == {"cpu"}
+    (wd / "texture_cpu.yaml").write_text(yaml.safe_dump({**site, "em": {"texture_mask": {"device": "cpu"}}}))
+    found = dry_run_resources(wd, "texture_cpu.yaml")
+    # its post-processing asks for the GPU: texture_mask goes to the GPU partition, without a GPU of its own
+    assert {line for line in found["texture_mask"]} and all(
+        _resources(line).get("gpu", "0") == "0" and _resources(line)["slurm_partition"] == "gpu"
+        for line in found["texture_mask"])
 
 
 def test_site_settings_from_sbatch_environment_or_none(wd):

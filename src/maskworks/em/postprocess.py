@@ -7,9 +7,10 @@ import threading
 import numpy as np
 from scipy import ndimage as ndi
 
+from maskworks.backend import Backend, get_backend
 from maskworks.io import InputError
 from maskworks.io.blocks import Slabs, resolve_threads, return_freed_memory
-from maskworks.io.params import Choice, Flag, Number, checked
+from maskworks.io.params import DEVICE, Choice, Flag, Number, checked
 
 # The axis of the slices that ``fill_holes_2d`` fills, by name.
 SLICE_AXES = {"z": 0, "y": 1, "x": 2}
@@ -21,6 +22,8 @@ MAX_RADIUS = 50
 SLAB_BYTES_PER_VOXEL = 56
 # The smallest working-memory budget.
 MIN_MEMORY_MB = 16
+# NumPy and scipy.ndimage: the morphology and labelling helpers take a backend (the CPU's or a GPU's).
+_HOST = Backend("cpu", np, ndi)
 
 
 @checked(
@@ -32,6 +35,7 @@ MIN_MEMORY_MB = 16
     fill_holes_2d=Choice(tuple(SLICE_AXES), nullable=True),
     threads=Number(integer=True, minimum=1, nullable=True, unit="CPU threads; null: every CPU this process may use"),
     memory_mb=Number(minimum=MIN_MEMORY_MB, nullable=True, unit="MiB of working memory; null: no bound"),
+    device=DEVICE,
 )
 def postprocess_mask(
     mask,
@@ -45,6 +49,7 @@ def postprocess_mask(
     threads: int | None = None,
     memory_mb: float | None = None,
     out=None,
+    device: str = "auto",
 ) -> tuple[np.ndarray, dict]:
     """Post-process a binary segmentation mask in 3-D (or 2-D).
 
@@ -84,6 +89,12 @@ def postprocess_mask(
     out : array_like, optional
         Preallocated uint8 array of the mask's shape (e.g. a Zarr array) that receives the
         result; returned as ``mask``.
+    device : str
+        ``auto`` (a GPU when CuPy imports and a device is visible, else the CPU), ``cpu``,
+        ``cuda`` or ``cuda:N``.  On a GPU the whole mask is processed on the device
+        (cupyx.scipy.ndimage: distance transforms, labelling) in one piece; with
+        ``memory_mb`` the slabs' morphology runs there one slab at a time and the
+        components are found on the CPU.  Same voxels as on the CPU.
 
     Returns
     -------
@@ -93,7 +104,8 @@ def postprocess_mask(
         ``voxels_in``, ``voxels_out``, ``fraction_in``, ``fraction_out``,
         ``components_in`` (connected components of the input),
         ``components_removed`` (dropped by ``keep_largest``), ``components_out``,
-        ``holes_filled`` (voxels), and the parameters.
+        ``holes_filled`` (voxels), ``holes_filled_2d``, the parameters, ``threads``,
+        ``memory_mb`` and ``device``.
 
     Notes
     -----
@@ -127,58 +139,82 @@ def postprocess_mask(
         )
     params = {"opening_radius": opening_radius, "keep_largest": bool(keep_largest), "fill_holes": bool(fill_holes),
               "grow_radius": grow_radius, "closing_radius": closing_radius, "fill_holes_2d": fill_holes_2d}
-    if len(shape) == 2:
-        out_mask, st = _postprocess_2d(np.asarray(mask), params)
+    nthreads = resolve_threads(threads)
+    b = get_backend(device)
+    if len(shape) == 2 or (b.is_gpu and memory_mb is None):
+        with b.context():
+            out_mask, st = _whole(b, mask, params)
         if out is not None:
             out[...] = out_mask
             out_mask = out
-        return out_mask, {**st, **params}
-    nthreads = resolve_threads(threads)
+        # in one piece, one thread (the device's own parallelism on a GPU)
+        return out_mask, {**st, **params, "threads": 1, "memory_mb": None, "device": b.device}
     if memory_mb is not None:
         return_freed_memory()
     if memory_mb is None and not isinstance(mask, np.ndarray):
         mask = np.asarray(mask[...])
-    with Slabs(nthreads) as par:
-        job = _Slabwise(shape, par, memory_mb, max(abs(grow_radius), opening_radius, closing_radius))
+    with Slabs(nthreads) as par, b.context():
+        job = _Slabwise(shape, par, memory_mb, max(abs(grow_radius), opening_radius, closing_radius), b)
         return job.run(mask, out, params)
 
 
-def _postprocess_2d(arr, p) -> tuple[np.ndarray, dict]:
-    """The whole pipeline on one 2-D image (disk elements, 8-/4-connectivity)."""
-    fg = arr != 0
-    full = ndi.generate_binary_structure(2, 2)
-    _, components_in = ndi.label(fg, structure=full)
-    voxels_in = int(np.count_nonzero(fg))
+def _whole(b: Backend, mask, p) -> tuple[np.ndarray, dict]:
+    """The whole pipeline on the whole array at once, 2-D (disks, 8-/4-connectivity) or 3-D
+    (balls, 26-/6-connectivity), in ``b``'s array module: a 2-D image, or a 3-D mask on a GPU.
+    Gives the same voxels as the slab-wise pipeline (tested on the CPU)."""
+    xp = b.xp
+    host = np.asarray(mask[...]) if hasattr(mask, "dtype") and not isinstance(mask, np.ndarray) else np.asarray(mask)
+    fg = b.asarray(host) != 0
+    full = ndi.generate_binary_structure(fg.ndim, fg.ndim)  # on the host: cupyx's label takes it there
+    _, components_in = b.ndi.label(fg, structure=full)
+    voxels_in = int(xp.count_nonzero(fg))
     if p["closing_radius"]:
-        fg = _erode(_dilate(fg, p["closing_radius"]), p["closing_radius"])
+        fg = _erode(b, _dilate(b, fg, p["closing_radius"]), p["closing_radius"])
     if p["opening_radius"]:
-        fg = _dilate(_erode(fg, p["opening_radius"]), p["opening_radius"])
-    labels, n = ndi.label(fg, structure=full)
+        fg = _dilate(b, _erode(b, fg, p["opening_radius"]), p["opening_radius"])
     components_removed = 0
-    if p["keep_largest"] and n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        fg = labels == int(np.argmax(sizes))
-        components_removed = n - 1
+    if p["keep_largest"]:
+        labels, n = b.ndi.label(fg, structure=full)
+        if int(n) > 1:
+            fg = labels == _first_largest(b, labels)
+            components_removed = int(n) - 1
+        del labels
     holes_filled = 0
     if p["fill_holes"]:
-        holes = _holes(fg)
-        holes_filled = int(np.count_nonzero(holes))
+        holes = _holes(b, fg)
+        holes_filled = int(xp.count_nonzero(holes))
         fg |= holes
-    holes_filled_2d = _fill_slices(fg, None) if p["fill_holes_2d"] is not None else 0
+        del holes
+    holes_filled_2d = 0
+    if p["fill_holes_2d"] is not None:
+        holes_filled_2d = _fill_slices(b, fg, None if fg.ndim == 2 else SLICE_AXES[p["fill_holes_2d"]])
     if p["grow_radius"] > 0:
-        fg = _dilate(fg, p["grow_radius"])
+        fg = _dilate(b, fg, p["grow_radius"])
     elif p["grow_radius"] < 0:
-        fg = _erode(fg, -p["grow_radius"])
-    out = fg.astype(np.uint8)
-    voxels_out = int(np.count_nonzero(out))
+        fg = _erode(b, fg, -p["grow_radius"])
+    voxels_out = int(xp.count_nonzero(fg))
+    components_out = int(b.ndi.label(fg, structure=full)[1])
+    out = b.to_numpy(fg.astype(np.uint8))
     size = max(out.size, 1)
     return out, {
         "voxels_in": voxels_in, "voxels_out": voxels_out, "fraction_in": voxels_in / size,
         "fraction_out": voxels_out / size, "components_in": int(components_in),
-        "components_removed": int(components_removed), "components_out": int(ndi.label(fg, structure=full)[1]),
+        "components_removed": int(components_removed), "components_out": components_out,
         "holes_filled": holes_filled, "holes_filled_2d": holes_filled_2d,
     }
+
+
+def _first_largest(b: Backend, labels) -> int:
+    """The label of the largest component; ties go to the one met first in C order (a GPU's
+    labelling need not number the components in that order)."""
+    xp = b.xp
+    sizes = xp.bincount(labels.ravel())
+    sizes[0] = 0
+    tied = b.to_numpy(xp.flatnonzero(sizes == sizes.max()))
+    if len(tied) == 1:
+        return int(tied[0])
+    flat = labels.ravel()
+    return int(min(tied, key=lambda c: int(xp.argmax(flat == int(c)))))
 
 
 class _Slabwise:
@@ -188,11 +224,13 @@ class _Slabwise:
     thread; with a budget, the intermediate masks are compressed in-memory Zarr arrays (a
     mask compresses to a few percent) and the slabs are as many planes as the budget allows
     for every thread at once.  A morphological pass reads its slab with a halo of the ball
-    radius along z (the slabs span y and x whole), so each slab's result is exact.
+    radius along z (the slabs span y and x whole), so each slab's result is exact.  With a GPU
+    backend ``b`` the morphology of each slab runs on the device, one slab after another in the
+    calling thread; the components are found on the CPU.
     """
 
-    def __init__(self, shape, par, memory_mb, radius):
-        self.shape, self.par, self.memory_mb = shape, par, memory_mb
+    def __init__(self, shape, par, memory_mb, radius, b: Backend = _HOST):
+        self.shape, self.par, self.memory_mb, self.b = shape, par, memory_mb, b
         nz, plane = shape[0], int(np.prod(shape[1:]))
         if memory_mb is None:
             self.step = -(-nz // par.threads)
@@ -234,10 +272,17 @@ class _Slabwise:
                     h0, h1 = max(0, z0 - halo), min(nz, z1 + halo)
                     res.append(fn(self.read(src, h0, h1))[z0 - h0:z1 - h0])
                 return res
-            parts = self.par.run(one, (len(batch),))
+            parts = [one((slice(0, len(batch)),))] if self.b.is_gpu else self.par.run(one, (len(batch),))
             for (z0, z1), r in zip(batch, (r for p in parts for r in p)):
                 dst[z0:z1] = r
         return dst
+
+    def morph(self, op, r):
+        """``fg -> op(fg, r)`` on host planes, computed with the backend (on its device)."""
+        b = self.b
+        if not b.is_gpu:
+            return lambda fg: op(b, fg, r)
+        return lambda fg: b.to_numpy(op(b, b.asarray(fg), r))
 
     def count(self, src) -> int:
         return sum(int(np.count_nonzero(np.asarray(src[z0:z1]))) for z0, z1 in self.bounds)
@@ -268,12 +313,12 @@ class _Slabwise:
         cur = mask
         if p["closing_radius"]:
             r = p["closing_radius"]
-            cur = self.each(lambda fg: _dilate(fg, r), r, cur, self.new())
-            cur = self.each(lambda fg: _erode(fg, r), r, cur, self.new())
+            cur = self.each(self.morph(_dilate, r), r, cur, self.new())
+            cur = self.each(self.morph(_erode, r), r, cur, self.new())
         if p["opening_radius"]:
             r = p["opening_radius"]
-            cur = self.each(lambda fg: _erode(fg, r), r, cur, self.new())
-            cur = self.each(lambda fg: _dilate(fg, r), r, cur, self.new())
+            cur = self.each(self.morph(_erode, r), r, cur, self.new())
+            cur = self.each(self.morph(_dilate, r), r, cur, self.new())
         components_removed = 0
         if p["keep_largest"]:
             comp = self.components(cur, 3)
@@ -295,7 +340,7 @@ class _Slabwise:
             cur, holes_filled_2d = self._fill_2d(cur, SLICE_AXES[p["fill_holes_2d"]])
         g = p["grow_radius"]
         final = out if out is not None else np.zeros(shape, np.uint8)
-        op = (lambda fg: _dilate(fg, g)) if g > 0 else (lambda fg: _erode(fg, -g)) if g < 0 else (lambda fg: fg)
+        op = self.morph(_dilate, g) if g > 0 else self.morph(_erode, -g) if g < 0 else (lambda fg: fg)
         self.each(lambda fg: op(fg).astype(np.uint8), abs(g), cur, final)
         voxels_out = self.count(final)
         size = max(int(np.prod(shape)), 1)
@@ -304,7 +349,7 @@ class _Slabwise:
             "fraction_out": voxels_out / size, "components_in": int(components_in),
             "components_removed": int(components_removed), "components_out": self.components(final, 3).n,
             "holes_filled": holes_filled, "holes_filled_2d": holes_filled_2d,
-            **p, "threads": self.par.threads, "memory_mb": self.memory_mb,
+            **p, "threads": self.par.threads, "memory_mb": self.memory_mb, "device": self.b.device,
         }
         return final, stats
 
@@ -330,82 +375,87 @@ class _Slabwise:
             filled = 0
             for a, b in bounds[sl[0]]:
                 fg = np.asarray(src[index(a, b)]) != 0
-                filled += _fill_slices(fg, axis)
+                filled += _fill_slices(_HOST, fg, axis)
                 with lock:
                     dst[index(a, b)] = fg
             return filled
         return dst, sum(self.par.run(one, (len(bounds),)))
 
 
-def _bbox(fg: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+def _bbox(b: Backend, fg, margin: int) -> tuple[slice, ...] | None:
     """Bounding box of the foreground grown by ``margin``, clipped to the array; None if empty."""
     box = []
     for axis in range(fg.ndim):
-        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != axis)))
+        hit = b.to_numpy(b.xp.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != axis))))
         if hit.size == 0:
             return None
-        box.append(slice(max(0, hit[0] - margin), min(fg.shape[axis], hit[-1] + 1 + margin)))
+        box.append(slice(max(0, int(hit[0]) - margin), min(fg.shape[axis], int(hit[-1]) + 1 + margin)))
     return tuple(box)
 
 
-def _dilate(fg: np.ndarray, r: int) -> np.ndarray:
+def _dilate(b: Backend, fg, r: int):
     """Dilation by ``ball(r)``: voxels within distance ``r`` of the foreground."""
-    box = _bbox(fg, r)
+    box = _bbox(b, fg, r)
     if box is None:
         return fg.copy()
-    out = np.zeros_like(fg)
-    out[box] = ndi.distance_transform_edt(~fg[box]) <= r
+    out = b.xp.zeros_like(fg)
+    out[box] = b.ndi.distance_transform_edt(~fg[box]) <= r
     return out
 
 
-def _erode(fg: np.ndarray, r: int) -> np.ndarray:
+def _erode(b: Backend, fg, r: int):
     """Erosion by ``ball(r)`` with the outside of the array counted as foreground.
 
     Background beyond the bounding box is at least as far as the box's
     one-voxel rim, so the transform only needs the box plus that rim.
     """
-    box = _bbox(fg, 1)
+    box = _bbox(b, fg, 1)
     if box is None:
         return fg.copy()
-    out = np.zeros_like(fg)
+    out = b.xp.zeros_like(fg)
     crop = fg[box]
-    if crop.all():  # no background in reach: the mask touches the faces all round
+    if bool(crop.all()):  # no background in reach: the mask touches the faces all round
         out[box] = True
     else:
-        out[box] = ndi.distance_transform_edt(crop) > r
+        out[box] = b.ndi.distance_transform_edt(crop) > r
     return out
 
 
-def _fill_slices(fg: np.ndarray, axis: int | None) -> int:
+def _fill_slices(b: Backend, fg, axis: int | None) -> int:
     """Fill the 2-D holes of every slice of ``fg`` across ``axis`` in place (None: ``fg`` is one
     2-D slice); returns the voxels filled."""
+    xp = b.xp
     if axis is None:
-        holes = _holes(fg)
+        holes = _holes(b, fg)
         fg |= holes
-        return int(np.count_nonzero(holes))
+        return int(xp.count_nonzero(holes))
     filled = 0
     for i in range(fg.shape[axis]):
-        plane = np.take(fg, i, axis=axis)
-        if plane.any() and not plane.all():
-            holes = _holes(plane)
-            n = int(np.count_nonzero(holes))
+        index = [slice(None)] * fg.ndim
+        index[axis] = i
+        plane = fg[tuple(index)]
+        if bool(plane.any()) and not bool(plane.all()):
+            holes = _holes(b, plane)
+            n = int(xp.count_nonzero(holes))
             if n:
-                index = [slice(None)] * fg.ndim
-                index[axis] = i
                 fg[tuple(index)] |= holes
                 filled += n
     return filled
 
 
-def _holes(fg: np.ndarray) -> np.ndarray:
+def _holes(b: Backend, fg):
     """Background not face-connected to any face of the array (as ``binary_fill_holes``)."""
-    labels, n = ndi.label(~fg)
+    xp = b.xp
+    labels, n = b.ndi.label(~fg)
+    n = int(n)
     if n == 0:
-        return np.zeros_like(fg)
-    on_face = np.zeros(n + 1, dtype=bool)
+        return xp.zeros_like(fg)
+    on_face = xp.zeros(n + 1, dtype=bool)
     for axis in range(fg.ndim):
         for end in (0, -1):
-            on_face[np.take(labels, end, axis=axis)] = True
+            index = [slice(None)] * fg.ndim
+            index[axis] = end
+            on_face[labels[tuple(index)]] = True
     on_face[0] = True
     return ~on_face[labels]
 

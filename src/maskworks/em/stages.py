@@ -117,7 +117,7 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
                      voxel_size=vs, title=f"texture_mask: {Path(str(input)).name}  "
                      f"threshold {st['threshold']:.3f}  masked {st['fraction_masked']:.1%}")
     write_json(stats, st)
-    log.info("texture_mask done: %s", {k: st[k] for k in ("fraction_masked", "threshold")})
+    log.info("texture_mask done: %s", {k: st[k] for k in ("fraction_masked", "threshold", "device")})
     return st
 
 
@@ -180,11 +180,13 @@ def _add_texture(sub):
                    help="smallest kept component and largest filled hole (voxels)")
     p.add_argument("--threshold", type=_threshold, default=d["threshold"], help="'otsu' or a value in (0, 1)")
     p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing; if not given, automatic")
-    _add_cores_and_memory(p)
+    _add_cores_and_memory(p, d)
     p.set_defaults(run=_run_texture)
 
 
-def _add_cores_and_memory(p):
+def _add_cores_and_memory(p, defaults):
+    p.add_argument("--device", default=defaults["device"],
+                   help="auto | cpu | cuda | cuda:N (auto: a GPU when CuPy and a device are there)")
     p.add_argument("--threads", type=int, help="CPU threads; if not given, every CPU this process may use")
     p.add_argument("--memory-mb", type=float,
                    help="bound the working memory (MiB): the volume is read, processed and written (.zarr) "
@@ -199,6 +201,7 @@ def _run_texture(a):
         truth=a.truth, voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape,
         block_size=a.block_size, texture_sigma=a.texture_sigma, edge_sigma=a.edge_sigma,
         min_region_size=a.min_region_size, threshold=a.threshold, threads=a.threads, memory_mb=a.memory_mb,
+        device=a.device,
     )
 
 
@@ -221,7 +224,7 @@ def _add_postprocess(sub):
                    help="dilate (>0) or erode (<0) by this many voxels at the end")
     p.add_argument("--fill-holes-2d", choices=list(SLICE_AXES), default=d["fill_holes_2d"],
                    help="also fill the holes of every 2-D slice across this axis (z: each section)")
-    _add_cores_and_memory(p)
+    _add_cores_and_memory(p, d)
     p.set_defaults(run=_run_postprocess)
 
 
@@ -231,7 +234,7 @@ def _run_postprocess(a):
         a.input, out, stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"),
         image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
         keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
-        fill_holes_2d=a.fill_holes_2d, threads=a.threads, memory_mb=a.memory_mb,
+        fill_holes_2d=a.fill_holes_2d, threads=a.threads, memory_mb=a.memory_mb, device=a.device,
     )
 
 

@@ -5,6 +5,11 @@ downsampled FIB-SEM block): evidence of fine texture, local contrast and edges
 is combined into a confidence map that is thresholded and cleaned in 3-D.
 Everything is computed block by block with a halo that covers the support of
 every filter, so the result does not depend on the chunking.
+
+The filters run on the CPU (slabs of each block in a pool of threads) or, through
+:mod:`maskworks.backend`, on a GPU (CuPy and cupyx.scipy.ndimage, a whole block at a
+time).  The steps are written once: the array module and ndimage come with the
+runner (``par``), and NumPy's ufuncs and functions dispatch to CuPy's on CuPy arrays.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
+from maskworks.backend import Backend, get_backend
 from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
 from maskworks.io.blocks import Slabs, resolve_threads, return_freed_memory
-from maskworks.io.params import Number, Size, bad_value, checked
+from maskworks.io.params import DEVICE, Number, Size, bad_value, checked
 
 from .postprocess import SlabComponents
 
@@ -44,6 +50,34 @@ CLEAN_BYTES_PER_VOXEL = 16
 MIN_MEMORY_MB = 64
 
 __all__ = ["local_variance", "sym3_eigenvalues", "texture_mask"]
+
+
+class _OnDevice:
+    """Runs the steps of a block on a GPU, in place of the thread pool (:class:`Slabs`): each
+    step is one call on the whole block (the device parallelises it), in ``backend``'s
+    array module and ndimage (CuPy, cupyx.scipy.ndimage)."""
+
+    threads = 1
+
+    def __init__(self, backend: Backend):
+        self.backend, self.xp, self.ndi = backend, backend.xp, backend.ndi
+
+    def run(self, fn, shape, avoid: int | None = None, pieces: int | None = None) -> list:
+        return [fn(tuple(slice(0, int(n)) for n in shape))]
+
+
+def _xp(par):
+    """The array module of a runner's arrays: NumPy for the thread pool, CuPy on a GPU."""
+    return getattr(par, "xp", np)
+
+
+def _ndi(par):
+    return getattr(par, "ndi", ndi)
+
+
+def _host(par, a) -> np.ndarray:
+    """``a`` as a NumPy array (copied from the device on a GPU)."""
+    return par.backend.to_numpy(a) if isinstance(par, _OnDevice) else np.asarray(a)
 
 
 def _radius(sigma: float) -> int:
@@ -108,8 +142,8 @@ def _g1(src, sigma, axis, order, out, par):
     """One 1-D Gaussian (``order`` 1: derivative) pass along ``axis``, ``src`` -> ``out`` (may be
     ``src``), split over the threads along another axis."""
     def one(sl):
-        ndi.gaussian_filter1d(src[sl], sigma, axis=axis, order=order, mode="reflect", truncate=TRUNCATE,
-                              output=out[sl])
+        _ndi(par).gaussian_filter1d(src[sl], sigma, axis=axis, order=order, mode="reflect",
+                                    truncate=TRUNCATE, output=out[sl])
     par.run(one, src.shape, avoid=axis)
     return out
 
@@ -123,7 +157,7 @@ def _gauss(src, sigma, out, par):
 
 def _central_difference(a, axis, par, out=None) -> np.ndarray:
     """``(a[i + 1] - a[i - 1]) / 2`` along ``axis``, the array's ends repeated (``reflect``)."""
-    out = np.empty(a.shape, np.float32) if out is None else out
+    out = _xp(par).empty(a.shape, np.float32) if out is None else out
     n = a.shape[axis]
 
     def one(sl):
@@ -159,17 +193,20 @@ class _Work:
 
     A fresh array of hundreds of MiB costs its page faults every time (the allocator hands
     large blocks back to the system); the same memory reused costs them once.  Arrays are
-    views of flat buffers grown to the largest size asked for under each name.
+    views of flat buffers grown to the largest size asked for under each name, in the array
+    module ``xp`` (CuPy: on the GPU).
     """
 
-    def __init__(self):
-        self._flat: dict[str, np.ndarray] = {}
+    def __init__(self, xp=np):
+        self._xp = xp
+        self._flat: dict = {}
 
     def get(self, name: str, shape) -> np.ndarray:
         size = int(np.prod(shape))
         buf = self._flat.get(name)
         if buf is None or buf.size < size:
-            buf = self._flat[name] = np.empty(size, np.float32)
+            self._flat.pop(name, None)
+            buf = self._flat[name] = self._xp.empty(size, np.float32)
         return buf[:size].reshape(shape)
 
 
@@ -179,7 +216,7 @@ def _take_even(a, axis, start, par, out=None) -> np.ndarray:
     index = [slice(None)] * a.ndim
     index[axis] = slice(start, None, 2)
     src = a[tuple(index)]
-    out = np.empty(src.shape, np.float32) if out is None else out
+    out = _xp(par).empty(src.shape, np.float32) if out is None else out
 
     def one(sl):
         out[sl] = src[sl]
@@ -195,7 +232,7 @@ def _smooth_coarse(src, pass1d, phase, par, out=None) -> np.ndarray:
     are exactly those of the smoothing of the whole block, for 1 + 1/2 + 1/4 of one pass's
     work.  ``out`` receives the passes and may be ``src``.
     """
-    a = pass1d(src, 2, np.empty(src.shape, np.float32) if out is None else out, par)
+    a = pass1d(src, 2, _xp(par).empty(src.shape, np.float32) if out is None else out, par)
     a = a[:, :, phase[2]::2]
     pass1d(a, 1, a, par)
     a = a[:, phase[1]::2, :]
@@ -209,7 +246,7 @@ def _gauss_pass(sigma):
 
 def _uniform_pass(size):
     def one(src, axis, out, par):
-        par.run(lambda sl: ndi.uniform_filter1d(src[sl], size, axis=axis, mode="reflect", output=out[sl]),
+        par.run(lambda sl: _ndi(par).uniform_filter1d(src[sl], size, axis=axis, mode="reflect", output=out[sl]),
                 src.shape, avoid=axis)
         return out
     return one
@@ -224,8 +261,9 @@ def upsample(coarse, phase, shape, par: Slabs | None = None, out=None) -> np.nda
     from the samples in its reach, so no block-sized intermediate is made.
     """
     par = par or Slabs(1)
-    a = np.asarray(coarse, np.float32)
-    out = np.empty(tuple(shape), np.float32) if out is None else out
+    xp = _xp(par)
+    a = xp.asarray(coarse, dtype=np.float32)
+    out = xp.empty(tuple(shape), np.float32) if out is None else out
     pz, m = phase[0], a.shape[0]
 
     def one(sl):
@@ -235,7 +273,7 @@ def upsample(coarse, phase, shape, par: Slabs | None = None, out=None) -> np.nda
         part = a[j0:j1 + 1]
         for axis in (1, 2):  # y, then x: every sample plane in reach, at full resolution
             full = part.shape[:axis] + (shape[axis],) + part.shape[axis + 1:]
-            dst = np.empty(full, np.float32)
+            dst = xp.empty(full, np.float32)
             _upsample1(part, dst, axis, phase[axis], shape[axis])
             part = dst
         for z in range(z0, z1):
@@ -314,14 +352,17 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
         gi, gj = grads[i], grads[j]
         _each(par, shape, lambda sl, gi=gi, gj=gj: np.multiply(gi[sl], gj[sl], out=prod[sl]))
         tensor.append(_smooth_coarse(prod, _gauss_pass(rho), phase, par, out=prod))
-    w_coarse = np.empty(tensor[0].shape, np.float32)
+    w_coarse = _xp(par).empty(tensor[0].shape, np.float32)
+    # the float64 temporaries in pieces that stay in a CPU's cache; on a GPU all at once
+    piece = None if isinstance(par, _OnDevice) else 1 << 16
 
     def incoherence(sl):
         flat = [t[sl].reshape(-1) for t in tensor]
         out = w_coarse[sl].reshape(-1)
-        for i in range(0, out.size, 1 << 16):  # pieces that stay in cache (float64 temporaries)
-            part = [t[i:i + (1 << 16)].astype(np.float64) for t in flat]
-            out[i:i + (1 << 16)] = 1.0 - _anisotropy(*part)
+        step = piece or max(1, out.size)
+        for i in range(0, out.size, step):
+            part = [t[i:i + step].astype(np.float64) for t in flat]
+            out[i:i + step] = 1.0 - _anisotropy(*part)
     _each(par, w_coarse.shape, incoherence)
     tensor.clear()
     w = upsample(w_coarse, phase, shape, par, out=prod)
@@ -492,9 +533,11 @@ def _intensity_range(volume, shape, chunk_shape) -> tuple[float, float, int]:
 
 
 def _normalise(block, p1: float, p99: float, par: Slabs, out=None) -> np.ndarray:
-    """``clip((block - p1) / (p99 - p1), 0, 1)`` as float32 (in ``out`` or a new array)."""
-    block = np.asarray(block)
-    x = np.empty(block.shape, np.float32) if out is None else out
+    """``clip((block - p1) / (p99 - p1), 0, 1)`` as float32 (in ``out`` or a new array), on
+    ``par``'s device (a block read from the volume is copied there first)."""
+    xp = _xp(par)
+    block = xp.asarray(block)
+    x = xp.empty(block.shape, np.float32) if out is None else out
     span = p99 - p1 if p99 > p1 else 1.0
 
     def one(sl):
@@ -514,7 +557,8 @@ def _log_index(logs: np.ndarray) -> np.ndarray:
 def _confidence_block(ev: dict, crop_lo, par: Slabs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The unscaled confidence ``prod(map ** weight)`` on a block's coarse samples, and the log10
     histograms of each map and of the result over the samples inside the block's own region
-    (``crop_lo``: each sample of the volume is counted once, whatever the chunking).
+    (``crop_lo``: each sample of the volume is counted once, whatever the chunking), as NumPy
+    arrays.
 
     Done in log10: the histograms need the logs anyway, and the weighted geometric mean is
     their weighted sum.  The contrast is the square root of the variance map: half its log.
@@ -522,8 +566,9 @@ def _confidence_block(ev: dict, crop_lo, par: Slabs) -> tuple[np.ndarray, dict[s
     maps = {"texture": (ev["texture"], 1.0, _TINY), "contrast": (ev["variance"], 0.5, _TINY**2),
             "edges": (ev["edges"], 1.0, _TINY)}
     shape = ev["texture"].shape
-    logs = {k: np.empty(shape, np.float32) for k in maps}
-    total = np.zeros(shape, np.float32)
+    xp = _xp(par)
+    logs = {k: xp.empty(shape, np.float32) for k in maps}
+    total = xp.zeros(shape, np.float32)
 
     def one(sl):
         for k, (m, power, floor) in maps.items():
@@ -533,8 +578,9 @@ def _confidence_block(ev: dict, crop_lo, par: Slabs) -> tuple[np.ndarray, dict[s
                 lg *= np.float32(power)
             total[sl] += lg * np.float32(WEIGHTS[k])
     par.run(one, shape)
-    hists = {k: np.bincount(_log_index(v[crop_lo]).ravel(), minlength=_NBINS) for k, v in logs.items()}
-    hists["raw"] = np.bincount(_log_index(total[crop_lo]).ravel(), minlength=_NBINS)
+    hists = {k: _host(par, xp.bincount(_log_index(v[crop_lo]).ravel(), minlength=_NBINS))
+             for k, v in logs.items()}
+    hists["raw"] = _host(par, xp.bincount(_log_index(total[crop_lo]).ravel(), minlength=_NBINS))
     par.run(lambda sl: np.power(np.float32(10.0), total[sl], out=total[sl]), shape)
     return total, hists
 
@@ -569,6 +615,7 @@ def _check(volume, texture_sigma, edge_sigma):
     chunk_shape=Size(8, nullable=True),
     threads=Number(integer=True, minimum=1, nullable=True, unit="CPU threads; null: every CPU this process may use"),
     memory_mb=Number(minimum=MIN_MEMORY_MB, nullable=True, unit="MiB of working memory; null: no bound"),
+    device=DEVICE,
 )
 def texture_mask(
     volume,
@@ -584,6 +631,7 @@ def texture_mask(
     progress: Callable[[int, int], None] | bool | None = None,
     threads: int | None = None,
     memory_mb: float | None = None,
+    device: str = "auto",
 ):
     """Mask the tissue of a downsampled volume-EM block: textured tissue versus smooth resin.
 
@@ -625,6 +673,9 @@ def texture_mask(
     memory_mb : float or None
         Working-memory budget (MiB) when ``chunk_shape`` is None: the chunks are sized to it
         (see *Memory*).  None: no bound.
+    device : str
+        Where the filters run: ``auto`` (a GPU when CuPy imports and a device is visible,
+        else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` (see *GPU*).
 
     Returns
     -------
@@ -636,7 +687,8 @@ def texture_mask(
         voxels, fraction_masked, threshold (float), threshold_method ("otsu" or
         "fixed"), intensity_p1, intensity_p99, intensity_sample_stride,
         evidence_scales and evidence_weights (per map), filter_sigmas,
-        components_removed, holes_filled, chunks, halo, chunk_shape, threads, memory_mb.
+        components_removed, holes_filled, chunks, halo, chunk_shape, threads, memory_mb,
+        device ("cpu" or "cuda:N").
 
     Notes
     -----
@@ -706,6 +758,15 @@ def texture_mask(
     with ``out_confidence`` and ``out_mask`` (Zarr arrays) nothing of the volume's size is
     held: the peak is the budget, measured in bench/bench_texture.py.
 
+    *GPU.*  With a GPU (:mod:`maskworks.backend`) each chunk is copied to the device and
+    normalised there, and the evidence, its histograms and the confidence are computed by
+    the same steps in CuPy and cupyx.scipy.ndimage (a whole chunk per call; Gaussian weights
+    in float64 as scipy's), then the chunk's confidence is copied back.  The percentiles,
+    the threshold and the clean-up stay on the CPU (``threads``).  ``memory_mb`` bounds the
+    chunks, hence the device memory too (the five work arrays live on the device).  The
+    result equals the CPU's to float rounding (the GPU sums in a different order); a voxel
+    whose confidence lies within that rounding of the threshold may flip.
+
     *Chunks.*  Each chunk is read with a halo of ``stats["halo"]`` voxels, the
     summed support of the longest filter chain (at least ``max(4 x the largest
     sigma, block_size / 2)``), and only its centre is kept; at the volume border
@@ -715,6 +776,7 @@ def texture_mask(
     running sums start at different places); the mask is the same.
     """
     volume, shape = _check(volume, texture_sigma, edge_sigma)
+    b = get_backend(device)  # before anything is read: a GPU asked for and missing is an error at once
     sc = _scales(float(texture_sigma), float(edge_sigma), int(block_size))
     halo = sc["halo"]
     itemsize = np.dtype(volume.dtype).itemsize
@@ -741,21 +803,24 @@ def texture_mask(
     bar, report = progress_reporter(progress, total, "texture_mask")
     hists = {k: np.zeros(_NBINS, np.int64) for k in (*WEIGHTS, "raw")}
     try:
-        with Slabs(nthreads) as par:
-            work = _Work()
+        with Slabs(nthreads) as par, b.context():
+            run = _OnDevice(b) if b.is_gpu else par  # the evidence's runner: the GPU or the threads
+            work = _Work(_xp(run))
             for done, blk in enumerate(iter_blocks(shape, chunk_shape, halo), start=1):
                 phase = _phase(blk.outer)
                 outer = _extent(blk.outer)
-                x = _normalise(volume[blk.outer], p1, p99, par, out=work.get("a", outer))
-                ev = _evidence(x, sc, phase, par, work)
-                raw, h = _confidence_block(ev, _lo_crop(blk.crop, phase), par)
+                x = _normalise(volume[blk.outer], p1, p99, run, out=work.get("a", outer))
+                ev = _evidence(x, sc, phase, run, work)
+                raw, h = _confidence_block(ev, _lo_crop(blk.crop, phase), run)
                 del ev, x
                 for k in hists:
                     hists[k] += h[k]
-                if isinstance(confidence, np.ndarray) and blk.outer == blk.inner:
+                if run is par and isinstance(confidence, np.ndarray) and blk.outer == blk.inner:
                     upsample(raw, phase, outer, par, out=confidence[blk.inner])
                 else:
-                    confidence[blk.inner] = upsample(raw, phase, outer, par, out=work.get("b", outer))[blk.crop]
+                    up = upsample(raw, phase, outer, run, out=work.get("b", outer))
+                    confidence[blk.inner] = _host(run, up[blk.crop])
+                    del up
                 del raw
                 report(done)
 
@@ -780,6 +845,8 @@ def texture_mask(
                 mask[blk.inner] = m
                 del c, m
             del work
+            if b.is_gpu:  # the chunks' work arrays go back to the device, not just to CuPy's pool
+                b.xp.get_default_memory_pool().free_all_blocks()
             step = clean_step(shape, nthreads, memory_mb, in_memory=isinstance(mask, np.ndarray))
             removed, filled = _clean(mask, int(min_region_size), par, step)
             masked = sum(int(np.count_nonzero(mask[z0:z0 + step])) for z0 in range(0, shape[0], step))
@@ -805,6 +872,7 @@ def texture_mask(
         "chunk_shape": list(chunk_shape) if chunk_shape is not None else None,
         "threads": nthreads,
         "memory_mb": memory_mb,
+        "device": b.device,
     }
     return mask, confidence, stats
 
