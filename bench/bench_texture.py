@@ -15,6 +15,9 @@ and the volume loaded) so that the memory the call itself takes is seen apart.
   what the in-memory run took above its baseline (at least texture.MIN_MEMORY_MB; or
   ``--memory-mb``): its peak above the baseline is compared with the budget, and its mask with
   the in-memory one.
+- ``gpu`` (only where :mod:`maskworks.backend` sees a GPU): this version with ``device="cuda"``,
+  whole volume; timed on its second call in the process (the first compiles CuPy's kernels);
+  compared with the N-thread CPU run (time, mask).  Without a GPU it is reported as skipped.
 
     python bench/bench_texture.py [--shape 128 256 256] [--threads 2] [--baseline-rev 9bef2ee]
 """
@@ -82,12 +85,17 @@ def _worker(mode: str, data: Path, args) -> dict:
     elif mode == "previous":
         mask, conf, _ = previous.texture_mask(volume, progress=False)
     elif mode.startswith("threads"):
-        mask, conf, _ = texture_mask(volume, progress=False, threads=int(mode[len("threads"):]))
+        mask, conf, _ = texture_mask(volume, progress=False, threads=int(mode[len("threads"):]), device="cpu")
+    elif mode == "gpu":
+        texture_mask(volume, progress=False, threads=args.threads, device="cuda")  # compiles the kernels
+        t0 = time.perf_counter()
+        mask, conf, st = texture_mask(volume, progress=False, threads=args.threads, device="cuda")
+        extra = {"device": st["device"]}
     else:
         out_c = zarr.open(str(data / "conf.zarr"), mode="w", shape=src.shape, chunks=(16, 128, 128), dtype="f4")
         out_m = zarr.open(str(data / "mask.zarr"), mode="w", shape=src.shape, chunks=(16, 128, 128), dtype="u1")
         mask, conf, st = texture_mask(src, out_confidence=out_c, out_mask=out_m, memory_mb=args.memory_mb,
-                                      progress=False, threads=args.threads)
+                                      progress=False, threads=args.threads, device="cpu")
         extra = {"chunks": st["chunks"], "chunk_shape": st["chunk_shape"]}
     seconds = time.perf_counter() - t0
     peak = _peak_rss_mb()
@@ -124,8 +132,11 @@ def main(argv=None) -> None:
 
     import zarr
 
+    from maskworks.backend import resolve_device
     from maskworks.demo import make_em_volume
     from maskworks.em.texture import MIN_MEMORY_MB
+
+    gpu = resolve_device("auto") != "cpu"
 
     with tempfile.TemporaryDirectory(prefix="bench_texture_") as tmp:
         data = Path(tmp)
@@ -133,7 +144,7 @@ def main(argv=None) -> None:
         image = image.astype(np.float32)
         np.save(data / "volume.npy", image)
         zarr.array(image, chunks=(16, 128, 128), store=str(data / "volume.zarr"))
-        modes = ["pass", "previous", "threads1", f"threads{args.threads}", "bounded"]
+        modes = ["pass", "previous", "threads1", f"threads{args.threads}", "bounded"] + (["gpu"] if gpu else [])
         rows = {}
         for m in modes:
             if m == "bounded" and args.memory_mb is None:
@@ -172,6 +183,13 @@ def main(argv=None) -> None:
           f"{tuple(bnd['chunk_shape'])}): peak above baseline {above:.0f} MiB = {above / args.memory_mb:.2f}x the "
           f"budget, time {bnd['seconds'] / curn['seconds']:.1f}x in-memory; mask == in-memory: "
           f"{np.array_equal(masks['bounded'], masks[n])}")
+    if gpu:
+        g = rows["gpu"]
+        print(f"GPU ({g['device']}, whole volume, second call): {g['seconds']:.2f} s = {curn['seconds'] / g['seconds']:.1f}x "
+              f"faster than {args.threads} CPU threads; mask voxels that differ from the CPU's: "
+              f"{np.count_nonzero(masks['gpu'] != masks[n])} of {masks[n].size}")
+    else:
+        print("GPU: none visible here (CuPy not importable or no CUDA device): not measured")
     print("command: python bench/bench_texture.py" + "".join(
         f" --shape {' '.join(map(str, args.shape))}" for _ in [0] if tuple(args.shape) != (128, 256, 256)))
 
