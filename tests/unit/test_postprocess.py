@@ -322,3 +322,18 @@ def test_a_gpu_asked_for_without_one_is_a_clear_error():
         postprocess_mask(cube(), device="cuda:1")
     assert postprocess_mask(cube(), device="auto")[1]["device"] == "cpu"
     assert postprocess_mask(cube()[10], device="cpu")[1]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("r", [1, 3, 9])
+def test_distance_transform_on_tiles_is_exact(r):
+    """On a GPU the ball tests run on tiles (cupyx's transform pads to a cube of the longest
+    side): tiles smaller than the ball's reach included, the answer is the whole array's."""
+    from maskworks.em.postprocess import _HOST, _within
+
+    rng = np.random.default_rng(r)
+    x = rng.random((23, 41, 37)) > 0.02  # sparse zeros: distances up to several voxels
+    x[:, :20, :] = True  # a large region without zeros, larger than some tiles
+    whole = ndi.distance_transform_edt(x) <= r
+    for tile in (5, 8, 16):
+        np.testing.assert_array_equal(_within(_HOST, x, r, tile=tile), whole)
+    assert not _within(_HOST, np.ones((9, 9, 9), bool), r, tile=4).any()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -22,6 +23,9 @@ MAX_RADIUS = 50
 SLAB_BYTES_PER_VOXEL = 56
 # The smallest working-memory budget.
 MIN_MEMORY_MB = 16
+# cupyx's distance transform pads its input to a cube of the longest side (and encodes that cube
+# in two int32 arrays, int64 beyond 1024): on a GPU it runs on tiles of at most this side.
+GPU_EDT_TILE = 256
 # NumPy and scipy.ndimage: the morphology and labelling helpers take a backend (the CPU's or a GPU's).
 _HOST = Backend("cpu", np, ndi)
 
@@ -92,9 +96,11 @@ def postprocess_mask(
     device : str
         ``auto`` (a GPU when CuPy imports and a device is visible, else the CPU), ``cpu``,
         ``cuda`` or ``cuda:N``.  On a GPU the whole mask is processed on the device
-        (cupyx.scipy.ndimage: distance transforms, labelling) in one piece; with
+        (cupyx.scipy.ndimage: labels of the whole mask, distance transforms on tiles of
+        ``GPU_EDT_TILE`` voxels a side with the ball's reach around them); with
         ``memory_mb`` the slabs' morphology runs there one slab at a time and the
-        components are found on the CPU.  Same voxels as on the CPU.
+        components are found on the CPU.  Same voxels as on the CPU.  The mask is read on
+        the host (NumPy, memory map or Zarr).
 
     Returns
     -------
@@ -399,7 +405,7 @@ def _dilate(b: Backend, fg, r: int):
     if box is None:
         return fg.copy()
     out = b.xp.zeros_like(fg)
-    out[box] = b.ndi.distance_transform_edt(~fg[box]) <= r
+    out[box] = _within(b, ~fg[box], r)
     return out
 
 
@@ -413,12 +419,33 @@ def _erode(b: Backend, fg, r: int):
     if box is None:
         return fg.copy()
     out = b.xp.zeros_like(fg)
-    crop = fg[box]
-    if bool(crop.all()):  # no background in reach: the mask touches the faces all round
-        out[box] = True
-    else:
-        out[box] = b.ndi.distance_transform_edt(crop) > r
+    out[box] = ~_within(b, fg[box], r)  # no background in the box: all kept
     return out
+
+
+def _within(b: Backend, x, r: int, tile: int | None = None):
+    """True where a zero of ``x`` lies within distance ``r`` (``distance_transform_edt(x) <= r``).
+
+    On a GPU (or with ``tile``) the transform runs on tiles of at most ``tile`` voxels a side,
+    each read with a margin of ``r``: a zero within ``r`` of a voxel lies within ``r`` of it
+    along every axis, so the tiles give the whole array's answer exactly.
+    """
+    tile = tile or (GPU_EDT_TILE if b.is_gpu else None)
+    if tile is None or max(x.shape) <= tile:
+        return _near_zero(b, x, r)
+    out = b.xp.empty(x.shape, bool)
+    for start in itertools.product(*(range(0, n, tile) for n in x.shape)):
+        inner = tuple(slice(a, min(n, a + tile)) for a, n in zip(start, x.shape))
+        outer = tuple(slice(max(0, s.start - r), min(n, s.stop + r)) for s, n in zip(inner, x.shape))
+        crop = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
+        out[inner] = _near_zero(b, x[outer], r)[crop]
+    return out
+
+
+def _near_zero(b: Backend, x, r: int):
+    if bool(x.all()):  # no zero at all (where the transform has nothing to measure from)
+        return b.xp.zeros(x.shape, bool)
+    return b.ndi.distance_transform_edt(x) <= r
 
 
 def _fill_slices(b: Backend, fg, axis: int | None) -> int:

@@ -216,7 +216,7 @@ def _take_even(a, axis, start, par, out=None) -> np.ndarray:
     index = [slice(None)] * a.ndim
     index[axis] = slice(start, None, 2)
     src = a[tuple(index)]
-    out = _xp(par).empty(src.shape, np.float32) if out is None else out
+    out = _xp(par).empty(src.shape, a.dtype) if out is None else out
 
     def one(sl):
         out[sl] = src[sl]
@@ -232,7 +232,7 @@ def _smooth_coarse(src, pass1d, phase, par, out=None) -> np.ndarray:
     are exactly those of the smoothing of the whole block, for 1 + 1/2 + 1/4 of one pass's
     work.  ``out`` receives the passes and may be ``src``.
     """
-    a = pass1d(src, 2, _xp(par).empty(src.shape, np.float32) if out is None else out, par)
+    a = pass1d(src, 2, _xp(par).empty(src.shape, src.dtype) if out is None else out, par)
     a = a[:, :, phase[2]::2]
     pass1d(a, 1, a, par)
     a = a[:, phase[1]::2, :]
@@ -323,10 +323,21 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
 
     # local variance E[x^2] - E[x]^2 over a block_size cube (the contrast is its square root)
     box = _uniform_pass(sc["block_size"])
-    mean = _smooth_coarse(x, box, phase, par, out=b)
-    _each(par, shape, lambda sl: np.multiply(x[sl], x[sl], out=b[sl]))
-    var = _smooth_coarse(b, box, phase, par, out=b)
-    var -= mean * mean
+    if isinstance(par, _OnDevice):
+        # cupyx.scipy.ndimage sums a float32 input in float32, and the difference of the two
+        # means cancels: on a GPU the box statistics are taken in float64 (scipy's own sums are)
+        x64 = x.astype(np.float64)
+        mean = _smooth_coarse(x64, box, phase, par)
+        np.multiply(x64, x64, out=x64)
+        var = _smooth_coarse(x64, box, phase, par, out=x64)
+        del x64
+        var -= mean * mean
+        var = var.astype(np.float32)
+    else:
+        mean = _smooth_coarse(x, box, phase, par, out=b)
+        _each(par, shape, lambda sl: np.multiply(x[sl], x[sl], out=b[sl]))
+        var = _smooth_coarse(b, box, phase, par, out=b)
+        var -= mean * mean
     np.maximum(var, 0.0, out=var)
     del mean
 
@@ -353,13 +364,13 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
         _each(par, shape, lambda sl, gi=gi, gj=gj: np.multiply(gi[sl], gj[sl], out=prod[sl]))
         tensor.append(_smooth_coarse(prod, _gauss_pass(rho), phase, par, out=prod))
     w_coarse = _xp(par).empty(tensor[0].shape, np.float32)
-    # the float64 temporaries in pieces that stay in a CPU's cache; on a GPU all at once
-    piece = None if isinstance(par, _OnDevice) else 1 << 16
+    # the float64 temporaries in pieces that stay in a CPU's cache; on a GPU in larger ones
+    piece = 1 << 22 if isinstance(par, _OnDevice) else 1 << 16
 
     def incoherence(sl):
         flat = [t[sl].reshape(-1) for t in tensor]
         out = w_coarse[sl].reshape(-1)
-        step = piece or max(1, out.size)
+        step = piece
         for i in range(0, out.size, step):
             part = [t[i:i + step].astype(np.float64) for t in flat]
             out[i:i + step] = 1.0 - _anisotropy(*part)
@@ -760,12 +771,17 @@ def texture_mask(
 
     *GPU.*  With a GPU (:mod:`maskworks.backend`) each chunk is copied to the device and
     normalised there, and the evidence, its histograms and the confidence are computed by
-    the same steps in CuPy and cupyx.scipy.ndimage (a whole chunk per call; Gaussian weights
-    in float64 as scipy's), then the chunk's confidence is copied back.  The percentiles,
-    the threshold and the clean-up stay on the CPU (``threads``).  ``memory_mb`` bounds the
-    chunks, hence the device memory too (the five work arrays live on the device).  The
-    result equals the CPU's to float rounding (the GPU sums in a different order); a voxel
-    whose confidence lies within that rounding of the threshold may flip.
+    the same steps in CuPy and cupyx.scipy.ndimage (a whole chunk per call), then the chunk's
+    confidence is copied back.  The percentiles, the threshold and the clean-up stay on the
+    CPU (``threads``).  cupyx sums a float32 input in float32 where scipy sums in float64: the
+    Gaussian passes differ from the CPU's by float32 rounding, and the box statistics of the
+    local contrast (whose difference cancels) are taken in float64 on the device.  The
+    confidence equals the CPU's to ~1e-4 and a voxel whose confidence lies that close to the
+    threshold may flip.  ``memory_mb`` sizes the chunks by the CPU's working set; on the
+    device a chunk takes more than that (the float64 box statistics, 16 bytes per voxel
+    while they last, and CuPy's temporaries for passes done in place): to fit a GPU's
+    memory, give a smaller budget or a ``chunk_shape``.  The volume is read on the host
+    (NumPy, memory map or Zarr).
 
     *Chunks.*  Each chunk is read with a halo of ``stats["halo"]`` voxels, the
     summed support of the longest filter chain (at least ``max(4 x the largest
