@@ -62,7 +62,7 @@ class _OnDevice:
     def __init__(self, backend: Backend):
         self.backend, self.xp, self.ndi = backend, backend.xp, backend.ndi
 
-    def run(self, fn, shape, avoid: int | None = None, pieces: int | None = None) -> list:
+    def run(self, fn, shape, avoid: int | None = None) -> list:
         return [fn(tuple(slice(0, int(n)) for n in shape))]
 
 

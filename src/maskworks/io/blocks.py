@@ -107,12 +107,12 @@ class Slabs:
             self._pool.shutdown()
             self._pool = None
 
-    def slices(self, shape, avoid: int | None = None, pieces: int | None = None) -> list[tuple[slice, ...]]:
-        """About equal slabs of ``shape`` (one per thread, or ``pieces``) along its first axis,
-        or its second when ``avoid`` is 0, each a tuple of slices of every axis."""
+    def slices(self, shape, avoid: int | None = None) -> list[tuple[slice, ...]]:
+        """About equal slabs of ``shape`` (one per thread) along its first axis, or its second
+        when ``avoid`` is 0, each a tuple of slices of every axis."""
         shape = tuple(int(s) for s in shape)
         axis = 1 if (avoid == 0 and len(shape) > 1) else 0
-        n = max(1, min(pieces or self.threads, shape[axis]))
+        n = max(1, min(self.threads, shape[axis]))
         bounds = np.linspace(0, shape[axis], n + 1).round().astype(int)
         full = [slice(None)] * len(shape)
         out = []
@@ -122,9 +122,9 @@ class Slabs:
                 out.append(tuple(full))
         return out
 
-    def run(self, fn, shape, avoid: int | None = None, pieces: int | None = None) -> list:
-        """``[fn(slab) for slab in self.slices(shape, avoid, pieces)]``, in parallel."""
-        parts = self.slices(shape, avoid, pieces)
+    def run(self, fn, shape, avoid: int | None = None) -> list:
+        """``[fn(slab) for slab in self.slices(shape, avoid)]``, in parallel."""
+        parts = self.slices(shape, avoid)
         if self._pool is None or len(parts) == 1:
             return [fn(p) for p in parts]
         return list(self._pool.map(fn, parts))
