@@ -19,7 +19,10 @@ and the volume loaded) so that the memory the call itself takes is seen apart.
   whole volume; timed on its second call in the process (the first compiles CuPy's kernels);
   compared with the N-thread CPU run (time, mask).  Without a GPU it is reported as skipped.
 
-    python bench/bench_texture.py [--shape 128 256 256] [--threads 2] [--baseline-rev 9bef2ee]
+``pass``, ``threads1`` and ``threadsN`` run ``--repeat`` rounds, interleaved so that a busy spell
+of a shared machine hits all of them, and the fastest of each is reported.
+
+    python bench/bench_texture.py [--shape 128 256 256] [--threads 2] [--baseline-rev 9bef2ee] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the previous version")
     ap.add_argument("--memory-mb", type=float,
                     help="budget of the bounded run (default: a quarter of the in-memory run's memory)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of the pass and thread runs (fastest kept)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -146,11 +150,22 @@ def main(argv=None) -> None:
         zarr.array(image, chunks=(16, 128, 128), store=str(data / "volume.zarr"))
         modes = ["pass", "previous", "threads1", f"threads{args.threads}", "bounded"] + (["gpu"] if gpu else [])
         rows = {}
+        cheap = ["pass", "threads1", f"threads{args.threads}"]
+        for _ in range(max(1, args.repeat) - 1):
+            for m in cheap:
+                r = _run_worker(m, data, args)
+                if m not in rows or r["seconds"] < rows[m]["seconds"]:
+                    rows[m] = r
         for m in modes:
+            if m in cheap and m in rows:
+                r = _run_worker(m, data, args)
+                rows[m] = r if r["seconds"] < rows[m]["seconds"] else rows[m]
+                continue
             if m == "bounded" and args.memory_mb is None:
                 r = rows[f"threads{args.threads}"]
                 args.memory_mb = max(float(MIN_MEMORY_MB), round((r["peak_rss_mb"] - r["baseline_rss_mb"]) / 4))
             rows[m] = _run_worker(m, data, args)
+        rows = {m: rows[m] for m in modes}
         masks = {m: np.load(data / f"mask_{m}.npy") for m in modes if m != "pass"}
 
     truth = truth.astype(bool)
