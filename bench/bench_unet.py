@@ -4,13 +4,16 @@ Modes, each in its own subprocess so that its peak resident memory (VmHWM) is it
 
 - ``memory``    whole volume in memory, Gaussian blending (the baseline)
 - ``constant``  whole volume in memory, constant (box) blending
-- ``chunked``   Zarr in, Zarr out, block by block (``--chunk``), Gaussian blending
+- ``chunked``   Zarr in, Zarr out, block by block (``--chunk``), Gaussian blending; the output
+                Zarr chunks tile the block as the predict_unet stage writes them
 
 Ratios are against ``memory``, measured in the same run.  The model has random weights
 (speed does not depend on them) and the volume is uniform noise; sizes are printed.
-The default volume is 4x the block (192^3 blocks of a 192 x 384 x 384 volume).
+The default block is the stage's automatic one (``AUTO_CHUNK_SHAPE``, 128 x 512 x 512,
+rounded to whole window steps: 96 x 480 x 480) and the default volume holds 2 x 1 x 2 of them,
+so that window shares are carried across z, x and their edge.
 
-    python bench/bench_unet.py [--shape 192 384 384] [--chunk 192 192 192] [--device cpu|cuda] [--repeat 3]
+    python bench/bench_unet.py [--shape 192 480 960] [--chunk 128 512 512] [--device cpu|cuda] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from bench_texture import _peak_rss_mb  # VmHWM of this process; runs as `python bench/...`
+
+from maskworks.em.stages import AUTO_CHUNK_SHAPE
 
 MODES = ("memory", "constant", "chunked")
 
@@ -43,7 +48,8 @@ def _worker(args) -> dict:
     import torch
     import zarr
 
-    from maskworks.em.unet import predict_volume
+    from maskworks.em.stages import _zarr_chunks
+    from maskworks.em.unet import inference_chunk_shape, predict_volume
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,10 +65,9 @@ def _worker(args) -> dict:
     base = _peak_rss_mb()
     t0 = time.perf_counter()
     if args.worker == "chunked":
-        out_p = zarr.open(str(args.data / "prob.zarr"), mode="w", shape=src.shape, chunks=tuple(args.chunk),
-                          dtype="f2")
-        out_m = zarr.open(str(args.data / "mask.zarr"), mode="w", shape=src.shape, chunks=tuple(args.chunk),
-                          dtype="u1")
+        chunks = _zarr_chunks(inference_chunk_shape(src.shape, tuple(args.chunk), args.roi, args.overlap))
+        out_p = zarr.open(str(args.data / "prob.zarr"), mode="w", shape=src.shape, chunks=chunks, dtype="f2")
+        out_m = zarr.open(str(args.data / "mask.zarr"), mode="w", shape=src.shape, chunks=chunks, dtype="u1")
         prob, mask, stats = predict_volume(model, src, chunk_shape=tuple(args.chunk), out_prob=out_p,
                                            out_mask=out_m, **kw)
     else:
@@ -75,6 +80,7 @@ def _worker(args) -> dict:
     np.save(args.data / f"mask_{args.worker}.npy", np.asarray(mask[...]))
     return {"mode": args.worker, "seconds": seconds, "peak_rss_mb": peak, "baseline_rss_mb": base,
             "gpu_peak_mb": gpu, "voxels": stats["voxels"], "blocks": stats["blocks"], "windows": stats["windows"],
+            "evaluations": stats["evaluations"],
             "chunk_shape": stats["chunk_shape"], "device": stats["device"]}
 
 
@@ -93,8 +99,9 @@ def _shared_flags(args) -> list[str]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", type=int, nargs=3, default=(192, 384, 384), help="volume (z y x)")
-    ap.add_argument("--chunk", type=int, nargs=3, default=(192, 192, 192), help="chunk_shape of the chunked run")
+    ap.add_argument("--shape", type=int, nargs=3, default=(192, 480, 960), help="volume (z y x)")
+    ap.add_argument("--chunk", type=int, nargs=3, default=AUTO_CHUNK_SHAPE,
+                    help="chunk_shape of the chunked run (default: the stage's automatic block)")
     ap.add_argument("--roi", type=int, default=64, help="window side")
     ap.add_argument("--overlap", type=int, default=16, help="window overlap (voxels)")
     ap.add_argument("--sw-batch-size", type=int, default=4)
@@ -134,18 +141,18 @@ def main(argv=None) -> None:
           f"(random weights); roi {args.roi}^3, overlap {args.overlap}, sw_batch_size {args.sw_batch_size}; "
           f"device {rows['memory']['device']}")
     gpu = rows["memory"]["gpu_peak_mb"] is not None
-    print(f"{'mode':<9} {'blocks':>6} {'windows':>7} {'seconds':>8} {'Mvoxel/s':>9} {'peak RSS MB':>12} {'baseline MB':>12} "
+    print(f"{'mode':<9} {'blocks':>6} {'windows':>7} {'evals':>6} {'seconds':>8} {'Mvoxel/s':>9} {'peak RSS MB':>12} {'baseline MB':>12} "
           f"{'above baseline':>15}" + (f" {'GPU peak MB':>12}" if gpu else ""))
     for r in rows.values():
-        print(f"{r['mode']:<9} {r['blocks']:>6} {r['windows']:>7} {r['seconds']:8.2f} {r['voxels'] / r['seconds'] / 1e6:9.3f} "
+        print(f"{r['mode']:<9} {r['blocks']:>6} {r['windows']:>7} {r['evaluations']:>6} {r['seconds']:8.2f} {r['voxels'] / r['seconds'] / 1e6:9.3f} "
               f"{r['peak_rss_mb']:12.0f} {r['baseline_rss_mb']:12.0f} {r['peak_rss_mb'] - r['baseline_rss_mb']:15.0f}"
               + (f" {r['gpu_peak_mb']:12.0f}" if gpu else ""))
     m = rows["memory"]
     above = max(1.0, m["peak_rss_mb"] - m["baseline_rss_mb"])
     for mode in ("constant", "chunked"):
         r = rows[mode]
-        print(f"ratio {mode}/memory: voxels/s {m['seconds'] / r['seconds']:.2f}x (windows "
-              f"{m['windows'] / r['windows']:.2f}x), peak RSS "
+        print(f"ratio {mode}/memory: voxels/s {m['seconds'] / r['seconds']:.2f}x (network evaluations "
+              f"{m['evaluations'] / r['evaluations']:.2f}x), peak RSS "
               f"{r['peak_rss_mb'] / m['peak_rss_mb']:.2f}x, above baseline "
               f"{(r['peak_rss_mb'] - r['baseline_rss_mb']) / above:.2f}x"
               + (f", GPU peak {r['gpu_peak_mb'] / max(m['gpu_peak_mb'], 1.0):.2f}x" if gpu else ""))

@@ -250,9 +250,66 @@ def test_out_of_core_equals_in_memory(tmp_path):
     assert p is out_p and st["blocks"] == 2 * 3 * 3 and st["chunk_shape"] == [24, 24, 24]
     assert st_mem["windows"] == 3 * 6 * 6 == st["windows"]  # each window evaluated once, in its own block
     assert st["mean"] == pytest.approx(st_mem["mean"]) and st["std"] == pytest.approx(st_mem["std"])
-    np.testing.assert_allclose(out_p[...].astype(np.float32), p_mem.astype(np.float32), atol=1e-3)
-    differ = out_m[...] != m_mem
-    assert not differ.any() or np.abs(p_mem[differ].astype(np.float32) - 0.5).max() < 1e-3
+    np.testing.assert_array_equal(out_p[...], p_mem)  # to the bit, not within a tolerance
+    np.testing.assert_array_equal(out_m[...], m_mem)
+    assert st["foreground_voxels"] == st_mem["foreground_voxels"]
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+@pytest.mark.parametrize("shape, roi, overlap, chunks", [
+    ((40, 66, 70), 16, 4, [None, 24, (12, 36, 24)]),
+    ((23, 37, 30), (8, 16, 8), (2, 4, 3), [None, (12, 20, 16)]),  # windows reaching over up to three blocks
+    ((10, 40, 41), 16, 5, [None, (16, 22, 11)]),  # z shorter than the window: MONAI pads it
+])
+def test_every_chunking_gives_monai_whole_volume_result_to_the_bit(blend, shape, roi, overlap, chunks):
+    from monai.inferers import sliding_window_inference
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = unet.build_unet(channels=(4, 8), strides=(2,), num_res_units=1).eval()
+    vol = (np.random.default_rng(1).random(shape) * 200).astype(np.float32)
+    mean, std = float(vol.mean()), float(vol.std())
+    roi3, ov3 = unet._triple_int(roi, "roi"), unet._triple_int(overlap, "overlap")
+    x = (vol - np.float32(mean)) / np.float32(std)
+    with torch.inference_mode():  # MONAI as it is, on the whole volume; its batches hold >= 2 windows here
+        ref = sliding_window_inference(torch.from_numpy(x)[None, None], roi3, 2, model, mode=blend,
+                                       overlap=[(o - 0.5) / r for o, r in zip(ov3, roi3)])
+        ref = torch.sigmoid(ref[0, 0]).numpy()
+    for chunk_shape in chunks:
+        prob, mask, st = unet.predict_volume(model, vol, roi_size=roi, overlap=overlap, sw_batch_size=2, mean=mean,
+                                             std=std, chunk_shape=chunk_shape, blend=blend, device="cpu",
+                                             progress=False)
+        assert st["blocks"] > 1 or chunk_shape is None
+        np.testing.assert_array_equal(prob, ref.astype(np.float16), err_msg=f"chunk_shape={chunk_shape}")
+        np.testing.assert_array_equal(mask, (ref > 0.5).astype(np.uint8), err_msg=f"chunk_shape={chunk_shape}")
+
+
+def test_the_network_always_gets_full_batches():
+    """A block's last batch is filled with repeats (on the CPU one window alone gives other float
+    noise than two), so that no window's logits depend on the chunking."""
+
+    class Recording(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.batches = net, []
+
+        def forward(self, x):
+            self.batches.append(int(x.shape[0]))
+            return self.net(x)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Recording(unet.build_unet(channels=(4, 8), strides=(2,), num_res_units=1))
+    vol = np.random.default_rng(2).normal(size=(28, 40, 40)).astype(np.float32)
+    kw = {"roi_size": 16, "overlap": 4, "sw_batch_size": 4, "mean": 0.0, "std": 1.0, "device": "cpu"}
+    p_mem, m_mem, st_mem = unet.predict_volume(model, vol, **kw)  # 2 x 3 x 3 = 18 windows
+    assert st_mem["windows"] == 18 and st_mem["evaluations"] == 20 and set(model.batches) == {4}
+    model.batches.clear()
+    p, m, st = unet.predict_volume(model, vol, chunk_shape=(12, 24, 24), **kw)
+    assert st["blocks"] == 3 * 2 * 2 and st["windows"] == 18 and st["evaluations"] > 18
+    assert set(model.batches) == {4}
+    np.testing.assert_array_equal(p, p_mem)
+    np.testing.assert_array_equal(m, m_mem)
 
 
 def test_tta_averages_flips():

@@ -929,10 +929,10 @@ def predict_volume(
     chunk_shape : int or (z, y, x), optional
         Process the volume in blocks of about this shape (see
         :func:`inference_chunk_shape`); each window is evaluated once, in the block
-        where it starts, and its blended share carried into the blocks its span
-        reaches (:class:`_OwnedWindows`), so the result equals the unchunked one (up
-        to floating-point noise) at the same cost, and peak memory follows the block,
-        not the volume.  None: the whole volume at once.
+        where it starts, and the parts of its weighted logits that reach into later
+        blocks are held until those are computed (:class:`_SlidingWindows`).  Every
+        chunking gives the same probabilities and mask, to the bit, at the same cost;
+        peak memory follows the block, not the volume.  None: the whole volume at once.
     out_prob, out_mask : array_like, optional
         Preallocated arrays of the volume's shape (e.g. Zarr arrays) that receive
         the probability (float16) and the mask (uint8) block by block.
@@ -961,19 +961,22 @@ def predict_volume(
         ``voxels``, ``foreground_voxels``, ``fraction_foreground``, ``mean``,
         ``std``, ``roi_size``, ``overlap``, ``sw_batch_size``, ``tta``, ``blend``,
         ``threshold``, ``chunk_shape`` (as used), ``blocks``, ``windows``
-        (network evaluations, before TTA), ``seconds``,
+        (distinct windows, before TTA), ``evaluations`` (windows run through the network,
+        with the repeats that fill a block's last batch), ``seconds``,
         ``voxels_per_second``, ``device``, ``probability_dtype``.
 
     Notes
     -----
-    MONAI ``sliding_window_inference``, by default with Gaussian blending
-    (``sigma_scale`` 0.125), which down-weights the window borders where a U-Net sees least
-    context; Catena blends with constant weights.  Windows are placed as MONAI
-    places them over the whole volume (every ``roi_size - overlap`` voxels from
-    the first, the last flush with the end), so every voxel is covered.
+    MONAI ``sliding_window_inference``'s result, computed block by block with its arithmetic
+    (window placement, importance map, float32 sums in its order; see :class:`_SlidingWindows`),
+    by default with Gaussian blending (``sigma_scale`` 0.125), which down-weights the window
+    borders where a U-Net sees least context; Catena blends with constant weights.  Windows are
+    placed as MONAI places them over the whole volume (every ``roi_size - overlap`` voxels from
+    the first, the last flush with the end), so every voxel is covered.  The result equals
+    MONAI's on the whole volume to the bit where MONAI's batches are the full ones
+    used here (tested on the CPU); otherwise it differs by the float noise of another batch size.
     """
     import torch
-    from monai.inferers import sliding_window_inference
 
     shape = tuple(int(s) for s in volume.shape)
     if len(shape) != 3:
@@ -1001,50 +1004,28 @@ def predict_volume(
     for name, arr in (("out_prob", prob), ("out_mask", mask)):
         if tuple(arr.shape) != shape:
             raise InputError(f"{name} has shape {tuple(arr.shape)} but the volume has {shape}")
-    # MONAI's step is int(roi * (1 - fraction)); half a voxel of slack makes it exactly roi - overlap.
-    fraction = [max(o - 0.5, 0.0) / r for o, r in zip(ov, roi)]
-    starts = [_window_starts(s, r, r - o) for s, r, o in zip(shape, roi, ov)]
-    predictor = _window_predictor(model, tta, use_amp)
     blocks = list(iter_blocks(shape, chunks))
     bar, report = progress_reporter(progress, len(blocks), "predict_unet", "block")
+
+    def read(region):  # z-scored float32 input of a region
+        return (np.asarray(volume[region], dtype=np.float32) - np.float32(mean)) / np.float32(std)
+
     t0 = time.perf_counter()
-    foreground = windows = 0
+    foreground = 0
     torch_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
         with torch.inference_mode():
-            if len(blocks) == 1:  # the whole volume: MONAI's blending as it is
-                x = (np.asarray(volume[...], dtype=np.float32) - np.float32(mean)) / np.float32(std)
-                logits = sliding_window_inference(
-                    torch.from_numpy(x)[None, None].to(dev), roi, int(sw_batch_size), predictor,
-                    overlap=fraction, mode=blend, sw_device=dev, device=dev,
-                )
-                windows = math.prod(len(st) for st in starts)
-                p = torch.sigmoid(logits[0, 0].float()).cpu().numpy()
+            run = _SlidingWindows(shape, chunks, roi, ov, blend, _window_predictor(model, tta, use_amp),
+                                  int(sw_batch_size), dev)
+            for done, block in enumerate(blocks, start=1):
+                p = torch.sigmoid_(run.block_logits(block.inner, read)).cpu().numpy()
                 m = (p > threshold).astype(np.uint8)
-                prob[...] = p.astype(np.float16)
-                mask[...] = m
-                foreground = int(np.count_nonzero(m))
-                report(1)
-            else:
-                run = _OwnedWindows(shape, chunks, starts, roi, blend)
-                for done, block in enumerate(blocks, start=1):
-                    region = run.region(block)
-                    if region is not None:  # the windows that start in this block, blended by MONAI
-                        windows += math.prod(len(w) for w in run.owned(block))
-                        x = (np.asarray(volume[region], dtype=np.float32) - np.float32(mean)) / np.float32(std)
-                        logits = sliding_window_inference(
-                            torch.from_numpy(x)[None, None].to(dev), roi, int(sw_batch_size), predictor,
-                            overlap=fraction, mode=blend, sw_device=dev, device=dev,
-                        )
-                        run.add(block, region, logits[0, 0].float().cpu().numpy())
-                    p = run.finish(block)
-                    m = (p > threshold).astype(np.uint8)
-                    prob[block.inner] = p.astype(np.float16)
-                    mask[block.inner] = m
-                    foreground += int(np.count_nonzero(m))
-                    report(done)
+                prob[block.inner] = p.astype(np.float16)
+                mask[block.inner] = m
+                foreground += int(np.count_nonzero(m))
+                report(done)
     finally:
         torch.set_num_threads(torch_threads)
         if bar is not None:
@@ -1055,7 +1036,7 @@ def predict_volume(
         "voxels": n, "foreground_voxels": foreground, "fraction_foreground": foreground / n if n else 0.0,
         "mean": mean, "std": std, "roi_size": list(roi), "overlap": list(ov), "sw_batch_size": int(sw_batch_size),
         "tta": bool(tta), "blend": blend, "threshold": float(threshold), "chunk_shape": list(chunks) if chunks else None,
-        "blocks": len(blocks), "windows": windows, "seconds": round(seconds, 3), "voxels_per_second": n / seconds if seconds else None,
+        "blocks": len(blocks), "windows": run.windows, "evaluations": run.evaluations, "seconds": round(seconds, 3), "voxels_per_second": n / seconds if seconds else None,
         "device": str(dev), "amp": use_amp, "probability_dtype": "float16",
         "threads": int(threads) if threads is not None else torch_threads,
     }
@@ -1087,58 +1068,125 @@ def _window_starts(size: int, roi: int, step: int) -> list[int]:
     return list(range(0, size - roi, step)) + [size - roi]
 
 
-class _OwnedWindows:
-    """Block-by-block inference in which every window is evaluated once.
+class _SlidingWindows:
+    """MONAI's sliding-window inference, block by block, with MONAI's arithmetic to the bit.
 
-    Each window belongs to the block its start lies in; MONAI blends a block's own windows
-    over the span they cover (``sum(w f) / sum(w)``, ``w`` its importance map), which reaches
-    into the next blocks along each axis.  The weights' sum ``W_B`` over the block's windows
-    needs no network, so each block leaves a share ``(W_B * result, W_B)`` in every block its
-    span covers; a block is finished, numerator over weights, once the blocks before it along
-    each axis are done, which the raster order of the blocks guarantees.  Only the shares
-    that spill into blocks not yet done are held: slabs of ``roi - step`` voxels.
+    MONAI's ``sliding_window_inference`` places the windows over the whole volume (zero-padded
+    to ``roi`` where it is smaller, half before), multiplies every window's logits by the
+    importance map, adds them into a float32 sum window after window in raster order, adds the
+    importance map likewise into a count, and divides.  Each voxel's value is thus a sequence of
+    float32 additions over the windows covering it, in their raster order.  This class computes
+    exactly that sequence for one block at a time:
+
+    - each window is evaluated once, by the block its start lies in (its *owner*); its weighted
+      logits are added to the owner's sum, and the parts that reach into later blocks are held
+      (``pending``) until those blocks are computed: slabs of about ``overlap`` voxels;
+    - a block adds its own windows and the held parts of earlier ones merged in raster order of
+      the windows, so that every voxel sees the additions of the whole-volume run, in its order;
+    - the network always gets full batches of ``batch`` windows (the last of a block is filled with
+      repeats of its last window, which are dropped): a convolution's result may depend on the
+      batch size it is run at (on the CPU, one window alone differs from two), never on the
+      chunking.
+
+    The result is the same for any chunking, and equals MONAI's whole-volume result.
     """
 
-    def __init__(self, shape, chunks, starts, roi, blend):
+    def __init__(self, shape, chunks, roi, overlap, blend, predictor, batch, dev):
+        import torch
         from monai.data.utils import compute_importance_map
 
-        self.shape, self.chunks, self.starts, self.roi = shape, chunks, starts, roi
-        self.importance = compute_importance_map(tuple(roi), mode=blend, sigma_scale=0.125).cpu().numpy()
+        self.shape, self.roi, self.predictor, self.batch, self.dev = shape, roi, predictor, batch, dev
+        self.chunks = tuple(chunks) if chunks else shape
+        self.pad = [max(r - s, 0) // 2 for s, r in zip(shape, roi)]  # MONAI pads half the shortfall before
+        self.starts = [_window_starts(max(s, r), r, r - o) for s, r, o in zip(shape, roi, overlap)]
+        self.importance = compute_importance_map(tuple(roi), mode=blend, sigma_scale=0.125, device=dev,
+                                                 dtype=torch.float32)
         self.pending: dict[tuple, list] = {}
+        self.windows = self.evaluations = 0
 
-    def owned(self, block):
-        return [[w for w in st if sl.start <= w < sl.stop] for st, sl in zip(self.starts, block.inner)]
+    def span(self, axis, start) -> slice:
+        """The voxels of the volume a window starting at ``start`` (padded coordinates) covers."""
+        s = start - self.pad[axis]
+        return slice(max(s, 0), min(s + self.roi[axis], self.shape[axis]))
 
-    def region(self, block):
-        own = self.owned(block)
-        if not all(own):
-            return None
-        return tuple(slice(w[0], min(n, w[-1] + r)) for w, n, r in zip(own, self.shape, self.roi))
+    def block_logits(self, inner, read):
+        """The blended logits of the block ``inner`` (a torch float32 tensor on the device);
+        ``read(region)`` gives the z-scored input of a region of the volume."""
+        import torch
 
-    def add(self, block, region, logits) -> None:
-        """Hold this block's share of numerator and weights for every block its span covers."""
-        weight = np.zeros(logits.shape, np.float32)
-        for start in itertools.product(*self.owned(block)):
-            at = tuple(slice(w - r.start, min(w - r.start + k, r.stop - r.start))
-                       for w, r, k in zip(start, region, self.roi))
-            weight[at] += self.importance[tuple(slice(0, a.stop - a.start) for a in at)]
-        num = logits * weight
-        spans = [range(sl.start // c, (sl.stop - 1) // c + 1) for sl, c in zip(region, self.chunks)]
-        for key in itertools.product(*spans):
-            target = tuple(slice(i * c, min(n, (i + 1) * c)) for i, c, n in zip(key, self.chunks, self.shape))
-            part = tuple(slice(max(t.start, r.start), min(t.stop, r.stop)) for t, r in zip(target, region))
-            local = tuple(slice(p.start - r.start, p.stop - r.start) for p, r in zip(part, region))
-            self.pending.setdefault(tuple(t.start for t in target), []).append((part, num[local], weight[local]))
+        size = tuple(sl.stop - sl.start for sl in inner)
+        num = torch.zeros(size, dtype=torch.float32, device=self.dev)
+        held = sorted(self.pending.pop(tuple(sl.start for sl in inner), []), key=lambda h: h[0])
+        own = [[w for w in st if sl.start <= self.span(a, w).start < sl.stop]
+               for a, (st, sl) in enumerate(zip(self.starts, inner))]
+        k = 0
+        if all(own):
+            region = tuple(slice(self.span(a, w[0]).start, self.span(a, w[-1]).stop) for a, w in enumerate(own))
+            x = torch.from_numpy(np.ascontiguousarray(read(region)))
+            windows = list(itertools.product(*own))
+            self.windows += len(windows)
+            for b0 in range(0, len(windows), self.batch):
+                starts = windows[b0:b0 + self.batch]
+                fill = starts + [starts[-1]] * (self.batch - len(starts))
+                inputs = torch.stack([self._input(x, region, w) for w in fill]).to(self.dev)
+                self.evaluations += len(fill)
+                out = self.predictor(inputs)[:len(starts), 0] * self.importance  # MONAI: logits *= importance
+                for w, piece in zip(starts, out):
+                    while k < len(held) and held[k][0] < w:
+                        self._add(num, held[k][1], held[k][2])
+                        k += 1
+                    self._place(num, inner, w, piece)
+        for _, at, piece in held[k:]:
+            self._add(num, at, piece)
+        return num.div_(self._count(inner, size))
 
-    def finish(self, block) -> np.ndarray:
-        """The probability of ``block``'s voxels: sigmoid(numerator / weights)."""
-        size = tuple(sl.stop - sl.start for sl in block.inner)
-        num, den = np.zeros(size, np.float64), np.zeros(size, np.float64)
-        for part, n, w in self.pending.pop(tuple(sl.start for sl in block.inner), []):
-            at = tuple(slice(p.start - i.start, p.stop - i.start) for p, i in zip(part, block.inner))
-            num[at] += n
-            den[at] += w
-        return (1.0 / (1.0 + np.exp(-num / den))).astype(np.float32)
+    def _input(self, x, region, start):
+        """One window's input, zero-padded where the volume is smaller than the window (MONAI's padding)."""
+        import torch
+
+        spans = [self.span(a, w) for a, w in enumerate(start)]
+        part = x[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(spans, region))]
+        if tuple(part.shape) == tuple(self.roi):
+            return part[None]
+        out = torch.zeros((1, *self.roi), dtype=x.dtype)
+        at = tuple(slice(s.start - (w - p), s.stop - (w - p)) for s, w, p in zip(spans, start, self.pad))
+        out[(0, *at)] = part
+        return out
+
+    def _place(self, num, inner, start, piece) -> None:
+        """Add a window's weighted logits to its owner ``inner`` and hold the parts in later blocks."""
+        spans = [self.span(a, w) for a, w in enumerate(start)]
+        offset = [w - p for w, p in zip(start, self.pad)]  # the window's first voxel in volume coordinates
+        keys = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(spans, self.chunks)]
+        for key in itertools.product(*keys):
+            target = [slice(i * c, min(n, (i + 1) * c)) for i, c, n in zip(key, self.chunks, self.shape)]
+            part = [slice(max(t.start, s.start), min(t.stop, s.stop)) for t, s in zip(target, spans)]
+            local = tuple(slice(p.start - o, p.stop - o) for p, o in zip(part, offset))
+            at = tuple(slice(p.start - t.start, p.stop - t.start) for p, t in zip(part, target))
+            if all(t.start == i.start for t, i in zip(target, inner)):
+                self._add(num, at, piece[local])
+            else:  # a later block's share: a copy, so that the batch's output is freed
+                self.pending.setdefault(tuple(t.start for t in target), []).append(
+                    (start, at, piece[local].to("cpu", copy=True)))
+
+    @staticmethod
+    def _add(num, at, piece) -> None:
+        num[at] += piece.to(num.device)
+
+    def _count(self, inner, size):
+        """MONAI's count: the importance maps of all windows over the block, added in raster order."""
+        import torch
+
+        count = torch.zeros(size, dtype=torch.float32, device=self.dev)
+        over = [[w for w in st if self.span(a, w).start < sl.stop and self.span(a, w).stop > sl.start]
+                for a, (st, sl) in enumerate(zip(self.starts, inner))]
+        for start in itertools.product(*over):
+            spans = [self.span(a, w) for a, w in enumerate(start)]
+            part = [slice(max(s.start, i.start), min(s.stop, i.stop)) for s, i in zip(spans, inner)]
+            offset = [w - p for w, p in zip(start, self.pad)]
+            count[tuple(slice(p.start - i.start, p.stop - i.start) for p, i in zip(part, inner))] += \
+                self.importance[tuple(slice(p.start - o, p.stop - o) for p, o in zip(part, offset))]
+        return count
 
 
 # ----------------------------------------------------------------------------- small helpers
