@@ -1088,7 +1088,8 @@ class _SlidingWindows:
       batch size it is run at (on the CPU, one window alone differs from two), never on the
       chunking.
 
-    The result is the same for any chunking, and equals MONAI's whole-volume result.
+    The result is the same for any chunking, and equals MONAI's whole-volume result wherever
+    MONAI's own batches are full (or hold two or more windows, on the CPU).
     """
 
     def __init__(self, shape, chunks, roi, overlap, blend, predictor, batch, dev):
