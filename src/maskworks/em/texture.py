@@ -483,13 +483,14 @@ def _otsu(hist: np.ndarray, centres: np.ndarray, tops: np.ndarray) -> float:
     return float(0.5 * (centres[i] + centres[min(i + 1, len(centres) - 1)]))
 
 
-def _intensity_range(volume, shape, chunk_shape) -> tuple[float, float, int]:
+def _intensity_range(volume, shape, chunk_shape, threads: int = 1) -> tuple[float, float, int]:
     """1st and 99th percentile of the whole volume (of a strided subsample above MAX_SAMPLE voxels).
 
     Exactly :func:`numpy.percentile` of that sample (linear interpolation between order
     statistics), found without gathering it: a histogram over the chunks locates the bins
     that hold the order statistics needed, and a second pass counts the distinct values in
-    those bins only.  Memory: one chunk, whatever the volume's size.
+    those bins only.  Each chunk's passes run on ``threads`` slabs.  Memory: one chunk,
+    whatever the volume's size.
     """
     size = int(np.prod(shape))
     stride = 1
@@ -500,34 +501,52 @@ def _intensity_range(volume, shape, chunk_shape) -> tuple[float, float, int]:
         for blk in iter_blocks(shape, chunk_shape, 0):
             start = [(-sl.start) % stride for sl in blk.inner]
             sub = tuple(slice(sl.start + s0, sl.stop, stride) for sl, s0 in zip(blk.inner, start))
-            yield np.asarray(volume[sub]).ravel()
+            yield np.asarray(volume[sub])
 
-    lo, hi, n = np.inf, -np.inf, 0
-    for part in parts():
-        if part.size:
-            lo, hi, n = min(lo, float(part.min())), max(hi, float(part.max())), n + part.size
-    if hi <= lo:
-        return float(lo), float(lo), stride
-    nbins = 1 << 16
-    scale = nbins / (hi - lo)
-    hist = np.zeros(nbins, np.int64)
-    for part in parts():
-        hist += np.bincount(np.minimum(((part.astype(np.float64) - lo) * scale).astype(np.int64), nbins - 1),
-                            minlength=nbins)
-    cum = np.cumsum(hist)
-    ranks = {}
-    for q in (1.0, 99.0):
-        r = q / 100.0 * (n - 1)
-        ranks[q] = (r, int(math.floor(r)))
-    wanted = sorted({k for _, k0 in ranks.values() for k in (k0, min(k0 + 1, n - 1))})
-    bins = {k: int(np.searchsorted(cum, k + 1)) for k in wanted}  # the bin holding order statistic k
-    values = {b: {} for b in set(bins.values())}
-    for part in parts():
-        idx = np.minimum(((part.astype(np.float64) - lo) * scale).astype(np.int64), nbins - 1)
-        for b, seen in values.items():
-            v, c = np.unique(part[idx == b], return_counts=True)
-            for a, k in zip(v.tolist(), c.tolist()):
-                seen[a] = seen.get(a, 0) + k
+    with Slabs(threads) as par:
+        def each(part, fn):  # fn over the part's slabs, in parallel
+            return par.run(lambda sl: fn(part[sl]), part.shape) if part.size else []
+
+        lo, hi, n = np.inf, -np.inf, 0
+        for part in parts():
+            for a, c in each(part, lambda x: (float(x.min()), float(x.max()))):
+                lo, hi = min(lo, a), max(hi, c)
+            n += part.size
+        if hi <= lo:
+            return float(lo), float(lo), stride
+        nbins = 1 << 16
+
+        def index(x):
+            """Every value's bin: monotone in the value (correctly rounded steps), the same in both
+            passes; in float32 where the values fit it (at most 4 bytes, a range far from overflow)."""
+            dt = np.float32 if x.dtype.itemsize <= 4 and hi - lo < 1e30 else np.float64
+            y = np.subtract(x, dt(lo), dtype=dt, casting="unsafe")
+            y *= dt(nbins / (hi - lo))
+            i = y.astype(np.intp)
+            return np.clip(i, 0, nbins - 1, out=i)
+
+        hist = np.zeros(nbins, np.int64)
+        for part in parts():
+            for h in each(part, lambda x: np.bincount(index(x).ravel(), minlength=nbins)):
+                hist += h
+        cum = np.cumsum(hist)
+        ranks = {}
+        for q in (1.0, 99.0):
+            r = q / 100.0 * (n - 1)
+            ranks[q] = (r, int(math.floor(r)))
+        wanted = sorted({k for _, k0 in ranks.values() for k in (k0, min(k0 + 1, n - 1))})
+        bins = {k: int(np.searchsorted(cum, k + 1)) for k in wanted}  # the bin holding order statistic k
+        values = {b: {} for b in set(bins.values())}
+
+        def in_bins(x):
+            idx = index(x)
+            return [np.unique(x[idx == b], return_counts=True) for b in values]
+
+        for part in parts():
+            for found in each(part, in_bins):
+                for seen, (v, c) in zip(values.values(), found):
+                    for a, k in zip(v.tolist(), c.tolist()):
+                        seen[a] = seen.get(a, 0) + k
 
     def order_statistic(k):
         b = bins[k]
@@ -811,10 +830,10 @@ def texture_mask(
     if chunk_shape is None and not isinstance(volume, np.ndarray):
         volume = np.asarray(volume[...])
     total = n_blocks(shape, chunk_shape)
-    p1, p99, stride = _intensity_range(volume, shape, chunk_shape)
+    nthreads = resolve_threads(threads)
+    p1, p99, stride = _intensity_range(volume, shape, chunk_shape, nthreads)
     confidence = _output(out_confidence, "out_confidence", shape, np.float32)
     mask = _output(out_mask, "out_mask", shape, np.uint8)
-    nthreads = resolve_threads(threads)
 
     bar, report = progress_reporter(progress, total, "texture_mask")
     hists = {k: np.zeros(_NBINS, np.int64) for k in (*WEIGHTS, "raw")}
