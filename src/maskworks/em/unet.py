@@ -1145,25 +1145,30 @@ class _SlidingWindows:
         """One window's input, zero-padded where the volume is smaller than the window (MONAI's padding)."""
         import torch
 
-        spans = [self.span(a, w) for a, w in enumerate(start)]
-        part = x[tuple(slice(s.start - r.start, s.stop - r.start) for s, r in zip(spans, region))]
+        local, at = self._cut(start, region)
+        part = x[at]
         if tuple(part.shape) == tuple(self.roi):
             return part[None]
         out = torch.zeros((1, *self.roi), dtype=x.dtype)
-        at = tuple(slice(s.start - (w - p), s.stop - (w - p)) for s, w, p in zip(spans, start, self.pad))
-        out[(0, *at)] = part
+        out[(0, *local)] = part
         return out
+
+    def _cut(self, start, box):
+        """The window at ``start`` where it overlaps ``box`` (slices of the volume): its slices in the
+        window and in the box."""
+        spans = [self.span(a, w) for a, w in enumerate(start)]
+        part = [slice(max(b.start, s.start), min(b.stop, s.stop)) for b, s in zip(box, spans)]
+        offset = [w - p for w, p in zip(start, self.pad)]  # the window's first voxel in volume coordinates
+        return (tuple(slice(q.start - o, q.stop - o) for q, o in zip(part, offset)),
+                tuple(slice(q.start - b.start, q.stop - b.start) for q, b in zip(part, box)))
 
     def _place(self, num, inner, start, piece) -> None:
         """Add a window's weighted logits to its owner ``inner`` and hold the parts in later blocks."""
         spans = [self.span(a, w) for a, w in enumerate(start)]
-        offset = [w - p for w, p in zip(start, self.pad)]  # the window's first voxel in volume coordinates
         keys = [range(s.start // c, (s.stop - 1) // c + 1) for s, c in zip(spans, self.chunks)]
         for key in itertools.product(*keys):
             target = [slice(i * c, min(n, (i + 1) * c)) for i, c, n in zip(key, self.chunks, self.shape)]
-            part = [slice(max(t.start, s.start), min(t.stop, s.stop)) for t, s in zip(target, spans)]
-            local = tuple(slice(p.start - o, p.stop - o) for p, o in zip(part, offset))
-            at = tuple(slice(p.start - t.start, p.stop - t.start) for p, t in zip(part, target))
+            local, at = self._cut(start, target)
             if all(t.start == i.start for t, i in zip(target, inner)):
                 self._add(num, at, piece[local])
             else:  # a later block's share: a copy, so that the batch's output is freed
@@ -1182,11 +1187,8 @@ class _SlidingWindows:
         over = [[w for w in st if self.span(a, w).start < sl.stop and self.span(a, w).stop > sl.start]
                 for a, (st, sl) in enumerate(zip(self.starts, inner))]
         for start in itertools.product(*over):
-            spans = [self.span(a, w) for a, w in enumerate(start)]
-            part = [slice(max(s.start, i.start), min(s.stop, i.stop)) for s, i in zip(spans, inner)]
-            offset = [w - p for w, p in zip(start, self.pad)]
-            count[tuple(slice(p.start - i.start, p.stop - i.start) for p, i in zip(part, inner))] += \
-                self.importance[tuple(slice(p.start - o, p.stop - o) for p, o in zip(part, offset))]
+            local, at = self._cut(start, inner)
+            count[at] += self.importance[local]
         return count
 
 
