@@ -316,3 +316,23 @@ def test_a_gpu_asked_for_without_one_is_a_clear_error(small_em):
     with pytest.raises(InputError, match="texture_mask: device='gpu'"):
         texture_mask(small_em[0], device="gpu")
     assert texture_mask(small_em[0][:16, :32, :32], device="auto", min_region_size=0)[2]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16", "int32", "uint8", "huge"])
+def test_intensity_range_is_numpys_percentile_whatever_the_chunks_and_threads(dtype):
+    """The normalisation's 1st/99th percentiles, from histogram bins computed in float32 where the
+    values fit: exact order statistics for every input type, chunking and thread count."""
+    from maskworks.em.texture import _intensity_range
+
+    rng = np.random.default_rng(4)
+    shape = (30, 34, 40)
+    vol = {"float32": rng.normal(0, 1, shape).astype(np.float32), "float64": rng.normal(0, 1, shape),
+           "uint16": rng.integers(0, 65535, shape).astype(np.uint16),
+           "int32": rng.integers(-2**31, 2**31 - 1, shape).astype(np.int32),
+           "uint8": rng.integers(0, 3, shape).astype(np.uint8),  # ties: order statistics inside one bin
+           "huge": (rng.normal(0, 1, shape) * 1e37).astype(np.float32)}[dtype]  # float64 bins: no overflow
+    expected = np.percentile(vol, [1, 99])
+    for chunks in (None, (16, 16, 16)):
+        for threads in (1, 2):
+            p1, p99, stride = _intensity_range(vol, shape, chunks, threads)
+            assert (p1, p99, stride) == (expected[0], expected[1], 1), (chunks, threads)
