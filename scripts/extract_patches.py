@@ -1,7 +1,7 @@
 """Rule extract_patches: tomogram + segmentation + centres -> imagesCorr/labelsCorr patches, manifest, QC."""
 
-from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import extract_patches_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 extract_patches_files(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import merge_corrections_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 merge_corrections_files(

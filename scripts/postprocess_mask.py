@@ -1,7 +1,7 @@
 """Rule postprocess_mask: texture mask -> cleaned 3-D mask, stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_job
 from maskworks.em.stages import postprocess_mask_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 postprocess_mask_files(

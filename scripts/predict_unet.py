@@ -1,7 +1,7 @@
 """Rule predict_unet: volume + checkpoint -> probability and mask (OME-Zarr), stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_job
 from maskworks.em.stages import predict_unet_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 predict_unet_files(

@@ -1,7 +1,7 @@
 """Rule quantify: source image + stitched masks -> cell x marker table, cell metadata, AnnData, QC."""
 
-from maskworks.cli import snakemake_job
 from maskworks.codex.stages import quantify_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 quantify_files(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_job
 from maskworks.cryoet.stages import refine_membranes_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 refine_membranes_files(

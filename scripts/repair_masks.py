@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_job
 from maskworks.codex.stages import repair_patch_dir
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 repair_patch_dir(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_job
 from maskworks.codex.stages import stitch_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 stitch_files(

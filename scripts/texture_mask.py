@@ -1,7 +1,7 @@
 """Rule texture_mask: volume -> tissue mask, confidence map, stats JSON, QC PNG."""
 
-from maskworks.cli import snakemake_job
 from maskworks.em.stages import texture_mask_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 texture_mask_files(

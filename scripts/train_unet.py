@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from maskworks.cli import snakemake_job
 from maskworks.em.stages import train_unet_files
+from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 train_unet_files(

@@ -50,3 +50,12 @@ def workflow_copy(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Good inputs for every stage and each stage's golden outputs (one good run; tests/golden.py),
+    shared by the reliability tests."""
+    from golden import make_golden
+
+    return make_golden(tmp_path_factory.mktemp("golden"))

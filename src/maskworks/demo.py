@@ -636,3 +636,37 @@ def write_demo_data(out_dir, arms=("em", "cryoet", "codex")) -> dict[str, Path]:
     for arm in arms:
         written.update({f"{arm}/{key}": path for key, path in _ARMS[arm](out_dir).items()})
     return written
+
+
+def summary(results="results"):
+    """Print the demo's outputs: final masks with their scores against the ground truth,
+    the other arms' main outputs, and every QC picture."""
+    import json
+    import sys
+
+    root = Path(results)
+    if not root.is_dir():
+        print(f"no results under {root}/", file=sys.stderr)
+        return 1
+    print("\nmaskworks demo results")
+    for s in sorted(root.glob("em/*/*_final_stats.json")):
+        st = json.loads(s.read_text())
+        method = s.name.split("_final_stats.json")[0]
+        truth = st.get("truth", {})
+        print(f"  em {s.parent.name} ({method}): {s.parent / (method + '_final.zarr')}  masked {st['fraction_out']:.1%}"
+              + (f"  Dice vs truth {truth['dice']:.3f}" if truth else ""))
+    for d in sorted(root.glob("cryoet/patches/*")):
+        print(f"  cryo-ET patches {d.name}: {d / 'imagesCorr'}, {d / 'labelsCorr'}")
+    for d in sorted(root.glob("cryoet/merged/*")):
+        print(f"  cryo-ET training labels {d.name}: {d} (report.csv)")
+    for s in sorted(root.glob("cryoet/refine/*_refine_stats.csv")):
+        print(f"  copick run {s.name.split('_refine_stats')[0]}: refined organelles/membranes written to copick; {s}")
+    for d in sorted(root.glob("codex/*/stitch")):
+        print(f"  CODEX {d.parent.name}: {d / 'cell.ome.tif'} ... cells.csv")
+    for d in sorted(root.glob("codex/*/quantify")):
+        print(f"  CODEX {d.parent.name} per-cell tables: {d / 'cell_by_marker.csv'}, cell_metadata.csv, "
+              "cells.h5ad (AnnData with spatial neighbours)")
+    print("  QC pictures:")
+    for png in sorted(root.glob("**/*.png")):
+        print(f"    {png}")
+    return 0

@@ -39,8 +39,10 @@ def test_every_key_is_described(schema):
 
 # config section -> the functions whose keywords it sets; keys handled by the workflow itself.
 SECTIONS = [
-    ("em", "texture_mask", ["maskworks.em.texture:texture_mask"], {"threads"}),
-    ("em", "postprocess_mask", ["maskworks.em.postprocess:postprocess_mask"], {"threads"}),
+    ("em", "texture_mask", ["maskworks.em.texture:texture_mask", "maskworks.em.stages:texture_mask_files"],
+     {"threads"}),
+    ("em", "postprocess_mask", ["maskworks.em.postprocess:postprocess_mask",
+                                "maskworks.em.stages:postprocess_mask_files"], {"threads"}),
     ("cryoet", "extract_patches",
      ["maskworks.cryoet.patches:iter_patches", "maskworks.cryoet.stages:extract_patches_files"], set()),
     ("cryoet", "merge_corrections",

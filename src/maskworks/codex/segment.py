@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tarfile
@@ -413,6 +414,7 @@ def load_mesmer_model(model_path=None, *, cache_dir=None):
     except ImportError as exc:
         raise InputError(f"the mesmer backend needs TensorFlow and deepcell ({exc}); run it with the deepcell "
                          "environment (.venv-deepcell/bin/python -m maskworks.cli, or envs/deepcell.yaml)") from None
+    _refuse_code_in_model(path)
     log.info("loading Mesmer model %s", path)
     model = tf.keras.models.load_model(str(path), compile=False)
     shape = tuple(model.input_shape)
@@ -422,6 +424,60 @@ def load_mesmer_model(model_path=None, *, cache_dir=None):
         raise InputError(f"model {path}: {len(model.outputs)} outputs; a Mesmer model has 4 "
                          "(whole-cell inner distance and pixelwise, nuclear inner distance and pixelwise)")
     return model
+
+
+def _layer_classes(path: Path) -> list[str]:
+    """The class names of every layer a saved Keras model holds, read from its metadata without
+    loading it (``keras_metadata.pb`` of a SavedModel, ``model_config`` of an HDF5 file)."""
+    import json
+
+    names = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("class_name"), str):
+                names.append(node["class_name"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    meta = path / "keras_metadata.pb"
+    if path.is_dir() and meta.is_file():
+        try:
+            from keras.protobuf import saved_metadata_pb2
+        except ImportError:  # another Keras layout: the class names are JSON text inside the protobuf
+            import re
+
+            return re.findall(r'"class_name": "([A-Za-z0-9_>.]+)"', meta.read_bytes().decode("utf-8", "replace"))
+        saved = saved_metadata_pb2.SavedMetadata()
+        saved.ParseFromString(meta.read_bytes())
+        for node in saved.nodes:
+            with contextlib.suppress(ValueError):
+                walk(json.loads(node.metadata))
+    elif path.is_file() and path.suffix.lower() in (".h5", ".hdf5", ".keras"):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            config = f.attrs.get("model_config")
+        if config is not None:
+            walk(json.loads(config.decode() if isinstance(config, bytes) else config))
+    return names
+
+
+# Layers whose saved form is Python code that Keras runs when it rebuilds the model.
+CODE_LAYERS = ("Lambda",)
+
+
+def _refuse_code_in_model(path: Path) -> None:
+    """A model from elsewhere must not run code when it is loaded: Keras deserialises a Lambda layer's
+    Python bytecode and runs it while rebuilding the model, so such a model is refused unread."""
+    found = sorted({n for n in _layer_classes(Path(path)) if n in CODE_LAYERS})
+    if found:
+        raise InputError(f"model {path}: holds {', '.join(found)} layer(s), whose Python code Keras would run when "
+                         "loading it; maskworks loads only models built from known layers (as DeepCell's Mesmer "
+                         "is) - use the Mesmer model, or save the model without Lambda layers")
 
 
 def download_mesmer_model(dest=None) -> Path:

@@ -59,10 +59,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cli import all_or_nothing, keyword_defaults, provenance
-from ..io import InputError, atomic_path, read_volume, write_csv, write_json, write_volume
+from ..io import (
+    InputError,
+    atomic_path,
+    read_volume,
+    transaction,
+    write_csv,
+    write_json,
+    write_volume,
+)
+from ..io.outputs import safe_name
 from ..io.params import DEVICE, Choice, Choices, Mapping, Number, Text, checked
-from ..io.volumes import CheckedArray, describe_error
+from ..io.volumes import CheckedArray, describe_error, npy_header
+from ..jobs import keyword_defaults, provenance
 from .quantify import NEIGHBOURS, STATISTICS
 from .repair import boundaries, check_labels, repair_masks
 from .segment import (
@@ -125,7 +134,7 @@ def repair_masks_files(cells, nuclei, out_dir, *, format="tif"):
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}{REPAIR_FORMATS[format]}" for name in COMPARTMENTS}
     metrics_path = out_dir / "metrics.json"
-    with all_or_nothing(*paths.values(), metrics_path):
+    with transaction(*paths.values(), metrics_path, inputs=[cells, nuclei]):
         cell_vol, nuc_vol = read_volume(cells, ndim=2), read_volume(nuclei, ndim=2)
         arrays = check_labels(cell_vol.numpy(), nuc_vol.numpy(), names=(str(cells), str(nuclei)))
         log.info("repair_masks %s %s shape=%s -> %s", cells, nuclei, cell_vol.shape, out_dir)
@@ -162,21 +171,24 @@ def repair_patch_dir(segment_dir, out_dir, *, metadata):
     written are removed.
     """
     segment_dir, out_dir = Path(segment_dir), Path(out_dir)
-    rows, columns = _read_patches_metadata(metadata)
-    todo = [r for r in rows if _is_true(r.get("is_informative", ""))]
-    missing = [str(segment_dir / f"patch_{r['patch_id']}.npz") for r in todo
-               if not (segment_dir / f"patch_{r['patch_id']}.npz").exists()]
-    if missing:
-        raise InputError(f"{segment_dir}: no segmentation for {len(missing)} informative patch(es) listed in "
-                         f"{metadata}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
-                         "run segment-cells on the same patches first")
-    outputs = [out_dir / f"patch_{r['patch_id']}.npz" for r in todo]
     table, stats_path = out_dir / "patches_metadata.csv", out_dir / "repair_stats.json"
-    with all_or_nothing(*outputs, table, stats_path):
+    with transaction(table, stats_path, inputs=[segment_dir, metadata]) as txn:
+        rows, columns = _read_patches_metadata(metadata)
+        todo = [r for r in rows if _is_true(r.get("is_informative", ""))]
+        names = {r["patch_id"]: safe_name(f"patch_{r['patch_id']}.npz", f"{metadata}: patch_id {r['patch_id']!r}")
+                 for r in todo}
+        missing = [str(segment_dir / names[r["patch_id"]]) for r in todo
+                   if not (segment_dir / names[r["patch_id"]]).exists()]
+        if missing:
+            raise InputError(f"{segment_dir}: no segmentation for {len(missing)} informative patch(es) listed in "
+                             f"{metadata}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; "
+                             "run segment-cells on the same patches first")
+        outputs = [out_dir / names[r["patch_id"]] for r in todo]
+        txn.add(outputs, inputs=[segment_dir, metadata])
         per_patch = {}
         for row, target in zip(todo, _progress(outputs, "repair_masks")):
-            source = segment_dir / f"patch_{row['patch_id']}.npz"
-            cells, nuclei = _read_patch_labels(source)
+            source = segment_dir / names[row["patch_id"]]
+            cells, nuclei = _read_patch_labels(source, shape=_patch_shape(row, metadata))
             *masks, metrics = repair_masks(*check_labels(cells, nuclei, names=(f"{source}:cell", f"{source}:nucleus")))
             arrays = dict(zip(COMPARTMENTS, masks))
             arrays.update({f"{k}_boundary": boundaries(v).astype(np.uint8) for k, v in zip(COMPARTMENTS, masks)})
@@ -194,6 +206,16 @@ def repair_patch_dir(segment_dir, out_dir, *, metadata):
                                 "per_patch": per_patch})
     log.info("repair_masks done: %d patch(es), %s", len(per_patch), totals)
     return totals
+
+
+def _patch_shape(row, metadata):
+    """(height, width) of a patch-table row."""
+    try:
+        return int(row["height"]), int(row["width"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{metadata}: patch {row.get('patch_id')!r} has no whole-number height/width "
+                         f"({row.get('height')!r}, {row.get('width')!r}); expected the table tile-image "
+                         "writes") from None
 
 
 def _read_patches_metadata(path):
@@ -215,19 +237,35 @@ def _is_true(value) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes")
 
 
-def _read_patch_labels(path, keys=("cell", "nucleus")):
-    """The arrays ``keys`` of a patch NPZ, read in one opening (never pickles)."""
+def _read_patch_labels(path, keys=("cell", "nucleus"), shape=None):
+    """The arrays ``keys`` of a patch NPZ, read in one opening (never pickles).  With ``shape`` (the
+    patch's height and width), each member's header is checked against it before the member is
+    decompressed: a header claiming another shape (a damaged file, or a decompression bomb) is an
+    error, not an allocation."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in keys if k not in npz.files]
             if missing:
                 raise InputError(f"{path}: no array {', '.join(map(repr, missing))} (found {npz.files}; expected "
                                  "'cell' and 'nucleus' from segment-cells, or repair-masks' outputs)")
+            if shape is not None:
+                for k in keys:
+                    claimed, dtype = _npz_member_header(npz, k)
+                    if tuple(claimed) != tuple(shape) or dtype.kind not in "biu":
+                        raise InputError(f"{path}: array {k!r} claims shape {tuple(claimed)} {dtype}, but the patch "
+                                         f"is {tuple(shape)} integer labels; the file is damaged or from other "
+                                         "patches - segment the patches again")
             return tuple(npz[k] for k in keys)
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: cannot be read as an NPZ of label images ({describe_error(exc)})") from None
+
+
+def _npz_member_header(npz, key):
+    """(shape, dtype) from the header of NPZ member ``key``: a few hundred bytes decompressed."""
+    with npz.zip.open(f"{key}.npy") as member:
+        return npy_header(member)
 
 
 def _has_originals(path) -> bool:
@@ -319,7 +357,7 @@ def tile_image_files(
               "patch_width": patch_width, "overlap": overlap, "split_direction": split_direction,
               "wholecell_aggregation": wholecell_aggregation, "non_zero_perc_threshold": non_zero_perc_threshold,
               "mean_intensity_threshold": mean_intensity_threshold}
-    with all_or_nothing(*outputs):
+    with transaction(*outputs, inputs=[image, channels]):
         return _tile_image_files(image, channels, *outputs, params)
 
 
@@ -437,12 +475,21 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
           "padding": [p - s for p, s in zip(grid.padded_shape, grid.image_shape)],
           "patches": grid.n_patches, "informative": counts["is_informative"], "empty": counts["is_empty"],
           "noisy": counts["is_noisy"], "seconds": round(time.perf_counter() - t0, 3)}
+    if not any(r["nucleus_non_zero_perc"] for r in rows):
+        _warn(st, f"the nuclear channel {names[nuc]!r} of {image} is zero everywhere: every patch is empty and no "
+                  "cell will be found; check the channel names (--channels, --nuclear-channel)")
     _save_tiling_qc(qc, overview, factor, grid, rows,
                     title=f"tile_image: {Path(str(image)).name}  {grid.n_patches} patches, "
                     f"{counts['is_informative']} informative, {counts['is_empty']} empty, {counts['is_noisy']} noisy")
     write_json(stats_path, st)
     log.info("tile_image done: %s", {k: st[k] for k in ("patches", "informative", "empty", "noisy")})
     return st
+
+
+def _warn(stats: dict, message: str) -> None:
+    """A result that is valid but almost certainly not what the user wants: in the stats and the log."""
+    stats.setdefault("warnings", []).append(message)
+    log.warning(message)
 
 
 def _progress(items, desc):
@@ -615,15 +662,25 @@ def segment_cells_files(
     """
     out_dir = Path(out_dir)
     ws = _segment_params(backend, watershed_params)
-    arr, grid, attrs = _open_patches(patches_dir)
-    ids = _informative(patches_dir, metadata)
-    bad = [i for i in ids if not 0 <= i < arr.shape[0]]
-    if bad:
-        raise InputError(f"patch table lists patch ids {bad[:5]} that {patches_dir}/{PATCHES_STORE} does not hold "
-                         f"({arr.shape[0]} patches)")
-    mpp = float(image_mpp) if image_mpp not in (None, "") else attrs.get("image_mpp")
-    outputs = [out_dir / f"patch_{i}.npz" for i in ids]
     stats_path, qc = out_dir / "segment_stats.json", out_dir / "segment_qc.png"
+    inputs = [patches_dir, metadata, model_path]
+    with transaction(stats_path, qc, inputs=inputs) as txn:
+        arr, grid, attrs = _open_patches(patches_dir)
+        ids = _informative(patches_dir, metadata)
+        bad = [i for i in ids if not 0 <= i < arr.shape[0]]
+        if bad:
+            raise InputError(f"patch table lists patch ids {bad[:5]} that {patches_dir}/{PATCHES_STORE} does not "
+                             f"hold ({arr.shape[0]} patches)")
+        outputs = [out_dir / f"patch_{i}.npz" for i in ids]
+        txn.add(outputs, inputs=inputs)
+        params = _segment_run_params(backend, ws, attrs, model_path, image_mpp, batch_size, device,
+                                     preprocess_kwargs, postprocess_kwargs_whole_cell, postprocess_kwargs_nuclear)
+        return _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
+
+
+def _segment_run_params(backend, ws, attrs, model_path, image_mpp, batch_size, device, preprocess_kwargs,
+                        postprocess_kwargs_whole_cell, postprocess_kwargs_nuclear):
+    mpp = float(image_mpp) if image_mpp not in (None, "") else attrs.get("image_mpp")
     params = {"backend": backend, "model_path": None if model_path is None else str(model_path), "image_mpp": mpp,
               "batch_size": int(batch_size), "device": "cpu"}
     if backend == "mesmer":
@@ -634,9 +691,7 @@ def segment_cells_files(
                       postprocess_kwargs_nuclear=dict(postprocess_kwargs_nuclear or {}))
     else:
         params.update(ws)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with all_or_nothing(*outputs, stats_path, qc):
-        return _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
+    return params
 
 
 def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params):
@@ -686,6 +741,9 @@ def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
           "nuclei": sum(p["nuclei"] for p in per_patch.values()),
           "seconds": round(seconds, 3), "patches_per_second": round(len(ids) / seconds, 3) if seconds else None,
           "per_patch": per_patch}
+    if not st["cells"]:
+        _warn(st, f"no cell was found in the {len(ids)} informative patch(es) of {patches_dir}"
+                  + ("" if ids else " (tile-image marked none informative)"))
     _save_segment_qc(qc, shown, f"segment_cells ({backend}): {len(ids)} patches, {st['cells']} cells, "
                      f"{st['nuclei']} nuclei")
     write_json(stats_path, st)
@@ -814,7 +872,7 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
     out_dir = Path(out_dir)
     images = {k: out_dir / f"{k}{STITCH_FORMATS[format]}" for k in STITCHED}
     table, stats_path, qc = out_dir / "cells.csv", out_dir / "stitch_stats.json", out_dir / "stitch_qc.png"
-    with all_or_nothing(*images.values(), table, stats_path, qc):
+    with transaction(*images.values(), table, stats_path, qc, inputs=[patches_dir, labels_dir, metadata]):
         return _stitch_files(Path(patches_dir), Path(labels_dir), images, table, stats_path, qc, format,
                              metadata, duplicate_overlap)
 
@@ -835,7 +893,7 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     keys = ("cell_original", "nucleus_original") if originals else ("cell", "nucleus")
 
     def load(pid):
-        return _read_patch_labels(labels_dir / f"patch_{pid}.npz", keys)
+        return _read_patch_labels(labels_dir / f"patch_{pid}.npz", keys, shape=grid.patch_shape)
 
     mpp = attrs.get("image_mpp")
     prov = provenance("stitch", {"patches_dir": patches_dir, "labels_dir": labels_dir},
@@ -845,6 +903,8 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     cell, nucleus, cyto, cell0, nucleus0, cells, st = stitch_segmentation(
         grid, ids, load, duplicate_overlap=duplicate_overlap, progress=lambda it, desc: _progress(it, desc))
     st["check"] = check_stitched(cell, nucleus, cyto)
+    if not st["cells"]:
+        _warn(st, f"the stitched slide holds no cell ({len(ids)} informative patch(es) in {labels_dir})")
     arrays = {"cell": cell, "nucleus": nucleus, "cytoplasm": cyto, "cell_original": cell0,
               "nucleus_original": nucleus0}
     for k, a in arrays.items():
@@ -994,7 +1054,7 @@ def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",)
     outputs = {n: out_dir / n for n in QUANTIFY_OUTPUTS}
     params = {"statistics": list(statistics), "image_mpp": image_mpp, "neighbours": neighbours,
               "neighbour_radius": neighbour_radius, "channel_axis": channel_axis}
-    with all_or_nothing(*outputs.values()):
+    with transaction(*outputs.values(), inputs=[image, channels, stitch_dir]):
         return _quantify_files(image, channels, Path(stitch_dir), outputs, params)
 
 
@@ -1058,6 +1118,8 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     _write_h5ad(outputs["cells.h5ad"], by_marker, meta, names, graph, mpp, params)
     st.update(image=str(image), stitch_dir=str(stitch_dir), outputs={k: str(v) for k, v in outputs.items()},
               seconds=round(time.perf_counter() - t0, 3))
+    if not st["cells"]:
+        _warn(st, f"no cell to measure: the stitched labels in {stitch_dir} are empty; the tables have no rows")
     _save_quantify_qc(outputs["quantify_qc.png"], by_marker, names, crop,
                       f"quantify: {st['cells']} cells x {len(names)} markers, {st['edges']} neighbour edges "
                       f"({params['neighbours']})")

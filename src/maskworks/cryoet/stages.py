@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import about, all_or_nothing, keyword_defaults, provenance
 from ..io import (
     InputError,
     atomic_path,
     convert_length,
     read_volume,
     strip_extension,
+    transaction,
     write_csv,
     write_volume,
 )
 from ..io.coordinates import read_centres
+from ..io.outputs import fault_point, safe_name
 from ..io.params import DEVICE, Choice, Flag, Number, Text, checked
+from ..jobs import about, keyword_defaults, provenance
 from .corrections import merge_corrections, plan_corrections
 from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
 
@@ -43,6 +44,7 @@ def add_commands(sub):
 # ----------------------------------------------------------------------------- extract_patches
 
 PATCH_FORMATS = ("nrrd", "nii.gz")
+QC_LABELLED_PATCHES = 200  # the QC picture names each patch up to this many
 # Output extension for each --format of merge-corrections (None: the label's own).
 _MERGE_EXTENSIONS = {"nrrd": ".nrrd", "nii.gz": ".nii.gz", "mrc": ".mrc", "tif": ".tif", "zarr": ".zarr"}
 _MANIFEST_COLUMNS = [
@@ -102,6 +104,22 @@ def extract_patches_files(
     out_dir = Path(out_dir)
     params = {**keyword_defaults(iter_patches), **params}
     token = strip_extension(Path(tomogram).name) if token is None else token
+    manifest = Path(manifest) if manifest is not None else out_dir / "manifest.csv"
+    qc = Path(qc) if qc is not None else out_dir / "patches_qc.png"
+    inputs = [tomogram, segmentation, centres]
+    with transaction(manifest, qc, inputs=inputs) as txn:
+        names, kept, xyz, source, tomo, seg = _plan_extraction(
+            tomogram, segmentation, out_dir, centres, x, y, z, ds_token, token, idx_add, format, manifest, params)
+        txn.add([out_dir / sub / name for _, name in names.values() for sub in ("imagesCorr", "labelsCorr")],
+                inputs=inputs)
+        return _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names,
+                                      manifest, qc, params, kept)
+
+
+def _plan_extraction(tomogram, segmentation, out_dir, centres, x, y, z, ds_token, token, idx_add, format, manifest,
+                     params):
+    """Read the centres and the volumes' headers and name every patch: ``(names, kept, xyz, source,
+    tomo, seg)`` with ``names[row] = (N, file name)`` and ``kept`` the earlier manifest rows that stay."""
     xyz, source = _centres_from(centres, x, y, z)
     tomo = read_volume(tomogram, ndim=3, lazy=True, check_finite=False)
     seg = read_volume(segmentation, ndim=3, lazy=True, check_finite=False)
@@ -118,10 +136,8 @@ def extract_patches_files(
         plans = plan_patches(tomo.shape, xyz, patch_size=params["patch_size"], edge=params["edge"])
     except InputError as exc:
         raise InputError(f"{source}: {exc}") from None
-    manifest = Path(manifest) if manifest is not None else out_dir / "manifest.csv"
-    qc = Path(qc) if qc is not None else out_dir / "patches_qc.png"
     earlier = _earlier_patches(manifest, out_dir)
-    prefix = f"{ds_token}_{token}_patch"
+    prefix = safe_name(f"{ds_token}_{token}_patch", f"patch names from ds_token {ds_token!r} and token {token!r}")
     # a centre written before (same data set, token, format and x, y, z) keeps its number: a rerun
     # rewrites the same files; only new centres take new numbers
     again = {}
@@ -130,6 +146,7 @@ def extract_patches_files(
         if name.startswith(prefix) and name == f"{prefix}{r['N']}.{format}" and r["xyz"] is not None:
             again.setdefault(r["xyz"], int(r["N"]))
     taken = _existing_keys(out_dir / "imagesCorr", out_dir / "labelsCorr")
+    numbers_again = set(again.values())
     names, reused = {}, set()
     for plan in plans:
         if plan.reason is None:
@@ -139,16 +156,13 @@ def extract_patches_files(
                 reused.add(n)
             else:
                 n = plan.index + int(idx_add)
-                while f"{prefix}{n}" in taken or n in again.values():
+                while f"{prefix}{n}" in taken or n in numbers_again:
                     n += 1
             taken.add(f"{prefix}{n}")
             names[plan.index] = (n, f"{prefix}{n}.{format}")
     rewritten = {f"imagesCorr/{name}" for _, name in names.values()}
     kept = [r["row"] for r in earlier if r["row"].get("image") not in rewritten]
-    planned = [out_dir / sub / name for _, name in names.values() for sub in ("imagesCorr", "labelsCorr")]
-    with all_or_nothing(*planned, manifest, qc):
-        return _extract_patches_files(tomogram, segmentation, out_dir, tomo, seg, xyz, source, names,
-                                      manifest, qc, params, kept)
+    return names, kept, xyz, source, tomo, seg
 
 
 def _earlier_patches(manifest, out_dir):
@@ -236,6 +250,7 @@ def _patches_qc(path, tomo, *, plans_rows, shown, size, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Rectangle
 
@@ -246,13 +261,18 @@ def _patches_qc(path, tomo, *, plans_rows, shown, size, title):
     lo, hi = np.percentile(plane, [1, 99])
     axes[0].imshow(plane, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
     colours = {"written": "#34c759", "padded": "#ffcc00", "skipped": "#ff3b30"}
+    boxes = {kind: [] for kind in colours}
+    labelled = len(plans_rows) <= QC_LABELLED_PATCHES  # beyond, the labels would cover the picture
     for r in plans_rows:
         kind = "skipped" if r["status"] == "skipped" else "padded" if r["padded_voxels"] else "written"
-        axes[0].add_patch(Rectangle((r["start_x"] - 0.5, r["start_y"] - 0.5), size, size, fill=False,
-                                    edgecolor=colours[kind], linewidth=1.2))
-        axes[0].text(r["start_x"] + 2, r["start_y"] + 2, f"N={r['N']}" if "N" in r else f"row {r['index']}",
-                     color=colours[kind], fontsize=9, fontweight="bold", ha="left", va="top",
-                     bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+        boxes[kind].append(Rectangle((r["start_x"] - 0.5, r["start_y"] - 0.5), size, size))
+        if labelled:
+            axes[0].text(r["start_x"] + 2, r["start_y"] + 2, f"N={r['N']}" if "N" in r else f"row {r['index']}",
+                         color=colours[kind], fontsize=9, fontweight="bold", ha="left", va="top",
+                         bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"})
+    for kind, rects in boxes.items():  # one collection per kind: drawn at the same cost for 10 or 10^5 patches
+        axes[0].add_collection(PatchCollection(rects, facecolor="none", edgecolor=colours[kind],
+                                               linewidth=1.2 if labelled else 0.4))
     for kind, colour in colours.items():
         axes[0].plot([], [], color=colour, label=kind)
     axes[0].legend(loc="lower left", fontsize=7, framealpha=0.7)
@@ -369,11 +389,17 @@ def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None
     ``binarize`` of ``merge_corrections``.
     """
     labels_dir, corrections_dir, out_dir = Path(labels_dir), Path(corrections_dir), Path(out_dir)
+    report = Path(report) if report is not None else out_dir / "report.csv"
+    with transaction(report, inputs=[labels_dir, corrections_dir]) as txn:
+        items, outputs, plan, stray = _plan_merge(labels_dir, corrections_dir, out_dir, format)
+        txn.add(outputs.values(), inputs=[labels_dir, corrections_dir])
+        return _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params)
+
+
+def _plan_merge(labels_dir, corrections_dir, out_dir, format):
     for what, d in (("labels_dir", labels_dir), ("corrections_dir", corrections_dir)):
         if not d.is_dir():
             raise InputError(f"{what} {d}: no such folder")
-    if out_dir.resolve() in (labels_dir.resolve(), corrections_dir.resolve()):
-        raise InputError(f"out_dir {out_dir} is an input folder; merged labels must go to a folder of their own")
     entries = sorted(corrections_dir.iterdir())
     folders = {d.name: [f.name for f in d.iterdir()] for d in entries if d.is_dir()}
     plan = plan_corrections([p.name for p in labels_dir.iterdir()], folders)
@@ -384,10 +410,7 @@ def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None
     items += [(name, key, None) for name, key in plan.labels_without_folder]
     items.sort(key=lambda item: item[1])
     outputs = {key: out_dir / f"{key}{_output_extension(name, key, format)}" for name, key, _ in items}
-    report = Path(report) if report is not None else out_dir / "report.csv"
-    with all_or_nothing(*outputs.values(), report):
-        return _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan,
-                                        [f.name for f in entries if not f.is_dir()], report, params)
+    return items, outputs, plan, [f.name for f in entries if not f.is_dir()]
 
 
 def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params):
@@ -527,46 +550,42 @@ def refine_membranes_files(
     org_spec = cio.parse_segmentation_info(org_info, "org_info")
     mem_spec = cio.parse_segmentation_info(mem_info, "mem_info")
     device = resolve_device(device)
-    root = cio.open_project(config)
-    runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
-    jobs, missing = [], {}
-    for r in runs:
-        try:
-            org_seg, mem_seg = (cio.find_segmentation(r, org_spec, voxel_size),
-                                cio.find_segmentation(r, mem_spec, voxel_size))
-        except InputError as exc:
-            if len(runs) == 1:
-                raise
-            missing[r.name] = str(exc)
-            continue
-        for spec, seg in ((org_spec, org_seg), (mem_spec, mem_seg)):
-            cio.check_writable(r, seg.name, user_id=cio.refined_user_id(spec, seg),
-                               session_id=str(save_session_id), voxel_size=voxel_size)
-        jobs.append((r, org_seg, mem_seg))
-    if not jobs:
-        raise InputError("no run has both segmentations: " + "; ".join(missing.values()))
-    qcs = {r.name: Path(qc_dir) / f"{r.name}_refine_qc.png" for r, _, _ in jobs} if qc_dir is not None else {}
-    written = []
-    with all_or_nothing(*qcs.values(), stats):
-        try:
-            result = _refine_membranes_files(config, jobs, org_spec, mem_spec, str(save_session_id), qcs,
-                                             stats, device, params, written, missing,
-                                             fill_missing=fill_missing, allow_empty_output=allow_empty_output)
-        except BaseException:
-            for r, name, kwargs, aside in reversed(written):
-                if aside is not None:
-                    cio.put_back(aside)
-                else:
-                    cio.delete_segmentation(r, name, **kwargs)
-            raise
-    for *_, aside in written:
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+    with transaction(stats, inputs=[config]) as txn:
+        session = cio.stored_name(save_session_id, "save_session_id")
+        root = cio.open_project(config)
+        runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
+        jobs, missing = [], {}
+        for r in runs:
+            try:
+                org_seg, mem_seg = (cio.find_segmentation(r, org_spec, voxel_size),
+                                    cio.find_segmentation(r, mem_spec, voxel_size))
+            except InputError as exc:
+                if len(runs) == 1:
+                    raise
+                missing[r.name] = str(exc)
+                continue
+            outputs = {}
+            for spec, seg in ((org_spec, org_seg), (mem_spec, mem_seg)):
+                user = cio.stored_name(cio.refined_user_id(spec, seg), "the output user id")
+                cio.check_writable(r, seg.name, user_id=user, session_id=session, voxel_size=voxel_size)
+                key = {"user_id": user, "session_id": session, "voxel_size": voxel_size, "kind": cio.output_type(seg)}
+                outputs[seg.name] = (key, cio.output_store(r, seg.name, **key))
+            jobs.append((r, org_seg, mem_seg, outputs))
+        if not jobs:
+            raise InputError("no run has both segmentations: " + "; ".join(missing.values()))
+        qcs = {r.name: Path(qc_dir) / f"{safe_name(r.name, 'copick run name')}_refine_qc.png"
+               for r, *_ in jobs} if qc_dir is not None else {}
+        stores = [store for *_, outputs in jobs for _, store in outputs.values() if store is not None]
+        txn.add([*qcs.values(), *stores], inputs=[config], owned=stores)
+        result = _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device, params, missing,
+                                         fill_missing=fill_missing, allow_empty_output=allow_empty_output)
+    for r, name, data, key in result.pop("written"):
+        cio.check_stored(r, name, data.shape, data.dtype, **key)
     return {**result, "missing": missing}
 
 
-def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stats, device, params, written,
-                            missing, *, fill_missing, allow_empty_output):
+def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device, params, missing, *,
+                            fill_missing, allow_empty_output):
     from tqdm import tqdm
 
     from ..io import copick as cio
@@ -574,8 +593,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
 
     log.info("refine_membranes %s: %d run(s), organelles '%s', membranes '%s', device %s, params=%s",
              config, len(jobs), org_spec, mem_spec, device, params)
-    rows, summaries = [], []
-    for r, org_seg, mem_seg in tqdm(jobs, desc="refine_membranes", unit="run", file=sys.stderr,
+    rows, summaries, written = [], [], []
+    for r, org_seg, mem_seg, stores in tqdm(jobs, desc="refine_membranes", unit="run", file=sys.stderr,
                                     disable=len(jobs) < 2):
         org = cio.read_segmentation(org_seg, fill_missing=fill_missing)
         mem = cio.read_segmentation(mem_seg, fill_missing=fill_missing)
@@ -588,12 +607,9 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
         with about(f"run {r.name}"):
             out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
         vs = org.voxel_size[0]
-        outputs = []
-        for spec, seg, data in ((org_spec, org_seg, out_org), (mem_spec, mem_seg, out_mem)):
-            kwargs = {"user_id": cio.refined_user_id(spec, seg), "session_id": session, "voxel_size": vs,
-                      "kind": cio.output_type(seg)}
-            outputs.append((seg.name, data, kwargs, cio.find_output(r, seg.name, **kwargs)))
-        kept_old = [f"{cio.describe_segmentation(old)}" for _, data, _, old in outputs
+        outputs = [(seg.name, data, *stores[seg.name], cio.find_output(r, seg.name, **stores[seg.name][0]))
+                   for seg, data in ((org_seg, out_org), (mem_seg, out_mem))]
+        kept_old = [f"{cio.describe_segmentation(old)}" for _, data, _, _, old in outputs
                     if not np.any(data) and old is not None and not cio.is_empty(old)]
         if kept_old and not allow_empty_output:
             why = (f"the refinement kept nothing, and the earlier non-empty output(s) {', '.join(kept_old)} are "
@@ -603,10 +619,16 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
                 raise InputError(f"run {r.name}: {why}")
             missing[r.name] = why
             continue
-        for name, data, kwargs, old in outputs:
-            aside = cio.set_aside(old)
-            written.append((r, name, kwargs, aside))
-            cio.write_segmentation(r, name, data, **kwargs)
+        for name, data, key, store, _ in outputs:
+            if store is None:  # an overlay that is not on this machine: written through copick, not staged
+                log.warning("run %s: %s goes to a copick overlay that is not on this machine; it is written "
+                            "directly (a failure later in this run does not undo it)", r.name, name)
+                cio.write_segmentation(r, name, data, **key)
+            else:
+                with atomic_path(store) as tmp:
+                    cio.write_store(tmp, data, vs)
+                written.append((r, name, data, key))
+        fault_point("refine.run")
         if st.get("note"):
             log.warning("refine_membranes run %s: %s", r.name, st["note"])
         run_cols = {"run": r.name, "run_membrane_voxels_in": st["membrane_voxels_in"],
@@ -637,7 +659,7 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, session, qcs, stat
     if stats is not None:
         write_csv(stats, rows, _REFINE_COLUMNS)
     return {"runs": summaries, "stats": str(stats) if stats is not None else None,
-            "qc": [str(p) for p in qcs.values()]}
+            "qc": [str(p) for p in qcs.values()], "written": written}
 
 
 class _PlaneView:

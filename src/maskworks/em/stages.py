@@ -10,35 +10,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import (
-    about,
-    all_or_nothing,
-    geometry,
-    keyword_defaults,
-    provenance,
-    sibling,
-    voxel_size_override,
-)
 from ..io import (
     InputError,
     atomic_path,
+    convert_length,
     create_volume,
     format_of,
     read_volume,
+    staged,
     strip_extension,
+    transaction,
     write_json,
     write_volume,
 )
-from ..io.atomic import staged
-from ..io.params import Flag, Size, checked
+from ..io.outputs import MARKER, check_outputs, fault_point
+from ..io.params import Flag, Number, Size, checked
 from ..io.qc import save_orthoslices
+from ..io.volumes import MAX_VOXELS as MAX_VOXEL_DEFAULT
 from ..io.volumes import describe_error
+from ..jobs import about, geometry, keyword_defaults, provenance, sibling, voxel_size_override
 from .postprocess import SLICE_AXES, mask_overlap, overlap_scores, postprocess_mask
 from .texture import texture_mask
 from .unet import CHECKPOINT_FORMAT as UNET_FORMAT
@@ -56,37 +51,53 @@ def _auto_chunks(shape):
     return AUTO_CHUNK_SHAPE if np.prod(shape) > AUTO_CHUNK_VOXELS else None
 
 
-def _score(truth_path, mask, shape):
+# The voxel budget of the EM stages' inputs (see read_volume); None: maskworks.io.volumes.MAX_VOXELS.
+MAX_VOXELS = Number(integer=True, minimum=1, nullable=True)
+
+
+def _score(truth_path, mask, shape, voxel_size, unit, max_voxels=None):
     """Dice/Jaccard of ``mask`` (NumPy or Zarr) against a ground-truth mask file (for demo and
-    validation data), counted z-slab by z-slab so that neither is loaded whole."""
-    truth = read_volume(truth_path, ndim=3, lazy=True)
+    validation data), counted z-slab by z-slab so that neither is loaded whole.  A truth whose
+    voxel size differs from the volume's by more than 1 % is scored all the same (shapes match),
+    with a warning in the result and the log."""
+    truth = read_volume(truth_path, ndim=3, lazy=True, max_voxels=max_voxels)
     if truth.shape != tuple(shape):
         raise InputError(f"{truth_path}: truth shape {truth.shape} differs from the mask shape {tuple(shape)}")
+    warning = None
+    if any(v != 1.0 for v in truth.voxel_size):  # a truth file that carries a geometry
+        theirs = np.array(convert_length(truth.voxel_size, truth.unit, unit if truth.unit and unit else None))
+        if not np.allclose(theirs, voxel_size, rtol=0.01, atol=0):
+            warning = (f"{truth_path} has voxel size {tuple(truth.voxel_size)} {truth.unit or ''} but the volume has "
+                       f"{tuple(voxel_size)} {unit or ''}: is it the truth of this volume, at this scale?")
+            log.warning(warning)
     step = max(1, (1 << 24) // max(1, int(np.prod(shape[1:]))))
     counts = {"true_positive": 0, "false_positive": 0, "false_negative": 0, "voxels": 0}
     for z0 in range(0, shape[0], step):
         part = mask_overlap(np.asarray(mask[z0:z0 + step]), np.asarray(truth.data[z0:z0 + step]))
         for k in counts:
             counts[k] += part[k]
-    return overlap_scores(**counts)
+    scores = overlap_scores(**counts)
+    return {**scores, "warning": warning} if warning else scores
 
 
-@checked(texture_mask, chunk_shape=Size(8, nullable=True))
+@checked(texture_mask, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS)
 def texture_mask_files(
     input, mask, *, confidence, stats, qc, truth=None, voxel_size=None, unit=None,
-    chunk_shape=None, **params,
+    chunk_shape=None, max_voxels=None, **params,
 ):
     """Run :func:`maskworks.em.texture.texture_mask` on a file and write every output.
 
     ``chunk_shape`` None means automatic: the whole volume at once up to
     ``AUTO_CHUNK_VOXELS`` voxels, chunks of ``AUTO_CHUNK_SHAPE`` above.
     """
-    with all_or_nothing(mask, confidence, stats, qc):
-        return _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params)
+    with transaction(mask, confidence, stats, qc, inputs=[input, truth]):
+        return _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape,
+                                   max_voxels, params)
 
 
-def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
+def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, max_voxels,
+                        params):
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels)
     vs, unit = geometry(vol, voxel_size, unit)
     memory_mb = params.get("memory_mb")
     # with a budget the library sizes the chunks itself (it counts the stores' chunks too)
@@ -111,7 +122,7 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
             write_volume(mask, m, vs, **geom)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     if truth:
-        st["truth"] = _score(truth, m, vol.shape)
+        st["truth"] = _score(truth, m, vol.shape, vs, unit, max_voxels)
     conf_vol = read_volume(staged(confidence), lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"texture mask": m}, maps={"confidence": conf_vol.data},
                      voxel_size=vs, title=f"texture_mask: {Path(str(input)).name}  "
@@ -121,16 +132,16 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     return st
 
 
-@checked(postprocess_mask)
-def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, **params):
+@checked(postprocess_mask, max_voxels=MAX_VOXELS)
+def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, max_voxels=None, **params):
     """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
-    with all_or_nothing(output, stats, qc):
-        return _postprocess_mask_files(input, output, stats, qc, image, truth, params)
+    with transaction(output, stats, qc, inputs=[input, image, truth]):
+        return _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, params)
 
 
-def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
+def _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, params):
     lazy = params.get("memory_mb") is not None
-    vol = read_volume(input, ndim=3, lazy=lazy)
+    vol = read_volume(input, ndim=3, lazy=lazy, max_voxels=max_voxels)
     log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
     prov = provenance("postprocess_mask", {"input": input}, params)
     geom = {"unit": vol.unit, "origin": vol.origin, "provenance": prov}
@@ -143,8 +154,8 @@ def _postprocess_mask_files(input, output, stats, qc, image, truth, params):
             write_volume(output, m, vol.voxel_size, **geom)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vol.voxel_size), unit=vol.unit)
     if truth:
-        st["truth"] = _score(truth, m, vol.shape)
-    background = read_volume(image, ndim=3, lazy=True, check_finite=False).data if image else m
+        st["truth"] = _score(truth, m, vol.shape, vol.voxel_size, vol.unit, max_voxels)
+    background = read_volume(image, ndim=3, lazy=True, check_finite=False, max_voxels=max_voxels).data if image else m
     save_orthoslices(qc, background, masks={"input mask": vol.data, "post-processed": m},
                      voxel_size=vol.voxel_size,
                      title=f"postprocess_mask: {Path(str(input)).name}  "
@@ -191,6 +202,13 @@ def _add_cores_and_memory(p, defaults):
     p.add_argument("--memory-mb", type=float,
                    help="bound the working memory (MiB): the volume is read, processed and written (.zarr) "
                         "chunk by chunk; if not given, no bound")
+    _add_max_voxels(p)
+
+
+def _add_max_voxels(p):
+    p.add_argument("--max-voxels", type=int,
+                   help=f"the most voxels an input may claim (a damaged header is refused before anything is "
+                        f"allocated); if not given, {MAX_VOXEL_DEFAULT:.3g}")
 
 
 def _run_texture(a):
@@ -201,7 +219,7 @@ def _run_texture(a):
         truth=a.truth, voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape,
         block_size=a.block_size, texture_sigma=a.texture_sigma, edge_sigma=a.edge_sigma,
         min_region_size=a.min_region_size, threshold=a.threshold, threads=a.threads, memory_mb=a.memory_mb,
-        device=a.device,
+        device=a.device, max_voxels=a.max_voxels,
     )
 
 
@@ -235,12 +253,17 @@ def _run_postprocess(a):
         image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
         keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
         fill_holes_2d=a.fill_holes_2d, threads=a.threads, memory_mb=a.memory_mb, device=a.device,
+        max_voxels=a.max_voxels,
     )
 
 
 # ----------------------------------------------------------------------------- U-Net
 
 UNET_OUTPUTS = ("best.pt", "last.pt", "history.csv", "curves.png", "metrics.json")
+
+
+# Folder (inside out_dir) where a running train-unet keeps its finished epochs.
+IN_PROGRESS = "in_progress"
 
 
 @checked(train_unet, resume=Flag())
@@ -253,74 +276,77 @@ def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_d
     extension) with the one in ``labels_dir``, e.g. the cryo-ET arm's
     ``<patches>/imagesCorr/`` and its merged labels folder.
 
-    Writes ``best.pt`` (best epoch by validation Dice), ``last.pt`` (with the
-    optimiser state, for ``resume``), ``history.csv`` and ``curves.png`` after
-    every epoch, and ``metrics.json`` (test Dice/Jaccard and a summary) at the
-    end.  All writes are atomic.  The outputs of an earlier run in ``out_dir`` are kept
-    aside (in ``out_dir/.previous_run``) while this run trains and put back if it fails
-    or is killed (the next run restores them first), so a failed rerun leaves the earlier
-    result as it was.  A first run that fails keeps the checkpoints of its finished
-    epochs (``resume=True`` continues from ``last.pt``) but no ``metrics.json``.
-    ``params``: the keywords of ``train_unet``.
+    Writes ``best.pt`` (best epoch by validation Dice), ``last.pt`` (with the optimiser
+    state, for ``resume``), ``history.csv``, ``curves.png`` and ``metrics.json`` (test
+    Dice/Jaccard and a summary) as one transaction when training ends: a failed or killed
+    run leaves the earlier run's five outputs exactly as they were.  While it trains, the
+    run keeps its finished epochs (``last.pt``, ``best.pt``, ``history.csv``,
+    ``curves.png``, each written atomically after every epoch) in ``out_dir/in_progress/``,
+    which is removed when the run has committed; ``resume=True`` continues from
+    ``in_progress/last.pt`` (an interrupted run) or else from ``out_dir/last.pt`` (a finished
+    run, to train more epochs).  A run without ``resume`` starts afresh and discards an
+    interrupted run's ``in_progress/``.  ``params``: the keywords of ``train_unet``.
     """
     out_dir = Path(out_dir)
-    pairs, sources = _training_pairs(images, labels, images_dir, labels_dir)
     paths = {name: out_dir / name for name in UNET_OUTPUTS}
-    previous = out_dir / PREVIOUS_RUN
-    _restore_previous_run(previous, paths)  # a rerun killed before it finished: the run before it comes back
-    last = None
-    if resume and paths["last.pt"].exists():
-        last = load_checkpoint(paths["last.pt"])
-        log.info("train_unet: resuming from %s (epoch %s)", paths["last.pt"], last.get("epoch"))
-    elif resume:
-        log.warning("train_unet: resume asked for but %s does not exist; starting afresh", paths["last.pt"])
-    earlier = [p for p in paths.values() if p.exists()]
-    if earlier:  # kept aside until this run has finished, and put back if it fails
-        previous.mkdir(parents=True, exist_ok=True)
-        for p in earlier:
-            log.info("train_unet: keeping %s of an earlier run aside in %s until this run ends", p.name, previous)
-            (shutil.copy2 if last is not None else os.replace)(p, previous / p.name)
-    paths["metrics.json"].unlink(missing_ok=True)
-    try:
-        metrics = _train_unet_files(pairs, sources, paths, last, params)
-    except BaseException:
-        _restore_previous_run(previous, paths)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+    progress = out_dir / IN_PROGRESS
+    with transaction(*paths.values(), inputs=[*images, *labels, images_dir, labels_dir]):
+        check_outputs([progress], inputs=[*images, *labels, images_dir, labels_dir], stores=[progress])
+        pairs, sources = _training_pairs(images, labels, images_dir, labels_dir)
+        last, source = None, None
+        for where in ((progress / "last.pt", paths["last.pt"]) if resume else ()):
+            if where.exists():
+                last, source = load_checkpoint(where), where
+                log.info("train_unet: resuming from %s (epoch %s)", where, last.get("epoch"))
+                break
+        else:
+            if resume:
+                log.warning("train_unet: resume asked for but neither %s nor %s exists; starting afresh",
+                            progress / "last.pt", paths["last.pt"])
+        try:
+            metrics = _train_unet_files(pairs, sources, paths, progress, last, source, params)
+        except BaseException:
+            if progress.exists() and not (progress / "last.pt").exists():  # made, but no epoch saved in it
+                shutil.rmtree(progress, ignore_errors=True)
+            raise
+    shutil.rmtree(progress, ignore_errors=True)
     return metrics
 
 
-# Folder (inside out_dir) holding an earlier run's outputs while train-unet runs again.
-PREVIOUS_RUN = ".previous_run"
+def _start_progress(progress: Path, source) -> None:
+    """The in_progress folder of this run, made when its first epoch is done (a run that fails before
+    leaves an interrupted run's progress as it was)."""
+    if progress.exists() and source != progress / "last.pt":
+        log.warning("train_unet: discarding the finished epochs of an interrupted run in %s (resume would have "
+                    "continued them)", progress)
+        shutil.rmtree(progress)
+    progress.mkdir(parents=True, exist_ok=True)
+    (progress / MARKER).write_bytes(b"")
 
 
-def _restore_previous_run(previous: Path, paths: dict) -> None:
-    """Put the outputs of the run before back in place of a failed or killed run's."""
-    if not previous.is_dir():
-        return
-    log.info("train_unet: restoring the outputs of the earlier run from %s", previous)
-    for p in paths.values():
-        p.unlink(missing_ok=True)
-    for f in previous.iterdir():
-        os.replace(f, previous.parent / f.name)
-    previous.rmdir()
-
-
-def _train_unet_files(pairs, sources, paths, last, params):
+def _train_unet_files(pairs, sources, paths, progress, last, source, params):
     log.info("train_unet: %d training volume(s) %s -> %s, params=%s", len(pairs),
              [tuple(np.shape(im)) for im, _ in pairs], paths["best.pt"].parent, params)
+    final = {"last": last, "started": False}
 
     def on_epoch(row, last_ckpt, best_ckpt):
-        save_checkpoint(paths["last.pt"], last_ckpt)
+        if not final["started"]:
+            _start_progress(progress, source)
+            final["started"] = True
+        save_checkpoint(progress / "last.pt", last_ckpt)
         if best_ckpt is not None:
-            save_checkpoint(paths["best.pt"], best_ckpt)
-        _write_history(paths["history.csv"], last_ckpt["history"])
-        _save_curves(paths["curves.png"], last_ckpt["history"])
+            save_checkpoint(progress / "best.pt", best_ckpt)
+        _write_history(progress / "history.csv", last_ckpt["history"])
+        _save_curves(progress / "curves.png", last_ckpt["history"])
+        final["last"] = last_ckpt
         log.info("train_unet epoch %d: %s", row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
+        fault_point("train.epoch")
 
     best, history, metrics = train_unet(pairs, resume=last, on_epoch=on_epoch, **params)
-    if not paths["best.pt"].exists():  # resumed a finished run without a best.pt beside it
-        save_checkpoint(paths["best.pt"], best)
+    save_checkpoint(paths["best.pt"], best)
+    save_checkpoint(paths["last.pt"], final["last"] if final["last"] is not None else best)
+    _write_history(paths["history.csv"], history)
+    _save_curves(paths["curves.png"], history)
     metrics.update(inputs=sources, params=dict(params), epochs_in_history=len(history),
                    resumed_from_epoch=None if last is None else int(last["epoch"]),
                    checkpoint=str(paths["best.pt"]))
@@ -462,9 +488,9 @@ def _save_curves(path, rows) -> None:
     plt.close(fig)
 
 
-@checked(predict_volume, chunk_shape=Size(8, nullable=True))
+@checked(predict_volume, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS)
 def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, voxel_size=None, unit=None,
-                       chunk_shape=None, **params):
+                       chunk_shape=None, max_voxels=None, **params):
     """Run :func:`maskworks.em.unet.predict_volume` on a volume file and write every output.
 
     ``prob`` (float16 probability) and ``mask`` (uint8 0/1) get the input's voxel
@@ -474,13 +500,14 @@ def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, 
     blocks of ``AUTO_CHUNK_SHAPE`` above.  Also writes ``stats`` (JSON, with
     Dice/Jaccard against ``truth`` when given) and ``qc`` (PNG of mid-slices).
     """
-    with all_or_nothing(prob, mask, stats, qc):
+    with transaction(prob, mask, stats, qc, inputs=[input, checkpoint, truth]):
         return _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit,
-                                   chunk_shape, params)
+                                   chunk_shape, max_voxels, params)
 
 
-def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit, chunk_shape, params):
-    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size))
+def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit, chunk_shape, max_voxels,
+                        params):
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels)
     vs, unit = geometry(vol, voxel_size, unit)
     ckpt = load_checkpoint(checkpoint)
     chunks = chunk_shape or _auto_chunks(vol.shape)
@@ -502,7 +529,7 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
               shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     mask_vol = read_volume(staged(mask), ndim=3, lazy=True)
     if truth:
-        st["truth"] = _score(truth, mask_vol.numpy(), vol.shape)
+        st["truth"] = _score(truth, mask_vol.numpy(), vol.shape, vs, unit, max_voxels)
     prob_vol = read_volume(staged(prob), ndim=3, lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"U-Net mask": mask_vol.data}, maps={"probability": prob_vol.data},
                      voxel_size=vs, title=f"predict_unet: {Path(str(input)).name}  "
@@ -626,6 +653,7 @@ def _add_predict(sub):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
     p.add_argument("--blend", choices=["gaussian", "constant"], default=d["blend"],
                    help="weights of overlapping windows: gaussian (MONAI's, less seam) or constant (Catena's)")
+    _add_max_voxels(p)
     p.set_defaults(run=_run_predict)
 
 
@@ -636,7 +664,7 @@ def _run_predict(a):
         stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"), truth=a.truth,
         voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape, roi_size=a.roi_size, overlap=a.overlap,
         sw_batch_size=a.sw_batch_size, tta=a.tta, threshold=a.threshold, mean=a.mean, std=a.std,
-        device=a.device, amp=a.amp, blend=a.blend, threads=a.threads,
+        device=a.device, amp=a.amp, blend=a.blend, threads=a.threads, max_voxels=a.max_voxels,
     )
 
 

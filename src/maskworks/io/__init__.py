@@ -1,10 +1,11 @@
-"""File I/O for every stage: volumes with their voxel size, atomic writes, block-wise access."""
+"""File I/O for every stage: volumes with their voxel size, outputs committed as one transaction,
+block-wise access."""
 
-from .atomic import atomic_path
 from .blocks import Block, iter_blocks, n_blocks, progress_reporter
+from .errors import InputError, OutputBusy
+from .outputs import atomic_path, staged, transaction
 from .volumes import (
     FORMATS,
-    InputError,
     Volume,
     convert_length,
     create_volume,
@@ -19,7 +20,7 @@ from .volumes import (
 )
 
 __all__ = [
-    "FORMATS", "Block", "InputError", "Volume", "atomic_path", "convert_length", "create_volume",
+    "FORMATS", "Block", "InputError", "OutputBusy", "Volume", "atomic_path", "convert_length", "create_volume",
     "format_of", "iter_blocks", "iter_chunk_slices", "n_blocks", "normalize_unit", "progress_reporter", "read_volume",
-    "strip_extension", "write_csv", "write_json", "write_volume",
+    "staged", "strip_extension", "transaction", "write_csv", "write_json", "write_volume",
 ]

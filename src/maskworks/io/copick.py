@@ -14,7 +14,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,10 +334,85 @@ def check_label_dtype(dtype, what: str = "labels") -> None:
                          "only; upgrade copick (pip install -U copick)")
 
 
+def stored_name(value, what: str) -> str:
+    """``value`` as copick stores it, or an :class:`InputError` when copick would change it (copick
+    replaces ``_``, spaces, slashes and some other characters by ``-`` on saving: an output saved
+    under another session or user than asked for would be missed by the next run's lookups)."""
+    from copick.util.escape import sanitize_name
+
+    text = str(value)
+    try:
+        stored = sanitize_name(text, suppress_warnings=True)
+    except ValueError:
+        stored = ""
+    if stored != text:
+        hint = f"; give {stored!r}" if stored else ""
+        raise InputError(f"{what}={text!r}: copick would store it as {stored!r} (no '_', spaces, slashes or "
+                         f"<>:\"|?* in copick ids){hint}")
+    return text
+
+
+def output_store(run, name: str, *, user_id: str, session_id: str, voxel_size: float,
+                 kind: str = "multilabel") -> Path | None:
+    """The local path where copick keeps the segmentation :func:`write_segmentation` writes (named and
+    placed by copick itself), or None when the project's overlay is not on this machine."""
+    try:
+        from copick.impl.filesystem import CopickRunFSSpec, CopickSegmentationFSSpec
+        from copick.models import CopickSegmentationMeta
+    except ImportError:
+        return None
+    if not isinstance(run, CopickRunFSSpec):
+        return None
+    meta = CopickSegmentationMeta(user_id=user_id, session_id=str(session_id), name=name, voxel_size=float(voxel_size),
+                                  is_multilabel=kind == "multilabel", is_instance=kind == "instance")
+    seg = CopickSegmentationFSSpec(run=run, meta=meta, read_only=False)
+    protocol = getattr(seg.fs, "protocol", None)
+    protocols = {protocol} if isinstance(protocol, str) else set(protocol or ())
+    return Path(seg.path) if protocols & {"file", "local"} else None
+
+
+@_keeps_logging
+def write_store(path, data: np.ndarray, voxel_size: float) -> None:
+    """Write a segmentation store at ``path`` in copick's own layout, by copick's own writer (what
+    ``CopickSegmentation.from_numpy`` writes), with Blosc's threads off so that the same
+    data gives the same bytes."""
+    import zarr
+    from copick.util.ome import volume_pyramid, write_ome_zarr_3d
+    from fsspec.implementations.local import LocalFileSystem
+
+    from .volumes import deterministic_blosc
+
+    data = np.asarray(data)
+    check_label_dtype(data.dtype, f"copick segmentation {Path(path).name}")
+    deterministic_blosc()
+    store = zarr.storage.FSStore(str(path), fs=LocalFileSystem(auto_mkdir=True), mode="w", key_separator="/",
+                                 dimension_separator="/", create=True)
+    write_ome_zarr_3d(store, volume_pyramid(data, float(voxel_size), 1, dtype=data.dtype))
+
+
+@_keeps_logging
+def check_stored(run, name: str, data_shape, dtype, *, user_id: str, session_id: str, voxel_size: float,
+                 kind: str = "multilabel"):
+    """The segmentation just written, as copick lists and reads it; a RuntimeError if copick does not
+    see it or reads another shape or dtype."""
+    import zarr
+
+    seg = find_output(run, name, user_id=user_id, session_id=session_id, voxel_size=voxel_size, kind=kind)
+    if seg is None:
+        raise RuntimeError(f"run {run.name}: copick does not list the segmentation {name} of {user_id}/{session_id} "
+                           "just written")
+    stored = zarr.open(seg.zarr(), mode="r")["0"]
+    if tuple(stored.shape) != tuple(data_shape) or np.dtype(stored.dtype) != np.dtype(dtype):
+        raise RuntimeError(f"copick stored {describe_segmentation(seg)} as {stored.dtype} {stored.shape}, "
+                           f"not {np.dtype(dtype)} {tuple(data_shape)}")
+    return seg
+
+
 @_keeps_logging
 def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, session_id: str,
                        voxel_size: float, kind: str = "multilabel"):
-    """Write (or overwrite) exactly one segmentation of ``run`` and check what was stored.
+    """Write (or overwrite) exactly one segmentation of ``run`` through copick and check what was
+    stored: the way for projects whose overlay is not on this machine (no staging there).
 
     ``kind`` is ``multilabel`` or ``instance`` (see :func:`output_type`).  Other
     segmentations, including other types with the same name, are not touched.
@@ -353,14 +427,12 @@ def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, sessio
     if getattr(seg, "read_only", False):
         raise InputError(f"run {run.name}: {describe_segmentation(seg)} exists in the project's read-only "
                          "static storage and cannot be overwritten; use another --save-session-id")
-    seg.from_numpy(data, dtype=data.dtype)
-    import zarr
+    from .volumes import deterministic_blosc
 
-    stored = zarr.open(seg.zarr(), mode="r")["0"]
-    if tuple(stored.shape) != data.shape or np.dtype(stored.dtype) != data.dtype:
-        raise RuntimeError(f"copick stored {describe_segmentation(seg)} as {stored.dtype} {stored.shape}, "
-                           f"not {data.dtype} {data.shape}")
-    return seg
+    deterministic_blosc()
+    seg.from_numpy(data, dtype=data.dtype)
+    return check_stored(run, name, data.shape, data.dtype, user_id=user_id, session_id=session_id,
+                        voxel_size=voxel_size, kind=kind)
 
 
 def _outputs(run, name, user_id, session_id, voxel_size, kind) -> list:
@@ -377,35 +449,6 @@ def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: fl
     return next((seg for seg in hits if not getattr(seg, "read_only", False)), hits[0] if hits else None)
 
 
-_ASIDE = ".maskworks-previous"
-
-
-def set_aside(seg) -> Path | None:
-    """Copy the local store of an output about to be overwritten to a hidden sibling, so that a
-    failed run can :func:`put_back` the previous result; None for a store that is not on this
-    machine.  A copy left by a killed run is put back first (its run did not finish)."""
-    store = local_store(seg) if seg is not None else None
-    if store is None:
-        return None
-    store = Path(store)
-    aside = store.with_name(f".{store.name}{_ASIDE}")
-    if aside.is_dir():
-        put_back(aside)
-    tmp = aside.with_name(aside.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(store, tmp)
-    os.replace(tmp, aside)
-    return aside
-
-
-def put_back(aside: Path) -> None:
-    """Restore the store :func:`set_aside` copied (replacing what is there now)."""
-    target = aside.with_name(aside.name[1:].removesuffix(_ASIDE))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(aside, target)
-
-
 def is_empty(seg) -> bool:
     """Whether a stored segmentation holds no label (0 everywhere, or no data written)."""
     import zarr
@@ -417,16 +460,3 @@ def is_empty(seg) -> bool:
 def _slabs_of(level):
     step = max(1, int(level.chunks[0]))
     return [slice(z, min(z + step, level.shape[0])) for z in range(0, level.shape[0], step)]
-
-
-@_keeps_logging
-def delete_segmentation(run, name: str, *, user_id: str, session_id: str, voxel_size: float,
-                        kind: str = "multilabel") -> None:
-    """Remove one segmentation that :func:`write_segmentation` (re)wrote, after a failure."""
-    try:
-        for seg in _outputs(run, name, user_id, session_id, voxel_size, kind):
-            if not getattr(seg, "read_only", False):  # never anything outside the overlay
-                seg.delete()
-    except Exception as exc:  # report, do not mask the error that brought us here
-        log.warning("run %s: could not remove segmentation %s of %s/%s: %s", run.name, name, user_id,
-                    session_id, exc)

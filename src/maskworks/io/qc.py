@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .outputs import atomic_path
 
 # Longest side of one panel (pixels); planes are scaled to it, keeping their physical aspect.
 PANEL = 320

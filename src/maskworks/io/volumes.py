@@ -16,18 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
-
-
-class InputError(ValueError):
-    """Bad input a person can fix: the message names the file, the value and what was expected."""
-
+from .errors import InputError  # noqa: F401 - raised by every reader, imported from here by many
+from .outputs import atomic_path
 
 FORMATS = {
     "mrc": (".mrc", ".rec", ".map", ".mrcs"),
@@ -143,6 +140,10 @@ def strip_extension(name: str) -> str:
 
 # ----------------------------------------------------------------------------- reading
 
+# The most voxels a file may claim before it is read: 2**40 (1.1e12; a 10^11-voxel EM volume is
+# well within).  A header claiming more is refused unless the caller raises the budget.
+MAX_VOXELS = 2**40
+
 
 def read_volume(
     path: str | Path,
@@ -151,6 +152,7 @@ def read_volume(
     lazy: bool = False,
     check_finite: bool = True,
     voxel_size=None,
+    max_voxels: int | None = None,
 ) -> Volume:
     """Read a volume or image with its voxel size, unit and origin.
 
@@ -170,16 +172,29 @@ def read_volume(
         Use this (z, y, x) voxel size instead of the header's (the ``--voxel-size``
         override).  Without it, a header voxel size that is not a positive finite
         number is an error naming the file (an MRC header's 0, "not set", reads as 1).
+    max_voxels : int, optional
+        The most voxels the file may claim (default ``MAX_VOXELS``).
 
     Returns
     -------
     Volume
+
+    Notes
+    -----
+    The size a header claims is checked before anything is allocated: against the bytes the
+    file holds where the format stores them uncompressed (MRC, NumPy, raw NRRD), against
+    ``max_voxels``, and, for a read into memory, against the memory this machine has free.
+    A chunk absent from a Zarr store reads as the array's fill value, as Zarr defines it
+    (maskworks writes its own masks without their all-zero chunks); a chunk that is present
+    but cannot be decoded is an error naming the store and the region.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = format_of(path)
     try:
+        shape, dtype = _PEEKS[fmt](path)
+        _check_claim(path, shape, dtype, lazy and fmt in _LAZY, MAX_VOXELS if max_voxels is None else max_voxels)
         vol = _READERS[fmt](path, lazy)
     except InputError:
         raise
@@ -196,6 +211,175 @@ def read_volume(
     if check_finite and vol.dtype.kind in "fc":
         _check_finite(vol)
     return vol
+
+
+_LAZY = ("zarr", "mrc", "npy")  # formats read lazily when asked
+
+
+def _check_claim(path: Path, shape, dtype, lazy: bool, max_voxels: int) -> None:
+    voxels = math.prod(int(s) for s in shape)
+    if voxels > max_voxels:
+        raise InputError(f"{path}: the header claims shape {tuple(shape)} ({voxels:.3g} voxels), more than the "
+                         f"budget of {max_voxels:.3g} voxels; if the file is right, raise the budget "
+                         "(--max-voxels / max_voxels)")
+    need = voxels * np.dtype(dtype).itemsize
+    free = available_memory()
+    if not lazy and free is not None and need > free:
+        raise InputError(f"{path}: reading its {tuple(shape)} {np.dtype(dtype)} data whole needs {need / 2**30:.3g} "
+                         f"GiB but this machine has {free / 2**30:.3g} GiB free; run on a machine with more memory, "
+                         "or give it as a Zarr store to be read block by block")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for this process (MemAvailable, capped by a cgroup limit), or None."""
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = int(Path(limit_file).read_text().split()[0])
+            used = int(Path(usage_file).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if limit < 2**60:
+            free = min(free, limit - used) if free is not None else limit - used
+        break
+    return free
+
+
+# -- what a file claims, from its header alone (nothing is allocated for the data)
+
+_MRC_MODE_BYTES = {0: 1, 1: 2, 2: 4, 3: 4, 4: 8, 6: 2, 12: 2}
+_MRC_MODE_DTYPES = {0: np.int8, 1: np.int16, 2: np.float32, 3: np.complex64, 4: np.complex64, 6: np.uint16,
+                    12: np.float16}
+
+
+def _peek_mrc(path: Path):
+    """nx, ny, nz, mode and the extended header's size (nsymbt) from the 1024-byte MRC header, checked
+    against the file's size (mrcfile itself would allocate nsymbt bytes before noticing)."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(1024)
+    if len(head) < 1024:
+        raise InputError(f"{path}: {size} bytes, shorter than the 1024-byte MRC header")
+    order = ">" if head[212] == 0x11 else "<"
+    nx, ny, nz, mode = struct.unpack_from(order + "4i", head, 0)
+    (nsymbt,) = struct.unpack_from(order + "i", head, 92)
+    if min(nx, ny, nz) < 0 or nsymbt < 0 or mode not in _MRC_MODE_BYTES:
+        raise InputError(f"{path}: MRC header with nx,ny,nz={nx},{ny},{nz}, mode {mode}, extended header {nsymbt} "
+                         "bytes is not a valid MRC file")
+    need = 1024 + nsymbt + nx * ny * nz * _MRC_MODE_BYTES[mode]
+    if need > size:
+        raise InputError(f"{path}: the header claims {nx} x {ny} x {nz} voxels of mode {mode} after {nsymbt} bytes "
+                         f"of extended header ({need} bytes in all) but the file holds {size} bytes; it is "
+                         "truncated or its header is damaged")
+    shape = (nz, ny, nx) if nz > 1 else (ny, nx)
+    return shape, _MRC_MODE_DTYPES[mode]
+
+
+def npy_header(fh):
+    """(shape, dtype) from the header of a ``.npy`` stream, leaving it at the data."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _peek_npy(path: Path):
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        shape, dtype = npy_header(fh)
+        offset = fh.tell()
+    if dtype.hasobject:
+        return shape, np.uint8  # refused, with its reason, by the reader (pickles are never loaded)
+    need = offset + math.prod(shape) * dtype.itemsize
+    if need > size:
+        raise InputError(f"{path}: the header claims a {shape} {dtype} array ({need} bytes with the header) but the "
+                         f"file holds {size} bytes; it is truncated or its header is damaged")
+    return shape, dtype
+
+
+def _peek_tiff(path: Path):
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        series = tif.series[0]
+        return tuple(series.shape), np.dtype(series.dtype)
+
+
+def _peek_zarr(path: Path):
+    arr = _zarr_array(path)[0]
+    return tuple(arr.shape), np.dtype(arr.dtype)
+
+
+def _peek_nrrd(path: Path):
+    import nrrd
+
+    header = nrrd.read_header(str(path))
+    _check_nrrd_data_file(path, header)
+    shape = tuple(int(s) for s in header["sizes"])[::-1]
+    dtype = np.dtype(nrrd.reader._determine_datatype(header))
+    if str(header.get("encoding", "raw")).lower() == "raw" and ("data file" in header or "datafile" in header):
+        data = _nrrd_data_file(path, header)
+        need = math.prod(shape) * dtype.itemsize + int(header.get("byte skip", 0) or 0)
+        if need > data.stat().st_size:
+            raise InputError(f"{path}: the header claims a {shape} {dtype} array but its data file {data} holds "
+                             f"{data.stat().st_size} bytes")
+    return shape, dtype
+
+
+def _nrrd_data_file(path: Path, header) -> Path:
+    name = str(header.get("data file", header.get("datafile")))
+    return (path.parent / name) if not Path(name).is_absolute() else Path(name)
+
+
+def _check_nrrd_data_file(path: Path, header) -> None:
+    """A detached NRRD header (.nhdr) may only point at one regular file inside its own folder: never
+    at an absolute path, a path out of the folder, a pipe or a device, nor a list of files."""
+    import stat as stat_
+
+    name = header.get("data file", header.get("datafile"))
+    if name is None:
+        return
+    text = str(name).strip()
+    if text.upper().startswith("LIST") or len(text.split()) > 1:
+        raise InputError(f"{path}: 'data file: {text}' names several data files; only a single data file beside "
+                         "the header is read (write the volume as one .nrrd)")
+    if Path(text).is_absolute():
+        raise InputError(f"{path}: 'data file: {text}' is an absolute path; a detached header is read only with a "
+                         "data file in its own folder (a relative name)")
+    folder = os.path.realpath(path.parent)
+    data = os.path.realpath(path.parent / text)
+    if not data.startswith(folder + os.sep):
+        raise InputError(f"{path}: 'data file: {text}' leads out of the header's folder ({data}); a detached header "
+                         "is read only with a data file in its own folder")
+    try:
+        st = os.stat(data)
+    except FileNotFoundError:
+        raise InputError(f"{path}: its data file {data} does not exist") from None
+    if not stat_.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: its data file {data} is not a regular file (a pipe, device or folder); only a "
+                         "regular file is read")
+
+
+def _peek_nifti(path: Path):
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    return tuple(img.shape)[::-1], np.dtype(img.get_data_dtype())
+
+
+_PEEKS = {"mrc": _peek_mrc, "tiff": _peek_tiff, "zarr": _peek_zarr, "nrrd": _peek_nrrd, "nifti": _peek_nifti,
+          "npy": _peek_npy}
 
 
 def _squeeze_to(vol: Volume, ndim: int) -> Volume:
@@ -327,20 +511,33 @@ def _ome_tiff_sizes(xml: str, axes: str, vs: list) -> tuple[list, str | None]:
     return vs, unit
 
 
-def _read_zarr(path: Path, lazy: bool) -> Volume:
+def _zarr_array(path: Path):
+    """The array a Zarr path holds (level 0 of OME-NGFF multiscales) and its node."""
     import zarr
 
     node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return node, node
+    ms = node.attrs.get("multiscales")
+    if ms:
+        return node[ms[0]["datasets"][0]["path"]], node
+    if "0" in node:
+        return node["0"], node
+    raise InputError(f"{path}: Zarr group has neither OME-NGFF 'multiscales' metadata nor an array '0'")
+
+
+def _read_zarr(path: Path, lazy: bool) -> Volume:
+    import zarr
+
+    arr, node = _zarr_array(path)
     attrs: dict = {}
     if isinstance(node, zarr.Array):
-        arr = node
         vs = node.attrs.get("voxel_size", [1.0] * node.ndim)
         unit, origin = node.attrs.get("unit"), node.attrs.get("origin")
     else:
         ms = node.attrs.get("multiscales")
         if ms:
             ds0 = ms[0]["datasets"][0]
-            arr = node[ds0["path"]]
             scale = [1.0] * arr.ndim
             trans = [0.0] * arr.ndim
             # NGFF: the dataset's transformations apply first, then the multiscale-wide ones.
@@ -355,11 +552,8 @@ def _read_zarr(path: Path, lazy: bool) -> Volume:
             unit = axes[space[0]].get("unit") if space else None
             vs, origin = scale, trans
             attrs["axes"] = "".join(a["name"] if isinstance(a, dict) else str(a) for a in axes)
-        elif "0" in node:
-            arr = node["0"]
-            vs, unit, origin = [1.0] * arr.ndim, None, None
         else:
-            raise InputError(f"{path}: Zarr group has neither OME-NGFF 'multiscales' metadata nor an array '0'")
+            vs, unit, origin = [1.0] * arr.ndim, None, None
         if "maskworks" in node.attrs:
             attrs["provenance"] = node.attrs["maskworks"]
     data = CheckedArray(arr, path) if lazy else arr[...]
@@ -616,13 +810,20 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
-def zarr_compressor(dtype):
-    """The Blosc/zstd compressor of every Zarr maskworks writes, made deterministic: Blosc's own
-    threads write a chunk's blocks in whatever order they finish, so the same array would give
-    different bytes on every write; with them off it gives the same bytes every time."""
-    from numcodecs import Blosc, blosc
+def deterministic_blosc() -> None:
+    """Blosc's own threads write a chunk's blocks in whatever order they finish, so the same array
+    would give different bytes on every write; with them off it gives the same bytes every time."""
+    from numcodecs import blosc
 
     blosc.use_threads = False
+
+
+def zarr_compressor(dtype):
+    """The Blosc/zstd compressor of every Zarr maskworks writes (deterministic, see
+    :func:`deterministic_blosc`)."""
+    from numcodecs import Blosc
+
+    deterministic_blosc()
     return Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if np.dtype(dtype).itemsize == 1 else Blosc.SHUFFLE)
 
 
