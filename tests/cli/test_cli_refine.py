@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +181,48 @@ def test_command_line_entry_point(project, tmp_path):
          "--device", "cpu", "--stats", tmp_path / "s.csv"])
     assert segs(project, "TS_002", "saber-refined")["organelles"]
     assert len(rows(tmp_path / "s.csv")) == 5
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_run_killed_after_writing_its_first_run_changes_nothing_and_the_next_run_cleans_up(project, tmp_path):
+    """refine-membranes over three runs, SIGKILLed right after TS_001's outputs were written (staged): the
+    project is as it was; the next run, even one that fails, removes the killed run's staging."""
+    root = Path(project).parent
+    before = _tree(root)
+    args = [exe("maskworks"), "refine-membranes", "--config", project, "--org-info", ORG, "--mem-info", MEM,
+            "--device", "cpu"]
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                          env={**os.environ, "MASKWORKS_FAULT": "kill:refine.run:1"})
+    assert proc.returncode == -signal.SIGKILL
+    visible = {k: v for k, v in _tree(root).items() if ".mw-" not in k and not k.endswith(".maskworks.lock")}
+    assert visible == before
+    assert any(".mw-" in k for k in _tree(root))  # the dead run's staging, hidden from copick
+    assert not segs(project, "TS_001", "saber-refined")
+    store = next((root / "ExperimentRuns" / "TS_002").rglob("*membrain-seg_1_membrane.zarr"))
+    next(p for p in sorted((store / "0").rglob("*")) if p.is_file() and not p.name.startswith(".")).unlink()
+    damaged = {k: v for k, v in _tree(root).items() if ".mw-" not in k and not k.endswith(".maskworks.lock")}
+    failing = subprocess.run([str(a) for a in args], capture_output=True, text=True)  # TS_002 fails to read
+    assert failing.returncode == 2 and "TS_002" in failing.stderr
+    assert _tree(root) == damaged  # the killed run's staging is gone, and nothing else changed
+
+
+def test_copick_outputs_are_the_same_bytes_every_time(demo, tmp_path):
+    """Two runs on two copies of a project write byte-identical refined stores (copick's layout and
+    compressor, Blosc's threads off)."""
+    stores = []
+    for i in range(2):
+        root = tmp_path / f"p{i}"
+        shutil.copytree(demo, root)
+        cfg = root / "copick_config.json"
+        data = json.loads(cfg.read_text())
+        data["overlay_root"] = f"local://{root}"
+        cfg.write_text(json.dumps(data))
+        assert main(["refine-membranes", "--config", str(cfg), "--org-info", ORG, "--mem-info", MEM, "--run", "TS_001",
+                     "--device", "cpu"]) == 0
+        found = sorted((root / "ExperimentRuns" / "TS_001").rglob("*-refined_*.zarr"))
+        assert len(found) == 2
+        stores.append({p.name: _tree(p) for p in found})
+    assert stores[0] == stores[1]

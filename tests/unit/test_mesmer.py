@@ -108,3 +108,30 @@ def test_mesmer_job_states_its_device_and_refuses_a_gpu_it_cannot_use(tiny_model
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "this job was given a GPU, but TensorFlow 2.8.4 sees 0 GPU(s)" in proc.stderr
     assert "CUDA 11.2" in proc.stderr and not list((tmp_path / "gpu").glob("*.npz"))
+
+
+LAMBDA_MODEL = """
+import sys
+import tensorflow as tf
+inp = tf.keras.Input((128, 128, 2))
+code = eval("lambda x: (__import__('pathlib').Path(%r).write_text('code from the model ran'), x)[1]" % sys.argv[2])
+tf.keras.Model(inp, tf.keras.layers.Lambda(code)(inp)).save(sys.argv[1], include_optimizer=False)
+"""
+
+
+def test_a_model_holding_python_code_is_refused_before_it_is_loaded(tiles, tmp_path):
+    """A SavedModel with a Lambda layer (marshalled Python bytecode, here writing a marker file): Keras
+    runs that code when it loads the model (shown first, as the danger is real); segment-cells refuses
+    the model with exit 2 and the code never runs."""
+    model, marker = tmp_path / "lambda_model", tmp_path / "ran.txt"
+    run([DC_PY, "-c", LAMBDA_MODEL, model, marker], env=QUIET, timeout=300)
+    marker.unlink(missing_ok=True)
+    run([DC_PY, "-c", f"import tensorflow as tf; tf.keras.models.load_model({str(model)!r}, compile=False)"],
+        env=QUIET, timeout=300)
+    assert marker.exists()  # plain Keras loading runs the model's code
+    marker.unlink()
+    proc = run([DC_PY, "-m", "maskworks.cli", "segment-cells", tiles, tmp_path / "seg", "--backend", "mesmer",
+                "--model-path", model, "--image-mpp", "0.5", "--device", "cpu"], env=QUIET, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model {model}: holds Lambda layer(s)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "seg").exists()

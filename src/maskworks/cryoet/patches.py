@@ -164,7 +164,7 @@ def plan_patches(shape, centres_xyz, *, patch_size: int = 160, edge: str = "pad"
         rows = [_describe(i, c) for i, c in enumerate(centres) if not np.isfinite(c).all()]
         raise InputError(f"non-finite patch centres: {_listing(rows)}")
     voxel_zyx = _round(centres)[:, ::-1]
-    outside = [i for i, v in enumerate(voxel_zyx) if ((v < 0) | (v >= np.array(shape))).any()]
+    outside = np.flatnonzero(((voxel_zyx < 0) | (voxel_zyx >= np.array(shape))).any(axis=1)).tolist()
     if outside:
         nz, ny, nx = shape
         raise InputError(
@@ -172,20 +172,22 @@ def plan_patches(shape, centres_xyz, *, patch_size: int = 160, edge: str = "pad"
             f"z 0..{nz - 1}): {_listing(_describe(i, centres[i]) for i in outside)}. Centres are "
             "x, y, z voxel indices of this tomogram: check the column order and the binning"
         )
+    # every centre at once (10^5 centres plan in a fraction of a second)
+    starts = voxel_zyx - size // 2
+    stops = starts + size
+    inside = np.minimum(stops, shape) - np.maximum(starts, 0)
+    padded = size**3 - np.prod(inside, axis=1)
     plans, needs_padding = [], []
-    for i, (c, v) in enumerate(zip(centres, voxel_zyx)):
-        start = v - size // 2
-        stop = start + size
-        inside = np.minimum(stop, shape) - np.maximum(start, 0)
-        padded = size**3 - int(np.prod(inside))
+    for i, (c, start, pad) in enumerate(zip(centres.tolist(), starts.tolist(), padded.tolist())):
         reason = None
-        if padded:
+        if pad:
+            stop = [s + size for s in start]
             sides = [f"{ax}<0" for ax, s in zip("zyx", start) if s < 0]
             sides += [f"{ax}>{n - 1}" for ax, e, n in zip("zyx", stop, shape) if e > n]
-            reason = f"needs {padded} padded voxels (runs past the tomogram at {', '.join(sides)})"
-            needs_padding.append(f"{_describe(i, c)}: {reason}")
-        plans.append(Patch(i, tuple(float(a) for a in c), tuple(int(s) for s in start), padded,
-                           reason if edge == "skip" else None))
+            reason = f"needs {pad} padded voxels (runs past the tomogram at {', '.join(sides)})"
+            if edge == "error":
+                needs_padding.append(f"{_describe(i, c)}: {reason}")
+        plans.append(Patch(i, tuple(c), tuple(start), pad, reason if edge == "skip" else None))
     if needs_padding and edge == "error":
         raise InputError(
             f"{len(needs_padding)} patch(es) of size {size} reach past the tomogram edge "
