@@ -4,22 +4,26 @@ SHELL := /bin/bash
 
 VENV        := .venv
 VENV_DC     := .venv-deepcell
+VENV_CRYOET := .venv-cryoet
 VENV_PEERS  := .venv-peers
 PY          := $(VENV)/bin/python
 PY311       ?= $(shell command -v python3.11 || command -v python3)
 # deepcell 0.12.10 needs Python < 3.11; pyenv keeps 3.10 out of PATH on some machines.
 PY310       ?= $(shell for p in $$HOME/.pyenv/versions/3.10*/bin/python3.10 $$(command -v python3.10); do \
                  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null && { echo "$$p"; break; }; done)
+# The resolver test installs maskworks[core] beside the current scverse stack (Python 3.12), dry-run.
+PY312       ?= $(shell for p in $$HOME/.pyenv/versions/3.12*/bin/python3.12 $$(command -v python3.12); do \
+                 "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 NGPU        := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NGPU        := $(if $(NGPU),$(NGPU),0)
 DEMO_DIR    ?= demo_data
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-deepcell setup-peers slurm-packages demo test test-peers lint bench clean
+.PHONY: help setup setup-deepcell setup-cryoet setup-peers slurm-packages demo test test-peers lint bench clean
 
 help:
 	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
-	@echo "make test    set up .venv and run the whole test suite (pytest)"
+	@echo "make test    set up the venvs and run the whole test suite (pytest in .venv, then the copick tests in .venv-cryoet)"
 	@echo "make test-peers  differential tests against SABER 1.0.1 and MemBrain-seg 0.0.10 (own venv; not in make test)"
 	@echo "make lint    ruff + snakefmt --check + snakemake --lint"
 	@echo "make bench   benchmarks in bench/ (ratios against a baseline measured in the same run)"
@@ -30,7 +34,17 @@ setup: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(PY) || $(PY311) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[core,unet,workflow,dev]'
+	$(PY) -m pip install -q -e '.[core,unet,workflow,dev,ecosystem]'
+	@touch $@
+
+# copick 1.31 needs zarr 2: the copick rules (refine_membranes, copick_runs) run here (envs/cryoet.yaml
+# on clusters), and so do the tests that use copick itself (marker `copick`).
+setup-cryoet: $(VENV_CRYOET)/.stamp
+
+$(VENV_CRYOET)/.stamp: pyproject.toml
+	@test -x $(VENV_CRYOET)/bin/python || $(PY311) -m venv $(VENV_CRYOET)
+	$(VENV_CRYOET)/bin/python -m pip install -q --upgrade pip
+	$(VENV_CRYOET)/bin/python -m pip install -q -e '.[cryoet,dev]'
 	@touch $@
 
 setup-deepcell: $(VENV_DC)/.stamp
@@ -47,13 +61,15 @@ $(VENV_DC)/.stamp: pyproject.toml
 slurm-packages:
 	@tests/slurm/slurm.sh install || echo "!!! Slurm packages could not be installed: the real Slurm test will be skipped !!!" >&2
 
-demo: setup
+demo: setup setup-cryoet
 	$(VENV)/bin/maskworks demo-data $(DEMO_DIR)
+	$(VENV_CRYOET)/bin/maskworks demo-data $(DEMO_DIR) --arms copick
 	$(VENV)/bin/snakemake --profile profiles/local --configfile config/demo.yaml --resources gpu=$(NGPU)
 	@$(PY) -m maskworks.cli demo-summary --results results
 
-test: setup setup-deepcell slurm-packages
-	$(PY) -m pytest --ignore=tests/peers $(PYTEST_ARGS)
+test: setup setup-deepcell setup-cryoet slurm-packages
+	PY312=$(PY312) $(PY) -m pytest --ignore=tests/peers -m "not copick" $(PYTEST_ARGS)
+	$(VENV_CRYOET)/bin/python -m pytest --ignore=tests/peers -m copick $(PYTEST_ARGS)
 
 # The published tools maskworks is compared with, for understanding and comparison only:
 # installed with --no-deps plus what they import, never vendored.

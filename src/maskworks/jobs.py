@@ -137,6 +137,11 @@ def snakemake_job(snakemake):
              Path(__file__).resolve().parent, sys.executable, sys.prefix)
     stop_on_sigterm()
     sys.excepthook = functools.partial(_job_excepthook, snakemake.rule, sys.excepthook)
+    version = (snakemake.config.get("outputs") or {}).get("ome_zarr_version")
+    if version:
+        from .io.volumes import set_ome_zarr_version
+
+        set_ome_zarr_version(version)
 
 
 def _job_excepthook(rule, default, kind, exc, tb):

@@ -16,6 +16,8 @@ ENVS = {
     "monai.yaml": (["core", "unet"], "3.11"),
     "deepcell.yaml": (["deepcell"], "3.10"),
     "gpu/core.yaml": (["core", "gpu"], "3.11"),
+    "cryoet.yaml": (["cryoet"], "3.11"),
+    "gpu/cryoet.yaml": (["cryoet", "gpu"], "3.11"),
     "gpu/deepcell.yaml": (["deepcell"], "3.10"),
 }
 # conda-only packages of the GPU variants (CUDA libraries; no pip equivalent in pyproject)
@@ -106,3 +108,36 @@ def test_rules_name_only_env_files_that_exist():
         for name in _re.findall(r'conda_env\("(\w+)"\)', smk.read_text()):
             assert (ROOT / "envs" / f"{name}.yaml").is_file(), (smk.name, name)
             assert name == "monai" or (ROOT / "envs" / "gpu" / f"{name}.yaml").is_file(), (smk.name, name)
+
+
+def _python312():
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    for candidate in [os.environ.get("PY312"), *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12"))),
+                      shutil.which("python3.12")]:
+        if candidate and subprocess.run([candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
+                                        capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.slow
+def test_core_installs_beside_the_current_scverse_stack(tmp_path):
+    """pip resolves maskworks[core] together with spatialdata 0.8, anndata 0.13 and squidpy 1.8 on Python
+    3.12 (a dry run: the resolver's answer, nothing installed), on zarr 3."""
+    import json
+
+    from conftest import run
+
+    py = _python312()
+    if py is None:
+        pytest.skip("!!! Python 3.12 not found: the co-installation with the scverse stack is NOT TESTED; set PY312 !!!")
+    report = tmp_path / "report.json"
+    run([py, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", report,
+         f"{ROOT}[core]", "spatialdata==0.8.*", "anndata==0.13.*", "squidpy==1.8.*"], timeout=1200)
+    chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert chosen["maskworks"] and chosen["spatialdata"].startswith("0.8.") and chosen["anndata"].startswith("0.13.")
+    assert chosen["squidpy"].startswith("1.8.") and int(chosen["zarr"].split(".")[0]) >= 3

@@ -34,7 +34,7 @@ def sample(dtype, shape=SHAPE):
 
 
 def leftovers(folder):
-    return [p for p in os.listdir(folder) if ".partial" in p or ".old." in p]
+    return [p for p in os.listdir(folder) if p.startswith(".mw-") or p == ".maskworks.lock"]
 
 
 FORMAT_CASES = [
@@ -138,8 +138,12 @@ def test_tiff_is_written_as_grey_z_pages(tmp_path):
 
 
 def test_ome_zarr_metadata_is_ngff_0_4(tmp_path):
-    write_volume(tmp_path / "v.zarr", sample("uint8"), VS, unit="nanometer", origin=ORIGIN,
-                 provenance={"stage": "test"})
+    volumes_mod.set_ome_zarr_version("0.4")
+    try:
+        write_volume(tmp_path / "v.zarr", sample("uint8"), VS, unit="nanometer", origin=ORIGIN,
+                     provenance={"stage": "test"})
+    finally:
+        volumes_mod.OME_ZARR_VERSION = None
     attrs = json.loads((tmp_path / "v.zarr" / ".zattrs").read_text())
     (ms,) = attrs["multiscales"]
     assert ms["version"] == "0.4"
@@ -162,13 +166,17 @@ def test_ome_zarr_metadata_is_ngff_0_4(tmp_path):
     import zarr
     from ome_zarr.writer import write_multiscales_metadata
 
-    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w")
-    write_multiscales_metadata(ref, [{"path": "0", "coordinateTransformations": trs}], axes=ms["axes"])
-    assert json.loads(json.dumps(ref.attrs.asdict()))["multiscales"] == attrs["multiscales"]
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="w", zarr_format=2)
+    write_multiscales_metadata(ref, [{"path": "0", "coordinateTransformations": trs}], fmt=FormatV04(),
+                               axes=ms["axes"])
+    (expected,) = json.loads(json.dumps(ref.attrs.asdict()))["multiscales"]
+    expected.pop("name")  # optional; maskworks leaves it out, so the bytes do not depend on the path
+    assert [expected] == attrs["multiscales"]
 
 
-def test_zarr_reads_lazily(tmp_path):
+def test_zarr_reads_lazily(tmp_path, ome_zarr_version):
     import zarr
+    from conftest import chunk_file
 
     a = np.ones((4, 4, 4), np.uint8)
     write_volume(tmp_path / "v.zarr", a, VS, chunks=(2, 2, 2))
@@ -176,7 +184,7 @@ def test_zarr_reads_lazily(tmp_path):
     # the Zarr array itself behind a reader that names the store when a chunk cannot be read
     assert isinstance(v.data._array, zarr.Array) and v.data.chunks == (2, 2, 2)
     # a chunk removed after opening reads as the fill value: nothing had been loaded yet
-    os.remove(tmp_path / "v.zarr" / "0" / "0.0.0")
+    os.remove(chunk_file(tmp_path / "v.zarr" / "0", (0, 0, 0)))
     assert v.numpy()[:2, :2, :2].sum() == 0 and v.numpy().sum() == 64 - 8
 
 
@@ -197,15 +205,11 @@ def test_create_volume_writes_zarr_block_wise(tmp_path):
 
 
 def test_ome_zarr_from_ome_zarr_writer(tmp_path):
-    import zarr
-    from ome_zarr.io import parse_url
     from ome_zarr.writer import write_image
 
     a = sample("uint16", (4, 6, 8))
-    root = zarr.group(store=parse_url(str(tmp_path / "o.zarr"), mode="w").store)
-    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
-    write_image(a, root, axes=axes, scaler=None,
-                coordinate_transformations=[[{"type": "scale", "scale": [0.04, 0.016, 0.008]}]])
+    write_image(a, str(tmp_path / "o.zarr"), scale_factors=None, axes="zyx",
+                scale={"z": 0.04, "y": 0.016, "x": 0.008}, axes_units={a: "micrometer" for a in "zyx"})
     v = read_volume(tmp_path / "o.zarr", lazy=True)
     assert v.voxel_size == pytest.approx((0.04, 0.016, 0.008)) and v.unit == "micrometer"
     np.testing.assert_array_equal(v.numpy(), a)
@@ -214,8 +218,8 @@ def test_ome_zarr_from_ome_zarr_writer(tmp_path):
 def test_ngff_transformations_compose_dataset_first(tmp_path):
     import zarr
 
-    root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
-    root.create_dataset("s0", data=np.zeros((2, 2, 2), np.uint8))
+    root = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=2)
+    root.create_array("s0", data=np.zeros((2, 2, 2), np.uint8))
     root.attrs["multiscales"] = [{
         "version": "0.4",
         "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
@@ -300,13 +304,16 @@ def _fail_copy(src, dst):
     raise OSError("disk full")
 
 
-def test_rewrite_replaces_a_zarr_directory(tmp_path):
+def test_rewrite_replaces_a_zarr_directory(tmp_path, ome_zarr_version):
+    from conftest import chunk_file
+
     path = tmp_path / "r.zarr"
     write_volume(path, np.ones((8, 8, 8), np.uint8), VS, chunks=(2, 2, 2))
     write_volume(path, np.full((2, 3, 4), 5, np.uint16), 2.0)
     v = read_volume(path)
     assert v.shape == (2, 3, 4) and v.dtype == np.uint16 and v.voxel_size == (2.0, 2.0, 2.0)
-    assert sorted(os.listdir(path / "0")) == [".zarray", "0.0.0"]  # no stale chunks
+    chunks = [p for p in (path / "0").rglob("*") if p.is_file() and p.name not in (".zarray", ".zattrs", "zarr.json")]
+    assert chunks == [chunk_file(path / "0", (0, 0, 0))]  # no stale chunks
     assert os.listdir(tmp_path) == ["r.zarr"]
 
 

@@ -380,7 +380,7 @@ def write_store(path, data: np.ndarray, voxel_size: float) -> None:
     from copick.util.ome import volume_pyramid, write_ome_zarr_3d
     from fsspec.implementations.local import LocalFileSystem
 
-    from .volumes import deterministic_blosc
+    from .ngff import deterministic_blosc
 
     data = np.asarray(data)
     check_label_dtype(data.dtype, f"copick segmentation {Path(path).name}")
@@ -427,7 +427,7 @@ def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, sessio
     if getattr(seg, "read_only", False):
         raise InputError(f"run {run.name}: {describe_segmentation(seg)} exists in the project's read-only "
                          "static storage and cannot be overwritten; use another --save-session-id")
-    from .volumes import deterministic_blosc
+    from .ngff import deterministic_blosc
 
     deterministic_blosc()
     seg.from_numpy(data, dtype=data.dtype)

@@ -90,8 +90,13 @@ def _tag(run: str) -> str:
 
 
 def target_kind(path) -> str:
-    """``store`` for a Zarr/N5 folder (by its suffix), ``file`` for everything else."""
-    return "store" if str(path).lower().rstrip("/").endswith(STORE_SUFFIXES) else "file"
+    """``store`` for a Zarr/N5 folder (by its suffix, or a label image ``<image>.zarr/labels/<name>``),
+    ``file`` for everything else."""
+    p = Path(path)
+    if str(p).lower().rstrip("/").endswith(STORE_SUFFIXES):
+        return "store"
+    in_labels = p.parent.name == "labels" and p.parent.parent.name.lower().endswith(".zarr")
+    return "store" if in_labels and not p.name.startswith(".") and p.name != "zarr.json" else "file"
 
 
 # ----------------------------------------------------------------------------- fault points
@@ -230,7 +235,7 @@ def _check_folder(p: Path) -> None:
         return
 
 
-def check_outputs(targets, inputs=(), owned=(), stores=()) -> list[Target]:
+def check_outputs(targets, inputs=(), owned=(), stores=(), labels_of=None) -> list[Target]:
     """Resolve and check the outputs of a stage before anything is read or written.
 
     Parameters
@@ -244,6 +249,9 @@ def check_outputs(targets, inputs=(), owned=(), stores=()) -> list[Target]:
         Outputs whose existing store the caller knows it wrote (see :class:`Target`).
     stores : iterable of path
         Outputs that are folders whatever their suffix.
+    labels_of : path, optional
+        An input OME-Zarr image whose ``labels/`` group the outputs may write into (a label image
+        and the group's metadata; nothing else of the image).
 
     Returns
     -------
@@ -273,6 +281,7 @@ def check_outputs(targets, inputs=(), owned=(), stores=()) -> list[Target]:
         real = Path(os.path.realpath(os.fspath(raw)))
         ins.append((raw, real, real.is_dir()))
     stores = [t.path for t in out if t.kind == "store"]
+    labels = Path(os.path.realpath(labels_of)) / "labels" if labels_of is not None else None
     for t in out:
         p = t.path
         for s in stores:
@@ -284,7 +293,7 @@ def check_outputs(targets, inputs=(), owned=(), stores=()) -> list[Target]:
             if p == real or (os.path.lexists(p) and os.path.exists(real) and _same_file(p, real)):
                 raise InputError(f"{p}: is also an input of this run ({raw}); outputs never replace their inputs - "
                                  "choose another output path")
-            if is_dir and _within(p, real):
+            if is_dir and _within(p, real) and not (labels is not None and p.parent == labels):
                 raise InputError(f"{p}: lies inside the input folder {raw}; write the outputs to a folder of their own")
             if t.kind == "store" and _within(real, p):
                 raise InputError(f"{p}: the input {raw} lies inside this output store, which a run replaces whole; "
@@ -623,9 +632,9 @@ class Transaction:
         self.created: list[Path] = []  # folders this run made, removed again if it fails (when empty)
 
     # -- begin
-    def add(self, targets, inputs=(), owned=()) -> None:
+    def add(self, targets, inputs=(), owned=(), labels_of=None) -> None:
         """Check, lock and recover ``targets`` (more outputs can join a running transaction)."""
-        checked = [t for t in check_outputs(targets, inputs, owned) if t.path not in self.targets]
+        checked = [t for t in check_outputs(targets, inputs, owned, labels_of=labels_of) if t.path not in self.targets]
         for t in sorted(checked, key=lambda t: str(t.path)):
             self._make_folder(t.path.parent)
             if not self.locks.try_lock(t.path.parent, t.path.name):
@@ -802,7 +811,7 @@ def _restore_signals(previous) -> None:
 
 
 @contextlib.contextmanager
-def transaction(*targets, inputs=(), owned=()):
+def transaction(*targets, inputs=(), owned=(), labels_of=None):
     """Make the outputs ``targets`` of a stage one all-or-nothing unit.
 
     Checks them (:func:`check_outputs`, against ``inputs``), locks them, recovers what an
@@ -811,17 +820,18 @@ def transaction(*targets, inputs=(), owned=()):
     On an exception the staging is removed and the targets are exactly as they were.  A
     transaction opened inside another joins it (its targets are checked and locked too).
     A stage that reads one of its outputs back inside the block reads :func:`staged` of it.
+    ``labels_of``: see :func:`check_outputs`.
     """
     active = _ACTIVE.get()
     if active is not None:
-        active.add(targets, inputs, owned)
+        active.add(targets, inputs, owned, labels_of)
         yield active
         return
     txn = Transaction()
     token = _ACTIVE.set(txn)
     try:
         try:
-            txn.add(targets, inputs, owned)
+            txn.add(targets, inputs, owned, labels_of)
             yield txn
             fault_point("stage.done")
         except BaseException as exc:

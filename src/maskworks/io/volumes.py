@@ -57,6 +57,11 @@ def normalize_unit(unit: str | None) -> str | None:
     return _UNIT_ALIASES.get(u)
 
 
+def unit_symbol(unit: str | None) -> str:
+    """The short symbol of a length unit (``nm`` for nanometer), or "" for unknown/absent units."""
+    return _UNIT_SHORT.get(normalize_unit(unit) or "", "")
+
+
 def convert_length(values, unit_from: str | None, unit_to: str | None) -> tuple[float, ...]:
     """Convert lengths between units; unknown units pass values through unchanged."""
     a, b = normalize_unit(unit_from), normalize_unit(unit_to)
@@ -114,17 +119,35 @@ def _tuple(values, nd: int, what: str) -> tuple[float, ...]:
     return values
 
 
+# Formats read but not written: HDF5, N5, neuroglancer precomputed, a folder of TIFF slices.
+INPUT_FORMATS = ("hdf5", "n5", "precomputed", "slices")
+
+
 def format_of(path: str | Path) -> str:
-    """The format of ``path`` from its extension (``.ome.zarr`` and ``.nii.gz`` included)."""
-    name = Path(path).name.lower()
+    """The format of ``path`` from its extension (``.ome.zarr`` and ``.nii.gz`` included), or for a
+    folder from what it holds (Zarr, N5 or precomputed metadata, TIFF slices)."""
+    from . import formats
+
+    if formats.is_hdf5(path):
+        return "hdf5"
+    p = Path(str(path).removeprefix("precomputed://"))
+    if formats.is_precomputed(p):
+        return "precomputed"
+    if formats.is_n5(p):
+        return "n5"
+    name = p.name.lower()
     for fmt, exts in FORMATS.items():
         if any(name.endswith(e) for e in exts):
             return fmt
-    p = Path(path)
+    if p.parent.name == "labels" and p.parent.parent.name.lower().endswith(".zarr") and p.name != "zarr.json":
+        return "zarr"  # a label image of an OME-Zarr image: labels/<name>
     if p.is_dir() and ((p / ".zgroup").exists() or (p / ".zarray").exists() or (p / "zarr.json").exists()):
         return "zarr"
+    if formats.slice_files(p):
+        return "slices"
     known = ", ".join(e for exts in FORMATS.values() for e in exts)
-    raise InputError(f"{path}: unknown file extension; expected one of {known}")
+    raise InputError(f"{path}: unknown file extension; expected one of {known}, .h5/.hdf5 (file.h5:/dataset), "
+                     ".n5, a neuroglancer precomputed folder or a folder of 2-D TIFF slices")
 
 
 def strip_extension(name: str) -> str:
@@ -153,19 +176,23 @@ def read_volume(
     check_finite: bool = True,
     voxel_size=None,
     max_voxels: int | None = None,
+    level: int = 0,
 ) -> Volume:
     """Read a volume or image with its voxel size, unit and origin.
 
     Parameters
     ----------
     path : str or Path
-        File (or Zarr directory) to read; the format comes from the extension.
+        File or folder to read; the format comes from the extension or what the folder holds:
+        MRC, TIFF (read by tiles when ``lazy``), a folder of 2-D TIFF slices, Zarr v2/v3 and
+        OME-Zarr 0.4/0.5 (any axis order, a bioformats2raw layout, ``image.zarr/1`` for a level),
+        HDF5 (``file.h5:/dataset``), N5, neuroglancer precomputed, NRRD, NIfTI, NumPy.
     ndim : int, optional
         Required number of axes (3 for volumes, 2 for images).  Leading
         singleton axes are squeezed to reach it; otherwise a mismatch is an error.
     lazy : bool
-        Return Zarr arrays unread (sliced block by block later) and MRC files
-        memory-mapped.  Other formats are always read into memory.
+        Return the data unread, to be sliced block by block (Zarr, HDF5, N5, precomputed, TIFF
+        and slice folders; MRC and NumPy memory-mapped).  NRRD and NIfTI are read into memory.
     check_finite : bool
         Fail on NaN or Inf in floating-point data (scanned block-wise for Zarr).
     voxel_size : float or sequence of float, optional
@@ -174,6 +201,9 @@ def read_volume(
         number is an error naming the file (an MRC header's 0, "not set", reads as 1).
     max_voxels : int, optional
         The most voxels the file may claim (default ``MAX_VOXELS``).
+    level : int
+        The pyramid level to read (OME-Zarr, N5 scales, precomputed scales, pyramidal TIFF), with
+        that level's voxel size and origin; 0 is the full resolution.
 
     Returns
     -------
@@ -188,14 +218,26 @@ def read_volume(
     (maskworks writes its own masks without their all-zero chunks); a chunk that is present
     but cannot be decoded is an error naming the store and the region.
     """
-    path = Path(path)
-    if not path.exists():
+    from .formats import split_hdf5
+
+    path = Path(str(path).removeprefix("precomputed://"))
+    if not split_hdf5(path)[0].exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = format_of(path)
+    budget = MAX_VOXELS if max_voxels is None else max_voxels
     try:
-        shape, dtype = _PEEKS[fmt](path)
-        _check_claim(path, shape, dtype, lazy and fmt in _LAZY, MAX_VOXELS if max_voxels is None else max_voxels)
-        vol = _READERS[fmt](path, lazy)
+        if fmt in _OPENERS or (fmt == "tiff" and lazy):
+            vol = _open_lazily(path, fmt, level)
+            _check_claim(path, vol.shape, vol.dtype, True, budget)
+            if not lazy:
+                _check_claim(path, vol.shape, vol.dtype, False, budget)
+                vol.data = np.asarray(vol.data[...])
+        else:
+            if level:
+                raise InputError(f"{path}: level={level!r}, but a {fmt.upper()} file holds one level")
+            shape, dtype = _PEEKS[fmt](path)
+            _check_claim(path, shape, dtype, lazy and fmt in _LAZY, budget)
+            vol = _READERS[fmt](path, lazy)
     except InputError:
         raise
     except Exception as exc:  # the libraries' own messages rarely name the file
@@ -213,7 +255,34 @@ def read_volume(
     return vol
 
 
+def _open_lazily(path: Path, fmt: str, level: int) -> Volume:
+    """A Volume over the lazily read array of ``path`` (see :mod:`maskworks.io.formats` and
+    :mod:`maskworks.io.ngff`), its axes put in (..., z, y, x) order."""
+    from . import formats, ngff
+
+    if fmt == "zarr":
+        image = ngff.open_image(path, level)
+    elif fmt == "tiff":
+        return _read_tiff(path, True, level)
+    else:
+        if fmt in ("hdf5", "slices") and level:
+            raise InputError(f"{path}: level={level!r}, but {'an HDF5 dataset' if fmt == 'hdf5' else 'a slice folder'} "
+                             "holds one level")
+        opener = {"hdf5": lambda: formats.open_hdf5(path), "slices": lambda: formats.open_slices(path),
+                  "n5": lambda: formats.open_n5(path, level), "precomputed": lambda: formats.open_precomputed(path, level)}
+        array, axes, vs, origin, unit, attrs = opener[fmt]()
+        image = ngff.Image(array, axes, vs, origin, unit, level, attrs=attrs)
+    data, vs, origin, axes = image.canonical()
+    attrs = {"axes": axes, "level": image.level, "levels": image.levels}
+    if image.version:
+        attrs["ome_zarr_version"] = image.version
+    if "maskworks" in image.attrs:
+        attrs["provenance"] = image.attrs["maskworks"]
+    return Volume(CheckedArray(data, path), vs, image.unit, origin, attrs=attrs)
+
+
 _LAZY = ("zarr", "mrc", "npy")  # formats read lazily when asked
+_OPENERS = ("zarr", "hdf5", "n5", "precomputed", "slices")  # opened lazily, read into memory when not lazy
 
 
 def _check_claim(path: Path, shape, dtype, lazy: bool, max_voxels: int) -> None:
@@ -316,11 +385,6 @@ def _peek_tiff(path: Path):
         return tuple(series.shape), np.dtype(series.dtype)
 
 
-def _peek_zarr(path: Path):
-    arr = _zarr_array(path)[0]
-    return tuple(arr.shape), np.dtype(arr.dtype)
-
-
 def _peek_nrrd(path: Path):
     import nrrd
 
@@ -378,18 +442,24 @@ def _peek_nifti(path: Path):
     return tuple(img.shape)[::-1], np.dtype(img.get_data_dtype())
 
 
-_PEEKS = {"mrc": _peek_mrc, "tiff": _peek_tiff, "zarr": _peek_zarr, "nrrd": _peek_nrrd, "nifti": _peek_nifti,
+_PEEKS = {"mrc": _peek_mrc, "tiff": _peek_tiff, "nrrd": _peek_nrrd, "nifti": _peek_nifti,
           "npy": _peek_npy}
 
 
 def _squeeze_to(vol: Volume, ndim: int) -> Volume:
+    from .ngff import View
+
     shape = vol.shape
     extra = vol.ndim - ndim
     if extra > 0 and all(s == 1 for s in shape[:extra]):
-        data = vol.data[(0,) * extra]  # a view for NumPy and memory maps; Zarr indexing loads it
+        if isinstance(vol.data, np.ndarray):
+            data = vol.data[(0,) * extra]  # a view, for NumPy and memory maps alike
+        else:  # lazy: a view that drops the axes without reading anything
+            data = View(vol.data, range(extra, vol.ndim), {i: 0 for i in range(extra)})
         return Volume(data, vol.voxel_size[extra:], vol.unit, vol.origin[extra:], vol.path, vol.attrs)
     kind = {2: "a 2-D image", 3: "a 3-D volume"}.get(ndim, f"{ndim}-D data")
-    raise InputError(f"{vol.path}: has shape {shape} ({vol.ndim}-D) but {kind} is needed")
+    axes = f", axes {vol.attrs['axes']}" if vol.attrs.get("axes") else ""
+    raise InputError(f"{vol.path}: has shape {shape} ({vol.ndim}-D{axes}) but {kind} is needed")
 
 
 def _check_finite(vol: Volume) -> None:
@@ -462,12 +532,29 @@ def _mrc_unsigned_bytes(header) -> bool:
     return int(stamp) == _IMOD_STAMP and not int(flags) & 1
 
 
-def _read_tiff(path: Path, lazy: bool) -> Volume:
+def _read_tiff(path: Path, lazy: bool, level: int = 0) -> Volume:
+    """A TIFF with its voxel size (maskworks' own metadata, OME-XML, or resolution tags and ImageJ
+    spacing).  ``lazy`` (with zarr >= 3): read by tiles/strips through tifffile's Zarr interface,
+    the file kept open while the data is used; ``level`` of a pyramidal (OME-)TIFF."""
     import tifffile
 
-    with tifffile.TiffFile(str(path)) as tif:
-        data = tif.asarray()
+    from . import ngff
+
+    lazy = lazy and ngff.zarr_major() >= 3
+    tif = tifffile.TiffFile(str(path))
+    with contextlib.ExitStack() as stack:
+        if not lazy:
+            stack.enter_context(tif)
         series = tif.series[0]
+        if not 0 <= level < len(series.levels):
+            tif.close()
+            raise InputError(f"{path}: level={level!r}, but the TIFF has levels 0..{len(series.levels) - 1}")
+        if lazy:
+            import zarr
+
+            data = zarr.open(series.aszarr(level=level), mode="r")
+        else:
+            data = series.levels[level].asarray()
         axes = series.axes
         nd = data.ndim
         vs, unit, origin = [1.0] * nd, None, None
@@ -491,9 +578,16 @@ def _read_tiff(path: Path, lazy: bool) -> Volume:
             if "Z" in axmap and "spacing" in ij:
                 vs[axmap["Z"]] = float(ij["spacing"])
             unit = ij.get("unit")
-    attrs = {"axes": axes}
+        if level:  # a coarser level: the same extent in fewer voxels
+            full = series.levels[0].shape
+            vs = [v * f / s for v, f, s in zip(vs, full, data.shape)]
+    attrs = {"axes": axes.lower(), "level": level, "levels": len(series.levels)}
     if meta and "maskworks" in meta:
         attrs["provenance"] = meta["maskworks"]
+    if lazy:
+        image = ngff.Image(data, list(axes.lower()), list(vs), list(origin or [0.0] * nd), unit, level)
+        data, vs, origin, attrs["axes"] = image.canonical()
+        data = CheckedArray(data, path)
     return Volume(data, vs, unit, origin, attrs=attrs)
 
 
@@ -509,55 +603,6 @@ def _ome_tiff_sizes(xml: str, axes: str, vs: list) -> tuple[list, str | None]:
                 vs[axes.index(ax)] = float(pixels.get(f"PhysicalSize{ax}"))
                 unit = pixels.get(f"PhysicalSize{ax}Unit", "µm")
     return vs, unit
-
-
-def _zarr_array(path: Path):
-    """The array a Zarr path holds (level 0 of OME-NGFF multiscales) and its node."""
-    import zarr
-
-    node = zarr.open(str(path), mode="r")
-    if isinstance(node, zarr.Array):
-        return node, node
-    ms = node.attrs.get("multiscales")
-    if ms:
-        return node[ms[0]["datasets"][0]["path"]], node
-    if "0" in node:
-        return node["0"], node
-    raise InputError(f"{path}: Zarr group has neither OME-NGFF 'multiscales' metadata nor an array '0'")
-
-
-def _read_zarr(path: Path, lazy: bool) -> Volume:
-    import zarr
-
-    arr, node = _zarr_array(path)
-    attrs: dict = {}
-    if isinstance(node, zarr.Array):
-        vs = node.attrs.get("voxel_size", [1.0] * node.ndim)
-        unit, origin = node.attrs.get("unit"), node.attrs.get("origin")
-    else:
-        ms = node.attrs.get("multiscales")
-        if ms:
-            ds0 = ms[0]["datasets"][0]
-            scale = [1.0] * arr.ndim
-            trans = [0.0] * arr.ndim
-            # NGFF: the dataset's transformations apply first, then the multiscale-wide ones.
-            for tr in ds0.get("coordinateTransformations", []) + ms[0].get("coordinateTransformations", []):
-                if tr.get("type") == "scale":
-                    scale = [a * b for a, b in zip(scale, tr["scale"], strict=True)]
-                    trans = [a * b for a, b in zip(trans, tr["scale"], strict=True)]
-                elif tr.get("type") == "translation":
-                    trans = [a + b for a, b in zip(trans, tr["translation"], strict=True)]
-            axes = ms[0].get("axes", [])
-            space = [i for i, a in enumerate(axes) if isinstance(a, dict) and a.get("type") == "space"]
-            unit = axes[space[0]].get("unit") if space else None
-            vs, origin = scale, trans
-            attrs["axes"] = "".join(a["name"] if isinstance(a, dict) else str(a) for a in axes)
-        else:
-            vs, unit, origin = [1.0] * arr.ndim, None, None
-        if "maskworks" in node.attrs:
-            attrs["provenance"] = node.attrs["maskworks"]
-    data = CheckedArray(arr, path) if lazy else arr[...]
-    return Volume(data, vs, unit, origin, attrs=attrs)
 
 
 class CheckedArray:
@@ -680,7 +725,6 @@ def _read_npy(path: Path, lazy: bool) -> Volume:
 _READERS = {
     "mrc": _read_mrc,
     "tiff": _read_tiff,
-    "zarr": _read_zarr,
     "nrrd": _read_nrrd,
     "nifti": _read_nifti,
     "npy": _read_npy,
@@ -709,6 +753,20 @@ def _mrc_dtype(array: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+# The OME-Zarr version stores are written as (None: 0.5 where zarr 3 is installed, else 0.4); the
+# command line's --ome-zarr-version and a job's configuration set it once for the process.
+OME_ZARR_VERSION: str | None = None
+
+
+def set_ome_zarr_version(version) -> str:
+    """Write OME-Zarr ``version`` ("0.4" or "0.5") from now on in this process; returns the one used."""
+    from .ngff import check_version
+
+    global OME_ZARR_VERSION
+    OME_ZARR_VERSION = check_version(version)
+    return OME_ZARR_VERSION
+
+
 def write_volume(
     path: str | Path,
     array,
@@ -718,13 +776,18 @@ def write_volume(
     origin=None,
     chunks=None,
     provenance: dict | None = None,
+    labels: bool = False,
+    colours: dict | None = None,
+    ome_zarr_version: str | None = None,
+    source: str | None = None,
+    pyramid=None,
 ) -> Path:
     """Write ``array`` atomically to ``path`` with its voxel size, unit and origin.
 
     Parameters
     ----------
     path : str or Path
-        Target; the format comes from the extension (``.zarr`` writes OME-Zarr).
+        Target; the format comes from the extension (``.zarr`` writes OME-Zarr with a pyramid).
     array : array-like
         (z, y, x) volume or (y, x) image.
     voxel_size : float or sequence of float
@@ -738,6 +801,12 @@ def write_volume(
         Zarr chunk shape (default: 64 per axis, capped by the shape).
     provenance : dict, optional
         Small JSON-able record (stage, parameters, inputs) kept where the format allows.
+    labels : bool
+        A mask or label image: OME-Zarr ``image-label`` metadata and a nearest-neighbour pyramid
+        (an intensity image gets the mean).
+    colours : dict, optional
+        With ``labels``: the colour table (value -> RGBA); None: masks' and training labels'
+        0/1/2 table; ``{}``: none (instance labels).
 
     Returns
     -------
@@ -745,8 +814,9 @@ def write_volume(
         The written path.
     """
     with create_volume(
-        path, array.shape, array.dtype, voxel_size,
-        unit=unit, origin=origin, chunks=chunks, provenance=provenance, _array=array,
+        path, array.shape, array.dtype, voxel_size, unit=unit, origin=origin, chunks=chunks,
+        provenance=provenance, labels=labels, colours=colours, ome_zarr_version=ome_zarr_version, source=source,
+        pyramid=pyramid, _array=array,
     ):
         pass
     return Path(path)
@@ -763,16 +833,29 @@ def create_volume(
     origin=None,
     chunks=None,
     provenance: dict | None = None,
+    labels: bool = False,
+    colours: dict | None = None,
+    ome_zarr_version: str | None = None,
+    source: str | None = None,
+    pyramid=None,
     _array=None,
 ):
     """Open an output volume for block-wise writing; it appears at ``path`` only on success.
 
     Yields an array-like to assign blocks into (``out[z0:z1] = block``): a Zarr
-    array for ``.zarr`` targets (so peak memory stays at one block), an
-    in-memory NumPy array for the other formats, written on exit.
+    array for ``.zarr`` targets (so peak memory stays at one block; the pyramid and
+    the OME-NGFF metadata are written on exit, block by block), an in-memory NumPy
+    array for the other formats, written on exit.  ``labels``, ``colours``: see
+    :func:`write_volume`; ``ome_zarr_version`` overrides the process-wide one (a label image
+    takes its image's), ``source`` is the label image's path to its image (``"../../"``) and
+    ``pyramid`` its downsampling factors from level to level (those of its image).
     """
+    from . import ngff
+
     path = Path(path)
     fmt = format_of(path)
+    if fmt in INPUT_FORMATS:
+        raise InputError(f"{path}: {fmt} is read, not written; write .zarr (OME-Zarr), .tif, .mrc, .nrrd or .nii.gz")
     if path.name.lower().endswith(".nhdr"):
         raise InputError(f"{path}: writing detached NRRD headers (.nhdr) is not supported; write .nrrd instead")
     shape = tuple(int(s) for s in shape)
@@ -782,10 +865,18 @@ def create_volume(
         raise InputError(f"{path}: unknown length unit {unit!r}; use one of {sorted(_UNIT_NM)}")
     with atomic_path(path) as tmp:
         if fmt == "zarr":
-            zarr_arr = _open_zarr_out(tmp, shape, dtype, geom, chunks, provenance)
+            version = ngff.check_version(ome_zarr_version or OME_ZARR_VERSION)
+            nd = len(shape)
+            chunks = tuple(chunks) if chunks is not None else (64,) * nd if nd == 3 else (512,) * nd
+            chunks = tuple(max(1, min(int(c), s if s > 0 else 1)) for c, s in zip(chunks, shape))
+            root = ngff.create_group(tmp, version)
+            arr = ngff.create_array(root, "0", shape, chunks, dtype, version)
             if _array is not None:
-                _copy_blockwise(_array, zarr_arr)
-            yield zarr_arr
+                _copy_blockwise(_array, arr)
+            yield arr
+            ngff.finish_image(root, arr, voxel_size=geom.voxel_size, origin=geom.origin, unit=geom.unit,
+                              version=version, labels=labels, chunks=chunks,
+                              provenance=provenance, colours=colours, source=source, factors=pyramid)
         else:
             buf = np.asarray(_array) if _array is not None else np.zeros(shape, dtype=dtype)
             yield buf
@@ -808,48 +899,6 @@ def describe_error(exc: BaseException) -> str:
                "save plain arrays/tensors"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
-
-
-def deterministic_blosc() -> None:
-    """Blosc's own threads write a chunk's blocks in whatever order they finish, so the same array
-    would give different bytes on every write; with them off it gives the same bytes every time."""
-    from numcodecs import blosc
-
-    blosc.use_threads = False
-
-
-def zarr_compressor(dtype):
-    """The Blosc/zstd compressor of every Zarr maskworks writes (deterministic, see
-    :func:`deterministic_blosc`)."""
-    from numcodecs import Blosc
-
-    deterministic_blosc()
-    return Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE if np.dtype(dtype).itemsize == 1 else Blosc.SHUFFLE)
-
-
-def _open_zarr_out(tmp: Path, shape, dtype, geom: Volume, chunks, provenance):
-    import zarr
-
-    nd = len(shape)
-    chunks = tuple(chunks) if chunks is not None else (64,) * nd if nd == 3 else (512,) * nd
-    chunks = tuple(max(1, min(int(c), s if s > 0 else 1)) for c, s in zip(chunks, shape))
-    root = zarr.open_group(str(tmp), mode="w")
-    arr = root.create_dataset(
-        "0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-        compressor=zarr_compressor(dtype), write_empty_chunks=False,
-    )
-    names = "zyx"[-nd:] if nd <= 3 else None
-    axes = [{"name": n, "type": "space", **({"unit": geom.unit} if geom.unit else {})} for n in names]
-    transforms = [{"type": "scale", "scale": list(geom.voxel_size)}]
-    if any(o != 0 for o in geom.origin):
-        transforms.append({"type": "translation", "translation": list(geom.origin)})
-    # OME-NGFF 0.4 "multiscales", one level (what ome_zarr.writer.write_multiscales_metadata writes,
-    # without importing it: the writer pulls in dask, half a second of every stage's start-up).
-    root.attrs["multiscales"] = [{"version": "0.4", "name": "/", "axes": axes,
-                                  "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]
-    if provenance:
-        root.attrs["maskworks"] = provenance
-    return arr
 
 
 def _write_mrc(tmp: Path, data: np.ndarray, geom: Volume, provenance, target: Path) -> None:
@@ -965,13 +1014,13 @@ _WRITERS = {
 }
 
 
-def write_csv(path: str | Path, rows, columns) -> Path:
-    """Write dict rows as CSV atomically (manifests, reports, per-object stats)."""
+def write_csv(path: str | Path, rows, columns, delimiter: str = ",") -> Path:
+    """Write dict rows as CSV (or TSV: ``delimiter``) atomically (manifests, reports, per-object stats)."""
     import csv
 
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore", delimiter=delimiter)
         writer.writeheader()
         writer.writerows(rows)
     return path
