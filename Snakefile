@@ -21,3 +21,4 @@ rule all:
     default_target: True
     input:
         all_outputs(),
+        refine_outputs,

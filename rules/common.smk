@@ -83,19 +83,60 @@ def em_row(wildcards):
     return em_volumes.loc[wildcards.name]
 
 
-def em_inputs(wildcards):
-    """The volume (and, when the table names one, its ground-truth mask) of an EM row."""
+def source_file(spec):
+    """The file or folder behind a volume spec (``file.h5:/dataset``, ``precomputed://folder``)."""
+    spec = str(spec).removeprefix("precomputed://")
+    m = re.match(r"^(.*?\.(?:h5|hdf5|hdf|he5)):.*$", spec, re.I)
+    return m.group(1) if m else spec
+
+
+def em_source(wildcards):
+    """The volume of an EM row as the stages read it: its path, with the dataset of an HDF5 file
+    (``file.h5:/dataset``, or the table's dataset column)."""
     row = em_row(wildcards)
+    dataset = row.get("dataset") or ""
+    return f"{row['path']}:{dataset}" if dataset else row["path"]
+
+
+def em_sources(wildcards):
+    """What the stages read for an EM row: the volume spec and the truth's (inputs name their files)."""
     return {
-        "volume": row["path"],
-        **({"truth": row["truth"]} if row.get("truth") else {}),
+        "volume": em_source(wildcards),
+        "truth": em_row(wildcards).get("truth") or None,
     }
 
 
-def em_geometry(wildcards):
-    """Voxel size/unit from the table; empty cells mean 'take them from the file'."""
+def em_inputs(wildcards):
+    """The volume file (and, when the table names one, its ground-truth mask) of an EM row."""
     row = em_row(wildcards)
     return {
+        "volume": source_file(row["path"]),
+        **({"truth": source_file(row["truth"])} if row.get("truth") else {}),
+    }
+
+
+def row_level(name):
+    """The pyramid level of an EM row: its table cell, else em.level."""
+    cell = em_volumes.loc[name].get("level") or ""
+    return int(cell) if cell else EM["level"]
+
+
+def em_level(wildcards):
+    return row_level(wildcards.name)
+
+
+def full_resolution_of(wildcards):
+    """The volume a mask computed at a coarser level is written back to (em.full_resolution)."""
+    return (
+        em_source(wildcards) if EM["full_resolution"] and em_level(wildcards) else None
+    )
+
+
+def em_geometry(wildcards):
+    """Voxel size/unit from the table (empty cells: from the file) and the level to work at."""
+    row = em_row(wildcards)
+    return {
+        "level": em_level(wildcards),
         "voxel_size": row.get("voxel_size") or None,
         "unit": row.get("unit") or None,
     }
@@ -123,46 +164,51 @@ def cryoet_inputs(wildcards):
     }
 
 
+def copick_index():
+    """The rows of the copick_runs checkpoint's table (runs and their input stores), listed by
+    copick in the cryo-ET environment; raises Snakemake's "not yet" until the checkpoint has run.
+    """
+    table = checkpoints.copick_runs.get().output.table
+    return pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False).set_index(
+        "run", drop=False
+    )
+
+
 def copick_runs():
     """Runs to refine: the configured list, else every run of the copick project (sorted)."""
     if not (CRYOET["enabled"] and REFINE["copick_config"]):
         return []
     if REFINE["runs"]:
         return list(REFINE["runs"])
-    try:
-        from maskworks.io.copick import open_project
-    except ImportError as exc:
-        raise WorkflowError(
-            "listing copick runs needs maskworks[core] in the Snakemake environment; "
-            f"install it or list the runs in cryoet.refine_membranes.runs ({exc})"
-        )
-    return sorted(r.name for r in copick_root().runs)
-
-
-def copick_root():
-    """The copick project of the refinement, opened once per Snakemake process."""
-    from maskworks.io.copick import open_project
-
-    if "root" not in _COPICK:
-        _COPICK["root"] = open_project(REFINE["copick_config"])
-    return _COPICK["root"]
-
-
-_COPICK = {}
+    return sorted(copick_index().index)
 
 
 def refine_inputs(wildcards):
-    """The copick config and the segmentation stores refine_membranes reads for a run (when the
-    project is on the local file system), so that changing them reruns the job."""
-    from maskworks.io.copick import input_stores
+    """The copick config, the runs table and the segmentation stores refine_membranes reads for a run
+    (when the project is on the local file system), so that changing them reruns the job.
+    """
+    index = copick_index()
+    row = index.loc[wildcards.run] if wildcards.run in index.index else {}
+    stores = [row.get(k) for k in ("organelles", "membranes") if row.get(k)]
+    return {
+        "config": REFINE["copick_config"],
+        "table": checkpoints.copick_runs.get().output.table,
+        "stores": stores,
+    }
 
-    stores = input_stores(
-        copick_root(),
-        wildcards.run,
-        [REFINE["org_info"], REFINE["mem_info"]],
-        REFINE["voxel_size"],
-    )
-    return {"config": REFINE["copick_config"], "stores": stores}
+
+def copick_args(wildcards=None):
+    """copick-runs options from the config."""
+    return cli_args(
+        {k: REFINE[k] for k in ("org_info", "mem_info", "voxel_size")}
+    ) + "".join(f" --run {shlex.quote(str(r))}" for r in REFINE["runs"])
+
+
+def refine_args(wildcards):
+    """refine-membranes options from the config (the device a job given a GPU must use)."""
+    opts = {k: v for k, v in REFINE.items() if k not in ("copick_config", "runs")}
+    opts["device"] = job_device(REFINE["device"])
+    return cli_args(opts)
 
 
 def store_state(wildcards):
@@ -307,30 +353,42 @@ def codex_channels(wildcards):
     }
 
 
-def deepcell_python(wildcards=None):
-    """The interpreter of the DeepCell env: conda's (envs/deepcell.yaml), else software.deepcell_python,
-    else .venv-deepcell of this workflow's source (`make setup-deepcell`)."""
+def env_python(env, needed_by):
+    """The interpreter of environment ``env`` (deepcell, cryoet) for the jobs that run in it; conda's
+    (envs/<env>.yaml), else software.<env>_python, else .venv-<env> of this workflow's source
+    (`make setup-<env>`)."""
     if uses_conda():
         return "python"
-    if SOFTWARE["deepcell_python"]:
-        py = Path(SOFTWARE["deepcell_python"])
-        where = "software.deepcell_python"
+    key = f"{env}_python"
+    if SOFTWARE[key]:
+        py = Path(SOFTWARE[key])
+        where = f"software.{key}"
     elif is_local_source():
         source = os.path.normpath(SOURCE.get_path_or_uri(secret_free=True))
-        py = Path(source) / ".venv-deepcell" / "bin" / "python"
-        where = "the workflow's .venv-deepcell"
+        py = Path(source) / f".venv-{env}" / "bin" / "python"
+        where = f"the workflow's .venv-{env}"
     else:
         raise WorkflowError(
-            f"the Mesmer backend needs the DeepCell environment: set software.deepcell_python "
+            f"{needed_by} needs the {env} environment: set software.{key} "
             f"(the workflow comes from {SOURCE}), or use conda (--sdm conda)"
         )
     if not py.exists():
         raise WorkflowError(
-            f"the Mesmer backend runs in the DeepCell environment, but {py} ({where}) does not exist: "
-            "run `make setup-deepcell` in the maskworks checkout, set software.deepcell_python, "
-            "or use conda (--sdm conda) to build envs/deepcell.yaml"
+            f"{needed_by} runs in the {env} environment, but {py} ({where}) does not exist: "
+            f"run `make setup-{env}` in the maskworks checkout, set software.{key}, "
+            f"or use conda (--sdm conda) to build envs/{env}.yaml"
         )
     return str(py)
+
+
+def deepcell_python(wildcards=None):
+    """The DeepCell environment's interpreter (Mesmer: TensorFlow 2.8, Python 3.10)."""
+    return env_python("deepcell", "the Mesmer backend")
+
+
+def cryoet_python(wildcards=None):
+    """The cryo-ET environment's interpreter (copick, which needs zarr 2)."""
+    return env_python("cryoet", "the copick rules (copick_runs, refine_membranes)")
 
 
 def segment_python(wildcards):
@@ -393,6 +451,20 @@ def segment_args(wildcards, input):
 UNET = EM["train_unet"]
 
 
+def unet_training_sources(wildcards):
+    """What train_unet reads for each training row: image and label specs and the pyramid level."""
+    names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
+    rows = [em_volumes.loc[n] for n in names]
+    return {
+        "images": [
+            f"{r['path']}:{r['dataset']}" if r.get("dataset") else r["path"]
+            for r in rows
+        ],
+        "labels": [r["truth"] for r in rows],
+        "levels": [row_level(n) for n in names],
+    }
+
+
 def unet_training_inputs(wildcards):
     """Training pairs: table rows with a truth (all, or those listed) and/or patch folders."""
     names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
@@ -404,8 +476,8 @@ def unet_training_inputs(wildcards):
             f"em.train_unet.training names {missing}: not rows of {EM['volumes']} with a truth"
         )
     out = {
-        "images": [em_volumes.loc[n, "path"] for n in names],
-        "labels": [em_volumes.loc[n, "truth"] for n in names],
+        "images": [source_file(em_volumes.loc[n, "path"]) for n in names],
+        "labels": [source_file(em_volumes.loc[n, "truth"]) for n in names],
     }
     if UNET["images_dir"]:
         out.update(images_dir=UNET["images_dir"], labels_dir=UNET["labels_dir"])
@@ -417,8 +489,15 @@ def unet_training_inputs(wildcards):
     return out
 
 
+def refine_outputs(wildcards):
+    """The refinement's targets: one per copick run, known once the copick_runs checkpoint has listed
+    them (an input function of its own, so the other arms' jobs show in a dry run before that).
+    """
+    return expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
+
+
 def all_outputs():
-    """Final targets of every enabled arm."""
+    """Final targets of every enabled arm but the copick refinement (refine_outputs)."""
     out = []
     if EM["enabled"]:
         methods = ["texture"] + (["unet"] if UNET["enabled"] else [])
@@ -431,7 +510,6 @@ def all_outputs():
         out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
         with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]
         out += expand("results/cryoet/merged/{name}", name=with_corrections)
-        out += expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
     if CODEX["enabled"]:
         out += expand("results/codex/{name}/quantify", name=codex_images.index)
     return out

@@ -64,6 +64,28 @@ rule merge_corrections:
         "../scripts/merge_corrections.py"
 
 
+checkpoint copick_runs:
+    input:
+        config=REFINE["copick_config"] or [],
+    output:
+        table="results/cryoet/refine/copick_runs.tsv",
+    log:
+        "logs/cryoet/copick_runs.log",
+    benchmark:
+        "benchmarks/cryoet/copick_runs.tsv"
+    localrule: True
+    # copick 1.31 needs zarr 2: the copick rules run in the cryo-ET environment.
+    conda:
+        conda_env("cryoet")
+    threads: 1
+    params:
+        python=cryoet_python,
+        args=copick_args,
+    shell:
+        "{params.python:q} -I -m maskworks.cli -v copick-runs --config {input.config:q} "
+        "{params.args} --out {output.table:q} > {log:q} 2>&1"
+
+
 rule refine_membranes:
     input:
         unpack(refine_inputs),
@@ -85,7 +107,7 @@ rule refine_membranes:
     benchmark:
         "benchmarks/cryoet/refine_membranes/{run}.tsv"
     conda:
-        conda_env("core")
+        conda_env("cryoet")
     threads: 1
     resources:
         **site_resources(gpu=gpu_request(REFINE["device"])),
@@ -93,8 +115,11 @@ rule refine_membranes:
         runtime=scaled(60),
         gpu=gpu_request(REFINE["device"]),
     params:
-        refine=stage_params(REFINE, drop=("copick_config", "runs", "device")),
-        device=job_device(REFINE["device"]),
+        python=cryoet_python,
+        args=refine_args,
+        qc_dir=lambda wc, output: os.path.dirname(output.qc),
         stores=store_state,
-    script:
-        "../scripts/refine_membranes.py"
+    shell:
+        "{params.python:q} -I -m maskworks.cli -v refine-membranes --config {input.config:q} "
+        "--run {wildcards.run:q} --qc-dir {params.qc_dir:q} --stats {output.stats:q} {params.args} "
+        "> {log:q} 2>&1"

@@ -37,6 +37,7 @@ rule texture_mask:
         texture=stage_params(EM["texture_mask"], drop=("threads", "device")),
         device=job_device(EM["texture_mask"]["device"]),
         geometry=em_geometry,
+        sources=em_sources,
     script:
         "../scripts/texture_mask.py"
 
@@ -71,6 +72,7 @@ rule train_unet:
             UNET, drop=("enabled", "training", "images_dir", "labels_dir", "device")
         ),
         device=job_device(UNET["device"]),
+        sources=unet_training_sources,
     script:
         "../scripts/train_unet.py"
 
@@ -107,6 +109,7 @@ rule predict_unet:
         predict=stage_params(EM["predict_unet"], drop=("device", "threads")),
         device=job_device(EM["predict_unet"]["device"]),
         geometry=em_geometry,
+        sources=em_sources,
     script:
         "../scripts/predict_unet.py"
 
@@ -151,5 +154,7 @@ rule postprocess_mask:
     params:
         postprocess=stage_params(EM["postprocess_mask"], drop=("threads", "device")),
         device=job_device(EM["postprocess_mask"]["device"]),
+        full_resolution_of=full_resolution_of,
+        sources=em_sources,
     script:
         "../scripts/postprocess_mask.py"

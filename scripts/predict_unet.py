@@ -5,13 +5,13 @@ from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 predict_unet_files(
-    snakemake.input.volume,
+    snakemake.params.sources["volume"],  # with the dataset of an HDF5 file
     snakemake.input.checkpoint,
     snakemake.output.prob,
     snakemake.output.mask,
     stats=snakemake.output.stats,
     qc=snakemake.output.qc,
-    truth=snakemake.input.get("truth"),
+    truth=snakemake.params.sources["truth"],
     **snakemake.params.geometry,
     **snakemake.params.predict,
     device=snakemake.params.device,

@@ -5,12 +5,12 @@ from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 texture_mask_files(
-    snakemake.input.volume,
+    snakemake.params.sources["volume"],  # with the dataset of an HDF5 file
     snakemake.output.mask,
     confidence=snakemake.output.confidence,
     stats=snakemake.output.stats,
     qc=snakemake.output.qc,
-    truth=snakemake.input.get("truth"),
+    truth=snakemake.params.sources["truth"],
     **snakemake.params.geometry,
     **snakemake.params.texture,
     threads=snakemake.threads,

@@ -7,11 +7,12 @@ from maskworks.jobs import snakemake_job
 
 snakemake_job(snakemake)  # `snakemake` is injected by Snakemake
 train_unet_files(
-    snakemake.input.get("images", []),
-    snakemake.input.get("labels", []),
+    snakemake.params.sources["images"],  # with the dataset of an HDF5 file
+    snakemake.params.sources["labels"],
     out_dir=Path(snakemake.output.best).parent,
     images_dir=snakemake.input.get("images_dir"),
     labels_dir=snakemake.input.get("labels_dir"),
+    levels=snakemake.params.sources["levels"],
     **snakemake.params.train,
     device=snakemake.params.device,
 )

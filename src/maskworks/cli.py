@@ -27,7 +27,7 @@ ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages", "maskworks.codex.stage
 # its own libraries), the full parser (``--help``, an unknown command) imports them all.
 COMMANDS = {
     "maskworks.em.stages": ("texture-mask", "postprocess-mask", "train-unet", "predict-unet"),
-    "maskworks.cryoet.stages": ("extract-patches", "merge-corrections", "refine-membranes"),
+    "maskworks.cryoet.stages": ("extract-patches", "merge-corrections", "refine-membranes", "copick-runs"),
     "maskworks.codex.stages": ("tile-image", "segment-cells", "download-mesmer-model", "repair-masks",
                                "stitch", "quantify"),
 }
@@ -39,6 +39,8 @@ COMMANDS = {
 def _add_demo(sub):
     p = sub.add_parser("demo-data", help="write the deterministic synthetic demo data")
     p.add_argument("out_dir", help="folder to write into (e.g. demo_data)")
+    p.add_argument("--arms", help="comma list of em, cryoet, codex, copick; if not given, every part this "
+                   "environment can write (the copick project needs copick: the cryo-ET environment)")
     p.set_defaults(run=_run_demo_data)
     p = sub.add_parser("demo-summary", help="print where the demo results and QC pictures are")
     p.add_argument("--results", default="results")
@@ -52,10 +54,14 @@ def _run_demo_summary(a):
 
 
 def _run_demo_data(a):
-    from .demo import write_demo_data
+    from .demo import default_arms, write_demo_data
 
-    for name, path in sorted(write_demo_data(a.out_dir).items()):
+    arms = [s.strip() for s in a.arms.split(",") if s.strip()] if a.arms else default_arms()
+    for name, path in sorted(write_demo_data(a.out_dir, arms).items()):
         print(f"{name}: {path}")
+    if not a.arms and "copick" not in arms:
+        print("copick project not written: copick is not installed in this environment; write it with the "
+              "cryo-ET environment: .venv-cryoet/bin/maskworks demo-data DIR --arms copick", file=sys.stderr)
 
 
 def build_parser(argv=None):
@@ -64,6 +70,9 @@ def build_parser(argv=None):
     parser = argparse.ArgumentParser(prog="maskworks", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"maskworks {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--ome-zarr-version", choices=["0.4", "0.5"],
+                        help="OME-Zarr version of .zarr outputs; if not given, 0.5 (Zarr v3) where zarr 3 is "
+                             "installed, else 0.4")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="STAGE",
         parser_class=functools.partial(argparse.ArgumentParser, formatter_class=argparse.ArgumentDefaultsHelpFormatter),
@@ -84,6 +93,10 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     stop_on_sigterm()
     try:
+        if args.ome_zarr_version:
+            from .io.volumes import set_ome_zarr_version
+
+            set_ome_zarr_version(args.ome_zarr_version)
         result = args.run(args)
     except BaseException as exc:
         known = failure(exc)

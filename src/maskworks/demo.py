@@ -21,8 +21,10 @@ from maskworks.io import InputError, write_volume
 
 # Voxel geometry of the demo volumes: (z, y, x) size and unit, as written to disk.
 EM_SAMPLES = {
+    # An OME-Zarr (0.5 where zarr 3 is installed) with a pyramid: level 0 at 40 x 8 x 8 nm, level 1
+    # (the generated volume, where the demo computes its masks) at 40 x 16 x 16 nm.
     "sample1": {"shape": (96, 160, 160), "seed": 0, "path": "sample1.zarr",
-                "voxel_size": (40.0, 16.0, 16.0), "unit": "nanometer"},
+                "voxel_size": (40.0, 16.0, 16.0), "unit": "nanometer", "level": 1},
     "sample2": {"shape": (64, 128, 128), "seed": 1, "path": "sample2.mrc",
                 "voxel_size": (80.0, 80.0, 80.0), "unit": "angstrom"},
     # crossing cracks and sheets, curtaining and a brightness ramp (not in the demo's volume table:
@@ -204,8 +206,9 @@ def make_em_volume(shape=(96, 160, 160), seed: int = 0, variant: str = "plain") 
 
 
 def _write_em(out_dir: Path) -> dict[str, Path]:
-    """EM arm: ``em/sample1.zarr`` (OME-Zarr), ``em/sample2.mrc`` and ``em/sample3.tif`` (the
-    "artefacts" variant) with their truths."""
+    """EM arm: ``em/sample1.zarr`` (OME-Zarr with a two-level pyramid: the generated volume is level
+    1, level 0 has twice its y and x resolution), ``em/sample2.mrc`` and ``em/sample3.tif`` (the
+    "artefacts" variant) with their truths (the OME-Zarr truth as a label image with the same levels)."""
     written = {}
     for name, spec in EM_SAMPLES.items():
         image, truth = make_em_volume(spec["shape"], seed=spec["seed"], variant=spec.get("variant", "plain"))
@@ -213,10 +216,14 @@ def _write_em(out_dir: Path) -> dict[str, Path]:
         truth_target = target.with_name(target.name.replace(name, f"{name}_truth", 1))
         prov = {"stage": "demo-data", "generator": "maskworks.demo.make_em_volume",
                 "shape": list(spec["shape"]), "seed": spec["seed"], "variant": spec.get("variant", "plain")}
-        written[name] = write_volume(target, image, spec["voxel_size"], unit=spec["unit"], provenance=prov)
-        written[f"{name}_truth"] = write_volume(
-            truth_target, truth, spec["voxel_size"], unit=spec["unit"], provenance={**prov, "truth": True}
-        )
+        vs, pyramid = spec["voxel_size"], None
+        if spec.get("level"):  # level 0 repeats each voxel in y and x; its mean (and nearest) level 1 is the volume
+            factors = (1,) + (2 ** spec["level"],) * 2
+            image, truth = (np.repeat(np.repeat(a, factors[1], axis=1), factors[2], axis=2) for a in (image, truth))
+            vs, pyramid = tuple(v / f for v, f in zip(vs, factors)), [(1, 2, 2)] * spec["level"]
+        written[name] = write_volume(target, image, vs, unit=spec["unit"], provenance=prov, pyramid=pyramid)
+        written[f"{name}_truth"] = write_volume(truth_target, truth, vs, unit=spec["unit"], labels=True,
+                                                provenance={**prov, "truth": True}, pyramid=pyramid)
     return written
 
 # ----------------------------------------------------------------------------- cryo-ET patches
@@ -458,8 +465,9 @@ def _write_copick_project(out_dir) -> dict[str, Path]:
 
 
 def _write_cryoet(out_dir: Path) -> dict[str, Path]:
-    """Cryo-ET arm: tomogram, segmentation, centres and corrections, plus a copick project."""
-    return {**_write_cryoet_patches(out_dir), **_write_cryoet_copick(out_dir)}
+    """Cryo-ET arm: tomogram, segmentation, centres and corrections (the copick project is the
+    ``copick`` part: it is written through copick, which lives in the cryo-ET environment)."""
+    return _write_cryoet_patches(out_dir)
 
 
 # ----------------------------------------------------------------------------- multiplexed tissue (CODEX)
@@ -607,10 +615,21 @@ def _write_codex(out_dir: Path) -> dict[str, Path]:
     }
 
 
-_ARMS = {"em": _write_em, "cryoet": _write_cryoet, "codex": _write_codex}
+_ARMS = {"em": _write_em, "cryoet": _write_cryoet, "codex": _write_codex, "copick": _write_cryoet_copick}
 
 
-def write_demo_data(out_dir, arms=("em", "cryoet", "codex")) -> dict[str, Path]:
+def copick_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("copick") is not None
+
+
+def default_arms() -> tuple[str, ...]:
+    """Every part of the demo this environment can write (the copick project needs copick)."""
+    return ("em", "cryoet", "codex", "copick") if copick_available() else ("em", "cryoet", "codex")
+
+
+def write_demo_data(out_dir, arms=None) -> dict[str, Path]:
     """Write the synthetic demo inputs (and their ground truth) of ``arms`` under ``out_dir``.
 
     Parameters
@@ -618,14 +637,18 @@ def write_demo_data(out_dir, arms=("em", "cryoet", "codex")) -> dict[str, Path]:
     out_dir : str or Path
         Directory to write into (created if missing).  Files are written
         atomically, so running this again simply replaces them.
-    arms : sequence of str
-        Which arms to write data for (known: ``"em"``, ``"cryoet"``, ``"codex"``).
+    arms : sequence of str, optional
+        Which parts to write (known: ``"em"``, ``"cryoet"`` (patches and corrections), ``"codex"``,
+        ``"copick"`` (the copick project, written through copick: the cryo-ET environment));
+        None: every part this environment can write (:func:`default_arms`).
 
     Returns
     -------
     dict
         ``{"em/sample1": Path, "em/sample1_truth": Path, ...}``: every written path.
     """
+    if arms is None:
+        arms = default_arms()
     if isinstance(arms, str):
         arms = (arms,)
     unknown = [a for a in arms if a not in _ARMS]

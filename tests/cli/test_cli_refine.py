@@ -18,6 +18,9 @@ from maskworks.backend import resolve_device
 from maskworks.cli import main
 from maskworks.io import copick as cio
 
+pytestmark = pytest.mark.copick  # copick needs zarr 2: this module runs in .venv-cryoet (make test)
+copick = pytest.importorskip("copick", reason="copick runs in .venv-cryoet (make test runs this module there)")
+
 ORG, MEM = "organelles", "membrane,membrain-seg,1"
 GPU = resolve_device("auto") != "cpu"  # cupy imports and a device is visible
 
@@ -226,3 +229,58 @@ def test_copick_outputs_are_the_same_bytes_every_time(demo, tmp_path):
         assert len(found) == 2
         stores.append({p.name: _tree(p) for p in found})
     assert stores[0] == stores[1]
+
+
+def _delete_chunk(project, run="TS_001"):
+    store = next((Path(project).parent / "ExperimentRuns" / run).rglob("*membrain-seg_1_membrane.zarr"))
+    next(p for p in sorted((store / "0").rglob("*")) if p.is_file() and not p.name.startswith(".")).unlink()
+
+
+def test_the_switches_that_accept_what_is_refused_by_default(project, tmp_path):
+    """--fill-missing reads a deleted chunk as zeros (here the store's only one: no membrane, so
+    nothing is kept, which is refused over the earlier result); --allow-empty-output then writes
+    the empty result."""
+    args = ["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM, "--run", "TS_001",
+            "--device", "cpu"]
+    assert main(args) == 0  # the earlier, non-empty result
+    _delete_chunk(project)
+    assert main([*args, "--fill-missing"]) == 2
+    assert main([*args, "--fill-missing", "--allow-empty-output"]) == 0
+    r = cio.select_runs(cio.open_project(project), ["TS_001"])[0]
+    refined = [s for s in r.segmentations if s.user_id.endswith("-refined")]
+    assert len(refined) == 2 and all(cio.is_empty(s) for s in refined)
+    assert not [p for p in Path(project).parent.rglob(".mw-*")]  # no staging left
+
+
+def test_an_empty_result_among_several_runs_is_reported_and_the_others_written(project, tmp_path, capsys):
+    """TS_001 has a non-empty earlier result, TS_003 none: with a filter that keeps nothing,
+    TS_003 gets its (empty) result, TS_001 keeps its earlier one, the stats and exit 2 say so."""
+    args = ["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM, "--device", "cpu",
+            "--stats", str(tmp_path / "stats.csv")]
+    assert main([*args, "--run", "TS_001"]) == 0
+    ts001 = next((Path(project).parent / "ExperimentRuns" / "TS_001").rglob("*saber-refined*"))
+    before = _tree(ts001)
+    capsys.readouterr()
+    code = main([*args, "--run", "TS_001", "--run", "TS_003", "--min-membrane-area", "1000000000"])
+    assert code == 2 and "run TS_001 not refined: the refinement kept nothing" in capsys.readouterr().err
+    assert _tree(ts001) == before
+    r = cio.select_runs(cio.open_project(project), ["TS_003"])[0]
+    refined = [s for s in r.segmentations if s.user_id.endswith("-refined")]
+    assert len(refined) == 2 and all(cio.is_empty(s) for s in refined)
+    assert "empty result not written" in (tmp_path / "stats.csv").read_text()
+
+
+def test_copick_runs_lists_every_run_with_its_input_stores(project, tmp_path):
+    """The workflow's copick_runs step: one row per run, the local stores refine-membranes reads, and
+    the reason where a run lacks one."""
+    out = tmp_path / "runs.tsv"
+    assert main(["copick-runs", "--config", str(project), "--org-info", ORG, "--mem-info", MEM, "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out), delimiter="\t"))
+    assert [r["run"] for r in rows] == ["TS_001", "TS_002", "TS_003"]
+    for r in rows:
+        assert not r["missing"] and Path(r["organelles"]).is_dir() and r["membranes"].endswith("membrane.zarr")
+    out2 = tmp_path / "runs2.tsv"
+    assert main(["copick-runs", "--config", str(project), "--org-info", "nothing", "--mem-info", MEM,
+                 "--out", str(out2), "--run", "TS_002"]) == 0
+    rows = list(csv.DictReader(open(out2), delimiter="\t"))
+    assert [r["run"] for r in rows] == ["TS_002"] and "no segmentation matches 'nothing'" in rows[0]["missing"]

@@ -18,9 +18,8 @@ from typing import Callable
 import numpy as np
 import pytest
 import tifffile
-from golden import SHAPE, STAGES, VS, _fmt, _point_project_at, _state
+from golden import SHAPE, STAGES, VS, _fmt, _point_project_at, _state, run_stage
 
-from maskworks.cli import main
 from maskworks.io import write_volume
 
 # ----------------------------------------------------------------------------- broken inputs
@@ -218,46 +217,6 @@ CASES = [
 RESULTS: list[tuple] = []
 
 
-def _refine_copy(env, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(env["golden"] / "refine-membranes", out)
-    _point_project_at(out / "copick")
-    return out, _fmt(STAGES["refine-membranes"], **{"in": env["in"], "out": out, "bad": tmp_path})
-
-
-def test_the_switches_that_accept_what_is_refused_by_default(env, tmp_path):
-    """--fill-missing reads a deleted chunk as zeros (here the store's only one: no membrane, so
-    nothing is kept, which is refused over the earlier result); --allow-empty-output then writes
-    the empty result."""
-    from maskworks.io import copick as cio
-
-    out, args = _refine_copy(env, tmp_path)
-    _delete_copick_chunk(out / "copick")
-    assert main([*args, "--fill-missing"]) == 2
-    assert main([*args, "--fill-missing", "--allow-empty-output"]) == 0
-    r = cio.select_runs(cio.open_project(out / "copick" / "copick_config.json"), ["TS_001"])[0]
-    refined = [s for s in r.segmentations if s.user_id.endswith("-refined")]
-    assert len(refined) == 2 and all(cio.is_empty(s) for s in refined)
-    assert not list((out / "copick").rglob("*.maskworks-previous"))  # nothing left aside
-
-
-def test_an_empty_result_among_several_runs_is_reported_and_the_others_written(env, tmp_path, capsys):
-    """TS_001 has a non-empty earlier result, TS_003 none: with a filter that keeps nothing,
-    TS_003 gets its (empty) result, TS_001 keeps its earlier one, the stats and exit 2 say so."""
-    from maskworks.io import copick as cio
-
-    out, args = _refine_copy(env, tmp_path)
-    ts001 = next((out / "copick" / "ExperimentRuns" / "TS_001").rglob("*saber-refined*"))
-    before = _state(ts001)
-    code = main([*args, "--run", "TS_003", "--min-membrane-area", "1000000000"])
-    assert code == 2 and "run TS_001 not refined: the refinement kept nothing" in capsys.readouterr().err
-    assert _state(ts001) == before
-    r = cio.select_runs(cio.open_project(out / "copick" / "copick_config.json"), ["TS_003"])[0]
-    refined = [s for s in r.segmentations if s.user_id.endswith("-refined")]
-    assert len(refined) == 2 and all(cio.is_empty(s) for s in refined)
-    assert "empty result not written" in (out / "stats.csv").read_text()
-
-
 def _bad_side_files(env, bad):
     """Inputs of another shape that several cases point at."""
     write_volume(bad / "other.tif", np.zeros((SHAPE[0], 32, SHAPE[2]), np.uint8), VS, unit="nanometer")
@@ -275,9 +234,7 @@ def test_bad_input(env, tmp_path, capsys, case):
     args = case.edit(_fmt(STAGES[case.stage], **where), env, bad)
     args = _fmt(args, **where)
     before = _state(out)
-    capsys.readouterr()
-    code = main(args)
-    err = capsys.readouterr().err
+    code, err = run_stage(args, capsys)
     expect = case.expect.format(**where)
     intact = _state(out) == before
     RESULTS.append((case.stage, case.kind, case.what, code, err.strip().splitlines()[-1] if err.strip() else "",
@@ -331,9 +288,7 @@ def test_an_output_folder_that_cannot_be_written(env, tmp_path, tmpfs, capsys, s
         subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
     before = _state(out)
     args = _fmt(STAGES[stage], **{"in": env["in"], "out": out, "bad": tmp_path})
-    capsys.readouterr()
-    code = main(args)
-    err = capsys.readouterr().err
+    code, err = run_stage(args, capsys)
     intact = _state(out) == before
     RESULTS.append((stage, f"{disk} disk", f"output folder on a {disk} tmpfs", code,
                     err.strip().splitlines()[-1] if err.strip() else "", "intact" if intact else "CHANGED"))

@@ -93,7 +93,9 @@ def test_a_patch_table_with_the_wrong_columns_is_refused(tmp_path):
         _informative(tmp_path, table)
 
 
+@pytest.mark.copick
 def test_a_copick_project_whose_overlay_root_is_missing_is_refused(tmp_path):
+    pytest.importorskip("copick", reason="copick runs in .venv-cryoet (make test runs this test there)")
     import json
 
     from maskworks.io import InputError
@@ -117,7 +119,9 @@ def test_a_damaged_zarr_chunk_is_an_error_naming_the_store(tmp_path, capsys, dam
 
     image, _ = make_em_volume(shape=(24, 48, 48), seed=1)
     store = write_volume(tmp_path / "vol.zarr", image, (10, 10, 10), unit="nanometer", chunks=(8, 24, 24))
-    chunk = sorted((store / "0").glob("1.*"))[0]
+    from conftest import chunk_file
+
+    chunk = chunk_file(store / "0", (1, 0, 0))
     chunk.write_bytes(chunk.read_bytes()[:20] if damage == "truncate" else b"not blosc at all" * 4)
     out = tmp_path / "o" / "mask.zarr"
     assert main(["texture-mask", str(store), str(out), "--block-size", "16", "--chunk-shape", "16"]) == 2

@@ -18,10 +18,9 @@ from typing import Callable
 import numpy as np
 import pytest
 import tifffile
-from conftest import exe
-from golden import STAGES, _digest, _fmt, _point_project_at
+from conftest import chunk_file, exe
+from golden import STAGES, _digest, _fmt, _point_project_at, run_stage
 
-from maskworks.cli import main
 from maskworks.io import read_volume, write_volume
 
 # The file each stage's golden run wrote (relative to its output folder), used as a victim's place.
@@ -225,8 +224,7 @@ def session_copick_rewrites(env, out, tmp):
 def absent_zarr_chunk(env, out, tmp):
     image = read_volume(env["in"] / "vol.tif").numpy()
     store = write_volume(tmp / "vol.zarr", image, (16, 16, 16), unit="nanometer", chunks=(16, 32, 32))
-    chunk = store / "0" / "1.1.1"
-    chunk.unlink()
+    chunk_file(store / "0", (1, 1, 1)).unlink()
     return ["texture-mask", str(store), str(out / "mask.zarr"), "--block-size", "16"], []
 
 
@@ -336,9 +334,7 @@ def test_probe(env, tmp_path, capsys, caplog, probe):
                               preexec_fn=_limit_memory if probe.code == 3 else None)
         code, err = proc.returncode, proc.stderr
     else:
-        capsys.readouterr()
-        code = main(args)
-        err = capsys.readouterr().err
+        code, err = run_stage(args, capsys)
     intact = _survivor_state(survivors) == before
     last = err.strip().splitlines()[-1] if err.strip() else ""
     RESULTS.append((probe.defect, probe.what, code, "intact" if intact else "CHANGED", last))

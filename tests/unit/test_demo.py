@@ -47,12 +47,16 @@ def test_write_demo_data(tmp_path):
     first = {}
     for name, spec in EM_SAMPLES.items():
         for key in (f"em/{name}", f"em/{name}_truth"):
-            vol = read_volume(written[key])
+            vol = read_volume(written[key], level=spec.get("level", 0))  # the generated volume's level
             assert vol.shape == spec["shape"] and vol.dtype == np.uint8
             assert vol.unit == spec["unit"]
             assert vol.voxel_size == pytest.approx(spec["voxel_size"])
             first[key] = vol.numpy()
-    assert read_volume(written["em/sample1"]).voxel_size == pytest.approx((40.0, 16.0, 16.0))
+    full = read_volume(written["em/sample1"])  # level 0: twice the y and x resolution
+    assert full.shape == (96, 320, 320) and full.voxel_size == pytest.approx((40.0, 8.0, 8.0))
+    image, truth = make_em_volume(EM_SAMPLES["sample1"]["shape"], seed=EM_SAMPLES["sample1"]["seed"])
+    np.testing.assert_array_equal(first["em/sample1"], image)  # level 1 is the generated volume exactly
+    np.testing.assert_array_equal(first["em/sample1_truth"], truth)
     assert read_volume(written["em/sample2"]).unit == "angstrom"
     image, truth = make_em_volume(EM_SAMPLES["sample2"]["shape"], seed=EM_SAMPLES["sample2"]["seed"])
     np.testing.assert_array_equal(first["em/sample2"], image)
@@ -62,7 +66,8 @@ def test_write_demo_data(tmp_path):
     again = write_demo_data(tmp_path, arms="em")
     assert again == written
     for key, data in first.items():
-        np.testing.assert_array_equal(read_volume(again[key]).numpy(), data)
+        level = EM_SAMPLES[key.split("/")[1].removesuffix("_truth")].get("level", 0)
+        np.testing.assert_array_equal(read_volume(again[key], level=level).numpy(), data)
 
 
 def test_write_demo_data_rejects_unknown_arms(tmp_path):

@@ -244,7 +244,7 @@ def test_out_of_core_equals_in_memory(tmp_path):
     assert isinstance(lazy._array, zarr.Array)  # behind the checked reader
     kw = {"roi_size": 16, "overlap": 4, "sw_batch_size": 2, "device": "cpu"}
     p_mem, m_mem, st_mem = unet.predict_volume(model, vol, **kw)
-    out_p = zarr.zeros(vol.shape, chunks=(12, 12, 12), dtype=np.float16, store=zarr.DirectoryStore(str(tmp_path / "p")))
+    out_p = zarr.open_array(str(tmp_path / "p"), mode="w", shape=vol.shape, chunks=(12, 12, 12), dtype=np.float16)
     out_m = zarr.zeros(vol.shape, chunks=(12, 12, 12), dtype=np.uint8)
     p, m, st = unet.predict_volume(model, lazy, chunk_shape=24, out_prob=out_p, out_mask=out_m, **kw)
     assert p is out_p and st["blocks"] == 2 * 3 * 3 and st["chunk_shape"] == [24, 24, 24]

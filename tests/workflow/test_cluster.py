@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, exe, run, workflow_copy
+from conftest import ROOT, exe, list_copick_runs, run, workflow_copy
 
 pytestmark = pytest.mark.workflow
 
@@ -25,7 +25,9 @@ SETTINGS = ["cores", "jobs", "latency_wait", "retries", "executor", "software_de
 
 @pytest.fixture(scope="module")
 def wd(tmp_path_factory) -> Path:
-    return workflow_copy(tmp_path_factory.mktemp("cluster"))
+    wd = workflow_copy(tmp_path_factory.mktemp("cluster"))
+    list_copick_runs(wd, "config/demo.yaml")  # the refinement's jobs appear in dry runs from here on
+    return wd
 
 
 def effective(wd: Path, *argv: str) -> dict:
@@ -155,18 +157,21 @@ def test_a_job_given_a_gpu_that_it_cannot_use_fails(wd):
         pytest.skip("this machine has a usable GPU")
     (wd / "gpu.yaml").write_text(yaml.safe_dump({"software": {"gpu": True}}))
     proc = run([exe("snakemake"), "--cores", "1", "--resources", "gpu=1", "--configfile", "config/demo.yaml",
-                "gpu.yaml", "--forcerun", "refine_membranes", "--until", "refine_membranes"], cwd=wd, check=False)
+                "gpu.yaml", "--forcerun", "refine_membranes", "--", *REFINED], cwd=wd, check=False)
     assert proc.returncode != 0
     logs = "".join(p.read_text() for p in (wd / "logs" / "cryoet" / "refine_membranes").glob("*.log"))
-    assert "refine_membranes: error: device='cuda' asks for a GPU but cupy cannot be imported" in logs, logs[-3000:]
+    assert "refine-membranes: error: device='cuda' asks for a GPU but cupy cannot be imported" in logs, logs[-3000:]
     assert "Traceback" not in logs
 
 
+# The refinement's targets (--until cannot name rules whose jobs a checkpoint makes known).
+REFINED = [f"results/cryoet/refine/TS_00{i}_refine_stats.csv" for i in (1, 2, 3)]
+
+
 def test_refine_reruns_when_its_input_segmentation_changes(wd):
-    run([exe("snakemake"), "--cores", "2", "--configfile", "config/demo.yaml", "--until", "refine_membranes"],
-        cwd=wd)
-    proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml",
-                "--until", "refine_membranes"], cwd=wd)
+    run([exe("snakemake"), "--cores", "2", "--configfile", "config/demo.yaml", "--", *REFINED], cwd=wd)
+    proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml", "--", *REFINED],
+               cwd=wd)
     assert not re.search(r"^refine_membranes\s+\d", proc.stdout, re.M), proc.stdout[-2000:]
     # rewrite one chunk of TS_002's membrane segmentation in place (the store's own mtime stays)
     store = next((wd / "demo_data" / "cryoet" / "copick" / "ExperimentRuns" / "TS_002" / "Segmentations")
@@ -175,8 +180,8 @@ def test_refine_reruns_when_its_input_segmentation_changes(wd):
     before = store.stat().st_mtime_ns
     chunk.write_bytes(chunk.read_bytes())
     os.utime(store, ns=(before, before))
-    proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml",
-                "--until", "refine_membranes"], cwd=wd)
+    proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml", "--", *REFINED],
+               cwd=wd)
     out = proc.stdout + proc.stderr
     assert re.search(r"refine_membranes\s+1\b", out), out[-3000:]
     assert "TS_002" in out

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, exe, run
+from conftest import ROOT, exe, list_copick_runs, run, write_demo
 
 pytestmark = pytest.mark.workflow
 
@@ -59,7 +59,7 @@ def _demo_config() -> dict:
 def project(tmp_path_factory) -> Path:
     """A user's project: own Snakefile, config and tables, data beside them; no maskworks files."""
     d = tmp_path_factory.mktemp("user-project")
-    run([exe("maskworks"), "demo-data", d / "data"])
+    write_demo(d / "data")
     (d / "tables").mkdir()
     for arm, table in [("em", "demo_em_volumes.tsv"), ("cryoet", "demo_cryoet_tomograms.tsv"),
                        ("codex", "demo_codex_images.tsv")]:
@@ -71,6 +71,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_module_dry_run_of_every_arm(project):
+    list_copick_runs(project, rule="maskworks_copick_runs")  # the refinement's jobs are known from here on
     proc = run([exe("snakemake"), "-n", "--cores", "2"], cwd=project)
     out = proc.stdout + proc.stderr
     for rule, n in [("texture_mask", 2), ("postprocess_mask", 4), ("train_unet", 1), ("extract_patches", 1),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, exe, run, workflow_copy
+from conftest import ROOT, exe, list_copick_runs, run, workflow_copy
 
 pytestmark = pytest.mark.workflow
 
@@ -57,11 +57,18 @@ def test_rules_are_snakefmt_clean():
 
 
 def test_dry_run_lists_the_demo_jobs(wd):
+    """Before the copick project is listed (by copick, in the cryo-ET environment), a dry run shows every
+    other job and the listing; once it has run, the refinement's three jobs too."""
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts == {"all": 1, "texture_mask": 2, "postprocess_mask": 4, "train_unet": 1, "predict_unet": 2,
-                      "extract_patches": 1, "merge_corrections": 1, "refine_membranes": 3, "tile_image": 1,
-                      "segment_cells": 1, "repair_masks": 1, "stitch": 1, "quantify": 1}, proc.stdout
+    others = {"all": 1, "texture_mask": 2, "postprocess_mask": 4, "train_unet": 1, "predict_unet": 2,
+              "extract_patches": 1, "merge_corrections": 1, "tile_image": 1, "segment_cells": 1, "repair_masks": 1,
+              "stitch": 1, "quantify": 1}
+    assert counts == {**others, "copick_runs": 1}, proc.stdout
+    assert "checkpoint jobs" in proc.stdout + proc.stderr
+    list_copick_runs(wd, "config/demo.yaml")
+    proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
+    assert job_counts(proc.stdout + proc.stderr) == {**others, "refine_membranes": 3}, proc.stdout
 
 
 def test_slurm_profile_dry_run(wd):
@@ -83,7 +90,10 @@ def test_default_config_with_empty_table_says_so(wd):
 def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):
     from maskworks.io import read_volume
 
+    # sample1 is an OME-Zarr 0.5 pyramid whose masks are made at level 1 (40 x 16 x 16 nm) and written
+    # back at level 0 (40 x 8 x 8 nm); sample2 (MRC) has one level
     expected = {"sample1": ((40.0, 16.0, 16.0), "nanometer"), "sample2": ((80.0, 80.0, 80.0), "angstrom")}
+    final = {"sample1": ((40.0, 8.0, 8.0), (96, 320, 320)), "sample2": ((80.0, 80.0, 80.0), (64, 128, 128))}
     for name, (vs, unit) in expected.items():
         d = wd / "results" / "em" / name
         for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_stats.json", "texture_qc.png",
@@ -91,10 +101,17 @@ def test_demo_run_writes_every_output_with_voxel_sizes(wd, demo_run):
                   "unet_prob.zarr", "unet_mask.zarr", "unet_stats.json", "unet_qc.png",
                   "unet_final.zarr", "unet_final_stats.json", "unet_final_qc.png"]:
             assert (d / f).exists(), f"{name}: {f} missing"
-        for f in ["texture_mask.zarr", "texture_confidence.zarr", "texture_final.zarr", "unet_prob.zarr",
-                  "unet_mask.zarr", "unet_final.zarr"]:
+        for f in ["texture_mask.zarr", "texture_confidence.zarr", "unet_prob.zarr", "unet_mask.zarr"]:
             v = read_volume(d / f, lazy=True)
             assert v.voxel_size == pytest.approx(vs) and v.unit == unit, (f, v.voxel_size, v.unit)
+        for f in ["texture_final.zarr", "unet_final.zarr"]:  # full-resolution OME-Zarr 0.5 label images
+            v = read_volume(d / f, lazy=True)
+            assert v.voxel_size == pytest.approx(final[name][0]) and v.shape == final[name][1], (f, v.voxel_size)
+            assert v.attrs["ome_zarr_version"] == "0.5"
+            import zarr
+            from ome_zarr_models.v05 import ImageLabel
+
+            ImageLabel.from_zarr(zarr.open_group(str(d / f), mode="r"))
         for method, least in [("texture", 0.9), ("unet", 0.7)]:
             mask = read_volume(d / f"{method}_final.zarr").numpy()
             assert mask.dtype == "uint8" and set(map(int, mask.ravel()[::97])) <= {0, 1}

@@ -142,6 +142,7 @@ def repair_masks_files(cells, nuclei, out_dir, *, format="tif"):
         prov = provenance("repair_masks", {"cells": cells, "nuclei": nuclei}, {})
         for name, mask in zip(COMPARTMENTS, masks):
             write_volume(paths[name], mask, cell_vol.voxel_size, unit=cell_vol.unit, origin=cell_vol.origin,
+                         labels=True, colours={},
                          provenance=prov)
         metrics.update(cells=str(cells), nuclei=str(nuclei), shape=list(cell_vol.shape),
                        outputs={k: str(v) for k, v in paths.items()})
@@ -403,9 +404,7 @@ def _channel_names(img, image, channels):
 def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     import time
 
-    import zarr
-
-    from ..io.volumes import zarr_compressor
+    from ..io import ngff
 
     t0 = time.perf_counter()
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
@@ -428,11 +427,9 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
         chunks = (1, ph, pw, 2) if whole else (1, min(ph, PATCH_CHUNK), min(pw, PATCH_CHUNK), 2)
         rows = []
         with atomic_path(store) as tmp:
-            root = zarr.open_group(str(tmp), mode="w")
-            arr = root.create_dataset(
-                "patches", shape=(grid.n_patches, ph, pw, 2), chunks=chunks, dtype=dtype, fill_value=0,
-                compressor=zarr_compressor(dtype), write_empty_chunks=False,
-            )
+            # Zarr v2 whatever the environment: the DeepCell environment (zarr 2) reads it
+            root = ngff.create_group(tmp, "0.4")
+            arr = ngff.create_array(root, "patches", (grid.n_patches, ph, pw, 2), chunks, dtype, "0.4")
             root.attrs.update(grid=grid.to_attrs(), image=str(image), channel_names=list(names),
                               nuclear_channel=names[nuc], wholecell_channels=[names[i] for i in wc],
                               wholecell_aggregation=agg, image_mpp=mpp, maskworks=prov)
@@ -600,12 +597,12 @@ def _run_tile(a):
 
 def _open_patches(patches_dir):
     """The patch array and grid written by tile-image (read lazily, one chunk per patch)."""
-    import zarr
+    from ..io.ngff import open_node
 
     path = Path(patches_dir) / PATCHES_STORE
     if not path.is_dir():
         raise InputError(f"{path}: no such patch store; run tile-image first")
-    root = zarr.open_group(str(path), mode="r")
+    root = open_node(path)
     if "patches" not in root or "grid" not in root.attrs:
         raise InputError(f"{path}: not a tile-image patch store (no 'patches' array or 'grid' attribute)")
     return CheckedArray(root["patches"], path), PatchGrid.from_attrs(root.attrs["grid"]), dict(root.attrs)
@@ -910,7 +907,8 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     for k, a in arrays.items():
         if format == "zarr":
             vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
-            write_volume(images[k], a, vs, unit=unit, chunks=tuple(min(1024, s) for s in a.shape), provenance=prov)
+            write_volume(images[k], a, vs, unit=unit, chunks=tuple(min(1024, s) for s in a.shape), provenance=prov,
+                         labels=True, colours={})
         else:
             _write_ome_tiff(images[k], a, mpp, prov)
     crop = _qc_crop(grid, ids, arr, cell, nucleus)

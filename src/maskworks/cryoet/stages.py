@@ -35,10 +35,11 @@ log = logging.getLogger("maskworks")
 
 
 def add_commands(sub):
-    """Register ``extract-patches``, ``merge-corrections`` and ``refine-membranes``."""
+    """Register ``extract-patches``, ``merge-corrections``, ``refine-membranes`` and ``copick-runs``."""
     _add_extract(sub)
     _add_merge(sub)
     _add_refine(sub)
+    _add_copick_runs(sub)
 
 
 # ----------------------------------------------------------------------------- extract_patches
@@ -431,7 +432,7 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
             raise InputError(f"{labels_dir / name}: {exc}") from None
         folder = corrections_dir / key if masks is not None else None
         prov = provenance("merge_corrections", {"label": labels_dir / name, "corrections": folder}, params)
-        write_volume(outputs[key], merged, label.voxel_size, unit=label.unit, origin=label.origin,
+        write_volume(outputs[key], merged, label.voxel_size, unit=label.unit, origin=label.origin, labels=True,
                      provenance=prov)
         if masks is None:
             status, note = "no corrections folder", f"copied with the border applied; no {corrections_dir / key}/"
@@ -722,9 +723,9 @@ def _add_refine(sub):
                    help="split the organelle mask into connected components first (for a binary mask)")
     p.add_argument("--membrane-output", choices=["dilated", "input"], default=d["membrane_output"],
                    help="refined membrane: the dilated near-membrane band (SABER) or only input membrane voxels")
-    p.add_argument("--fill-missing", action="store_true",
+    p.add_argument("--fill-missing", action=argparse.BooleanOptionalAction, default=False,
                    help="read chunks missing from an input store as zeros (default: an error)")
-    p.add_argument("--allow-empty-output", action="store_true",
+    p.add_argument("--allow-empty-output", action=argparse.BooleanOptionalAction, default=False,
                    help="write a result that kept nothing over a non-empty earlier output (default: refuse)")
     p.add_argument("--qc-dir", help="folder for one QC PNG per run (<run>_refine_qc.png); if not given, none")
     p.add_argument("--stats", help="stats CSV, one row per organelle; if not given, none")
@@ -743,3 +744,51 @@ def _run_refine(a):
     for name, why in sorted(result["missing"].items()):
         print(f"maskworks refine-membranes: run {name} not refined: {why}", file=sys.stderr)
     return 2 if result["missing"] else 0
+
+
+# ----------------------------------------------------------------------------- copick_runs
+
+COPICK_RUN_COLUMNS = ["run", "organelles", "membranes", "missing"]
+
+
+@checked(voxel_size=Number(exclusive_minimum=0, unit="angstrom"))
+def copick_runs_files(config, out, *, org_info, mem_info, voxel_size=10.0, run=None):
+    """List the runs of a copick project for the workflow (its ``copick_runs`` checkpoint): one row per
+    run (``run``: a name or a list; None: every run) with the local Zarr stores of the organelle and
+    membrane segmentations refine-membranes would read at ``voxel_size`` (empty where the project is
+    not on this machine), or in ``missing`` why the run lacks one.  Writes ``out`` (TSV)."""
+    from ..io import copick as cio
+
+    org_spec = cio.parse_segmentation_info(org_info, "org_info")
+    mem_spec = cio.parse_segmentation_info(mem_info, "mem_info")
+    with transaction(out, inputs=[config]):
+        root = cio.open_project(config)
+        rows = []
+        for r in cio.select_runs(root, [run] if isinstance(run, str) else run):
+            row = {"run": safe_name(r.name, f"{config}: copick run name"), "organelles": "", "membranes": "",
+                   "missing": ""}
+            for key, spec in (("organelles", org_spec), ("membranes", mem_spec)):
+                try:
+                    row[key] = cio.local_store(cio.find_segmentation(r, spec, voxel_size)) or ""
+                except InputError as exc:
+                    row["missing"] = "; ".join(filter(None, [row["missing"], str(exc)]))
+            rows.append(row)
+        write_csv(out, rows, COPICK_RUN_COLUMNS, delimiter="\t")
+    log.info("copick_runs %s: %d run(s), %d lacking an input", config, len(rows), sum(bool(r["missing"]) for r in rows))
+    return rows
+
+
+def _add_copick_runs(sub):
+    p = sub.add_parser("copick-runs", help="list the runs of a copick project and the input stores of each "
+                       "(the workflow's copick_runs step)")
+    p.add_argument("--config", required=True, help="copick configuration JSON")
+    p.add_argument("--org-info", required=True, help="organelle segmentation: 'name[,userID[,sessionID]]'")
+    p.add_argument("--mem-info", required=True, help="membrane segmentation: 'name[,userID[,sessionID]]'")
+    p.add_argument("--voxel-size", type=float, default=10.0, help="voxel size of the segmentations (angstrom)")
+    p.add_argument("--run", dest="runs", action="append", metavar="RUN", help="run to list; if not given, every run")
+    p.add_argument("--out", required=True, help="TSV to write: run, organelles, membranes, missing")
+    p.set_defaults(run=_run_copick_runs)
+
+
+def _run_copick_runs(a):
+    copick_runs_files(a.config, a.out, org_info=a.org_info, mem_info=a.mem_info, voxel_size=a.voxel_size, run=a.runs)
