@@ -168,3 +168,67 @@ def test_memory_bound_runs_write_zarr_piece_by_piece_with_the_same_result(tmp_pa
         assert b.voxel_size == pytest.approx((30, 10, 10))
     assert stats["bound_final"]["voxels_out"] == stats["free_final"]["voxels_out"]
     assert stats["bound_final"]["memory_mb"] == 24 and stats["bound_final"]["threads"] == 2
+
+
+def test_scales_as_lengths_are_converted_per_axis_from_the_voxel_size(em, tmp_path):
+    """On 40 x 16 x 16 nm voxels, "16nm" is 0.4 voxels along z and 1 along y and x: the run with
+    lengths is the run with those three numbers, differs from the one-number default (which the
+    stats warn about on voxels this anisotropic), and the stats say what each length became."""
+    _, paths = em
+
+    def texture(name, *args):
+        assert main(["texture-mask", str(paths[".tif"]), str(tmp_path / f"{name}.zarr"), *args]) == 0
+        stats = json.loads((tmp_path / f"{name}_stats.json").read_text())
+        return read_volume(tmp_path / f"{name}.zarr").numpy(), stats
+
+    lengths, st = texture("lengths", "--texture-sigma", "16nm", "--edge-sigma", "8 nm", "--block-size", "0.512um")
+    numbers, _ = texture("numbers", "--texture-sigma", "0.4,1,1", "--edge-sigma", "0.2,0.5,0.5",
+                         "--block-size", "13,32,32")
+    default, st_default = texture("default", "--block-size", "32")
+    np.testing.assert_array_equal(lengths, numbers)
+    assert np.count_nonzero(lengths != default) > 0
+    assert st["scales"] == {"texture_sigma": {"given": "16 nanometer", "voxels": [0.4, 1.0, 1.0]},
+                            "edge_sigma": {"given": "8 nanometer", "voxels": [0.2, 0.5, 0.5]},
+                            "block_size": {"given": "0.512 micrometer", "voxels": [13, 32, 32]}}
+    assert "warnings" not in st
+    warned = " ".join(st_default["warnings"])
+    assert "texture_sigma=1 voxels" in warned and "anisotropy 2.5:1" in warned and "'16nm'" in warned
+
+    # angstrom voxels (the MRC): 8 nm is one 80 A voxel on every axis, the default
+    assert main(["texture-mask", str(paths[".mrc"]), str(tmp_path / "a.zarr"), "--block-size", "512nm",
+                 "--texture-sigma", "8nm", "--edge-sigma", "40A"]) == 0
+    assert main(["texture-mask", str(paths[".mrc"]), str(tmp_path / "b.zarr")]) == 0
+    np.testing.assert_array_equal(read_volume(tmp_path / "a.zarr").numpy(), read_volume(tmp_path / "b.zarr").numpy())
+
+    # post-processing radii: a length shrinks by an ellipsoid of that physical radius
+    mask = tmp_path / "numbers.zarr"
+    for name, radius in [("p_len", "-32nm"), ("p_num", "-0.8,-2,-2")]:
+        # (a value that starts with '-' but is not one number follows an '=')
+        assert main(["postprocess-mask", str(mask), str(tmp_path / f"{name}.zarr"), f"--grow-radius={radius}",
+                     "--opening-radius", "0"]) == 0
+    shrunk = read_volume(tmp_path / "p_len.zarr").numpy()
+    np.testing.assert_array_equal(shrunk, read_volume(tmp_path / "p_num.zarr").numpy())
+    assert 0 < shrunk.sum() < numbers.sum()
+    st = json.loads((tmp_path / "p_len_stats.json").read_text())
+    assert st["scales"] == {"grow_radius": {"given": "-32 nanometer", "voxels": [-0.8, -2.0, -2.0]}}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--texture-sigma", "8 parsec"], ["texture_sigma", "8 parsec", "a length with its unit"]),
+    (["--block-size", "64nm"], ["block_size=64 nanometer", "(2, 4, 4) voxels", ">= 3"]),
+    (["--edge-sigma=-4nm"], ["edge_sigma", "-4nm"]),
+])
+def test_a_bad_length_names_the_value(em, tmp_path, capsys, args, words):
+    _, paths = em
+    assert main(["texture-mask", str(paths[".tif"]), str(tmp_path / "m.zarr"), *args]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_length_on_a_volume_without_a_unit_is_an_error(tmp_path, capsys):
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).random((20, 30, 30), dtype=np.float32))
+    assert main(["texture-mask", str(tmp_path / "v.npy"), str(tmp_path / "m.zarr"), "--texture-sigma", "8nm"]) == 2
+    err = capsys.readouterr().err
+    assert "v.npy" in err and "texture_sigma=8 nanometer" in err and "--voxel-size" in err
+    assert not (tmp_path / "m.zarr").exists()

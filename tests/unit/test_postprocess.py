@@ -174,7 +174,8 @@ def test_zero_255_input_gives_uint8_zero_one_and_stats():
         (np.zeros((4, 4, 4), np.float32), {}, ["float32"]),
         (np.zeros((4, 4, 4), np.uint8), {"opening_radius": -1}, ["opening_radius", "-1"]),
         (np.zeros((4, 4, 4), np.uint8), {"closing_radius": -2}, ["closing_radius", "-2"]),
-        (np.zeros((4, 4, 4), np.uint8), {"grow_radius": 1.5}, ["grow_radius", "1.5"]),
+        (np.zeros((4, 4, 4), np.uint8), {"grow_radius": (1, -1, 1)}, ["grow_radius", "one sign"]),
+        (np.zeros((4, 4), np.uint8), {"opening_radius": (1, 2, 2)}, ["opening_radius", "2-D"]),
     ],
 )
 def test_bad_input_raises_input_error(mask, kw, words):
@@ -337,3 +338,53 @@ def test_distance_transform_on_tiles_is_exact(r):
     for tile in (5, 8, 16):
         np.testing.assert_array_equal(_within(_HOST, x, r, tile=tile), whole)
     assert not _within(_HOST, np.ones((9, 9, 9), bool), r, tile=4).any()
+
+
+def ellipsoid(radii):
+    """The structuring element of per-axis radii by its definition: offsets d with
+    sum((d_i / r_i)^2) <= 1 (a radius of 0: no reach along that axis)."""
+    reach = [int(np.floor(abs(v))) for v in radii]
+    grid = np.ogrid[tuple(slice(-n, n + 1) for n in reach)]
+    total = sum(np.where(g == 0, 0.0, np.inf) if v == 0 else (g / float(v)) ** 2 for g, v in zip(grid, radii))
+    return total <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("radii", [(1, 3, 3), (0, 2, 2), (0.5, 2.5, 1.5), (2, 1, 3)])
+def test_per_axis_radii_are_the_ellipsoid_of_those_radii(radii):
+    """Three radii (the same physical radius on anisotropic voxels) erode, dilate, open and close
+    with the ellipsoid of those semi-axes, as the structuring-element definition says."""
+    rng = np.random.default_rng(7)
+    m = ndi.binary_dilation(rng.random((16, 17, 18)) < 0.03, structure=ball(1))
+    e = ellipsoid(radii)
+    dil = ndi.binary_dilation(m, structure=e)
+    ero = ndi.binary_erosion(m, structure=e, border_value=1)
+    np.testing.assert_array_equal(run(m, grow_radius=radii)[0], dil)
+    np.testing.assert_array_equal(run(m, grow_radius=tuple(-v for v in radii))[0], ero)
+    np.testing.assert_array_equal(run(m, opening_radius=radii)[0], ndi.binary_dilation(ero, structure=e))
+    np.testing.assert_array_equal(run(m, closing_radius=radii)[0],
+                                  ndi.binary_erosion(dil, structure=e, border_value=1))
+
+
+def test_per_axis_radii_follow_the_axes():
+    """Transposing the mask and its radii together transposes the result (the z radius acts along z
+    and nowhere else), slab by slab and out of core alike."""
+    import zarr
+
+    rng = np.random.default_rng(8)
+    m = (ndi.gaussian_filter(rng.random((30, 40, 50)), 1.5) > 0.52).astype(np.uint8)
+    params = dict(opening_radius=(0.5, 1.5, 2), closing_radius=(1, 2, 3), grow_radius=(-1, -2, -1),
+                  keep_largest=False, fill_holes=True)
+    ref, _ = postprocess_mask(m, **params)
+    order = (2, 0, 1)
+    turned = {k: tuple(v[i] for i in order) if isinstance(v, tuple) else v for k, v in params.items()}
+    out, _ = postprocess_mask(np.ascontiguousarray(m.transpose(order)), **turned)
+    np.testing.assert_array_equal(out, ref.transpose(order))
+    store = zarr.zeros(m.shape, chunks=(6, 40, 50), dtype="u1")
+    postprocess_mask(zarr.array(m, chunks=(6, 40, 50)), memory_mb=16, out=store, threads=2, **params)
+    np.testing.assert_array_equal(store[...], ref)
+
+
+def test_one_radius_is_the_ball_and_three_equal_radii_the_same():
+    m = cube((20, 20, 20), 6, 14)
+    np.testing.assert_array_equal(run(m, grow_radius=(2, 2, 2))[0], run(m, grow_radius=2)[0])
+    np.testing.assert_array_equal(run(m, grow_radius=2)[0], ndi.binary_dilation(m, structure=ball(2)))

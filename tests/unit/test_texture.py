@@ -336,3 +336,23 @@ def test_intensity_range_is_numpys_percentile_whatever_the_chunks_and_threads(dt
         for threads in (1, 2):
             p1, p99, stride = _intensity_range(vol, shape, chunks, threads)
             assert (p1, p99, stride) == (expected[0], expected[1], 1), (chunks, threads)
+
+
+def test_per_axis_scales_follow_the_axes(small_em):
+    """Three sigmas and a three-sided window (z, y, x) act along their own axes: transposing the
+    volume and the scales together transposes the confidence and the mask."""
+    vol = small_em[0]
+    scales = dict(block_size=(9, 25, 17), texture_sigma=(0.4, 1.0, 1.5), edge_sigma=(0.25, 0.5, 0.75))
+    mask, conf, _ = texture_mask(vol, **scales)
+    order = (2, 0, 1)
+    turned = {k: tuple(v[i] for i in order) for k, v in scales.items()}
+    mask_t, conf_t, _ = texture_mask(np.ascontiguousarray(vol.transpose(order)), **turned)
+    np.testing.assert_allclose(conf_t, conf.transpose(order), atol=1e-5)
+    assert dice(mask_t, mask.transpose(order)) > 0.999
+
+
+def test_three_equal_scales_are_the_one_scale(small_em, small_em_result):
+    mask, conf, _ = texture_mask(small_em[0], block_size=(64, 64, 64), texture_sigma=(1.0,) * 3,
+                                 edge_sigma=(0.5,) * 3)
+    np.testing.assert_array_equal(mask, small_em_result[0])
+    np.testing.assert_array_equal(conf, small_em_result[1])

@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from maskworks.backend import Backend, get_backend
 from maskworks.io import InputError
 from maskworks.io.blocks import Slabs, resolve_threads, return_freed_memory
-from maskworks.io.params import DEVICE, Choice, Flag, Number, checked
+from maskworks.io.params import DEVICE, Choice, Flag, Number, Scale, bad_value, checked
 
 # The axis of the slices that ``fill_holes_2d`` fills, by name.
 SLICE_AXES = {"z": 0, "y": 1, "x": 2}
@@ -31,9 +31,9 @@ _HOST = Backend("cpu", np, ndi)
 
 
 @checked(
-    opening_radius=Number(integer=True, minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
-    closing_radius=Number(integer=True, minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
-    grow_radius=Number(integer=True, minimum=-MAX_RADIUS, maximum=MAX_RADIUS, unit="voxels; < 0 shrinks"),
+    opening_radius=Scale(minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
+    closing_radius=Scale(minimum=0, maximum=MAX_RADIUS, unit="voxels; 0: off"),
+    grow_radius=Scale(minimum=-MAX_RADIUS, maximum=MAX_RADIUS, unit="voxels; < 0 shrinks"),
     keep_largest=Flag(),
     fill_holes=Flag(),
     fill_holes_2d=Choice(tuple(SLICE_AXES), nullable=True),
@@ -44,11 +44,11 @@ _HOST = Backend("cpu", np, ndi)
 def postprocess_mask(
     mask,
     *,
-    opening_radius: int = 1,
+    opening_radius: float | tuple = 1,
     keep_largest: bool = True,
     fill_holes: bool = True,
-    grow_radius: int = 0,
-    closing_radius: int = 0,
+    grow_radius: float | tuple = 0,
+    closing_radius: float | tuple = 0,
     fill_holes_2d: str | None = None,
     threads: int | None = None,
     memory_mb: float | None = None,
@@ -61,19 +61,21 @@ def postprocess_mask(
     ----------
     mask : array-like of bool or int, shape (z, y, x) or (y, x)
         Binary mask; any non-zero value (1, 255, ...) is foreground.
-    opening_radius : int
+    opening_radius : float or (float, float, float)
         Radius in voxels of the ball for a binary opening, which removes specks
-        and thin spurs; 0 turns it off.
+        and thin spurs; 0 turns it off.  Three values (z, y, x): the radii of an
+        ellipsoid, e.g. the same physical radius on anisotropic voxels (3-D only;
+        so for every radius).
     keep_largest : bool
         Keep only the largest connected component (26-connected in 3-D,
         8-connected in 2-D).  Ties go to the component met first in C order.
     fill_holes : bool
         Fill cavities: background regions (6-connected in 3-D, 4-connected in
         2-D) that touch no face of the array.
-    grow_radius : int
+    grow_radius : float or (float, float, float)
         Dilate (> 0) or erode (< 0) the result by a ball of ``abs(grow_radius)``
         voxels; 0 leaves it as it is.
-    closing_radius : int
+    closing_radius : float or (float, float, float)
         Radius in voxels of the ball for a binary closing that bridges small
         gaps before anything else; 0 turns it off.
     fill_holes_2d : {"z", "y", "x"} or None
@@ -121,8 +123,9 @@ def postprocess_mask(
     closing -> opening -> largest component -> hole filling -> grow/shrink.
 
     Structuring elements are Euclidean balls, ``x**2 + y**2 + z**2 <= r**2``
-    (``skimage.morphology.ball(r)``), in voxels; anisotropic voxel sizes are not
-    taken into account.  Erosion and dilation are computed from exact Euclidean
+    (``skimage.morphology.ball(r)``), in voxels, or with three radii the ellipsoids
+    ``(z/rz)**2 + (y/ry)**2 + (x/rx)**2 <= 1`` (the distance transform measured with
+    ``sampling = 1 / r``).  Erosion and dilation are computed from exact Euclidean
     distance transforms (a voxel is within ``r`` of the foreground iff the
     dilation by ``ball(r)`` covers it), which gives the same voxels as the
     structuring-element definition at a cost independent of ``r``.
@@ -143,8 +146,11 @@ def postprocess_mask(
             f"mask has dtype {dtype} but an integer or boolean mask is needed; "
             "threshold probabilities before post-processing"
         )
-    params = {"opening_radius": opening_radius, "keep_largest": bool(keep_largest), "fill_holes": bool(fill_holes),
-              "grow_radius": grow_radius, "closing_radius": closing_radius, "fill_holes_2d": fill_holes_2d}
+    radii = {k: _radius(v, k, len(shape)) for k, v in (("opening_radius", opening_radius),
+                                                       ("closing_radius", closing_radius), ("grow_radius", grow_radius))}
+    params = {"opening_radius": radii["opening_radius"], "keep_largest": bool(keep_largest),
+              "fill_holes": bool(fill_holes), "grow_radius": radii["grow_radius"],
+              "closing_radius": radii["closing_radius"], "fill_holes_2d": fill_holes_2d}
     nthreads = resolve_threads(threads)
     b = get_backend(device)
     if len(shape) == 2 or (b.is_gpu and memory_mb is None):
@@ -160,8 +166,36 @@ def postprocess_mask(
     if memory_mb is None and not isinstance(mask, np.ndarray):
         mask = np.asarray(mask[...])
     with Slabs(nthreads) as par, b.context():
-        job = _Slabwise(shape, par, memory_mb, max(abs(grow_radius), opening_radius, closing_radius), b)
+        job = _Slabwise(shape, par, memory_mb, max(_reach(r)[0] for r in radii.values()), b)
         return job.run(mask, out, params)
+
+
+def _radius(value, name, ndim):
+    """A radius as one number, or three (z, y, x) when they differ (an ellipsoid); the three of a
+    shrink (< 0) must all be <= 0 and those of a growth >= 0."""
+    if not isinstance(value, (tuple, list)):
+        return value
+    values = tuple(float(v) for v in value)
+    if ndim != 3:
+        raise bad_value("postprocess_mask", name, value, "one number for a 2-D mask (three are a 3-D ellipsoid)")
+    if min(values) < 0 < max(values):
+        raise bad_value("postprocess_mask", name, value, "three radii of one sign (all < 0 shrinks, all > 0 grows)")
+    return values[0] if len(set(values)) == 1 else values
+
+
+def _magnitude(r):
+    return tuple(abs(v) for v in r) if isinstance(r, tuple) else abs(r)
+
+
+def _sign(r) -> int:
+    v = sum(r) if isinstance(r, tuple) else r
+    return (v > 0) - (v < 0)
+
+
+def _reach(r, ndim: int = 3) -> tuple[int, ...]:
+    """Per axis, the whole voxels a radius reaches (the margins and halos it needs)."""
+    values = r if isinstance(r, tuple) else (r,) * ndim
+    return tuple(int(np.ceil(abs(v))) for v in values)
 
 
 def _whole(b: Backend, mask, p) -> tuple[np.ndarray, dict]:
@@ -194,10 +228,10 @@ def _whole(b: Backend, mask, p) -> tuple[np.ndarray, dict]:
     holes_filled_2d = 0
     if p["fill_holes_2d"] is not None:
         holes_filled_2d = _fill_slices(b, fg, None if fg.ndim == 2 else SLICE_AXES[p["fill_holes_2d"]])
-    if p["grow_radius"] > 0:
+    if _sign(p["grow_radius"]) > 0:
         fg = _dilate(b, fg, p["grow_radius"])
-    elif p["grow_radius"] < 0:
-        fg = _erode(b, fg, -p["grow_radius"])
+    elif _sign(p["grow_radius"]) < 0:
+        fg = _erode(b, fg, _magnitude(p["grow_radius"]))
     voxels_out = int(xp.count_nonzero(fg))
     components_out = int(b.ndi.label(fg, structure=full)[1])
     out = b.to_numpy(fg.astype(np.uint8))
@@ -255,12 +289,9 @@ class _Slabwise:
         """An intermediate mask: NumPy in memory, else a compressed in-memory Zarr array."""
         if self.memory_mb is None:
             return np.zeros(self.shape, bool)
-        import zarr
+        from maskworks.io.ngff import scratch_array
 
-        from maskworks.io.volumes import zarr_compressor
-
-        return zarr.zeros(self.shape, chunks=(self.step, *self.shape[1:]), dtype=bool,
-                          compressor=zarr_compressor(np.uint8), store=zarr.MemoryStore())
+        return scratch_array(self.shape, (self.step, *self.shape[1:]), bool)
 
     def read(self, src, z0, z1) -> np.ndarray:
         return np.asarray(src[z0:z1]) != 0
@@ -319,12 +350,12 @@ class _Slabwise:
         cur = mask
         if p["closing_radius"]:
             r = p["closing_radius"]
-            cur = self.each(self.morph(_dilate, r), r, cur, self.new())
-            cur = self.each(self.morph(_erode, r), r, cur, self.new())
+            cur = self.each(self.morph(_dilate, r), _reach(r)[0], cur, self.new())
+            cur = self.each(self.morph(_erode, r), _reach(r)[0], cur, self.new())
         if p["opening_radius"]:
             r = p["opening_radius"]
-            cur = self.each(self.morph(_erode, r), r, cur, self.new())
-            cur = self.each(self.morph(_dilate, r), r, cur, self.new())
+            cur = self.each(self.morph(_erode, r), _reach(r)[0], cur, self.new())
+            cur = self.each(self.morph(_dilate, r), _reach(r)[0], cur, self.new())
         components_removed = 0
         if p["keep_largest"]:
             comp = self.components(cur, 3)
@@ -346,8 +377,9 @@ class _Slabwise:
             cur, holes_filled_2d = self._fill_2d(cur, SLICE_AXES[p["fill_holes_2d"]])
         g = p["grow_radius"]
         final = out if out is not None else np.zeros(shape, np.uint8)
-        op = self.morph(_dilate, g) if g > 0 else self.morph(_erode, -g) if g < 0 else (lambda fg: fg)
-        self.each(lambda fg: op(fg).astype(np.uint8), abs(g), cur, final)
+        op = self.morph(_dilate, g) if _sign(g) > 0 else self.morph(_erode, _magnitude(g)) if _sign(g) < 0 \
+            else (lambda fg: fg)
+        self.each(lambda fg: op(fg).astype(np.uint8), _reach(g)[0], cur, final)
         voxels_out = self.count(final)
         size = max(int(np.prod(shape)), 1)
         stats = {
@@ -388,20 +420,23 @@ class _Slabwise:
         return dst, sum(self.par.run(one, (len(bounds),)))
 
 
-def _bbox(b: Backend, fg, margin: int) -> tuple[slice, ...] | None:
-    """Bounding box of the foreground grown by ``margin``, clipped to the array; None if empty."""
+def _bbox(b: Backend, fg, margin) -> tuple[slice, ...] | None:
+    """Bounding box of the foreground grown by ``margin`` (one number, or one per axis), clipped to
+    the array; None if empty."""
+    margins = margin if isinstance(margin, tuple) else (margin,) * fg.ndim
     box = []
     for axis in range(fg.ndim):
         hit = b.to_numpy(b.xp.flatnonzero(fg.any(axis=tuple(a for a in range(fg.ndim) if a != axis))))
         if hit.size == 0:
             return None
-        box.append(slice(max(0, int(hit[0]) - margin), min(fg.shape[axis], int(hit[-1]) + 1 + margin)))
+        m = margins[axis]
+        box.append(slice(max(0, int(hit[0]) - m), min(fg.shape[axis], int(hit[-1]) + 1 + m)))
     return tuple(box)
 
 
-def _dilate(b: Backend, fg, r: int):
-    """Dilation by ``ball(r)``: voxels within distance ``r`` of the foreground."""
-    box = _bbox(b, fg, r)
+def _dilate(b: Backend, fg, r):
+    """Dilation by ``ball(r)`` (an ellipsoid for three radii): voxels within ``r`` of the foreground."""
+    box = _bbox(b, fg, _reach(r, fg.ndim))
     if box is None:
         return fg.copy()
     out = b.xp.zeros_like(fg)
@@ -409,7 +444,7 @@ def _dilate(b: Backend, fg, r: int):
     return out
 
 
-def _erode(b: Backend, fg, r: int):
+def _erode(b: Backend, fg, r):
     """Erosion by ``ball(r)`` with the outside of the array counted as foreground.
 
     Background beyond the bounding box is at least as far as the box's
@@ -423,8 +458,9 @@ def _erode(b: Backend, fg, r: int):
     return out
 
 
-def _within(b: Backend, x, r: int, tile: int | None = None):
-    """True where a zero of ``x`` lies within distance ``r`` (``distance_transform_edt(x) <= r``).
+def _within(b: Backend, x, r, tile: int | None = None):
+    """True where a zero of ``x`` lies within distance ``r`` (``distance_transform_edt(x) <= r``;
+    three radii: within the ellipsoid, ``distance_transform_edt(x, sampling=1 / r) <= 1``).
 
     On a GPU (or with ``tile``) the transform runs on tiles of at most ``tile`` voxels a side,
     each read with a margin of ``r``: a zero within ``r`` of a voxel lies within ``r`` of it
@@ -433,18 +469,22 @@ def _within(b: Backend, x, r: int, tile: int | None = None):
     tile = tile or (GPU_EDT_TILE if b.is_gpu else None)
     if tile is None or max(x.shape) <= tile:
         return _near_zero(b, x, r)
+    reach = _reach(r, x.ndim)
     out = b.xp.empty(x.shape, bool)
     for start in itertools.product(*(range(0, n, tile) for n in x.shape)):
         inner = tuple(slice(a, min(n, a + tile)) for a, n in zip(start, x.shape))
-        outer = tuple(slice(max(0, s.start - r), min(n, s.stop + r)) for s, n in zip(inner, x.shape))
+        outer = tuple(slice(max(0, s.start - m), min(n, s.stop + m)) for s, n, m in zip(inner, x.shape, reach))
         crop = tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
         out[inner] = _near_zero(b, x[outer], r)[crop]
     return out
 
 
-def _near_zero(b: Backend, x, r: int):
+def _near_zero(b: Backend, x, r):
     if bool(x.all()):  # no zero at all (where the transform has nothing to measure from)
         return b.xp.zeros(x.shape, bool)
+    if isinstance(r, tuple):  # an ellipsoid: distances in units of each axis's radius
+        sampling = [1.0 / v if v > 0 else 1e9 for v in r]
+        return b.ndi.distance_transform_edt(x, sampling=sampling) <= 1.0
     return b.ndi.distance_transform_edt(x) <= r
 
 
@@ -655,3 +695,42 @@ class SlabComponents:
         """Whether any component of slab ``k`` has ``table`` True (without labelling it again)."""
         local = table[self.lut[self.offsets[k] + 1:self.offsets[k + 1] + 1]]
         return bool(local.any())
+
+
+def nearest_indices(shape, voxel_size, origin, target_shape, target_voxel_size, target_origin, unit=None,
+                    target_unit=None) -> list[np.ndarray]:
+    """For each axis, the index into a grid of ``shape`` (``voxel_size``, ``origin``) of the voxel
+    nearest to each voxel centre of a target grid: the maps :func:`upsample_nearest` gathers with.
+
+    Both grids' geometry is physical (voxel centres at ``origin + i * voxel_size``); units are
+    converted to the target's.  Indices outside the source are clipped to its edge.
+    """
+    from maskworks.io import convert_length
+
+    vs = convert_length(voxel_size, unit, target_unit) if unit and target_unit else voxel_size
+    org = convert_length(origin, unit, target_unit) if unit and target_unit else origin
+    maps = []
+    for n, v, o, tn, tv, to in zip(shape, vs, org, target_shape, target_voxel_size, target_origin):
+        centres = to + tv * np.arange(int(tn), dtype=np.float64)
+        maps.append(np.clip(np.floor((centres - o) / v + 0.5).astype(np.int64), 0, int(n) - 1))
+    return maps
+
+
+def upsample_nearest(mask, maps, *, out=None, slab_voxels: int = 1 << 26):
+    """``mask`` (NumPy or any array read by slices) resampled to the target grid of ``maps``
+    (:func:`nearest_indices`), written into ``out`` z-slab by z-slab so that neither the source
+    nor the target is held whole: a mask made at a coarse pyramid level written back at level 0.
+
+    Returns ``out`` (a new NumPy array when it is None).
+    """
+    zmap, ymap, xmap = maps
+    shape = (len(zmap), len(ymap), len(xmap))
+    if out is None:
+        out = np.zeros(shape, np.asarray(mask[:1, :1, :1]).dtype)
+    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    for z0 in range(0, shape[0], step):
+        zs = zmap[z0:z0 + step]
+        lo, hi = int(zs.min()), int(zs.max()) + 1
+        source = np.asarray(mask[lo:hi])
+        out[z0:z0 + len(zs)] = source[np.ix_(zs - lo, ymap, xmap)]
+    return out

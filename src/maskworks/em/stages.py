@@ -29,10 +29,10 @@ from ..io import (
     write_volume,
 )
 from ..io.outputs import MARKER, check_outputs, fault_point
-from ..io.params import Flag, Number, Size, checked
+from ..io.params import Flag, Length, Number, Scale, Size, checked, specs_of
 from ..io.qc import save_orthoslices
 from ..io.volumes import MAX_VOXELS as MAX_VOXEL_DEFAULT
-from ..io.volumes import describe_error
+from ..io.volumes import describe_error, unit_symbol
 from ..jobs import about, geometry, keyword_defaults, provenance, sibling, voxel_size_override
 from .postprocess import SLICE_AXES, mask_overlap, overlap_scores, postprocess_mask
 from .texture import texture_mask
@@ -53,14 +53,72 @@ def _auto_chunks(shape):
 
 # The voxel budget of the EM stages' inputs (see read_volume); None: maskworks.io.volumes.MAX_VOXELS.
 MAX_VOXELS = Number(integer=True, minimum=1, nullable=True)
+LEVEL = Number(integer=True, minimum=0)
 
 
-def _score(truth_path, mask, shape, voxel_size, unit, max_voxels=None):
+# The scales a user may give as lengths ("80nm"): the runners convert them per axis from the
+# volume's voxel size; the library functions take voxels (one number or three).
+TEXTURE_SCALES = {
+    "block_size": Scale(integer=True, minimum=3, physical=True),
+    "texture_sigma": Scale(exclusive_minimum=0, physical=True),
+    "edge_sigma": Scale(exclusive_minimum=0, physical=True),
+}
+POSTPROCESS_SCALES = {
+    name: Scale(**{k: getattr(spec, k) for k in ("minimum", "maximum", "unit")}, physical=True)
+    for name, spec in specs_of(postprocess_mask).items() if isinstance(spec, Scale)
+}
+# Above this ratio of the longest to the shortest voxel side, a scale given as one number of voxels
+# is a different physical length along each axis: the stats and the log say so.
+ANISOTROPY_WARNING = 2.0
+
+
+def _in_voxels(stage, params, scales, vs, unit, path):
+    """``params`` with each scale given as a :class:`Length` converted to voxels per axis (z, y, x)
+    from the voxel size ``vs`` (``unit``) of the volume at ``path``; returns the converted
+    parameters, what each length became (for the stats) and the warnings about scales given in
+    voxels on a strongly anisotropic volume."""
+    out, converted, warnings = dict(params), {}, []
+    vs = tuple(float(v) for v in vs)
+    ratio = max(vs) / min(vs)
+    short = unit_symbol(unit)
+    for name, spec in scales.items():
+        value = params.get(name)
+        if isinstance(value, Length):
+            with about(path):
+                voxels = value.voxels(vs, unit, name)
+            if spec.integer:
+                voxels = tuple(int(round(v)) for v in voxels)
+            try:  # the converted scale must still be one the library takes (a window of 3 voxels...)
+                out[name] = Scale(integer=spec.integer, minimum=spec.minimum, maximum=spec.maximum,
+                                  exclusive_minimum=spec.exclusive_minimum)(stage, name, voxels)
+            except InputError:
+                raise InputError(
+                    f"{path}: {name}={value} is {_fmt_scale(voxels)} voxels (z, y, x) at voxel size "
+                    f"{vs} {unit or ''}; expected {spec._item().expected()} on every axis") from None
+            converted[name] = {"given": str(value), "voxels": list(voxels)}
+            log.info("%s=%s is %s voxels (z, y, x) at voxel size %s %s", name, value, _fmt_scale(voxels), vs, unit)
+        elif value is not None and not isinstance(value, tuple) and value != 0 and ratio > ANISOTROPY_WARNING:
+            lengths = sorted({v * abs(float(value)) for v in vs})
+            hint = f"'{min(vs) * float(value):g}{short}'" if short else "a length with its unit"
+            warnings.append(
+                f"{name}={value:g} voxels on voxels of {_fmt_scale(vs)} {unit or ''} (anisotropy "
+                f"{ratio:.1f}:1) spans {' / '.join(f'{x:g}' for x in lengths)} {unit or ''} along different axes; "
+                f"give it as a length ({name}: {hint}) for the same physical scale on every axis, or as three "
+                "numbers (z, y, x)")
+            log.warning(warnings[-1])
+    return out, converted, warnings
+
+
+def _fmt_scale(values):
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _score(truth_path, mask, shape, voxel_size, unit, max_voxels=None, level=0):
     """Dice/Jaccard of ``mask`` (NumPy or Zarr) against a ground-truth mask file (for demo and
-    validation data), counted z-slab by z-slab so that neither is loaded whole.  A truth whose
-    voxel size differs from the volume's by more than 1 % is scored all the same (shapes match),
-    with a warning in the result and the log."""
-    truth = read_volume(truth_path, ndim=3, lazy=True, max_voxels=max_voxels)
+    validation data; its pyramid ``level`` when the mask was made at one), counted z-slab by
+    z-slab so that neither is loaded whole.  A truth whose voxel size differs from the volume's by
+    more than 1 % is scored all the same (shapes match), with a warning in the result and the log."""
+    truth = read_volume(truth_path, ndim=3, lazy=True, max_voxels=max_voxels, level=level)
     if truth.shape != tuple(shape):
         raise InputError(f"{truth_path}: truth shape {truth.shape} differs from the mask shape {tuple(shape)}")
     warning = None
@@ -80,25 +138,30 @@ def _score(truth_path, mask, shape, voxel_size, unit, max_voxels=None):
     return {**scores, "warning": warning} if warning else scores
 
 
-@checked(texture_mask, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS)
+@checked(texture_mask, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS, level=LEVEL, **TEXTURE_SCALES)
 def texture_mask_files(
     input, mask, *, confidence, stats, qc, truth=None, voxel_size=None, unit=None,
-    chunk_shape=None, max_voxels=None, **params,
+    chunk_shape=None, max_voxels=None, level=0, **params,
 ):
     """Run :func:`maskworks.em.texture.texture_mask` on a file and write every output.
 
     ``chunk_shape`` None means automatic: the whole volume at once up to
-    ``AUTO_CHUNK_VOXELS`` voxels, chunks of ``AUTO_CHUNK_SHAPE`` above.
+    ``AUTO_CHUNK_VOXELS`` voxels, chunks of ``AUTO_CHUNK_SHAPE`` above.  ``level``: the
+    pyramid level of the input to work at (its voxel size and origin are the outputs').
+    ``block_size``, ``texture_sigma`` and ``edge_sigma`` may also be lengths (``"80nm"``),
+    converted per axis from the voxel size at that level.
     """
     with transaction(mask, confidence, stats, qc, inputs=[input, truth]):
         return _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape,
-                                   max_voxels, params)
+                                   max_voxels, level, params)
 
 
 def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, unit, chunk_shape, max_voxels,
-                        params):
-    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels)
+                        level, params):
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels,
+                      level=level)
     vs, unit = geometry(vol, voxel_size, unit)
+    params, scales, warnings = _in_voxels("texture_mask", params, TEXTURE_SCALES, vs, unit, input)
     memory_mb = params.get("memory_mb")
     # with a budget the library sizes the chunks itself (it counts the stores' chunks too)
     chunks = chunk_shape or (None if memory_mb is not None else _auto_chunks(vol.shape))
@@ -113,16 +176,21 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     # set); other formats are assembled in memory
     out_of_core = format_of(mask) == "zarr" and lazy
     with create_volume(confidence, vol.shape, np.float32, vs, **geom) as out_conf, \
-            (create_volume(mask, vol.shape, np.uint8, vs, **geom) if out_of_core else contextlib.nullcontext()) \
+            (create_volume(mask, vol.shape, np.uint8, vs, labels=True, **geom) if out_of_core
+             else contextlib.nullcontext()) \
             as out_mask:
         with about(input):
             m, conf, st = texture_mask(data, chunk_shape=chunks, out_confidence=out_conf, out_mask=out_mask,
                                        **params)
         if not out_of_core:
-            write_volume(mask, m, vs, **geom)
-    st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vs), unit=unit)
+            write_volume(mask, m, vs, labels=True, **geom)
+    st.update(input=str(input), level=level, shape=list(vol.shape), voxel_size=list(vs), unit=unit)
+    if scales:
+        st["scales"] = scales
     if truth:
-        st["truth"] = _score(truth, m, vol.shape, vs, unit, max_voxels)
+        st["truth"] = _score(truth, m, vol.shape, vs, unit, max_voxels, level)
+    if warnings:
+        st["warnings"] = st.get("warnings", []) + warnings
     conf_vol = read_volume(staged(confidence), lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"texture mask": m}, maps={"confidence": conf_vol.data},
                      voxel_size=vs, title=f"texture_mask: {Path(str(input)).name}  "
@@ -132,36 +200,104 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
     return st
 
 
-@checked(postprocess_mask, max_voxels=MAX_VOXELS)
-def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, max_voxels=None, **params):
-    """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output."""
-    with transaction(output, stats, qc, inputs=[input, image, truth]):
-        return _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, params)
+@checked(postprocess_mask, max_voxels=MAX_VOXELS, **POSTPROCESS_SCALES)
+def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, max_voxels=None,
+                           full_resolution_of=None, **params):
+    """Run :func:`maskworks.em.postprocess.postprocess_mask` on a mask file and write every output.
+
+    ``full_resolution_of``: an image whose level 0 the mask (made at a coarser level of it) is
+    written back to, by nearest-neighbour upsampling block by block: the output then has that
+    level's shape, voxel size and origin (``truth`` is scored there).  An ``output`` inside the
+    ``labels/`` of an OME-Zarr image (``image.zarr/labels/tissue``) is written as a label image of
+    that image, listed in its ``labels`` group.  The radii may also be lengths (``"80nm"``,
+    ``"-0.5um"`` for grow_radius), converted per axis from the input mask's voxel size."""
+    from ..io.ngff import label_group
+
+    group = label_group(output)
+    with transaction(output, stats, qc, *(group.files if group else ()), inputs=[input, image, truth, full_resolution_of],
+                     labels_of=group.image if group else None):
+        st = _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, full_resolution_of, params,
+                                     group)
+        if group:
+            group.register()
+        return st
 
 
-def _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, params):
+def _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, full_resolution_of, params, group):
     lazy = params.get("memory_mb") is not None
     vol = read_volume(input, ndim=3, lazy=lazy, max_voxels=max_voxels)
+    params, scales, warnings = _in_voxels("postprocess_mask", params, POSTPROCESS_SCALES, vol.voxel_size, vol.unit,
+                                          input)
     log.info("postprocess_mask %s shape=%s params=%s", input, vol.shape, params)
-    prov = provenance("postprocess_mask", {"input": input}, params)
-    geom = {"unit": vol.unit, "origin": vol.origin, "provenance": prov}
-    out_of_core = lazy and format_of(output) == "zarr"
-    with (create_volume(output, vol.shape, np.uint8, vol.voxel_size, **geom) if out_of_core
+    prov = provenance("postprocess_mask", {"input": input, "full_resolution_of": full_resolution_of}, params)
+    target = read_volume(full_resolution_of, ndim=3, lazy=True, check_finite=False, max_voxels=max_voxels) \
+        if full_resolution_of else vol
+    geom = {"unit": target.unit, "origin": target.origin, "provenance": prov}
+    if group:  # a label image of its image: that image's OME-Zarr version, and the way back to it
+        geom.update(ome_zarr_version=group.version, source="../../", pyramid=group.pyramid())
+    out_of_core = lazy and format_of(output) == "zarr" and target is vol
+    with (create_volume(output, vol.shape, np.uint8, vol.voxel_size, labels=True, **geom) if out_of_core
           else contextlib.nullcontext()) as out:
         with about(input):
             m, st = postprocess_mask(vol.data if lazy else vol.numpy(), out=out, **params)
-        if not out_of_core:
-            write_volume(output, m, vol.voxel_size, **geom)
+        full = None
+        if target is not vol:
+            full = _write_at_full_resolution(output, m, vol, target, geom)
+            st["full_resolution"] = {"of": str(full_resolution_of), "shape": list(target.shape),
+                                     "voxel_size": list(target.voxel_size)}
+        elif not out_of_core:
+            write_volume(output, m, vol.voxel_size, labels=True, **geom)
     st.update(input=str(input), shape=list(vol.shape), voxel_size=list(vol.voxel_size), unit=vol.unit)
+    if scales:
+        st["scales"] = scales
+    if warnings:
+        st["warnings"] = st.get("warnings", []) + warnings
     if truth:
-        st["truth"] = _score(truth, m, vol.shape, vol.voxel_size, vol.unit, max_voxels)
-    background = read_volume(image, ndim=3, lazy=True, check_finite=False, max_voxels=max_voxels).data if image else m
+        st["truth"] = _score(truth, m if full is None else full, target.shape, target.voxel_size, target.unit,
+                             max_voxels)
+    background = _on_grid_of(image, vol.shape, max_voxels) if image else None
+    background = m if background is None else background
     save_orthoslices(qc, background, masks={"input mask": vol.data, "post-processed": m},
                      voxel_size=vol.voxel_size,
                      title=f"postprocess_mask: {Path(str(input)).name}  "
                      f"{st['fraction_in']:.1%} -> {st['fraction_out']:.1%}")
     write_json(stats, st)
     return st
+
+
+def _on_grid_of(path, shape, max_voxels):
+    """The level of the image at ``path`` with this ``shape`` (lazily), or None (the QC picture of a
+    mask made at a coarser level is drawn on that level of the image)."""
+    first = read_volume(path, ndim=3, lazy=True, check_finite=False, max_voxels=max_voxels)
+    for level in range(first.attrs.get("levels", 1)):
+        vol = first if level == 0 else read_volume(path, ndim=3, lazy=True, check_finite=False, level=level,
+                                                   max_voxels=max_voxels)
+        if vol.shape == tuple(shape):
+            return vol.data
+    return None
+
+
+def _write_at_full_resolution(output, mask, vol, target, geom):
+    """Write ``mask`` (on the grid of ``vol``) on the grid of ``target`` (nearest neighbour, z-slab by
+    z-slab) to ``output``; returns the written array (read back lazily)."""
+    from .postprocess import nearest_indices, upsample_nearest
+
+    maps = nearest_indices(vol.shape, vol.voxel_size, vol.origin, target.shape, target.voxel_size, target.origin,
+                           vol.unit, target.unit)
+    with create_volume(output, target.shape, np.uint8, target.voxel_size, labels=True, **geom) as out:
+        upsample_nearest(mask, maps, out=out)
+    return read_volume(staged(output), ndim=3, lazy=True).data
+
+
+def _scale_arg(text):
+    """A scale on the command line: a number, three comma-separated numbers (z, y, x), or a length
+    with its unit (checked, with the message, by the stage's specification)."""
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        numbers = [int(p) if p.strip().lstrip("-").isdigit() else float(p) for p in parts]
+    except ValueError:
+        return text.strip()
+    return numbers[0] if len(numbers) == 1 else tuple(numbers)
 
 
 def _threshold(value):
@@ -184,13 +320,17 @@ def _add_texture(sub):
     p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
     p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
     p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
-    p.add_argument("--block-size", type=int, default=d["block_size"], help="local-statistics window (voxels)")
-    p.add_argument("--texture-sigma", type=float, default=d["texture_sigma"], help="DoG band-pass sigma (voxels)")
-    p.add_argument("--edge-sigma", type=float, default=d["edge_sigma"], help="gradient/structure-tensor sigma")
+    p.add_argument("--block-size", type=_scale_arg, default=d["block_size"],
+                   help="local-statistics window: voxels (one number or 'z,y,x'), or a length such as 512nm")
+    p.add_argument("--texture-sigma", type=_scale_arg, default=d["texture_sigma"],
+                   help="DoG band-pass sigma: voxels (one number or 'z,y,x'), or a length such as 8nm")
+    p.add_argument("--edge-sigma", type=_scale_arg, default=d["edge_sigma"],
+                   help="gradient/structure-tensor sigma: voxels or a length, as --texture-sigma")
     p.add_argument("--min-region-size", type=int, default=d["min_region_size"],
                    help="smallest kept component and largest filled hole (voxels)")
     p.add_argument("--threshold", type=_threshold, default=d["threshold"], help="'otsu' or a value in (0, 1)")
     p.add_argument("--chunk-shape", help="'z,y,x' chunk for out-of-core processing; if not given, automatic")
+    _add_level(p)
     _add_cores_and_memory(p, d)
     p.set_defaults(run=_run_texture)
 
@@ -203,6 +343,12 @@ def _add_cores_and_memory(p, defaults):
                    help="bound the working memory (MiB): the volume is read, processed and written (.zarr) "
                         "chunk by chunk; if not given, no bound")
     _add_max_voxels(p)
+
+
+def _add_level(p):
+    p.add_argument("--level", type=int, default=0,
+                   help="pyramid level of the input to work at (OME-Zarr, N5, precomputed, pyramidal TIFF); "
+                        "the outputs get that level's voxel size and origin")
 
 
 def _add_max_voxels(p):
@@ -219,7 +365,7 @@ def _run_texture(a):
         truth=a.truth, voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape,
         block_size=a.block_size, texture_sigma=a.texture_sigma, edge_sigma=a.edge_sigma,
         min_region_size=a.min_region_size, threshold=a.threshold, threads=a.threads, memory_mb=a.memory_mb,
-        device=a.device, max_voxels=a.max_voxels,
+        device=a.device, max_voxels=a.max_voxels, level=a.level,
     )
 
 
@@ -232,16 +378,23 @@ def _add_postprocess(sub):
     p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
     p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against")
-    p.add_argument("--closing-radius", type=int, default=d["closing_radius"], help="small-gap closing ball radius (0: off)")
-    p.add_argument("--opening-radius", type=int, default=d["opening_radius"], help="opening ball radius (0: off)")
+    p.add_argument("--closing-radius", type=_scale_arg, default=d["closing_radius"],
+                   help="small-gap closing radius: voxels (one number or 'z,y,x') or a length such as 80nm (0: off)")
+    p.add_argument("--opening-radius", type=_scale_arg, default=d["opening_radius"],
+                   help="opening radius: voxels or a length, as --closing-radius (0: off)")
     p.add_argument("--keep-largest", action=argparse.BooleanOptionalAction, default=d["keep_largest"],
                    help="keep only the largest 3-D connected component")
     p.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=d["fill_holes"],
                    help="fill holes that do not touch the volume faces")
-    p.add_argument("--grow-radius", type=int, default=d["grow_radius"],
-                   help="dilate (>0) or erode (<0) by this many voxels at the end")
+    p.add_argument("--grow-radius", type=_scale_arg, default=d["grow_radius"],
+                   help="dilate (>0) or erode (<0) at the end by this radius: voxels or a length "
+                   "(write --grow-radius=-40nm or --grow-radius=-1,-2,-2: a value starting with '-' follows an '=')")
     p.add_argument("--fill-holes-2d", choices=list(SLICE_AXES), default=d["fill_holes_2d"],
                    help="also fill the holes of every 2-D slice across this axis (z: each section)")
+    p.add_argument("--full-resolution-of",
+                   help="image whose level 0 the mask (made at a coarser level of it) is written back to, by "
+                        "nearest-neighbour upsampling; an output image.zarr/labels/NAME becomes a label image "
+                        "of that OME-Zarr image")
     _add_cores_and_memory(p, d)
     p.set_defaults(run=_run_postprocess)
 
@@ -253,7 +406,7 @@ def _run_postprocess(a):
         image=a.image, truth=a.truth, closing_radius=a.closing_radius, opening_radius=a.opening_radius,
         keep_largest=a.keep_largest, fill_holes=a.fill_holes, grow_radius=a.grow_radius,
         fill_holes_2d=a.fill_holes_2d, threads=a.threads, memory_mb=a.memory_mb, device=a.device,
-        max_voxels=a.max_voxels,
+        max_voxels=a.max_voxels, full_resolution_of=a.full_resolution_of,
     )
 
 
@@ -267,7 +420,7 @@ IN_PROGRESS = "in_progress"
 
 
 @checked(train_unet, resume=Flag())
-def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_dir=None, resume=False,
+def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_dir=None, resume=False, levels=None,
                      **params):
     """Run :func:`maskworks.em.unet.train_unet` on volume files and write its outputs to ``out_dir``.
 
@@ -285,14 +438,15 @@ def train_unet_files(images=(), labels=(), *, out_dir, images_dir=None, labels_d
     which is removed when the run has committed; ``resume=True`` continues from
     ``in_progress/last.pt`` (an interrupted run) or else from ``out_dir/last.pt`` (a finished
     run, to train more epochs).  A run without ``resume`` starts afresh and discards an
-    interrupted run's ``in_progress/``.  ``params``: the keywords of ``train_unet``.
+    interrupted run's ``in_progress/``.  ``levels``: the pyramid level of each of ``images`` and its
+    label (default 0).  ``params``: the keywords of ``train_unet``.
     """
     out_dir = Path(out_dir)
     paths = {name: out_dir / name for name in UNET_OUTPUTS}
     progress = out_dir / IN_PROGRESS
     with transaction(*paths.values(), inputs=[*images, *labels, images_dir, labels_dir]):
         check_outputs([progress], inputs=[*images, *labels, images_dir, labels_dir], stores=[progress])
-        pairs, sources = _training_pairs(images, labels, images_dir, labels_dir)
+        pairs, sources = _training_pairs(images, labels, images_dir, labels_dir, levels)
         last, source = None, None
         for where in ((progress / "last.pt", paths["last.pt"]) if resume else ()):
             if where.exists():
@@ -393,26 +547,29 @@ def load_checkpoint(path) -> dict:
     return ckpt
 
 
-def _training_pairs(images, labels, images_dir, labels_dir):
+def _training_pairs(images, labels, images_dir, labels_dir, levels=None):
     """Read the (image, label) pairs; ``sources`` lists their files for metrics.json."""
     images, labels = [str(p) for p in images or ()], [str(p) for p in labels or ()]
     if len(images) != len(labels):
         raise InputError(f"{len(images)} image(s) but {len(labels)} label(s); give one label per image, in order")
-    files = list(zip(images, labels))
+    levels = list(levels) if levels else [0] * len(images)
+    if len(levels) != len(images):
+        raise InputError(f"{len(levels)} level(s) for {len(images)} image(s); give one level per image")
+    files = [(i, lab, lev) for (i, lab), lev in zip(zip(images, labels), levels)]
     if (images_dir is None) != (labels_dir is None):
         raise InputError("images_dir and labels_dir go together: patch images and their labels, paired by name")
     if images_dir is not None:
-        files += _pair_folders(Path(images_dir), Path(labels_dir))
+        files += [(i, lab, 0) for i, lab in _pair_folders(Path(images_dir), Path(labels_dir))]
     if not files:
         raise InputError("no training data: give images and labels, or images_dir and labels_dir")
     pairs, sources = [], []
-    for image_path, label_path in files:
-        image = read_volume(image_path, ndim=3)
-        label = read_volume(label_path, ndim=3)
+    for image_path, label_path, level in files:
+        image = read_volume(image_path, ndim=3, level=level)
+        label = read_volume(label_path, ndim=3, level=level)
         if image.shape != label.shape:
             raise InputError(f"{label_path} has shape {label.shape} but its image {image_path} has {image.shape}")
         pairs.append((image.numpy(), training_labels(label.numpy(), what=str(label_path))))
-        sources.append({"image": str(image_path), "label": str(label_path), "shape": list(image.shape),
+        sources.append({"image": str(image_path), "label": str(label_path), "level": level, "shape": list(image.shape),
                         "voxel_size": list(image.voxel_size), "unit": image.unit})
     return pairs, sources
 
@@ -488,9 +645,9 @@ def _save_curves(path, rows) -> None:
     plt.close(fig)
 
 
-@checked(predict_volume, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS)
+@checked(predict_volume, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS, level=LEVEL)
 def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, voxel_size=None, unit=None,
-                       chunk_shape=None, max_voxels=None, **params):
+                       chunk_shape=None, max_voxels=None, level=0, **params):
     """Run :func:`maskworks.em.unet.predict_volume` on a volume file and write every output.
 
     ``prob`` (float16 probability) and ``mask`` (uint8 0/1) get the input's voxel
@@ -502,12 +659,13 @@ def predict_unet_files(input, checkpoint, prob, mask, *, stats, qc, truth=None, 
     """
     with transaction(prob, mask, stats, qc, inputs=[input, checkpoint, truth]):
         return _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit,
-                                   chunk_shape, max_voxels, params)
+                                   chunk_shape, max_voxels, level, params)
 
 
 def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_size, unit, chunk_shape, max_voxels,
-                        params):
-    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels)
+                        level, params):
+    vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels,
+                      level=level)
     vs, unit = geometry(vol, voxel_size, unit)
     ckpt = load_checkpoint(checkpoint)
     chunks = chunk_shape or _auto_chunks(vol.shape)
@@ -522,14 +680,14 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
     zchunks = _zarr_chunks(used) if used else None
     geom = {"unit": unit, "origin": vol.origin, "chunks": zchunks, "provenance": prov}
     with create_volume(prob, vol.shape, np.float16, vs, **geom) as out_p, \
-            create_volume(mask, vol.shape, np.uint8, vs, **geom) as out_m:
+            create_volume(mask, vol.shape, np.uint8, vs, labels=True, **geom) as out_m:
         with about(input):
             _, _, st = predict_volume(ckpt, data, chunk_shape=chunks, out_prob=out_p, out_mask=out_m, **params)
-    st.update(input=str(input), checkpoint=str(checkpoint), checkpoint_epoch=ckpt.get("epoch"),
+    st.update(input=str(input), level=level, checkpoint=str(checkpoint), checkpoint_epoch=ckpt.get("epoch"),
               shape=list(vol.shape), voxel_size=list(vs), unit=unit)
     mask_vol = read_volume(staged(mask), ndim=3, lazy=True)
     if truth:
-        st["truth"] = _score(truth, mask_vol.numpy(), vol.shape, vs, unit, max_voxels)
+        st["truth"] = _score(truth, mask_vol.numpy(), vol.shape, vs, unit, max_voxels, level)
     prob_vol = read_volume(staged(prob), ndim=3, lazy=True, check_finite=False)
     save_orthoslices(qc, vol.data, masks={"U-Net mask": mask_vol.data}, maps={"probability": prob_vol.data},
                      voxel_size=vs, title=f"predict_unet: {Path(str(input)).name}  "
@@ -653,6 +811,7 @@ def _add_predict(sub):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d["amp"], help="mixed precision on a GPU")
     p.add_argument("--blend", choices=["gaussian", "constant"], default=d["blend"],
                    help="weights of overlapping windows: gaussian (MONAI's, less seam) or constant (Catena's)")
+    _add_level(p)
     _add_max_voxels(p)
     p.set_defaults(run=_run_predict)
 
@@ -664,7 +823,7 @@ def _run_predict(a):
         stats=a.stats or sibling(out, "_stats.json"), qc=a.qc or sibling(out, "_qc.png"), truth=a.truth,
         voxel_size=a.voxel_size, unit=a.unit, chunk_shape=a.chunk_shape, roi_size=a.roi_size, overlap=a.overlap,
         sw_batch_size=a.sw_batch_size, tta=a.tta, threshold=a.threshold, mean=a.mean, std=a.std,
-        device=a.device, amp=a.amp, blend=a.blend, threads=a.threads, max_voxels=a.max_voxels,
+        device=a.device, amp=a.amp, blend=a.blend, threads=a.threads, max_voxels=a.max_voxels, level=a.level,
     )
 
 

@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from maskworks.backend import Backend, get_backend
 from maskworks.io import InputError, iter_blocks, n_blocks, progress_reporter
 from maskworks.io.blocks import Slabs, resolve_threads, return_freed_memory
-from maskworks.io.params import DEVICE, Number, Size, bad_value, checked
+from maskworks.io.params import DEVICE, Number, Scale, Size, bad_value, checked, per_axis
 
 from .postprocess import SlabComponents
 
@@ -115,32 +115,41 @@ def local_variance(x, size) -> np.ndarray:
     return var
 
 
-def _scales(texture_sigma: float, edge_sigma: float, block_size: int) -> dict:
-    """Every filter scale of the method and the halo that makes chunked == unchunked."""
+def _scales(texture_sigma, edge_sigma, block_size) -> dict:
+    """Every filter scale of the method, per axis (z, y, x), and the halo that makes chunked ==
+    unchunked (the widest axis's: one halo for every axis)."""
+    ts, es, bs = per_axis(texture_sigma), per_axis(edge_sigma), per_axis(block_size, integer=True)
     s = {
-        "texture_sigma": texture_sigma,
-        "surround_sigma": 4.0 * texture_sigma,  # DoG surround: the band is sigma .. 4 sigma
-        "average_sigma": 4.0 * texture_sigma,  # local averaging of the band-pass energies
-        "edge_sigma": edge_sigma,
-        "integration_sigma": max(2.0 * edge_sigma, 2.0 * texture_sigma),  # structure tensor
-        "block_size": block_size,
+        "texture_sigma": ts,
+        "surround_sigma": tuple(4.0 * v for v in ts),  # DoG surround: the band is sigma .. 4 sigma
+        "average_sigma": tuple(4.0 * v for v in ts),  # local averaging of the band-pass energies
+        "edge_sigma": es,
+        "integration_sigma": tuple(max(2.0 * e, 2.0 * t) for e, t in zip(es, ts)),  # structure tensor
+        "block_size": bs,
     }
-    r = {k: _radius(v) for k, v in s.items() if k.endswith("sigma")}
+    r = {k: max(_radius(x) for x in v) for k, v in s.items() if k.endswith("sigma")}
     coherence = r["edge_sigma"] + r["integration_sigma"] + 2  # + 2: the coarse samples' interpolation
     chain = max(
         max(r["texture_sigma"], r["surround_sigma"], coherence) + r["average_sigma"],  # texture
         coherence + r["average_sigma"],  # edges
-        block_size // 2,  # local contrast (uniform window)
+        max(bs) // 2,  # local contrast (uniform window)
     )
-    minimum = max(math.ceil(4.0 * max(s["surround_sigma"], s["average_sigma"], s["integration_sigma"])),
-                  math.ceil(block_size / 2))
+    minimum = max(math.ceil(4.0 * max(*s["surround_sigma"], *s["average_sigma"], *s["integration_sigma"])),
+                  math.ceil(max(bs) / 2))
     s["halo"] = max(chain + 2, minimum)  # + 2: the confidence is interpolated from coarse samples too
     return s
+
+
+def _on(scale, axis):
+    """A scale's value along ``axis`` (a scale is one number or one per axis)."""
+    return scale[axis] if isinstance(scale, tuple) else scale
 
 
 def _g1(src, sigma, axis, order, out, par):
     """One 1-D Gaussian (``order`` 1: derivative) pass along ``axis``, ``src`` -> ``out`` (may be
     ``src``), split over the threads along another axis."""
+    sigma = _on(sigma, axis)
+
     def one(sl):
         _ndi(par).gaussian_filter1d(src[sl], sigma, axis=axis, order=order, mode="reflect",
                                     truncate=TRUNCATE, output=out[sl])
@@ -246,7 +255,8 @@ def _gauss_pass(sigma):
 
 def _uniform_pass(size):
     def one(src, axis, out, par):
-        par.run(lambda sl: _ndi(par).uniform_filter1d(src[sl], size, axis=axis, mode="reflect", output=out[sl]),
+        n = _on(size, axis)
+        par.run(lambda sl: _ndi(par).uniform_filter1d(src[sl], n, axis=axis, mode="reflect", output=out[sl]),
                 src.shape, avoid=axis)
         return out
     return one
@@ -346,8 +356,8 @@ def _evidence(x: np.ndarray, sc: dict, phase, par: Slabs, work: _Work) -> dict[s
     smooth = _gauss(x, e, c, par)
     surround = upsample(_smooth_coarse(x, _gauss_pass(sc["surround_sigma"]), phase, par, out=b),
                         phase, shape, par, out=d)
-    if s > e:
-        band = _gauss(smooth, math.sqrt(s * s - e * e), b, par)
+    if all(a > c for a, c in zip(s, e)):
+        band = _gauss(smooth, tuple(math.sqrt(a * a - c * c) for a, c in zip(s, e)), b, par)
     else:  # a fine scale at or below the edge scale: from the image itself
         band = _gauss(x, s, b, par)
     _each(par, shape, lambda sl: np.abs(np.subtract(band[sl], surround[sl], out=band[sl]), out=band[sl]))
@@ -631,15 +641,15 @@ def _check(volume, texture_sigma, edge_sigma):
     # A Gaussian wider than the volume measures nothing, and its kernel (and halo) would grow
     # without bound: sigmas are kept within the longest axis.
     for name, value in (("texture_sigma", texture_sigma), ("edge_sigma", edge_sigma)):
-        if value > max(shape):
+        if max(per_axis(value)) > max(shape):
             raise bad_value("texture_mask", name, value, f"at most the longest axis of the volume {shape} (voxels)")
     return volume, shape
 
 
 @checked(
-    block_size=Number(integer=True, minimum=3, unit="voxels"),
-    texture_sigma=Number(exclusive_minimum=0, unit="voxels"),
-    edge_sigma=Number(exclusive_minimum=0, unit="voxels"),
+    block_size=Scale(integer=True, minimum=3),
+    texture_sigma=Scale(exclusive_minimum=0),
+    edge_sigma=Scale(exclusive_minimum=0),
     min_region_size=Number(integer=True, minimum=0, unit="voxels"),
     threshold=Number(exclusive_minimum=0, exclusive_maximum=1, words=("otsu",)),
     chunk_shape=Size(8, nullable=True),
@@ -650,9 +660,9 @@ def _check(volume, texture_sigma, edge_sigma):
 def texture_mask(
     volume,
     *,
-    block_size: int = 64,
-    texture_sigma: float = 1.0,
-    edge_sigma: float = 0.5,
+    block_size: int | tuple = 64,
+    texture_sigma: float | tuple = 1.0,
+    edge_sigma: float | tuple = 0.5,
     min_region_size: int = 250,
     threshold: str | float = "otsu",
     chunk_shape=None,
@@ -670,15 +680,16 @@ def texture_mask(
     volume : array_like
         3-D (z, y, x) intensities: a NumPy array, a memory map or a ``zarr.Array``.
         With ``chunk_shape`` it is only ever sliced block by block.
-    block_size : int
+    block_size : int or (int, int, int)
         Side (voxels) of the window of the local-contrast statistics (local
-        standard deviation), the regional evidence.
-    texture_sigma : float
+        standard deviation), the regional evidence; three values: per axis (z, y, x).
+    texture_sigma : float or (float, float, float)
         Sigma (voxels) of the Difference-of-Gaussians band-pass that measures fine
-        texture; the band is ``texture_sigma .. 4 * texture_sigma``.
-    edge_sigma : float
+        texture; the band is ``texture_sigma .. 4 * texture_sigma``.  Three values:
+        per axis (z, y, x), e.g. the same physical width on anisotropic voxels.
+    edge_sigma : float or (float, float, float)
         Sigma (voxels) of the smoothing whose central differences give the gradient
-        (gradient magnitude and structure tensor).
+        (gradient magnitude and structure tensor); per axis as ``texture_sigma``.
     min_region_size : int
         Connected components (6-connected) smaller than this are removed and holes
         smaller than it filled; 0 keeps the thresholded mask as it is.
@@ -812,7 +823,7 @@ def texture_mask(
     """
     volume, shape = _check(volume, texture_sigma, edge_sigma)
     b = get_backend(device)  # before anything is read: a GPU asked for and missing is an error at once
-    sc = _scales(float(texture_sigma), float(edge_sigma), int(block_size))
+    sc = _scales(texture_sigma, edge_sigma, block_size)
     halo = sc["halo"]
     itemsize = np.dtype(volume.dtype).itemsize
     if memory_mb is not None:
@@ -899,7 +910,8 @@ def texture_mask(
         "intensity_sample_stride": stride,
         "evidence_scales": scales,
         "evidence_weights": dict(WEIGHTS),
-        "filter_sigmas": {k: v for k, v in sc.items() if k.endswith("sigma")},
+        # one number per scale where every axis has the same, else three (z, y, x)
+        "filter_sigmas": {k: v[0] if len(set(v)) == 1 else list(v) for k, v in sc.items() if k.endswith("sigma")},
         "components_removed": removed,
         "holes_filled": filled,
         "chunks": total,

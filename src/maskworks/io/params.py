@@ -27,7 +27,8 @@ import numpy as np
 
 from .volumes import InputError
 
-__all__ = ["Choice", "Choices", "Flag", "Mapping", "Number", "NumberList", "Size", "Text", "bad_value", "checked", "specs_of"]
+__all__ = ["Choice", "Choices", "Flag", "Length", "Mapping", "Number", "NumberList", "Scale", "Size", "Text", "bad_value",
+           "checked", "per_axis", "specs_of"]
 
 
 def bad_value(owner: str, name: str, value, expected: str) -> InputError:
@@ -217,6 +218,101 @@ class Size(_Spec):
     def _schema(self) -> dict:
         item = {"type": "integer", "minimum": self.minimum}
         return {"oneOf": [item, {"type": "array", "items": item, "minItems": self.ndim, "maxItems": self.ndim}]}
+
+
+@dataclass(frozen=True)
+class Length:
+    """A physical length a user gave for a scale (``"80nm"``): converted to voxels per axis, from the
+    volume's voxel size, by the stage that reads the volume (:meth:`voxels`)."""
+
+    value: float
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.value:g} {self.unit}"
+
+    def voxels(self, voxel_size, unit, what: str) -> tuple[float, ...]:
+        from .volumes import convert_length, normalize_unit
+
+        if normalize_unit(unit) is None:
+            raise InputError(f"{what}={self}: the volume's voxel size {tuple(voxel_size)} has no length unit to "
+                             "convert it with; give the voxel size and its unit (--voxel-size, --unit), or the "
+                             "scale in voxels")
+        (length,) = convert_length([self.value], self.unit, unit)
+        return tuple(length / float(v) for v in voxel_size)
+
+
+_LENGTH = re.compile(r"^\s*(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµμÅå]+)\s*$")
+
+
+@dataclass(frozen=True)
+class Scale(_Spec):
+    """The scale of a filter or a structuring element: in voxels, one number (every axis) or three
+    (z, y, x); or, where ``physical``, a length with its unit (``"80nm"``, ``"0.5 um"``), which the
+    stage converts per axis from the volume's voxel size (a :class:`Length`).  Checked values are
+    a number, a tuple of three, or a Length."""
+
+    integer: bool = False
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: float | None = None
+    physical: bool = False
+    unit: str = "voxels"
+
+    def _item(self) -> Number:
+        return Number(integer=self.integer, minimum=self.minimum, maximum=self.maximum,
+                      exclusive_minimum=self.exclusive_minimum, unit=self.unit)
+
+    def _check(self, owner, name, value):
+        from .volumes import normalize_unit
+
+        if isinstance(value, Length):
+            return value
+        if isinstance(value, str) and self.physical:
+            m = _LENGTH.match(value)
+            if m and normalize_unit(m.group(2)) is not None and self._length_ok(float(m.group(1))):
+                return Length(float(m.group(1)), normalize_unit(m.group(2)))
+            raise bad_value(owner, name, value, self.expected())
+        item = self._item()
+        if isinstance(value, (list, tuple, np.ndarray)):
+            if len(value) != 3:
+                raise bad_value(owner, name, value, self.expected())
+            try:
+                out = tuple(item(owner, name, v) for v in value)
+            except InputError:
+                raise bad_value(owner, name, value, self.expected()) from None
+            return out
+        try:
+            return item(owner, name, value)
+        except InputError:
+            raise bad_value(owner, name, value, self.expected()) from None
+
+    def _signed(self) -> bool:
+        return self.minimum is not None and self.minimum < 0
+
+    def _length_ok(self, value: float) -> bool:
+        # a length is never 0 (0 is "off", given as a number); negative only where the scale may be
+        return value > 0 or (self._signed() and value < 0)
+
+    def _expected(self) -> str:
+        text = f"{self._item().expected()}, or three of them (z, y, x)"
+        return text + (", or a length with its unit such as '80nm' (converted per axis from the voxel size)"
+                       if self.physical else "")
+
+    def _schema(self) -> dict:
+        item = self._item().schema()
+        options = [item, {"type": "array", "items": item, "minItems": 3, "maxItems": 3}]
+        if self.physical:
+            sign = "-?" if self._signed() else ""
+            options.append({"type": "string",
+                            "pattern": rf"^\s*{sign}[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?\s*[A-Za-zµμÅå]+\s*$"})
+        return {"oneOf": options}
+
+
+def per_axis(value, integer: bool = False) -> tuple:
+    """A scale (one number or three) as three numbers (z, y, x)."""
+    values = tuple(value) if isinstance(value, (list, tuple, np.ndarray)) else (value,) * 3
+    return tuple(int(v) for v in values) if integer else tuple(float(v) for v in values)
 
 
 @dataclass(frozen=True)
