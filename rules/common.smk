@@ -90,12 +90,15 @@ def source_file(spec):
     return m.group(1) if m else spec
 
 
-def em_source(wildcards):
-    """The volume of an EM row as the stages read it: its path, with the dataset of an HDF5 file
-    (``file.h5:/dataset``, or the table's dataset column)."""
-    row = em_row(wildcards)
+def row_source(row):
+    """The volume of an EM table row as the stages read it: its path, with the dataset of an HDF5
+    file (``file.h5:/dataset``, or the table's dataset column)."""
     dataset = row.get("dataset") or ""
     return f"{row['path']}:{dataset}" if dataset else row["path"]
+
+
+def em_source(wildcards):
+    return row_source(em_row(wildcards))
 
 
 def em_sources(wildcards):
@@ -451,23 +454,25 @@ def segment_args(wildcards, input):
 UNET = EM["train_unet"]
 
 
+def training_names():
+    """The table rows train_unet learns from: those listed in em.train_unet.training, else every row
+    with a truth."""
+    return list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
+
+
 def unet_training_sources(wildcards):
     """What train_unet reads for each training row: image and label specs and the pyramid level."""
-    names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
-    rows = [em_volumes.loc[n] for n in names]
+    names = training_names()
     return {
-        "images": [
-            f"{r['path']}:{r['dataset']}" if r.get("dataset") else r["path"]
-            for r in rows
-        ],
-        "labels": [r["truth"] for r in rows],
+        "images": [row_source(em_volumes.loc[n]) for n in names],
+        "labels": [em_volumes.loc[n, "truth"] for n in names],
         "levels": [row_level(n) for n in names],
     }
 
 
 def unet_training_inputs(wildcards):
     """Training pairs: table rows with a truth (all, or those listed) and/or patch folders."""
-    names = list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
+    names = training_names()
     missing = [
         n for n in names if n not in em_volumes.index or not em_volumes.loc[n, "truth"]
     ]

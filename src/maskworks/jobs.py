@@ -37,10 +37,10 @@ def keyword_defaults(func):
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def geometry(vol, voxel_size=None, unit=None):
-    """Voxel size/unit of a volume, overridden by the user's values when given."""
-    vs = voxel_size_override(voxel_size) or vol.voxel_size
-    return vs, (unit or vol.unit)
+def geometry(vol, unit=None):
+    """Voxel size and unit of a volume read with the user's voxel size (``read_volume(voxel_size=)``),
+    the unit overridden by the user's when given."""
+    return vol.voxel_size, (unit or vol.unit)
 
 
 def voxel_size_override(voxel_size):

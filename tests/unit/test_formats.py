@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from maskworks.cli import main
-from maskworks.io import read_volume, write_volume
+from maskworks.io import InputError, read_volume, write_volume
+from maskworks.io.formats import local_path, split_hdf5
 
 zarr = pytest.importorskip("zarr")
 pytestmark = pytest.mark.skipif(int(zarr.__version__.split(".")[0]) < 3, reason="the zarr 3 environment's formats")
@@ -161,7 +162,7 @@ def precomputed_tensorstore(path, a):
                                         "voxel_offset": [10, 10, 10], "chunk_size": [16, 16, 8], "encoding": "raw"},
                      "create": True}).result()
     store[ts.d[:].translate_to[0]][..., 0] = a.transpose(2, 1, 0)
-    return path, a, VS, tuple(10 * v for v in VS), None
+    return path, a, VS, tuple(10.5 * v for v in VS), None  # the centre of voxel 10
 
 
 def tiff_slices(path, a):
@@ -216,8 +217,9 @@ def test_each_format_reads_with_its_axes_geometry_and_levels(written):
         one = read_volume(path, ndim=3, level=1, lazy=True)
         assert one.voxel_size == pytest.approx((vs[0], 2 * vs[1], 2 * vs[2])), name
         np.testing.assert_array_equal(one.numpy(), level1)
-    with pytest.raises(Exception, match="level"):
+    with pytest.raises(InputError, match="level") as err:
         read_volume(path, level=1 if level1 is None else 2)
+    assert str(split_hdf5(local_path(path))[0]) in str(err.value)
 
 
 def _mask(capsys, tmp_path, source, *extra):
@@ -308,3 +310,65 @@ def test_a_mask_made_at_level_1_is_written_back_as_a_label_image_of_its_input(tm
 
     kinds = [kind for _, _, kind in napari_get_reader(str(path))(str(path))]
     assert kinds == ["image", "labels"]
+
+
+def test_level_1_has_the_centre_of_its_first_voxel_and_the_users_voxel_size_times_its_factors(tmp_path, volume):
+    """N5 and pyramidal TIFF levels store no origin of their own: level 1's first voxel is the mean of
+    level 0's first two along y and x.  A voxel size the user gives is level 0's."""
+    import tifffile
+
+    n5, *_ = n5_tensorstore(tmp_path / "v", volume)
+    one = read_volume(n5, level=1, lazy=True)
+    assert one.origin == pytest.approx((0.0, VS[1] / 2, VS[2] / 2))
+    assert read_volume(n5, level=1, voxel_size=(30, 6, 3)).voxel_size == pytest.approx((30, 12, 6))
+    assert read_volume(n5, voxel_size=(30, 6, 3)).voxel_size == pytest.approx((30, 6, 3))
+    tif = tmp_path / "pyramid.ome.tif"  # a pyramidal OME-TIFF: level 1 in SubIFDs
+    with tifffile.TiffWriter(tif, bigtiff=True) as w:
+        w.write(volume, subifds=1, tile=(16, 16), metadata={
+            "axes": "ZYX", "PhysicalSizeZ": VS[0], "PhysicalSizeY": VS[1], "PhysicalSizeX": VS[2],
+            "PhysicalSizeZUnit": "nm", "PhysicalSizeYUnit": "nm", "PhysicalSizeXUnit": "nm"})
+        w.write(volume[:, ::2, ::2], subfiletype=1, tile=(16, 16))
+    for lazy in (True, False):  # read by tiles or whole: the same level, the same geometry
+        level = read_volume(tif, level=1, lazy=lazy)
+        np.testing.assert_array_equal(level.numpy(), volume[:, ::2, ::2])
+        assert level.voxel_size == pytest.approx((VS[0], 2 * VS[1], 2 * VS[2]))
+        assert level.origin == pytest.approx((0.0, VS[1] / 2, VS[2] / 2))
+
+
+def test_a_local_precomputed_url_and_a_slice_beyond_the_folder(tmp_path, volume):
+    path, *_ = precomputed_tensorstore(tmp_path / "pc", volume)
+    url = read_volume(f"precomputed://file://{path}", ndim=3, lazy=True)
+    np.testing.assert_array_equal(url.numpy(), volume)
+    slices, *_ = tiff_slices(tmp_path / "x", volume)
+    stack = read_volume(slices, ndim=3, lazy=True)
+    with pytest.raises(InputError, match="slice 24 of a folder of 24"):
+        stack.data[24]
+
+
+def test_an_hdf5_unit_attribute_says_the_unit_of_resolution(tmp_path, volume):
+    import h5py
+
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        ds = f.create_dataset("raw", data=volume)
+        ds.attrs["resolution"] = (0.04, 0.008, 0.004)
+        ds.attrs["unit"] = "micrometer"
+    vol = read_volume(tmp_path / "v.h5")
+    assert vol.unit == "micrometer" and vol.voxel_size == pytest.approx((0.04, 0.008, 0.004))
+
+
+def test_a_mask_is_written_back_only_onto_the_image_it_covers(tmp_path, volume, capsys):
+    """A mask made at level 1 of an image goes into that image's labels on its level-0 grid without
+    naming the image again; onto an image of another extent it is refused, naming both."""
+    path, *_ = ome_zarr_py("0.5")(tmp_path / "img.zarr", volume)
+    assert main(["texture-mask", str(path), str(tmp_path / "m1.zarr"), "--level", "1", "--block-size", "16"]) == 0
+    assert main(["postprocess-mask", str(tmp_path / "m1.zarr"), str(path / "labels" / "tissue"),
+                 "--stats", str(tmp_path / "s.json"), "--qc", str(tmp_path / "qc.png")]) == 0, capsys.readouterr().err
+    assert read_volume(path / "labels" / "tissue").shape == volume.shape
+    other, *_ = ome_zarr_py("0.5")(tmp_path / "other.zarr", volume[:, :24])
+    capsys.readouterr()
+    assert main(["postprocess-mask", str(tmp_path / "m1.zarr"), str(tmp_path / "full.zarr"),
+                 "--full-resolution-of", str(other), "--stats", str(tmp_path / "s2.json"),
+                 "--qc", str(tmp_path / "qc2.png")]) == 2
+    err = capsys.readouterr().err
+    assert "along y the mask covers" in err and str(other) in err and "m1.zarr" in err
+    assert not (tmp_path / "full.zarr").exists()

@@ -138,12 +138,8 @@ def test_tiff_is_written_as_grey_z_pages(tmp_path):
 
 
 def test_ome_zarr_metadata_is_ngff_0_4(tmp_path):
-    volumes_mod.set_ome_zarr_version("0.4")
-    try:
-        write_volume(tmp_path / "v.zarr", sample("uint8"), VS, unit="nanometer", origin=ORIGIN,
-                     provenance={"stage": "test"})
-    finally:
-        volumes_mod.OME_ZARR_VERSION = None
+    write_volume(tmp_path / "v.zarr", sample("uint8"), VS, unit="nanometer", origin=ORIGIN,
+                 provenance={"stage": "test"}, ome_zarr_version="0.4")
     attrs = json.loads((tmp_path / "v.zarr" / ".zattrs").read_text())
     (ms,) = attrs["multiscales"]
     assert ms["version"] == "0.4"

@@ -138,6 +138,9 @@ def _score(truth_path, mask, shape, voxel_size, unit, max_voxels=None, level=0):
     return {**scores, "warning": warning} if warning else scores
 
 
+VOLUME_HELP = ("volume: OME-Zarr 0.4/0.5 or Zarr v2/v3 (.zarr, image.zarr/N for one level), HDF5 (file.h5:/dataset), "
+               ".n5, neuroglancer precomputed, a folder of 2-D TIFF slices, .tif, .mrc/.rec, .nrrd, .nii(.gz), .npy")
+
 @checked(texture_mask, chunk_shape=Size(8, nullable=True), max_voxels=MAX_VOXELS, level=LEVEL, **TEXTURE_SCALES)
 def texture_mask_files(
     input, mask, *, confidence, stats, qc, truth=None, voxel_size=None, unit=None,
@@ -160,7 +163,7 @@ def _texture_mask_files(input, mask, confidence, stats, qc, truth, voxel_size, u
                         level, params):
     vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels,
                       level=level)
-    vs, unit = geometry(vol, voxel_size, unit)
+    vs, unit = geometry(vol, unit)
     params, scales, warnings = _in_voxels("texture_mask", params, TEXTURE_SCALES, vs, unit, input)
     memory_mb = params.get("memory_mb")
     # with a budget the library sizes the chunks itself (it counts the stores' chunks too)
@@ -209,11 +212,14 @@ def postprocess_mask_files(input, output, *, stats, qc, image=None, truth=None, 
     written back to, by nearest-neighbour upsampling block by block: the output then has that
     level's shape, voxel size and origin (``truth`` is scored there).  An ``output`` inside the
     ``labels/`` of an OME-Zarr image (``image.zarr/labels/tissue``) is written as a label image of
-    that image, listed in its ``labels`` group.  The radii may also be lengths (``"80nm"``,
+    that image (on its level-0 grid, ``full_resolution_of`` defaulting to it), listed in its
+    ``labels`` group.  The radii may also be lengths (``"80nm"``,
     ``"-0.5um"`` for grow_radius), converted per axis from the input mask's voxel size."""
     from ..io.ngff import label_group
 
     group = label_group(output)
+    if group and not full_resolution_of:
+        full_resolution_of = group.image  # a label image has its image's grid: level 0's
     with transaction(output, stats, qc, *(group.files if group else ()), inputs=[input, image, truth, full_resolution_of],
                      labels_of=group.image if group else None):
         st = _postprocess_mask_files(input, output, stats, qc, image, truth, max_voxels, full_resolution_of, params,
@@ -282,11 +288,34 @@ def _write_at_full_resolution(output, mask, vol, target, geom):
     z-slab) to ``output``; returns the written array (read back lazily)."""
     from .postprocess import nearest_indices, upsample_nearest
 
+    _check_same_extent(vol, target)
     maps = nearest_indices(vol.shape, vol.voxel_size, vol.origin, target.shape, target.voxel_size, target.origin,
                            vol.unit, target.unit)
     with create_volume(output, target.shape, np.uint8, target.voxel_size, labels=True, **geom) as out:
         upsample_nearest(mask, maps, out=out)
     return read_volume(staged(output), ndim=3, lazy=True).data
+
+
+def _check_same_extent(vol, target) -> None:
+    """``vol`` and ``target`` must cover the same region (to within one voxel of ``vol`` per axis):
+    else the mask was not made from that image, or one of them lacks its voxel size or unit."""
+    from ..io import convert_length
+
+    vs, origin = vol.voxel_size, vol.origin
+    if vol.unit and target.unit:
+        vs, origin = convert_length(vs, vol.unit, target.unit), convert_length(origin, vol.unit, target.unit)
+    elif vol.unit != target.unit:
+        raise InputError(f"{target.path}: has {'no length unit' if not target.unit else 'unit ' + target.unit}, "
+                         f"but the mask {vol.path} has {'none' if not vol.unit else vol.unit}; give both their "
+                         "voxel size and unit to write the mask at full resolution")
+    for axis, n, v, o, tn, tv, to in zip("zyx", vol.shape, vs, origin, target.shape, target.voxel_size, target.origin):
+        start, end = o - v / 2, o + (n - 0.5) * v
+        t_start, t_end = to - tv / 2, to + (tn - 0.5) * tv
+        if abs(start - t_start) > v * 1.001 or abs(end - t_end) > v * 1.001 + tv:
+            raise InputError(
+                f"{vol.path}: along {axis} the mask covers {start:.6g}..{end:.6g} ({n} voxels of {v:.6g}), but "
+                f"{target.path} covers {t_start:.6g}..{t_end:.6g} ({tn} voxels of {tv:.6g}) {target.unit or ''}; "
+                "write a mask back only onto the image (level 0) it was made from")
 
 
 def _scale_arg(text):
@@ -312,7 +341,7 @@ def _threshold(value):
 def _add_texture(sub):
     d = keyword_defaults(texture_mask)
     p = sub.add_parser("texture-mask", help="classical texture-based tissue mask of a volume (Catena design)")
-    p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
+    p.add_argument("input", help=VOLUME_HELP)
     p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr")
     p.add_argument("--confidence", help="confidence map output; if not given, <output>_confidence.zarr")
     p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
@@ -666,7 +695,7 @@ def _predict_unet_files(input, checkpoint, prob, mask, stats, qc, truth, voxel_s
                         level, params):
     vol = read_volume(input, ndim=3, lazy=True, voxel_size=voxel_size_override(voxel_size), max_voxels=max_voxels,
                       level=level)
-    vs, unit = geometry(vol, voxel_size, unit)
+    vs, unit = geometry(vol, unit)
     ckpt = load_checkpoint(checkpoint)
     chunks = chunk_shape or _auto_chunks(vol.shape)
     d = keyword_defaults(predict_volume)
@@ -788,7 +817,7 @@ def _add_predict(sub):
 
     d = keyword_defaults(predict_volume)
     p = sub.add_parser("predict-unet", help="whole-volume U-Net inference (sliding window, Gaussian blending)")
-    p.add_argument("input", help="volume: .mrc/.rec, .tif, .zarr, .nrrd, .nii.gz, .npy")
+    p.add_argument("input", help=VOLUME_HELP)
     p.add_argument("checkpoint", help="best.pt (or last.pt) from train-unet")
     p.add_argument("output", help="mask (uint8 0/1); .zarr writes OME-Zarr, .tif TIFF")
     p.add_argument("--prob", help="probability output, float16; if not given, <output>_prob.zarr")

@@ -193,27 +193,6 @@ def local_store(seg) -> str | None:
 
 
 @_keeps_logging
-def input_stores(root, run: str, infos, voxel_size: float) -> list[str]:
-    """Local Zarr stores of the segmentations that ``infos`` name in ``run`` (the inputs a
-    workflow can watch); segmentations that are not on the local file system are left out,
-    and so is a run or segmentation that does not exist (the stage itself reports it).
-    ``root``: a copick root, or the path of its configuration file."""
-    if isinstance(root, (str, Path)):
-        root = open_project(root)
-    match = [r for r in root.runs if r.name == run]
-    out = []
-    for info in infos:
-        try:
-            seg = find_segmentation(match[0], parse_segmentation_info(info), voxel_size) if match else None
-        except InputError:
-            seg = None
-        store = local_store(seg) if seg is not None else None
-        if store:
-            out.append(store)
-    return out
-
-
-@_keeps_logging
 def read_segmentation(seg, *, fill_missing: bool = False) -> Volume:
     """A copick segmentation (pyramid level 0) as a (z, y, x) :class:`Volume` in ångström.
 

@@ -24,6 +24,15 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 
+def local_path(path) -> Path:
+    """A path as a file name: neuroglancer's ``precomputed://`` and ``file://`` prefixes removed
+    (``precomputed://file:///data/vol`` is ``/data/vol``)."""
+    text = str(path)
+    for prefix in ("precomputed://", "file://"):
+        text = text.removeprefix(prefix)
+    return Path(text)
+
+
 def split_hdf5(path) -> tuple[Path, str | None]:
     """``file.h5:/group/dataset`` -> (``file.h5``, ``/group/dataset``); other paths pass through."""
     text = str(path)
@@ -51,9 +60,11 @@ def _n5_version(path: Path):
 
 
 def is_precomputed(path) -> bool:
-    p = Path(str(path).removeprefix("precomputed://").removeprefix("file://"))
+    p = local_path(path)
     try:
-        return p.is_dir() and json.loads((p / "info").read_text()).get("@type") == "neuroglancer_multiscale_volume"
+        info = json.loads((p / "info").read_text()) if p.is_dir() else {}
+        # "@type" since neuroglancer's 2019 spec; older writers (cloud-volume) give scales and data_type only
+        return info.get("@type") == "neuroglancer_multiscale_volume" or ("scales" in info and "data_type" in info)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -122,7 +133,7 @@ def open_hdf5(path, dataset=None):
                                  f"{len(spatial)} spatial axes")
             for i, v in zip(spatial, values):
                 vs[i] = v
-            unit = key_unit or unit
+            unit = key_unit if key == "element_size_um" or not unit else unit  # resolution: nm unless a unit says
             break
     origin = [0.0] * nd
     if "offset" in attrs:
@@ -206,18 +217,20 @@ def open_n5(path, level: int = 0):
     else:
         vs_xyz = list(attrs.get("resolution", [1.0] * nd))
     factors = attrs.get("downsamplingFactors", [1] * nd)
-    vs_xyz = [float(v) * float(f) for v, f in zip(vs_xyz, factors)]
-    offset = [float(o) for o in attrs.get("offset", [0.0] * nd)]
+    base_xyz = [float(v) for v in vs_xyz]
+    vs_xyz = [v * float(f) for v, f in zip(base_xyz, factors)]
+    # a coarser level's first voxel centre lies midway between the first f of level 0
+    offset = [float(o) + (float(f) - 1) / 2 * v for o, f, v in zip(attrs.get("offset", [0.0] * nd), factors, base_xyz)]
     axes = list("xyz"[:nd]) if nd <= 3 else [f"d{i}" for i in range(nd)]
     return TensorStoreArray(store), axes, vs_xyz, offset, unit, {"n5": str(dataset)}
 
 
 def open_precomputed(path, level: int = 0):
     """A neuroglancer precomputed volume (tensorstore): scale ``level`` of its ``info``, voxel size
-    ``resolution`` (nm), origin ``voxel_offset`` x ``resolution``, axes x, y, z, channel."""
+    ``resolution`` (nm), origin the centre of voxel ``voxel_offset``, axes x, y, z, channel."""
     import tensorstore as ts
 
-    path = Path(str(path).removeprefix("precomputed://").removeprefix("file://"))
+    path = local_path(path)
     info = _json(path / "info")
     scales = info.get("scales", [])
     if not 0 <= level < len(scales):
@@ -227,7 +240,8 @@ def open_precomputed(path, level: int = 0):
     store = store[ts.d[:].translate_to[0]]
     scale = scales[level]
     vs = [float(v) for v in scale["resolution"]] + [1.0]
-    origin = [float(o) * v for o, v in zip(scale.get("voxel_offset", [0, 0, 0]), vs)] + [0.0]
+    # voxel i spans [i, i + 1) x resolution: its centre, maskworks' origin, is at i + 0.5
+    origin = [(float(o) + 0.5) * v for o, v in zip(scale.get("voxel_offset", [0, 0, 0]), vs)] + [0.0]
     return TensorStoreArray(store), ["x", "y", "z", "c"], vs, origin, "nanometer", {"scale": scale.get("key")}
 
 
@@ -272,6 +286,8 @@ class TiffSlices:
         from .ngff import _expand
 
         kz, ky, kx = _expand(key, 3)
+        if not isinstance(kz, slice) and not -self.shape[0] <= int(kz) < self.shape[0]:
+            raise IndexError(f"slice {int(kz)} of a folder of {self.shape[0]} slices")
         zs = range(*kz.indices(self.shape[0])) if isinstance(kz, slice) else [int(kz) % self.shape[0]]
         planes = [self._plane(z)[ky, kx] for z in zs]
         out = np.stack(planes) if planes else np.zeros((0, *np.empty(self.plane)[ky, kx].shape), self.dtype)
@@ -310,19 +326,3 @@ def open_slices(path):
     with tifffile.TiffFile(files[0]) as tif:
         vz = float((tif.imagej_metadata or {}).get("spacing", 1.0))
     return stack, ["z", "y", "x"], [vz, vy, vx], [0.0, 0.0, 0.0], unit, {"slices": len(files)}
-
-
-def open_tiff_lazily(path, level: int = 0):
-    """A TIFF read by tiles or strips through tifffile's Zarr interface (the file stays open while the
-    data is used); ``level`` of a pyramidal (OME-)TIFF."""
-    import tifffile
-    import zarr
-
-    tif = tifffile.TiffFile(str(path))
-    series = tif.series[0]
-    levels = len(series.levels)
-    if not 0 <= level < levels:
-        tif.close()
-        raise InputError(f"{path}: level={level!r}, but the TIFF has levels 0..{levels - 1}")
-    array = zarr.open(series.aszarr(level=level), mode="r")
-    return array, tif

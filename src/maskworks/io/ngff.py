@@ -14,7 +14,6 @@ colour table, every output a pyramid down to about :data:`PYRAMID_MIN` voxels pe
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,7 +351,8 @@ def _downsample(block: np.ndarray, factors, labels: bool) -> np.ndarray:
     shape = []
     for s, f in zip(data.shape, factors):
         shape += [s // f, f]
-    return data.reshape(shape).mean(axis=tuple(range(1, 2 * len(factors), 2))).astype(block.dtype)
+    mean = data.reshape(shape).mean(axis=tuple(range(1, 2 * len(factors), 2)))
+    return (np.rint(mean) if block.dtype.kind in "iub" else mean).astype(block.dtype)  # rounded, not truncated
 
 
 def build_pyramid(group, base, voxel_size, version: str, labels: bool, chunks, factors=None) -> list[tuple]:
@@ -449,7 +449,10 @@ class LabelGroup:
             scales.append(s)
         if any(s is None for s in scales):
             return []
-        return [tuple(max(1, round(b / a)) for a, b in zip(s0, s1))[-3:] for s0, s1 in zip(scales, scales[1:])]
+        names = [(a["name"] if isinstance(a, dict) else a).lower() for a in ms.get("axes", [])] or \
+            _default_axes(len(scales[0]))
+        zyx = [names.index(a) for a in SPACE_AXES if a in names]  # the label image is written z, y, x
+        return [tuple(max(1, round(s1[i] / s0[i])) for i in zyx) for s0, s1 in zip(scales, scales[1:])]
 
     def register(self) -> None:
         """Write the labels group's metadata with ``name`` listed (kept in order, written atomically
@@ -490,12 +493,8 @@ def label_group(output) -> LabelGroup | None:
         node = open_node(image)
     except Exception:  # noqa: BLE001 - not a Zarr image: an ordinary folder called labels
         return None
-    ome, version = _ome(_attrs(node))
+    ome, _ = _ome(_attrs(node))
     if not ome.get("multiscales"):
         return None
     version = "0.5" if (image / "zarr.json").is_file() else "0.4"
     return LabelGroup(image, p.name, check_version(version))
-
-
-def chunk_count(shape, chunks) -> int:
-    return math.prod(-(-int(s) // int(c)) for s, c in zip(shape, chunks))

@@ -130,7 +130,7 @@ def format_of(path: str | Path) -> str:
 
     if formats.is_hdf5(path):
         return "hdf5"
-    p = Path(str(path).removeprefix("precomputed://"))
+    p = formats.local_path(path)
     if formats.is_precomputed(p):
         return "precomputed"
     if formats.is_n5(p):
@@ -197,7 +197,8 @@ def read_volume(
         Fail on NaN or Inf in floating-point data (scanned block-wise for Zarr).
     voxel_size : float or sequence of float, optional
         Use this (z, y, x) voxel size instead of the header's (the ``--voxel-size``
-        override).  Without it, a header voxel size that is not a positive finite
+        override); it is the full resolution's, so at a ``level`` it is multiplied by that
+        level's downsampling factors.  Without it, a header voxel size that is not a positive finite
         number is an error naming the file (an MRC header's 0, "not set", reads as 1).
     max_voxels : int, optional
         The most voxels the file may claim (default ``MAX_VOXELS``).
@@ -218,26 +219,31 @@ def read_volume(
     (maskworks writes its own masks without their all-zero chunks); a chunk that is present
     but cannot be decoded is an error naming the store and the region.
     """
-    from .formats import split_hdf5
+    from .formats import local_path, split_hdf5
 
-    path = Path(str(path).removeprefix("precomputed://"))
+    path = local_path(path)
     if not split_hdf5(path)[0].exists():
         raise InputError(f"{path}: no such file or directory")
     fmt = format_of(path)
     budget = MAX_VOXELS if max_voxels is None else max_voxels
     try:
-        if fmt in _OPENERS or (fmt == "tiff" and lazy):
+        if fmt in _OPENERS or (fmt == "tiff" and lazy and _tiff_by_tiles()):
             vol = _open_lazily(path, fmt, level)
             _check_claim(path, vol.shape, vol.dtype, True, budget)
             if not lazy:
                 _check_claim(path, vol.shape, vol.dtype, False, budget)
                 vol.data = np.asarray(vol.data[...])
         else:
-            if level:
+            if level and fmt != "tiff":
                 raise InputError(f"{path}: level={level!r}, but a {fmt.upper()} file holds one level")
             shape, dtype = _PEEKS[fmt](path)
             _check_claim(path, shape, dtype, lazy and fmt in _LAZY, budget)
-            vol = _READERS[fmt](path, lazy)
+            vol = _read_tiff(path, False, level) if fmt == "tiff" else _READERS[fmt](path, lazy)
+        if voxel_size is not None and level:
+            # a voxel size the user gives is the full resolution's: a level gets it times its factors
+            base = _open_lazily(path, fmt, 0) if fmt in _OPENERS or fmt == "tiff" else vol
+            factors = [a / b for a, b in zip(vol.voxel_size, base.voxel_size)]
+            voxel_size = [v * f for v, f in zip(_tuple(voxel_size, len(factors), "voxel_size"), factors)]
     except InputError:
         raise
     except Exception as exc:  # the libraries' own messages rarely name the file
@@ -246,7 +252,7 @@ def read_volume(
     if ndim is not None and vol.ndim != ndim:
         vol = _squeeze_to(vol, ndim)
     if voxel_size is not None:
-        vol.voxel_size = _tuple(voxel_size, vol.ndim, "voxel_size")
+        vol.voxel_size = _tuple(voxel_size[-vol.ndim:] if level else voxel_size, vol.ndim, "voxel_size")
     if not all(math.isfinite(v) and v > 0 for v in vol.voxel_size):
         raise InputError(f"{path}: the header's voxel size {vol.voxel_size} is not positive and finite; "
                          "fix the header, or give the voxel size (--voxel-size / voxel_size)")
@@ -540,7 +546,7 @@ def _read_tiff(path: Path, lazy: bool, level: int = 0) -> Volume:
 
     from . import ngff
 
-    lazy = lazy and ngff.zarr_major() >= 3
+    lazy = lazy and _tiff_by_tiles()
     tif = tifffile.TiffFile(str(path))
     with contextlib.ExitStack() as stack:
         if not lazy:
@@ -578,17 +584,26 @@ def _read_tiff(path: Path, lazy: bool, level: int = 0) -> Volume:
             if "Z" in axmap and "spacing" in ij:
                 vs[axmap["Z"]] = float(ij["spacing"])
             unit = ij.get("unit")
-        if level:  # a coarser level: the same extent in fewer voxels
-            full = series.levels[0].shape
-            vs = [v * f / s for v, f, s in zip(vs, full, data.shape)]
+        origin = list(origin or [0.0] * nd)
+        if level:  # a coarser level: the same extent in fewer voxels, its first centre shifted
+            factors = [max(1, round(f / n)) for f, n in zip(series.levels[0].shape, data.shape)]
+            origin = [o + (f - 1) / 2 * v for o, f, v in zip(origin, factors, vs)]
+            vs = [v * f for v, f in zip(vs, factors)]
     attrs = {"axes": axes.lower(), "level": level, "levels": len(series.levels)}
     if meta and "maskworks" in meta:
         attrs["provenance"] = meta["maskworks"]
-    if lazy:
-        image = ngff.Image(data, list(axes.lower()), list(vs), list(origin or [0.0] * nd), unit, level)
-        data, vs, origin, attrs["axes"] = image.canonical()
-        data = CheckedArray(data, path)
+    image = ngff.Image(data, list(axes.lower()), list(vs), origin, unit, level)
+    data, vs, origin, attrs["axes"] = image.canonical()  # (..., z, y, x), lazily or in memory alike
+    data = CheckedArray(data, path) if lazy else np.asarray(data)
     return Volume(data, vs, unit, origin, attrs=attrs)
+
+
+def _tiff_by_tiles() -> bool:
+    """tifffile's Zarr interface needs zarr >= 3 (tifffile >= 2025.5.21); with zarr 2 (the cryo-ET
+    environment) a TIFF is read whole, after the memory check."""
+    from . import ngff
+
+    return ngff.zarr_major() >= 3
 
 
 def _ome_tiff_sizes(xml: str, axes: str, vs: list) -> tuple[list, str | None]:
