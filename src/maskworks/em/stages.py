@@ -347,7 +347,8 @@ def _add_texture(sub):
     p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
     p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
-    p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
+    p.add_argument("--voxel-size", help="override the file's full-resolution (level 0) voxel size: 'z,y,x' or one number "
+                   "(a --level gets it times its factors)")
     p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
     p.add_argument("--block-size", type=_scale_arg, default=d["block_size"],
                    help="local-statistics window: voxels (one number or 'z,y,x'), or a length such as 512nm")
@@ -824,7 +825,8 @@ def _add_predict(sub):
     p.add_argument("--stats", help="stats JSON; if not given, <output>_stats.json")
     p.add_argument("--qc", help="QC PNG; if not given, <output>_qc.png")
     p.add_argument("--truth", help="ground-truth mask to score the result against (Dice/Jaccard in the stats)")
-    p.add_argument("--voxel-size", help="override the file's voxel size: 'z,y,x' or one number")
+    p.add_argument("--voxel-size", help="override the file's full-resolution (level 0) voxel size: 'z,y,x' or one number "
+                   "(a --level gets it times its factors)")
     p.add_argument("--unit", help="length unit of --voxel-size (nanometer, angstrom, micrometer)")
     p.add_argument("--roi-size", default=d["roi_size"], help="window: 'z,y,x' or one number")
     p.add_argument("--overlap", type=int, default=d["overlap"], help="window overlap in voxels")
