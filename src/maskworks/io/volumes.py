@@ -572,18 +572,14 @@ def _read_tiff(path: Path, lazy: bool, level: int = 0) -> Volume:
         elif tif.ome_metadata:
             vs, unit = _ome_tiff_sizes(tif.ome_metadata, axes, vs)
         else:
-            page = tif.pages[0]
+            from .formats import _tiff_plane_geometry
+
+            (vy, vx), unit = _tiff_plane_geometry(tif)
             ij = tif.imagej_metadata or {}
-            xres = page.tags.get("XResolution")
-            yres = page.tags.get("YResolution")
             axmap = {a: i for i, a in enumerate(axes)}
-            if xres is not None and "X" in axmap and xres.value[0] > 0:
-                vs[axmap["X"]] = xres.value[1] / xres.value[0]
-            if yres is not None and "Y" in axmap and yres.value[0] > 0:
-                vs[axmap["Y"]] = yres.value[1] / yres.value[0]
-            if "Z" in axmap and "spacing" in ij:
-                vs[axmap["Z"]] = float(ij["spacing"])
-            unit = ij.get("unit")
+            for axis, v in (("Y", vy), ("X", vx), ("Z", float(ij.get("spacing", 1.0)))):
+                if axis in axmap:
+                    vs[axmap[axis]] = v
         origin = list(origin or [0.0] * nd)
         if level:  # a coarser level: the same extent in fewer voxels, its first centre shifted
             factors = [max(1, round(f / n)) for f, n in zip(series.levels[0].shape, data.shape)]
