@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -58,15 +59,14 @@ LEVEL = Number(integer=True, minimum=0)
 
 # The scales a user may give as lengths ("80nm"): the runners convert them per axis from the
 # volume's voxel size; the library functions take voxels (one number or three).
-TEXTURE_SCALES = {
-    "block_size": Scale(integer=True, minimum=3, physical=True),
-    "texture_sigma": Scale(exclusive_minimum=0, physical=True),
-    "edge_sigma": Scale(exclusive_minimum=0, physical=True),
-}
-POSTPROCESS_SCALES = {
-    name: Scale(**{k: getattr(spec, k) for k in ("minimum", "maximum", "unit")}, physical=True)
-    for name, spec in specs_of(postprocess_mask).items() if isinstance(spec, Scale)
-}
+def _physical_scales(func) -> dict:
+    """The :class:`Scale` parameters of a library function, accepting lengths as well."""
+    return {name: dataclasses.replace(spec, physical=True)
+            for name, spec in specs_of(func).items() if isinstance(spec, Scale)}
+
+
+TEXTURE_SCALES = _physical_scales(texture_mask)
+POSTPROCESS_SCALES = _physical_scales(postprocess_mask)
 # Above this ratio of the longest to the shortest voxel side, a scale given as one number of voxels
 # is a different physical length along each axis: the stats and the log say so.
 ANISOTROPY_WARNING = 2.0
