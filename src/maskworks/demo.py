@@ -437,6 +437,9 @@ def _write_copick_project(out_dir) -> dict[str, Path]:
     objects = [
         PickableObject(name="membrane", is_particle=False, label=1, color=(255, 200, 0, 255)),
         PickableObject(name="organelle", is_particle=False, label=2, color=(0, 160, 255, 255)),
+        # The refined outputs: instance segmentations, which copick names after a pickable object.
+        PickableObject(name="organelles-refined", is_particle=False, label=3, color=(0, 200, 120, 255)),
+        PickableObject(name="membrane-refined", is_particle=False, label=4, color=(255, 120, 0, 255)),
     ]
     root = copick.new_config(str(config), overlay_root=str(root_dir), proj_name="maskworks demo",
                              proj_description="synthetic organelles and membranes for refine-membranes",

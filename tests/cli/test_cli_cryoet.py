@@ -196,8 +196,10 @@ def folders(tmp_path):
     # p0: remove x 1..2, add a column, ignore one voxel of that column
     write_volume(corr / "p0" / "Remove1.nrrd", _mask(slice(2, 4), slice(2, 4), slice(1, 3)), VS, **geo)
     write_volume(corr / "p0" / "add_column.nrrd", _mask(slice(1, 5), 3, 2), VS, **geo)
-    write_volume(corr / "p0" / "IGNORE.nrrd", _mask(2, 3, 2), VS, **geo)
+    write_volume(corr / "p0" / "Ignore_voxel.nrrd", _mask(2, 3, 2), VS, **geo)
     write_volume(corr / "p0" / "Fix.nrrd", _mask(0, 0, 0), VS, **geo)
+    # MemBrain-seg skips a name in capitals ("not fitting the naming"): so must the merge
+    write_volume(corr / "p0" / "ADDX.nrrd", _mask(slice(None), slice(None), slice(None)), VS, **geo)
     (corr / "p0" / "notes.txt").write_text("?")
     # a mask without geometry (MITK-less tools) is accepted
     write_volume(corr / "p1" / "remove.npy", _mask(slice(None), slice(None), slice(None)))
@@ -228,11 +230,13 @@ def test_merge_applies_precedence_and_reports_everything(folders):
     rows = {(r["key"], r["status"]): r for r in _manifest(out / "report.csv")}
     r0 = rows[("p0", "merged")]
     assert (r0["removed_voxels"], r0["added_voxels"], r0["ignored_voxels"]) == ("8", "4", "1")
-    assert r0["add"] == "add_column.nrrd" and r0["ignore"] == "IGNORE.nrrd"
+    assert r0["add"] == "add_column.nrrd" and r0["ignore"] == "Ignore_voxel.nrrd"
     assert r0["foreground_voxels"] == str(np.count_nonzero(expected == 1))
     assert rows[("p2", "no corrections folder")]["output"] == "p2.nrrd"
     assert "p7" in rows[("p7", "folder without label")]["note"]
-    assert "p0/Fix.nrrd" in rows[("p0", "unknown prefix")]["note"]
+    unknown = [r["note"] for r in _manifest(out / "report.csv") if r["status"] == "unknown prefix"]
+    assert len(unknown) == 2 and "p0/ADDX.nrrd" in unknown[0] and "p0/Fix.nrrd" in unknown[1]
+    assert "the prefixes MemBrain-seg merges (case-sensitive)" in unknown[0]
     assert {k for k, st in rows if st == "unknown file type"} == {"p0", "readme"}
     assert ("stray", "not in a patch folder") in rows
 

@@ -60,10 +60,10 @@ def test_refine_writes_segmentations_qc_and_stats(project, tmp_path):
                  "--run", "TS_003", "--run", "TS_001", "--device", "cpu", "--qc-dir", str(qc),
                  "--stats", str(stats)]) == 0
     for name in ("TS_001", "TS_003"):
-        org = segs(project, name, "saber-refined")["organelles"]
-        mem = segs(project, name, "membrain-seg-refined")["membrane"]
+        org = segs(project, name, "saber-refined")["organelles-refined"]
+        mem = segs(project, name, "membrain-seg-refined")["membrane-refined"]
         assert org.session_id == mem.session_id == "1" and org.voxel_size == 10.0
-        assert cio.segmentation_type(org) == cio.segmentation_type(mem) == "multilabel"
+        assert cio.segmentation_type(org) == cio.segmentation_type(mem) == "instance"
         o, m = cio.read_segmentation(org).data, cio.read_segmentation(mem).data
         big = 300 if name == "TS_003" else 2
         assert set(np.unique(o)) == set(np.unique(m)) == {0, 1, big, 3}
@@ -84,13 +84,13 @@ def test_rerun_with_name_only_info_reads_the_inputs_not_the_outputs(project):
     from maskworks.cryoet.stages import refine_membranes_files
 
     first = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu")
-    out = cio.read_segmentation(segs(project, "TS_002", "saber-refined")["organelles"]).data
+    out = cio.read_segmentation(segs(project, "TS_002", "saber-refined")["organelles-refined"]).data
     second = refine_membranes_files(project, org_info=ORG, mem_info="membrane", run="TS_002", device="cpu")
     assert first["runs"][0]["organelles_from"] == second["runs"][0]["organelles_from"] == \
         "organelles (user saber, session 1, voxel size 10 A, multilabel)"
     assert second["runs"][0]["membranes_from"].startswith("membrane (user membrain-seg,")
     np.testing.assert_array_equal(cio.read_segmentation(segs(project, "TS_002", "saber-refined")
-                                                        ["organelles"]).data, out)
+                                                        ["organelles-refined"]).data, out)
     # a new session is a new output; the old one stays
     refine_membranes_files(project, org_info=ORG, mem_info="membrane", run=["TS_002"], device="cpu",
                            save_session_id="7")
@@ -103,7 +103,7 @@ def test_nothing_kept_writes_empty_volumes(project, tmp_path):
     assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM,
                  "--run", "TS_001", "--min-membrane-area", str(10**9), "--device", "cpu",
                  "--stats", str(stats)]) == 0
-    for user, name in (("saber-refined", "organelles"), ("membrain-seg-refined", "membrane")):
+    for user, name in (("saber-refined", "organelles-refined"), ("membrain-seg-refined", "membrane-refined")):
         vol = cio.read_segmentation(segs(project, "TS_001", user)[name])
         assert vol.shape == (64, 128, 128) and not vol.data.any()
     table = rows(stats)
@@ -133,20 +133,74 @@ def test_a_run_without_its_input_is_reported_and_the_others_refined(project, tmp
     assert "run TS_002 not refined: run TS_002: no segmentation matches 'membrane,membrain-seg,1'" in err
     assert "organelles (user saber, session 1, voxel size 10 A, multilabel)" in err  # what TS_002 has
     for name in ("TS_001", "TS_003"):
-        assert segs(project, name, "saber-refined")["organelles"] and segs(project, name, "membrain-seg-refined")
+        assert segs(project, name, "saber-refined")["organelles-refined"] and segs(project, name, "membrain-seg-refined")
     assert not segs(project, "TS_002", "saber-refined")
     table = rows(stats)
     assert [r["reason"] for r in table if r["run"] == "TS_002"] == ["missing input"]
 
 
-def test_outputs_are_multilabel_under_the_resolved_user(project):
+def test_outputs_are_instance_segmentations_named_apart_under_saber_s_user(project):
+    """Name-only infos: SABER's user for that call (saber-refined) for both outputs, names <name>-refined so
+    that readers looking segmentations up by name alone never take an output for its input."""
     from maskworks.cryoet.stages import refine_membranes_files
 
     refine_membranes_files(project, org_info="organelles", mem_info="membrane", run="TS_001", device="cpu")
-    out = {s.name: s for s in cio.select_runs(cio.open_project(project), ["TS_001"])[0].segmentations
-           if s.user_id.endswith("-refined")}
-    assert out["organelles"].user_id == "saber-refined" and out["membrane"].user_id == "membrain-seg-refined"
-    assert cio.segmentation_type(out["organelles"]) == cio.segmentation_type(out["membrane"]) == "multilabel"
+    r = cio.select_runs(cio.open_project(project), ["TS_001"])[0]
+    out = {s.name: s for s in r.segmentations if s.user_id.endswith("-refined")}
+    assert sorted(out) == ["membrane-refined", "organelles-refined"]
+    assert {s.user_id for s in out.values()} == {"saber-refined"}
+    assert {cio.segmentation_type(s) for s in out.values()} == {"instance"}
+    # copick's default (name-only, binary or multilabel) lookups of the inputs find the inputs alone
+    assert [s.user_id for s in r.get_segmentations(name="organelles")] == ["saber"]
+    assert [s.user_id for s in r.get_segmentations(name="membrane")] == ["membrain-seg"]
+    assert r.get_segmentations(name="organelles-refined", is_instance=True)[0].user_id == "saber-refined"
+
+
+def test_output_names_and_user_can_be_chosen_and_must_be_project_objects(project, capsys):
+    from maskworks.cryoet.stages import refine_membranes_files
+
+    result = refine_membranes_files(project, org_info=ORG, mem_info=MEM, run="TS_001", device="cpu",
+                                    org_output_name="organelle", mem_output_name="membrane",
+                                    output_user_id="curated")
+    assert result["runs"][0]["written"] == ["organelle (user curated, session 1, instance)",
+                                            "membrane (user curated, session 1, instance)"]
+    out = segs(project, "TS_001", "curated")
+    assert sorted(out) == ["membrane", "organelle"] and cio.segmentation_type(out["membrane"]) == "instance"
+    args = ["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM, "--run", "TS_002",
+            "--device", "cpu"]
+    assert main([*args, "--org-output-name", "mitochondria"]) == 2
+    err = capsys.readouterr().err
+    assert "the refined segmentation 'mitochondria' is an instance segmentation" in err
+    assert f"copick add object -c {project} --name mitochondria --object-type segmentation" in err
+    # never over an input: the membrane input is membrane/membrain-seg/1
+    assert main([*args, "--mem-output-name", "membrane", "--output-user-id", "membrain-seg"]) == 2
+    assert "refined segmentations are never written over their inputs" in capsys.readouterr().err
+    assert main([*args, "--org-output-name", "organelle", "--mem-output-name", "organelle",
+                 "--output-user-id", "curated"]) == 2
+    assert "need different names" in capsys.readouterr().err
+    assert not segs(project, "TS_002", "saber-refined") and not segs(project, "TS_002", "curated")
+
+
+def test_copick_s_own_tools_read_the_refined_organelles_one_by_one(project, tmp_path):
+    """copick-utils' `copick process seg-stats` on the refined instance segmentation gives one row per kept
+    organelle with its voxel count, the ids and counts maskworks reports (a multilabel output made it read
+    the ids as object labels: id 3 became a third object class)."""
+    from maskworks.cryoet.stages import refine_membranes_files
+
+    stats = tmp_path / "stats.csv"
+    refine_membranes_files(project, org_info=ORG, mem_info=MEM, run="TS_003", device="cpu", stats=stats)
+    kept = {int(r["organelle_id"]): int(r["voxels_out"]) for r in rows(stats) if r["kept"] == "True"}
+    assert sorted(kept) == [1, 3, 300]
+    copick_exe = exe("copick")
+    table = tmp_path / "seg_stats.csv"
+    proc = subprocess.run([str(copick_exe), "process", "seg-stats", "-c", str(project), "--run-names", "TS_003",
+                           "-i", "organelles-refined:saber-refined/1@10.0?instance=true", "-f", "csv",
+                           "-op", str(table)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = [r for r in csv.DictReader(open(table)) if r["instance_id"]]  # the other row: the background
+    assert {int(r["instance_id"]): int(r["volume_voxels"]) for r in found} == kept
+    # each row names the project's object of that name (label 3 in the demo config): an object, not an id
+    assert {(r["label"], r["segmentation_type"]) for r in found} == {("3", "instance")}
 
 
 def test_a_failing_run_leaves_no_outputs_behind(project, tmp_path, capsys):
@@ -176,13 +230,13 @@ def test_command_line_entry_point(project, tmp_path):
     for option in ("--config", "--org-info", "--mem-info", "--voxel-size", "--save-session-id", "--run",
                    "--device", "--ball-size", "--min-membrane-area", "--edge-trim-z", "--edge-trim-xy",
                    "--min-roi-relative-size", "--keep-surface-membranes", "--label-components",
-                   "--membrane-output", "--qc-dir",
+                   "--membrane-output", "--qc-dir", "--org-output-name", "--mem-output-name", "--output-user-id",
                    "--stats"):
         assert option in proc.stdout
     run([exe("maskworks"), "refine-membranes", "--config", project, "--org-info", "organelles,saber,1",
          "--mem-info", MEM, "--run", "TS_002", "--keep-surface-membranes", "--min-membrane-area", "300",
          "--device", "cpu", "--stats", tmp_path / "s.csv"])
-    assert segs(project, "TS_002", "saber-refined")["organelles"]
+    assert segs(project, "TS_002", "saber-refined")["organelles-refined"]
     assert len(rows(tmp_path / "s.csv")) == 5
 
 

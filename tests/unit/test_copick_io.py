@@ -121,14 +121,18 @@ def test_write_keeps_labels_above_255_and_touches_only_its_output(project):
     data[2, 3, 4] = 300
     info = cio.parse_segmentation_info("organelles,bob")
     seg = cio.find_segmentation(run, info, 10)
-    assert cio.refined_user_id(info, seg) == "bob-refined"
-    # a name-only info: the user of the segmentation that was read, never an invented one
-    assert cio.refined_user_id(cio.parse_segmentation_info("organelles"), seg) == "bob-refined"
-    cio.write_segmentation(run, "organelles", data, user_id="bob-refined", session_id="1", voxel_size=10.0)
+    assert seg.user_id == "bob"
+    assert cio.refined_user_id(info) == "bob-refined"
+    # a name-only info: SABER's user for that call; a configured user wins
+    assert cio.refined_user_id(cio.parse_segmentation_info("organelles")) == "saber-refined"
+    assert cio.refined_user_id(info, "curated") == "curated"
+    assert cio.refined_name(info) == "organelles-refined" and cio.refined_name(info, "mito") == "mito"
+    cio.write_segmentation(run, "organelles", data, user_id="bob-refined", session_id="1", voxel_size=10.0,
+                           kind="multilabel")
     data = data.astype(np.uint32)
     data[2, 3, 4] = 70000
     cio.write_segmentation(run, "organelles", data, user_id="bob-refined", session_id="1",
-                           voxel_size=10.0)  # overwrites the same output, now uint32
+                           voxel_size=10.0, kind="multilabel")  # overwrites the same output, now uint32
 
     run = cio.select_runs(cio.open_project(cfg), ["run-a"])[0]  # fresh view of the storage
     out = cio.find_segmentation(run, cio.parse_segmentation_info("organelles,bob-refined,1"), 10)
@@ -140,18 +144,18 @@ def test_write_keeps_labels_above_255_and_touches_only_its_output(project):
     assert len([s for s in run.segmentations if s.user_id == "bob-refined"]) == 1
 
 
-def test_instance_inputs_give_multilabel_outputs(project):
+def test_instance_inputs_are_read_and_outputs_are_instance_segmentations(project):
     run = cio.select_runs(cio.open_project(project[0]), ["run-a"])[0]
     seg = run.new_segmentation(voxel_size=10.0, name="vesicle", session_id="1", user_id="tool", is_instance=True)
     seg.from_numpy(project[1])
     found = cio.find_segmentation(run, cio.parse_segmentation_info("vesicle"), 10)
-    # an instance-typed output would be hidden from copick's default get_segmentations and copick-utils
-    assert cio.segmentation_type(found) == "instance" and cio.output_type(found) == "multilabel"
-    cio.write_segmentation(run, "vesicle", project[1], user_id="tool-refined", session_id="1", voxel_size=10.0,
-                           kind=cio.output_type(found))
+    # ids of organelles are instances of one object, not object labels (what a multilabel output would say)
+    assert cio.segmentation_type(found) == "instance" and cio.output_type() == "instance"
+    cio.write_segmentation(run, "vesicle", project[1], user_id="tool-refined", session_id="1", voxel_size=10.0)
     run = cio.select_runs(cio.open_project(project[0]), ["run-a"])[0]
-    out = run.get_segmentations(name="vesicle", user_id="tool-refined")
-    assert len(out) == 1 and cio.segmentation_type(out[0]) == "multilabel"
+    assert not run.get_segmentations(name="vesicle", user_id="tool-refined")  # copick's default: not instances
+    out = run.get_segmentations(name="vesicle", user_id="tool-refined", is_instance=True)
+    assert len(out) == 1 and cio.segmentation_type(out[0]) == "instance"
     np.testing.assert_array_equal(cio.read_segmentation(out[0]).data, project[1])
 
 

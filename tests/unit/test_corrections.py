@@ -73,22 +73,23 @@ def test_mask_of_another_shape():
 def test_plan_pairs_and_reports_everything_else():
     labels = ["p0.nrrd", "p1.nii.gz", "p2.mrc", "notes.txt", ".DS_Store", "p3.ome.zarr"]
     folders = {
-        "p0": ["Add1.nrrd", "add_more.nrrd", "REMOVE.nrrd", "ignoreThis.nii.gz", "Fix.nrrd", "Add.txt",
-               "._Add1.nrrd"],
+        "p0": ["Add1.nrrd", "add_more.nrrd", "REMOVE.nrrd", "ADDX.nii.gz", "aDd.nrrd", "Remove2.nrrd",
+               "ignoreThis.nii.gz", "Fix.nrrd", "Add.txt", "._Add1.nrrd"],
         "p1": ["Remove1.nrrd"],
         "p3": [],
         "p9": ["Add.nrrd"],
     }
     plan = plan_corrections(labels, folders)
     assert plan.pairs == [
-        ("p0.nrrd", "p0", {"remove": ["REMOVE.nrrd"], "add": ["Add1.nrrd", "add_more.nrrd"],
+        ("p0.nrrd", "p0", {"remove": ["Remove2.nrrd"], "add": ["Add1.nrrd", "add_more.nrrd"],
                            "ignore": ["ignoreThis.nii.gz"]}),
         ("p1.nii.gz", "p1", {"remove": ["Remove1.nrrd"], "add": [], "ignore": []}),
         ("p3.ome.zarr", "p3", {"remove": [], "add": [], "ignore": []}),
     ]
     assert plan.labels_without_folder == [("p2.mrc", "p2")]
     assert plan.folders_without_label == ["p9"]
-    assert plan.unknown_prefix == ["p0/Fix.nrrd"]
+    # MemBrain-seg's prefixes, case-sensitive as it matches them: "ADDX" or "REMOVE" are not merged there
+    assert plan.unknown_prefix == ["p0/ADDX.nii.gz", "p0/Fix.nrrd", "p0/REMOVE.nrrd", "p0/aDd.nrrd"]
     assert plan.unknown_type == [".DS_Store", "notes.txt", "p0/._Add1.nrrd", "p0/Add.txt"]
 
 

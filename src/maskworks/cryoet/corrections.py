@@ -20,6 +20,14 @@ from .patches import IGNORE, _check_border, _set_border, binary_label, class_cou
 
 # The order in which masks are applied (later wins), the label each one writes, and its stats key.
 MASK_KINDS = (("remove", 0, "removed_voxels"), ("add", 1, "added_voxels"), ("ignore", IGNORE, "ignored_voxels"))
+# The name prefixes MemBrain-seg's merge accepts, exactly (case-sensitive: "ADD1.nrrd" or "IGNORE.nrrd" are
+# skipped there as "not fitting the Add/Remove/Ignore naming"; a merge that took them would train on other labels).
+MASK_PREFIXES = {"remove": ("Remove", "remove"), "add": ("Add", "add"), "ignore": ("Ignore", "ignore")}
+
+
+def mask_kind(name: str) -> str | None:
+    """``add``, ``remove`` or ``ignore`` for a correction file name MemBrain-seg merges, else None."""
+    return next((kind for kind, prefixes in MASK_PREFIXES.items() if name.startswith(prefixes)), None)
 
 
 @checked(border=Number(integer=True, minimum=0, unit="voxels"), binarize=Flag())
@@ -132,9 +140,11 @@ def plan_corrections(label_files: Iterable[str], correction_files: Mapping[str, 
     -----
     A folder belongs to the label whose name without its extension(s) it
     carries (``patch3.nii.gz`` -> ``patch3/``).  Mask names are matched on
-    their prefix, ignoring case (``Add1.nrrd``, ``remove_blob.nrrd``,
-    ``IGNORE.nrrd``).  Hidden files (names starting with a dot) are listed as
-    unknown types, never read.
+    their prefix exactly as MemBrain-seg does: ``Add``/``add``, ``Remove``/``remove``,
+    ``Ignore``/``ignore`` (``Add1.nrrd``, ``remove_blob.nrrd``); any other name,
+    ``ADD1.nrrd`` or ``IGNORE.nrrd`` included, is listed in ``unknown_prefix`` and not
+    merged.  Hidden files (names starting with a dot) are listed as unknown types,
+    never read.
     """
     plan = CorrectionPlan()
     labels: dict[str, str] = {}
@@ -156,7 +166,7 @@ def plan_corrections(label_files: Iterable[str], correction_files: Mapping[str, 
             continue
         masks: dict[str, list[str]] = {kind: [] for kind, _, _ in MASK_KINDS}
         for f in folders[key]:
-            kind = next((k for k, _, _ in MASK_KINDS if f.lower().startswith(k)), None)
+            kind = mask_kind(f)
             if not _readable(f):
                 plan.unknown_type.append(f"{key}/{f}")
             elif kind is None:

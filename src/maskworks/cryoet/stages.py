@@ -450,7 +450,8 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
                      "note": f"no label file {folder}.* in {labels_dir}; its masks were not used"})
     for f in plan.unknown_prefix:
         rows.append({"key": f.split("/")[0], "status": "unknown prefix",
-                     "note": f"{f}: name does not start with Add, Remove or Ignore; not used"})
+                     "note": f"{f}: name does not start with Add/add, Remove/remove or Ignore/ignore, the "
+                             "prefixes MemBrain-seg merges (case-sensitive); not used"})
     for f in plan.unknown_type:
         rows.append({"key": f.split("/")[0] if "/" in f else strip_extension(f), "status": "unknown file type",
                      "note": f"{f if '/' in f else labels_dir / f}: not a volume file; skipped"})
@@ -511,20 +512,25 @@ _REFINE_COLUMNS = [
     device=DEVICE,
     fill_missing=Flag(),
     allow_empty_output=Flag(),
+    org_output_name=Text(r"^[^/\\\s]+$", "a copick object name without slashes or spaces", nullable=True),
+    mem_output_name=Text(r"^[^/\\\s]+$", "a copick object name without slashes or spaces", nullable=True),
+    output_user_id=Text(r"^[^/\\\s]+$", "a user id without slashes or spaces", nullable=True),
 )
 def refine_membranes_files(
     config, *, org_info, mem_info, voxel_size=10.0, save_session_id="1", run=None, qc_dir=None,
-    stats=None, device="auto", fill_missing=False, allow_empty_output=False, **params,
+    stats=None, device="auto", fill_missing=False, allow_empty_output=False, org_output_name=None,
+    mem_output_name=None, output_user_id=None, **params,
 ):
     """Run :func:`maskworks.cryoet.refine.refine_membranes` on the runs of a copick project.
 
     For each run (``run``: a name or a list of names; None: every run, sorted),
     reads the segmentations ``org_info`` and ``mem_info`` (``name[,user[,session]]``)
-    at ``voxel_size`` (Å), refines them, and writes the two results back under
-    the same names, user ``<user>-refined`` (the user of the segmentation read when
-    the info names none, as SABER does) and session ``save_session_id``, always as
-    multilabel segmentations (what copick's default readers list); only those two
-    outputs are overwritten.  Also writes ``qc_dir/<run>_refine_qc.png`` and
+    at ``voxel_size`` (Å), refines them, and writes the two results as copick
+    *instance* segmentations (each voxel the id of its organelle) named
+    ``org_output_name`` / ``mem_output_name`` (default ``<input name>-refined``; a
+    pickable object of the project, as copick requires), under user ``output_user_id``
+    (default: SABER's, ``<user>-refined`` or ``saber-refined`` when the info names no
+    user) and session ``save_session_id``; only those two outputs are overwritten.  Also writes ``qc_dir/<run>_refine_qc.png`` and
     ``stats`` (CSV, one row per organelle and run, with the reason for each dropped one).
 
     Every run's inputs are found, and every output checked writable, before anything
@@ -554,6 +560,8 @@ def refine_membranes_files(
     with transaction(stats, inputs=[config]) as txn:
         session = cio.stored_name(save_session_id, "save_session_id")
         root = cio.open_project(config)
+        out_names = _refined_outputs(root, config, org_spec, mem_spec, org_output_name, mem_output_name,
+                                     output_user_id, session)
         runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
         jobs, missing = [], {}
         for r in runs:
@@ -566,23 +574,48 @@ def refine_membranes_files(
                 missing[r.name] = str(exc)
                 continue
             outputs = {}
-            for spec, seg in ((org_spec, org_seg), (mem_spec, mem_seg)):
-                user = cio.stored_name(cio.refined_user_id(spec, seg), "the output user id")
-                cio.check_writable(r, seg.name, user_id=user, session_id=session, voxel_size=voxel_size)
-                key = {"user_id": user, "session_id": session, "voxel_size": voxel_size, "kind": cio.output_type(seg)}
-                outputs[seg.name] = (key, cio.output_store(r, seg.name, **key))
+            for role, seg, (out_name, user) in (("organelles", org_seg, out_names["organelles"]),
+                                                ("membranes", mem_seg, out_names["membranes"])):
+                cio.check_writable(r, out_name, user_id=user, session_id=session, voxel_size=voxel_size)
+                key = {"user_id": user, "session_id": session, "voxel_size": voxel_size, "kind": cio.output_type()}
+                outputs[role] = (out_name, key, cio.output_store(r, out_name, **key))
             jobs.append((r, org_seg, mem_seg, outputs))
         if not jobs:
             raise InputError("no run has both segmentations: " + "; ".join(missing.values()))
+        for name, _ in out_names.values():
+            cio.check_instance_object(root, name, config)
         qcs = {r.name: Path(qc_dir) / f"{safe_name(r.name, 'copick run name')}_refine_qc.png"
                for r, *_ in jobs} if qc_dir is not None else {}
-        stores = [store for *_, outputs in jobs for _, store in outputs.values() if store is not None]
+        stores = [store for *_, outputs in jobs for *_, store in outputs.values() if store is not None]
         txn.add([*qcs.values(), *stores], inputs=[config], owned=stores)
         result = _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device, params, missing,
                                          fill_missing=fill_missing, allow_empty_output=allow_empty_output)
     for r, name, data, key in result.pop("written"):
         cio.check_stored(r, name, data.shape, data.dtype, **key)
     return {**result, "missing": missing}
+
+
+def _refined_outputs(root, config, org_spec, mem_spec, org_name, mem_name, user_id, session) -> dict:
+    """``{"organelles": (name, user), "membranes": (name, user)}`` of the two outputs, checked: names copick
+    keeps as given, never the same segmentation twice or one an input names (name, user and session alike).
+    (That they are pickable objects is checked once the inputs are found: :func:`cio.check_instance_object`.)"""
+    from ..io import copick as cio
+
+    out = {}
+    for role, spec, name, what in (("organelles", org_spec, org_name, "org_output_name"),
+                                   ("membranes", mem_spec, mem_name, "mem_output_name")):
+        name = cio.stored_name(cio.refined_name(spec, name), what)
+        user = cio.stored_name(cio.refined_user_id(spec, user_id), "output_user_id")
+        for other in (org_spec, mem_spec):
+            if (name, user) == (other.name, other.user_id) and other.session_id in (None, session):
+                raise InputError(f"{what}={name!r} under user {user!r}, session {session!r} is the input '{other}': "
+                                 "refined segmentations are never written over their inputs; choose another "
+                                 "output name, output_user_id or save_session_id")
+        out[role] = (name, user)
+    if out["organelles"] == out["membranes"]:
+        raise InputError(f"org_output_name and mem_output_name both give {out['organelles'][0]!r} under user "
+                         f"{out['organelles'][1]!r}: the two refined segmentations need different names")
+    return out
 
 
 def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device, params, missing, *,
@@ -608,8 +641,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device
         with about(f"run {r.name}"):
             out_org, out_mem, st = refine_membranes(org.data, mem.data, device=device, **params)
         vs = org.voxel_size[0]
-        outputs = [(seg.name, data, *stores[seg.name], cio.find_output(r, seg.name, **stores[seg.name][0]))
-                   for seg, data in ((org_seg, out_org), (mem_seg, out_mem))]
+        outputs = [(stores[role][0], data, *stores[role][1:], cio.find_output(r, stores[role][0], **stores[role][1]))
+                   for role, data in (("organelles", out_org), ("membranes", out_mem))]
         kept_old = [f"{cio.describe_segmentation(old)}" for _, data, _, _, old in outputs
                     if not np.any(data) and old is not None and not cio.is_empty(old)]
         if kept_old and not allow_empty_output:
@@ -649,8 +682,8 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device
         summaries.append({"run": r.name, **{k: v for k, v in st.items() if k != "organelles"},
                           "organelles_from": cio.describe_segmentation(org_seg),
                           "membranes_from": cio.describe_segmentation(mem_seg),
-                          "written_user_ids": [cio.refined_user_id(org_spec, org_seg),
-                                               cio.refined_user_id(mem_spec, mem_seg)]})
+                          "written": [f"{name} (user {key['user_id']}, session {key['session_id']}, instance)"
+                                      for name, key, _ in stores.values()]})
         log.info("refine_membranes run %s: %d/%d organelles kept, membrane voxels %d -> %d", r.name,
                  st["organelles_kept"], st["organelles_in"], st["membrane_voxels_in"], st["membrane_voxels_out"])
     for name, why in sorted(missing.items()):
@@ -704,6 +737,12 @@ def _add_refine(sub):
                    help="membrane segmentation: 'name', 'name,userID' or 'name,userID,sessionID'")
     p.add_argument("--voxel-size", type=float, default=10.0, help="voxel size of the segmentations (angstrom)")
     p.add_argument("--save-session-id", default="1", help="session ID of the refined segmentations")
+    p.add_argument("--org-output-name", help="name of the refined organelles, a pickable object of the project "
+                   "(default: <organelle name>-refined)")
+    p.add_argument("--mem-output-name", help="name of the refined membranes, a pickable object of the project "
+                   "(default: <membrane name>-refined)")
+    p.add_argument("--output-user-id", help="user ID of the refined segmentations (default: SABER's, <user>-refined "
+                   "when the info names a user, else saber-refined)")
     p.add_argument("--run", dest="runs", action="append", metavar="RUN",
                    help="run to refine (repeat for several); if not given, every run")
     p.add_argument("--device", default=d["device"], help="auto, cpu, cuda or cuda:N")
@@ -740,6 +779,7 @@ def _run_refine(a):
         edge_trim_xy=a.edge_trim_xy, min_roi_relative_size=a.min_roi_relative_size,
         keep_surface_membranes=a.keep_surface_membranes, label_components=a.label_components,
         membrane_output=a.membrane_output, fill_missing=a.fill_missing, allow_empty_output=a.allow_empty_output,
+        org_output_name=a.org_output_name, mem_output_name=a.mem_output_name, output_user_id=a.output_user_id,
     )
     for name, why in sorted(result["missing"].items()):
         print(f"maskworks refine-membranes: run {name} not refined: {why}", file=sys.stderr)

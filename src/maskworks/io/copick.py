@@ -3,7 +3,8 @@
 copick stores a segmentation as an OME-Zarr store per (voxel size, user, session,
 name, type) in its run; the voxel size is in ångström.  Every lookup here is
 deterministic (sorted), and outputs go to a user of their own so that they are
-never read back as inputs by mistake.
+never read back as inputs by mistake: refined organelles and membranes are written as
+*instance* segmentations (each voxel the id of its organelle) named ``<input name>-refined``.
 """
 
 from __future__ import annotations
@@ -259,20 +260,43 @@ def read_tomogram(run, voxel_size: float, shape=None):
     return None
 
 
-def refined_user_id(info: SegmentationInfo, seg) -> str:
-    """``<user>-refined``: the user ``info`` names, else the user of the segmentation that was
-    read (``seg``), as SABER does; never an invented user."""
-    return f"{info.user_id or seg.user_id}{REFINED_SUFFIX}"
+SABER_USER = "saber-refined"  # SABER's output user when the info names none
 
 
-def output_type(seg) -> str:
-    """Type to write a refined version of ``seg`` as: always multilabel.
+def refined_user_id(info: SegmentationInfo, user_id: str | None = None) -> str:
+    """The user the refined version of ``info`` is written under: ``user_id`` when given, else what
+    SABER's ``refine-membranes`` writes for the same call (``<user>-refined`` when the info names a
+    user, ``saber-refined`` when it names only the segmentation)."""
+    if user_id:
+        return str(user_id)
+    return f"{info.user_id}{REFINED_SUFFIX}" if info.user_id else SABER_USER
 
-    The refined volumes hold organelle ids, which a binary segmentation cannot, and an
-    instance-typed segmentation is hidden from copick's default ``get_segmentations``,
-    from untyped copick URIs and from copick-utils' readers.
-    """
-    return "multilabel"
+
+def refined_name(info: SegmentationInfo, name: str | None = None) -> str:
+    """The name the refined version of ``info`` is written under: ``name`` when given, else
+    ``<input name>-refined``, so that readers that look segmentations up by name alone (copick-utils,
+    copick-torch) never take the output for the input."""
+    return str(name) if name else f"{info.name}{REFINED_SUFFIX}"
+
+
+def output_type(seg=None) -> str:
+    """Type the refined segmentations are written as: ``instance`` (one object class, each voxel the id
+    of the organelle it belongs to; copick >= 1.31).  A multilabel segmentation would tell copick's
+    tools that the ids are pickable-object labels (``copick process split`` turned id 1 into the
+    object with label 1)."""
+    return "instance"
+
+
+def check_instance_object(root, name: str, config) -> None:
+    """copick names an instance segmentation after one pickable object of the project (its own writer
+    refuses any other name): fail before any computing when ``name`` is not one, saying how to add it."""
+    objects = sorted(o.name for o in root.config.pickable_objects)
+    if name not in objects:
+        raise InputError(
+            f"{config}: the refined segmentation '{name}' is an instance segmentation, which copick names after "
+            f"a pickable object, and the project has none called '{name}' (it has: {', '.join(objects) or 'none'}). "
+            f"Add it with: copick add object -c {config} --name {name} --object-type segmentation; or choose an "
+            "existing object with org_output_name / mem_output_name (--org-output-name / --mem-output-name)")
 
 
 @_keeps_logging
@@ -280,7 +304,8 @@ def check_writable(run, name: str, *, user_id: str, session_id: str, voxel_size:
     """Fail before any computing when an output cannot be written: it exists in the project's
     read-only static storage (copick would refuse it after the work is done), or the
     overlay folder of a file-system project is not writable."""
-    for seg in run.get_segmentations(name=name, user_id=user_id, session_id=str(session_id)):
+    for seg in run.get_segmentations(name=name, user_id=user_id, session_id=str(session_id), is_instance=None,
+                                     is_panoptic=None):
         if abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE and getattr(seg, "read_only", False):
             raise InputError(f"run {run.name}: the output {describe_segmentation(seg)} already exists in the "
                              "project's read-only static storage; choose another --save-session-id")
@@ -332,7 +357,7 @@ def stored_name(value, what: str) -> str:
 
 
 def output_store(run, name: str, *, user_id: str, session_id: str, voxel_size: float,
-                 kind: str = "multilabel") -> Path | None:
+                 kind: str = "instance") -> Path | None:
     """The local path where copick keeps the segmentation :func:`write_segmentation` writes (named and
     placed by copick itself), or None when the project's overlay is not on this machine."""
     try:
@@ -371,7 +396,7 @@ def write_store(path, data: np.ndarray, voxel_size: float) -> None:
 
 @_keeps_logging
 def check_stored(run, name: str, data_shape, dtype, *, user_id: str, session_id: str, voxel_size: float,
-                 kind: str = "multilabel"):
+                 kind: str = "instance"):
     """The segmentation just written, as copick lists and reads it; a RuntimeError if copick does not
     see it or reads another shape or dtype."""
     import zarr
@@ -389,7 +414,7 @@ def check_stored(run, name: str, data_shape, dtype, *, user_id: str, session_id:
 
 @_keeps_logging
 def write_segmentation(run, name: str, data: np.ndarray, *, user_id: str, session_id: str,
-                       voxel_size: float, kind: str = "multilabel"):
+                       voxel_size: float, kind: str = "instance"):
     """Write (or overwrite) exactly one segmentation of ``run`` through copick and check what was
     stored: the way for projects whose overlay is not on this machine (no staging there).
 
@@ -422,7 +447,7 @@ def _outputs(run, name, user_id, session_id, voxel_size, kind) -> list:
             and abs(float(seg.voxel_size) - float(voxel_size)) <= VOXEL_SIZE_TOLERANCE]
 
 
-def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: float, kind: str = "multilabel"):
+def find_output(run, name: str, *, user_id: str, session_id: str, voxel_size: float, kind: str = "instance"):
     """The segmentation :func:`write_segmentation` would overwrite (the overlay's), or None."""
     hits = _outputs(run, name, user_id, session_id, voxel_size, kind)
     return next((seg for seg in hits if not getattr(seg, "read_only", False)), hits[0] if hits else None)
