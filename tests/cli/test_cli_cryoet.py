@@ -273,6 +273,45 @@ def test_merge_mask_from_another_patch_is_an_error(folders, capsys):
     assert _merge(labels, corr, d / "merged") == 0
 
 
+def _membrane_patch(n=32):
+    """A cubic label patch with two membrane sheets (z = 10 across, y = 22 on part of the patch)."""
+    label = np.zeros((n,) * 3, np.uint8)
+    label[10, 2:30, 2:30] = 1
+    label[4:28, 22, 16:30] = 1
+    return label
+
+
+@pytest.mark.parametrize("kind", ["Remove", "Add"])
+def test_merge_refuses_a_geometry_less_mask_that_looks_transposed(tmp_path, capsys, kind):
+    """On a cubic patch a mask saved in (x, y, z) order has the right shape and the wrong voxels: a mask
+    without geometry is checked by its content (Remove voxels on the membrane, Add voxels next to it)."""
+    labels, corr, out = tmp_path / "labels", tmp_path / "corr", tmp_path / "merged"
+    label = _membrane_patch()
+    write_volume(labels / "p0.nrrd", label, VS, unit="angstrom", origin=(120.0, 40.0, 80.0))
+    mask = np.zeros_like(label)
+    if kind == "Remove":
+        mask[10, 5:25, 3:9] = 1  # a false membrane piece
+    else:
+        mask[9:12, 5:25, 30] = 1  # continues the z = 10 sheet to the x border
+    write_volume(corr / "p0" / f"{kind}1.npy", mask.transpose(2, 1, 0))  # no geometry, (x, y, z) order
+    args = ["merge-corrections", "--labels-dir", str(labels), "--corrections-dir", str(corr), "--out-dir", str(out),
+            "--border", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{kind}1.npy carries no geometry, and its content looks transposed against its label" in err
+    assert "(2, 1, 0)" in err and "--allow-no-geometry" in err and not out.exists()
+    # merged as saved when the user says so, and the report says how it was taken
+    assert main([*args, "--allow-no-geometry"]) == 0
+    row = _manifest(out / "report.csv")[0]
+    assert row["geometry"] == f"{kind}1.npy:none, looks transposed"
+    # the same mask in (z, y, x) order is accepted on its shape, as before
+    write_volume(corr / "p0" / f"{kind}1.npy", mask)
+    assert main([*args]) == 0
+    assert _manifest(out / "report.csv")[0]["geometry"] == f"{kind}1.npy:none"
+    merged = read_volume(out / "p0.nrrd").numpy()
+    assert (merged[mask > 0] == (0 if kind == "Remove" else 1)).all()
+
+
 def test_merge_bad_label_values_and_binarize(folders, capsys):
     d, labels, corr, label = folders
     write_volume(labels / "p2.nrrd", label * 255, VS, unit="angstrom", origin=P_ORIGIN)

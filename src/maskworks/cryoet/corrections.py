@@ -91,6 +91,50 @@ def merge_corrections(
     return merged, stats
 
 
+# A mask without geometry "looks transposed" when, among the axis orders that keep its shape, another one
+# puts at least this share of its voxels where a correction of its kind acts (and twice the share of its own
+# order, plus this margin): Remove voxels on the label's foreground, Add voxels within ADD_REACH of it.
+TRANSPOSED_SHARE = 0.5
+TRANSPOSED_MARGIN = 0.1
+ADD_REACH = 2  # voxels
+MIN_EVIDENCE_VOXELS = 20
+
+
+def transposition_evidence(label, mask, kind: str) -> dict | None:
+    """How well a correction mask fits its label patch in its own axis order and in the best other order
+    that keeps the shape (``transpose(perm)``), or None when there is nothing to compare (an Ignore mask,
+    fewer than ``MIN_EVIDENCE_VOXELS`` voxels, no foreground, or no other order keeps the shape).
+
+    The share of a Remove mask's voxels on the label's foreground (1), or of an Add mask's voxels within
+    ``ADD_REACH`` voxels of it (corrections continue or cut the membranes that are there).  Returns
+    ``{"own": share, "best": share, "perm": axes, "transposed": bool}``; ``transposed`` when the best other
+    order reaches ``TRANSPOSED_SHARE`` and more than twice the own share plus ``TRANSPOSED_MARGIN``.
+    """
+    import itertools
+
+    from scipy import ndimage
+
+    label, mask = np.asarray(label), np.asarray(mask) > 0
+    if kind not in ("add", "remove") or mask.ndim != 3 or np.count_nonzero(mask) < MIN_EVIDENCE_VOXELS:
+        return None
+    perms = [p for p in itertools.permutations(range(3)) if p != (0, 1, 2)
+             and tuple(mask.shape[i] for i in p) == mask.shape]
+    foreground = label == 1
+    if not perms or not foreground.any():
+        return None
+    target = foreground if kind == "remove" else ndimage.binary_dilation(
+        foreground, ndimage.generate_binary_structure(3, 3), iterations=ADD_REACH)
+    total = np.count_nonzero(mask)
+
+    def share(m):
+        return np.count_nonzero(m & target) / total
+
+    own = share(mask)
+    best, perm = max((share(mask.transpose(p)), p) for p in perms)
+    transposed = best >= TRANSPOSED_SHARE and best > 2 * own + TRANSPOSED_MARGIN
+    return {"own": own, "best": best, "perm": perm, "transposed": transposed}
+
+
 def volume_format(name: str) -> str | None:
     """The volume format of a file name by its extension, or None if it is not one we read."""
     low = name.lower()

@@ -28,7 +28,7 @@ from ..io.coordinates import read_centres
 from ..io.outputs import fault_point, safe_name
 from ..io.params import DEVICE, Choice, Flag, Number, Text, checked
 from ..jobs import about, keyword_defaults, provenance
-from .corrections import merge_corrections, plan_corrections
+from .corrections import merge_corrections, plan_corrections, transposition_evidence
 from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
 
 log = logging.getLogger("maskworks")
@@ -369,6 +369,24 @@ def _check_same_patch(label, mask) -> str:
     return "checked"
 
 
+def _check_axis_order(label, mask, kind, allow) -> str:
+    """A mask accepted on its shape alone (no geometry to compare) must not look transposed against its
+    label (:func:`transposition_evidence`): a mask saved in (x, y, z) order on a cubic patch has the right
+    shape and the wrong voxels.  Refused unless ``allow`` (then accepted with a warning).  Returns the
+    geometry note: ``none`` or ``none, looks transposed``."""
+    ev = transposition_evidence(label.data, mask.data, kind)
+    if ev is None or not ev["transposed"]:
+        return "none"
+    what = (f"{mask.path} carries no geometry, and its content looks transposed against its label {label.path}: "
+            f"{ev['best']:.0%} of its voxels fall where a{'n' if kind == 'add' else ''} {kind.capitalize()} "
+            f"mask acts with its axes in the order {ev['perm']}, {ev['own']:.0%} as saved")
+    if not allow:
+        raise InputError(f"{what}. Save the mask on the patch (with its geometry) in (z, y, x) order, or pass "
+                         "allow_no_geometry (--allow-no-geometry) to merge it as it is")
+    log.warning("merge_corrections: %s; merged as saved (allow_no_geometry)", what)
+    return "none, looks transposed"
+
+
 def _output_extension(label_name, key, format):
     if format is not None:
         return _MERGE_EXTENSIONS[format]
@@ -376,8 +394,9 @@ def _output_extension(label_name, key, format):
     return ".nrrd" if ext.lower() == ".nhdr" else ext  # a detached header cannot be written atomically
 
 
-@checked(merge_corrections, format=Choice(tuple(_MERGE_EXTENSIONS), nullable=True))
-def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None, report=None, **params):
+@checked(merge_corrections, format=Choice(tuple(_MERGE_EXTENSIONS), nullable=True), allow_no_geometry=Flag())
+def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None, report=None,
+                            allow_no_geometry=False, **params):
     """Run :func:`maskworks.cryoet.corrections.merge_corrections` on a folder of label patches.
 
     Writes ``out_dir/<key>.<ext>`` for every label (with its corrections, or
@@ -386,15 +405,19 @@ def merge_corrections_files(labels_dir, corrections_dir, out_dir, *, format=None
     ``out_dir/report.csv``): one row per label with the voxels each step changed
     and the final class counts, plus rows for folders without a label, masks
     with an unknown prefix and files of unknown type, which are not read.
-    On failure none of this run's outputs is left.  ``params``: ``border``,
-    ``binarize`` of ``merge_corrections``.
+    A mask is checked against its label: same shape and, where both carry one, the
+    same geometry; a mask without geometry whose content looks transposed against
+    its label (:func:`~maskworks.cryoet.corrections.transposition_evidence`) is
+    refused unless ``allow_no_geometry``.  On failure none of this run's outputs is
+    left.  ``params``: ``border``, ``binarize`` of ``merge_corrections``.
     """
     labels_dir, corrections_dir, out_dir = Path(labels_dir), Path(corrections_dir), Path(out_dir)
     report = Path(report) if report is not None else out_dir / "report.csv"
     with transaction(report, inputs=[labels_dir, corrections_dir]) as txn:
         items, outputs, plan, stray = _plan_merge(labels_dir, corrections_dir, out_dir, format)
         txn.add(outputs.values(), inputs=[labels_dir, corrections_dir])
-        return _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params)
+        return _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params,
+                                        allow_no_geometry)
 
 
 def _plan_merge(labels_dir, corrections_dir, out_dir, format):
@@ -414,7 +437,8 @@ def _plan_merge(labels_dir, corrections_dir, out_dir, format):
     return items, outputs, plan, [f.name for f in entries if not f.is_dir()]
 
 
-def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params):
+def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, stray, report, params,
+                             allow_no_geometry=False):
     log.info("merge_corrections %s + %s: %d labels, params=%s", labels_dir, corrections_dir, len(items), params)
     rows = []
     for name, key, masks in items:
@@ -425,6 +449,8 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
             for f in files:
                 vol = read_volume(corrections_dir / key / f, ndim=3)
                 geometry[f] = _check_same_patch(label, vol)
+                if geometry[f] == "none":
+                    geometry[f] = _check_axis_order(label, vol, kind, allow_no_geometry)
                 vols[kind].append(vol.data)
         try:
             merged, st = merge_corrections(label.data, **vols, **params)
@@ -439,7 +465,7 @@ def _merge_corrections_files(labels_dir, corrections_dir, items, outputs, plan, 
         else:
             status = "merged" if any(masks.values()) else "empty corrections folder"
             note = ""
-        without = sorted(f for f, g in geometry.items() if g == "none")
+        without = sorted(f for f, g in geometry.items() if g.startswith("none"))
         if without and _carries_geometry(label):
             note = "; ".join(filter(None, [note, f"geometry: none in {', '.join(without)} (accepted on shape)"]))
         rows.append({"key": key, "label": name, "status": status, **st, "output": outputs[key].name,
@@ -489,12 +515,16 @@ def _add_merge(sub):
                    help="set label values other than 0/1/2 to 1 (else they are an error)")
     p.add_argument("--format", choices=list(_MERGE_EXTENSIONS), help="output format; if not given, the label's own")
     p.add_argument("--report", help="report CSV; if not given, OUT_DIR/report.csv")
+    p.add_argument("--allow-no-geometry", action=argparse.BooleanOptionalAction, default=False,
+                   help="merge a mask without geometry whose content looks transposed against its label "
+                   "(default: refuse it)")
     p.set_defaults(run=_run_merge)
 
 
 def _run_merge(a):
     return merge_corrections_files(a.labels_dir, a.corrections_dir, a.out_dir, format=a.format,
-                                   report=a.report, border=a.border, binarize=a.binarize)
+                                   report=a.report, border=a.border, binarize=a.binarize,
+                                   allow_no_geometry=a.allow_no_geometry)
 
 
 # ----------------------------------------------------------------------------- refine_membranes
