@@ -87,7 +87,8 @@ def build_parser(argv=None):
 
 def main(argv=None):
     """Run one stage; returns the exit status (0 done, 2 bad input or an output that cannot be
-    written, 3 out of memory, 130/143 stopped by SIGINT/SIGTERM) after one line on stderr."""
+    written, 3 out of memory, 4 a service the input lives on cannot be reached, 130/143 stopped by
+    SIGINT/SIGTERM) after one line on stderr."""
     args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

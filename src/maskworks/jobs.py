@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io.errors import InputError, Interrupted
+from .io.errors import InputError, Interrupted, Unreachable
 from .io.outputs import write_failure
 
 log = logging.getLogger("maskworks")
 
 # Exit statuses: 2 bad input or an output that cannot be written (rerunning as is cannot succeed),
 # 3 out of memory (more memory can), 130/143 stopped by SIGINT/SIGTERM.
-EXIT_INPUT, EXIT_MEMORY = 2, 3
+EXIT_INPUT, EXIT_MEMORY, EXIT_UNREACHABLE = 2, 3, 4
 
 
 def keyword_defaults(func):
@@ -96,6 +96,8 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     (which keeps its traceback)."""
     if isinstance(exc, InputError):
         return EXIT_INPUT, str(exc)
+    if isinstance(exc, Unreachable):
+        return EXIT_UNREACHABLE, str(exc)
     if isinstance(exc, KeyboardInterrupt):
         exc = Interrupted(signal.SIGINT)
     if isinstance(exc, Interrupted):

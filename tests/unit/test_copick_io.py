@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,28 @@ def test_label_dtype_check(monkeypatch):
     cio.check_label_dtype(np.uint8)
     with pytest.raises(InputError, match="need uint16 but copick .* writes segmentations as uint8"):
         cio.check_label_dtype(np.uint16, "labels")
+
+
+def test_an_unreachable_data_portal_is_said_plainly_and_fast(tmp_path, monkeypatch, capsys):
+    """A data-portal project whose portal cannot be reached: exit 4 (a retry may work, unlike bad input)
+    within seconds, naming the portal and the datasets, where copick would retry ~40 s and fail with a
+    transport error reported as "not a readable configuration".  The portal client is pointed at a port
+    that refuses connections, so the test does not depend on this machine's network."""
+    import time
+
+    from cryoet_data_portal import _client
+
+    from maskworks.cli import main
+
+    monkeypatch.setattr(_client, "DEFAULT_URL", "http://127.0.0.1:9/graphql")
+    cfg = tmp_path / "portal.json"
+    cfg.write_text(json.dumps({"config_type": "cryoet_data_portal", "name": "portal", "dataset_ids": [10301],
+                               "overlay_root": f"local://{tmp_path / 'overlay'}", "pickable_objects": []}))
+    start = time.monotonic()
+    code = main(["copick-runs", "--config", str(cfg), "--org-info", "organelles", "--mem-info", "membranes",
+                 "--out", str(tmp_path / "runs.tsv")])
+    err = capsys.readouterr().err
+    assert code == 4 and time.monotonic() - start < 10
+    assert "reads its runs from the CryoET Data Portal (datasets 10301) at http://127.0.0.1:9/graphql" in err
+    assert "cannot be reached" in err and "not a readable" not in err
+    assert not (tmp_path / "runs.tsv").exists()

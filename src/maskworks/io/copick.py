@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import Unreachable
 from .volumes import InputError, Volume, describe_error
 
 log = logging.getLogger("maskworks")
 
 REFINED_SUFFIX = "-refined"
+PORTAL_TIMEOUT = 5.0  # seconds to wait for the CryoET Data Portal before saying it cannot be reached
 VOXEL_SIZE_TOLERANCE = 1e-3  # copick rounds voxel sizes to three decimals
 
 
@@ -88,13 +90,60 @@ def open_project(config) -> object:
             from copick.impl.filesystem import CopickConfigFSSpec, CopickRootFSSpec
 
             return CopickRootFSSpec(CopickConfigFSSpec(**{"config_type": "filesystem", **data}))
+        if isinstance(data, dict) and data.get("config_type") == "cryoet_data_portal":
+            _check_portal(path, data)
         import copick
 
         return copick.from_file(str(path))
-    except InputError:
+    except (InputError, Unreachable):
         raise
     except Exception as exc:  # JSON and pydantic errors do not name the file
+        if _network_error(exc):
+            raise Unreachable(f"{path}: the CryoET Data Portal this copick project reads its runs from cannot be "
+                              f"reached ({type(exc).__name__}: {exc}); check the network (or proxy) of this machine "
+                              "and run again") from exc
         raise InputError(f"{path}: not a readable copick configuration ({type(exc).__name__}: {exc})") from exc
+
+
+def _portal_url() -> str:
+    try:
+        from cryoet_data_portal._client import DEFAULT_URL
+    except ImportError:  # copick brings the client; without it copick fails with its own message
+        return ""
+    return str(DEFAULT_URL)
+
+
+def _check_portal(config, data) -> None:
+    """A data-portal project lists its runs over the network, and copick retries for about 40 s before
+    failing with a transport error: connect to the portal first, for ``PORTAL_TIMEOUT`` seconds, and say
+    plainly that it cannot be reached."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = _portal_url()
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=PORTAL_TIMEOUT).close()
+    except OSError as exc:
+        raise Unreachable(
+            f"{config}: this copick project reads its runs from the CryoET Data Portal (datasets "
+            f"{', '.join(map(str, data.get('dataset_ids') or [])) or 'none given'}) at {url}, which cannot be reached "
+            f"from this machine within {PORTAL_TIMEOUT:g} s ({type(exc).__name__}: {exc}); check the network (or "
+            "proxy) and run again, or use a filesystem copick project") from exc
+
+
+def _network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a failed connection rather than a bad configuration."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "Transport" in type(exc).__name__:
+            return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _check_local_roots(config, data) -> None:

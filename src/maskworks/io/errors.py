@@ -11,6 +11,11 @@ class OutputBusy(InputError):
     """Another run holds one of the outputs right now (it is writing or committing it)."""
 
 
+class Unreachable(RuntimeError):
+    """A service the input lives on (the CryoET Data Portal) cannot be reached: not the input's fault,
+    and a later retry may work."""
+
+
 class Interrupted(BaseException):
     """SIGTERM (or SIGINT) arrived: the stage stops, its staging is removed, earlier outputs stay."""
 
