@@ -78,7 +78,7 @@ setup-peers: $(VENV_PEERS)/.stamp
 $(VENV_PEERS)/.stamp: Makefile
 	@test -x $(VENV_PEERS)/bin/python || $(PY311) -m venv $(VENV_PEERS)
 	$(VENV_PEERS)/bin/python -m pip install -q --no-deps saber-em==1.0.1 membrain-seg==0.0.10
-	$(VENV_PEERS)/bin/python -m pip install -q torch==2.13.0 numpy scipy tqdm SimpleITK mrcfile typer click scikit-image
+	$(VENV_PEERS)/bin/python -m pip install -q torch==2.13.0 numpy scipy tqdm SimpleITK mrcfile typer click scikit-image monai
 	@touch $@
 
 test-peers: setup setup-peers

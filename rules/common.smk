@@ -154,6 +154,11 @@ cryoet_tomograms = (
 )
 
 
+def corrected_tomograms():
+    """The tomograms with a corrections folder: their merged labels are the training data."""
+    return [n for n, c in cryoet_tomograms["corrections"].items() if c]
+
+
 def cryoet_row(wildcards):
     return cryoet_tomograms.loc[wildcards.name]
 
@@ -167,14 +172,28 @@ def cryoet_inputs(wildcards):
     }
 
 
+# A refinement job does at least this much work (seconds) when runs_per_job is auto: a job's fixed cost
+# (imports, opening the project) is ~3 s, and a cluster submission costs more than that in queue time.
+REFINE_JOB_SECONDS = 60
+# CPU time per run: refinement ~10 M voxels/s (bench/bench_refine.py); reading, writing and the QC
+# picture about as much again; plus the per-run cost of finding and writing copick segmentations.
+REFINE_VOXELS_PER_S = 5e6
+REFINE_RUN_SECONDS = 0.5
+_COPICK_INDEX = {}
+
+
 def copick_index():
-    """The rows of the copick_runs checkpoint's table (runs and their input stores), listed by
-    copick in the cryo-ET environment; raises Snakemake's "not yet" until the checkpoint has run.
+    """The rows of the copick_runs checkpoint's table (runs, their input stores, voxel counts and why a
+    run lacks an input), listed by copick once in the cryo-ET environment and read here once per
+    parse; raises Snakemake's "not yet" until the checkpoint has run.
     """
     table = checkpoints.copick_runs.get().output.table
-    return pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False).set_index(
-        "run", drop=False
-    )
+    key = (table, os.stat(table).st_mtime_ns)
+    if key not in _COPICK_INDEX:
+        _COPICK_INDEX[key] = pd.read_csv(
+            table, sep="\t", dtype=str, keep_default_na=False
+        ).set_index("run", drop=False)
+    return _COPICK_INDEX[key]
 
 
 def copick_runs():
@@ -186,18 +205,114 @@ def copick_runs():
     return sorted(copick_index().index)
 
 
+def refine_skipped():
+    """{run: reason} of the listed runs that lack an input segmentation: never submitted."""
+    index = copick_index()
+    return {
+        r: index.loc[r, "missing"] for r in copick_runs() if index.loc[r, "missing"]
+    }
+
+
+def runs_per_job(voxels):
+    """refine_membranes.runs_per_job, or for `auto` as many runs as make REFINE_JOB_SECONDS of work
+    at the median run size (voxel counts from the listing)."""
+    n = REFINE["runs_per_job"]
+    if n != "auto":
+        return int(n)
+    sizes = sorted(int(v) for v in voxels if str(v).isdigit())
+    median = sizes[len(sizes) // 2] if sizes else 0
+    per_run = REFINE_RUN_SECONDS + median / REFINE_VOXELS_PER_S
+    return max(1, int(REFINE_JOB_SECONDS // per_run))
+
+
+def refine_batches():
+    """{batch: [runs]}: the runs that have both inputs, in name order, runs_per_job to a job.  Batch
+    names are their first and last run, so a rerun after the project changed redoes the batches whose
+    runs changed."""
+    index = copick_index()
+    skipped = refine_skipped()
+    ready = [r for r in copick_runs() if r not in skipped]
+    n = runs_per_job(index.loc[ready, "voxels"] if "voxels" in index else [])
+    chunks = [ready[i : i + n] for i in range(0, len(ready), n)]
+    return {(c[0] if len(c) == 1 else f"{c[0]}--{c[-1]}"): c for c in chunks}
+
+
+def refine_batch_runs(wildcards):
+    batches = refine_batches()
+    if wildcards.batch not in batches:
+        raise WorkflowError(
+            f"refine batch {wildcards.batch!r} is not one of this project's batches "
+            f"({', '.join(batches) or 'none'}); the runs or runs_per_job changed since it was asked for"
+        )
+    return batches[wildcards.batch]
+
+
 def refine_inputs(wildcards):
-    """The copick config, the runs table and the segmentation stores refine_membranes reads for a run
-    (when the project is on the local file system), so that changing them reruns the job.
+    """The copick config, the runs table and the segmentation stores refine_membranes reads for a
+    batch of runs (when the project is on the local file system), so that changing them reruns it.
     """
     index = copick_index()
-    row = index.loc[wildcards.run] if wildcards.run in index.index else {}
-    stores = [row.get(k) for k in ("organelles", "membranes") if row.get(k)]
+    stores = [
+        index.loc[r, k]
+        for r in refine_batch_runs(wildcards)
+        for k in ("organelles", "membranes")
+        if index.loc[r, k]
+    ]
     return {
         "config": REFINE["copick_config"],
         "table": checkpoints.copick_runs.get().output.table,
         "stores": stores,
     }
+
+
+def refine_run_args(wildcards):
+    return " ".join(f"--run {shlex.quote(r)}" for r in refine_batch_runs(wildcards))
+
+
+def refine_runtime(wildcards, attempt):
+    """Minutes for a batch: three times its estimated CPU time, at least 30, x attempt."""
+    index = copick_index()
+    runs = refine_batch_runs(wildcards)
+    voxels = (
+        [int(v) for v in index.loc[runs, "voxels"] if str(v).isdigit()]
+        if "voxels" in index
+        else []
+    )
+    seconds = len(runs) * REFINE_RUN_SECONDS + sum(voxels) / REFINE_VOXELS_PER_S
+    return max(30, int(3 * seconds / 60) + 1) * attempt
+
+
+def copick_project_state(wildcards=None):
+    """A digest of the names of the project's runs and of their segmentation stores (a filesystem project
+    on this machine: one directory listing per run, no store is opened), as a param of the listing, so
+    that a run or an input segmentation added or removed relists the project.  The refined outputs'
+    stores are left out: writing them must not make the next invocation list the project again.
+    """
+    import hashlib
+
+    try:
+        data = json.loads(Path(REFINE["copick_config"]).read_text())
+    except (OSError, ValueError):
+        return ""  # the listing itself says what is wrong with the config
+    skip = tuple(
+        f"_{REFINE[k] or REFINE[i].split(',')[0] + '-refined'}.zarr"
+        for k, i in (("org_output_name", "org_info"), ("mem_output_name", "mem_info"))
+    )
+    digest = hashlib.sha256()
+    for key in ("static_root", "overlay_root"):
+        root = str(data.get(key) or "")
+        if not root or ("://" in root and not root.startswith("local://")):
+            continue
+        runs = Path(root.removeprefix("local://")) / "ExperimentRuns"
+        for run in sorted(os.listdir(runs)) if runs.is_dir() else []:
+            digest.update(f"{key}/{run}\n".encode())
+            for sub in ("Segmentations", "InstanceSegmentations"):
+                folder = runs / run / sub
+                names = sorted(os.listdir(folder)) if folder.is_dir() else []
+                for name in names:
+                    if not name.endswith(skip):
+                        digest.update(f"{sub}/{name}\n".encode())
+    return digest.hexdigest()
 
 
 def copick_args(wildcards=None):
@@ -209,7 +324,11 @@ def copick_args(wildcards=None):
 
 def refine_args(wildcards):
     """refine-membranes options from the config (the device a job given a GPU must use)."""
-    opts = {k: v for k, v in REFINE.items() if k not in ("copick_config", "runs")}
+    opts = {
+        k: v
+        for k, v in REFINE.items()
+        if k not in ("copick_config", "runs", "runs_per_job")
+    }
     opts["device"] = job_device(REFINE["device"])
     return cli_args(opts)
 
@@ -225,7 +344,10 @@ def store_state(wildcards):
             for d, _, files in os.walk(store)
             for f in files
         ]
-        state[Path(store).name] = [len(times), max(times, default=0)]
+        state[str(Path(store).relative_to(Path(store).parents[2]))] = [
+            len(times),
+            max(times, default=0),
+        ]
     return state
 
 
@@ -495,10 +617,18 @@ def unet_training_inputs(wildcards):
 
 
 def refine_outputs(wildcards):
-    """The refinement's targets: one per copick run, known once the copick_runs checkpoint has listed
-    them (an input function of its own, so the other arms' jobs show in a dry run before that).
+    """The refinement's target: the project table, known once the copick_runs checkpoint has listed
+    the runs (an input function of its own, so the other arms' jobs show in a dry run before that).
     """
-    return expand("results/cryoet/refine/{run}_refine_stats.csv", run=copick_runs())
+    if not (CRYOET["enabled"] and REFINE["copick_config"]):
+        return []
+    return ["results/cryoet/refine/refine_summary.csv"]
+
+
+def refine_batch_stats(wildcards):
+    return expand(
+        "results/cryoet/refine/batches/{batch}_refine_stats.csv", batch=refine_batches()
+    )
 
 
 def all_outputs():
@@ -513,8 +643,9 @@ def all_outputs():
         )
     if CRYOET["enabled"]:
         out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
-        with_corrections = [n for n, c in cryoet_tomograms["corrections"].items() if c]
-        out += expand("results/cryoet/merged/{name}", name=with_corrections)
+        out += expand("results/cryoet/merged/{name}", name=corrected_tomograms())
+        if CRYOET["export_training"]["enabled"] and corrected_tomograms():
+            out.append("results/cryoet/training")
     if CODEX["enabled"]:
         out += expand("results/codex/{name}/quantify", name=codex_images.index)
     return out

@@ -5,6 +5,7 @@
 
 wildcard_constraints:
     run=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    batch=r"[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
 rule extract_patches:
@@ -64,6 +65,34 @@ rule merge_corrections:
         "../scripts/merge_corrections.py"
 
 
+rule export_training:
+    input:
+        merged=lambda wc: expand(
+            "results/cryoet/merged/{name}", name=corrected_tomograms()
+        ),
+        patches=lambda wc: expand(
+            "results/cryoet/patches/{name}", name=corrected_tomograms()
+        ),
+    output:
+        training=directory("results/cryoet/training"),
+    log:
+        "logs/cryoet/export_training.log",
+    benchmark:
+        "benchmarks/cryoet/export_training.tsv"
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        **site_resources(),
+        mem_mb=scaled(4000),
+        runtime=scaled(30),
+    params:
+        names=lambda wc: corrected_tomograms(),
+        export=stage_params(CRYOET["export_training"], drop=("enabled",)),
+    script:
+        "../scripts/export_training.py"
+
+
 checkpoint copick_runs:
     input:
         config=REFINE["copick_config"] or [],
@@ -81,6 +110,8 @@ checkpoint copick_runs:
     params:
         python=cryoet_python,
         args=copick_args,
+        # Relists the project when a run or an input segmentation is added or removed.
+        project=copick_project_state,
     shell:
         "{params.python:q} -I -m maskworks.cli -v copick-runs --config {input.config:q} "
         "{params.args} --out {output.table:q} > {log:q} 2>&1"
@@ -90,36 +121,55 @@ rule refine_membranes:
     input:
         unpack(refine_inputs),
     output:
+        stats="results/cryoet/refine/batches/{batch}_refine_stats.csv",
         qc=report(
-            "results/cryoet/refine/{run}_refine_qc.png",
-            caption="report/refine_qc.rst",
-            category="cryo-ET",
-            subcategory="refinement",
-        ),
-        stats=report(
-            "results/cryoet/refine/{run}_refine_stats.csv",
+            directory("results/cryoet/refine/batches/{batch}_qc"),
+            patterns=["{run}_refine_qc.png"],
             caption="report/refine_qc.rst",
             category="cryo-ET",
             subcategory="refinement",
         ),
     log:
-        "logs/cryoet/refine_membranes/{run}.log",
+        "logs/cryoet/refine_membranes/{batch}.log",
     benchmark:
-        "benchmarks/cryoet/refine_membranes/{run}.tsv"
+        "benchmarks/cryoet/refine_membranes/{batch}.tsv"
     conda:
         conda_env("cryoet")
     threads: 1
     resources:
         **site_resources(gpu=gpu_request(REFINE["device"])),
         mem_mb=scaled(8000),
-        runtime=scaled(60),
+        runtime=refine_runtime,
         gpu=gpu_request(REFINE["device"]),
     params:
         python=cryoet_python,
         args=refine_args,
-        qc_dir=lambda wc, output: os.path.dirname(output.qc),
+        runs=refine_run_args,
         stores=store_state,
+    # Several runs a job (runs_per_job); a run that cannot be refined is skipped with its reason
+    # (--keep-going) and the others are written.
     shell:
-        "{params.python:q} -I -m maskworks.cli -v refine-membranes --config {input.config:q} "
-        "--run {wildcards.run:q} --qc-dir {params.qc_dir:q} --stats {output.stats:q} {params.args} "
-        "> {log:q} 2>&1"
+        "mkdir -p {output.qc:q} && {params.python:q} -I -m maskworks.cli -v refine-membranes "
+        "--config {input.config:q} {params.runs} --keep-going --qc-dir {output.qc:q} "
+        "--stats {output.stats:q} {params.args} > {log:q} 2>&1"
+
+
+rule refine_summary:
+    input:
+        table="results/cryoet/refine/copick_runs.tsv",
+        stats=refine_batch_stats,
+    output:
+        summary=report(
+            "results/cryoet/refine/refine_summary.csv",
+            caption="report/refine_summary.rst",
+            category="cryo-ET",
+            subcategory="refinement",
+        ),
+    log:
+        "logs/cryoet/refine_summary.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    script:
+        "../scripts/refine_summary.py"

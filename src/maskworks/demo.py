@@ -685,8 +685,19 @@ def summary(results="results"):
         print(f"  cryo-ET patches {d.name}: {d / 'imagesCorr'}, {d / 'labelsCorr'}")
     for d in sorted(root.glob("cryoet/merged/*")):
         print(f"  cryo-ET training labels {d.name}: {d} (report.csv)")
-    for s in sorted(root.glob("cryoet/refine/*_refine_stats.csv")):
-        print(f"  copick run {s.name.split('_refine_stats')[0]}: refined organelles/membranes written to copick; {s}")
+    summary = root / "cryoet" / "refine" / "refine_summary.csv"
+    if summary.exists():
+        import csv
+
+        with open(summary, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        runs = sorted({r["run"] for r in rows})
+        skipped = sorted({r["run"] for r in rows if r["reason"] in ("missing input", "input cannot be used",
+                                                                     "empty result not written", "not refined")})
+        kept = sum(r["kept"] == "True" for r in rows)
+        print(f"  copick refinement: {len(runs) - len(skipped)}/{len(runs)} runs refined, {kept} organelles kept "
+              "(instance segmentations <name>-refined in copick)"
+              + (f", skipped: {', '.join(skipped)}" if skipped else "") + f"; {summary}")
     for d in sorted(root.glob("codex/*/stitch")):
         print(f"  CODEX {d.parent.name}: {d / 'cell.ome.tif'} ... cells.csv")
     for d in sorted(root.glob("codex/*/quantify")):

@@ -463,3 +463,83 @@ def test_rerun_into_the_same_folder_is_idempotent(tomo, tmp_path):
     written = [r for r in rows if r["status"] == "written"]
     assert [r["N"] for r in written] == ["0", "1", "2", "3"]
     assert sorted(r["image"] for r in written) == [f"imagesCorr/{n}" for n in _files(out / "imagesCorr")]
+
+
+def _training_input(root, tomograms=("tomoA", "tomoB", "tomoC"), n=2, size=20, vs=8.0):
+    rng = np.random.default_rng(5)
+    args = []
+    for t in tomograms:
+        for i in range(n):
+            label = (rng.random((size,) * 3) < 0.3).astype(np.uint8)
+            label[:2] = 2
+            key = f"demo_{t}_patch{i}"
+            write_volume(root / t / "merged" / f"{key}.nrrd", label, (vs,) * 3, unit="angstrom", origin=ORIGIN)
+            write_volume(root / t / "imagesCorr" / f"{key}.nrrd", rng.standard_normal((size,) * 3).astype(np.float32),
+                         (vs,) * 3, unit="angstrom", origin=ORIGIN)
+        args += ["--tomogram", t, str(root / t / "merged"), str(root / t / "imagesCorr")]
+    (root / "tomoA" / "merged" / "report.csv").write_text("key\n")  # merge-corrections' report: not a patch
+    return args
+
+
+def test_export_training_writes_membrain_seg_s_layout_split_by_tomogram(tmp_path):
+    args = _training_input(tmp_path / "in")
+    out = tmp_path / "training"
+    assert main(["export-training", *args, "--out-dir", str(out), "--val-fraction", "0.34", "--seed", "3"]) == 0
+    rows = _manifest(out / "dataset.csv")
+    val = {r["tomogram"] for r in rows if r["split"] == "Val"}
+    train = {r["tomogram"] for r in rows if r["split"] == "Tr"}
+    assert len(val) == 1 and len(train) == 2 and not val & train  # no tomogram on both sides
+    for r in rows:
+        assert (out / r["image"]).name == f"{r['key']}_0000.nii.gz" and (out / r["image"]).parent.name == \
+            f"images{r['split']}"
+        assert (out / r["label"]).name == f"{r['key']}.nii.gz" and (out / r["label"]).parent.name == \
+            f"labels{r['split']}"
+        lab = read_volume(out / r["label"])
+        src = read_volume(r["source_label"])
+        np.testing.assert_array_equal(lab.numpy(), src.numpy())
+        assert lab.voxel_size == (8.0, 8.0, 8.0) and lab.origin == ORIGIN and lab.unit == "angstrom"
+    assert sorted(p.name for p in out.iterdir()) == [".maskworks", "dataset.csv", "dataset.json", "imagesTr",
+                                                     "imagesVal", "labelsTr", "labelsVal"]
+    # the split depends on the seed and the names only, not on the order the tomograms are given in
+    shuffled = [*args[8:], *args[:8]]
+    assert main(["export-training", *shuffled, "--out-dir", str(tmp_path / "again"), "--val-fraction", "0.34",
+                 "--seed", "3"]) == 0
+    assert {r["tomogram"] for r in _manifest(tmp_path / "again" / "dataset.csv") if r["split"] == "Val"} == val
+
+
+def test_export_training_resamples_images_linearly_and_labels_by_nearest(tmp_path):
+    args = _training_input(tmp_path / "in", tomograms=("tomoA",), n=1, size=20, vs=8.0)
+    out = tmp_path / "training"
+    assert main(["export-training", *args, "--out-dir", str(out), "--pixel-size", "10"]) == 0
+    row = _manifest(out / "dataset.csv")[0]
+    assert row["split"] == "Tr" and row["voxel_size_out"] == "10 10 10"
+    lab, img = read_volume(out / row["label"]), read_volume(out / row["image"])
+    src = read_volume(row["source_label"]).numpy()
+    assert lab.shape == img.shape == (16, 16, 16) and lab.voxel_size == (10.0, 10.0, 10.0)
+    assert set(np.unique(lab.numpy())) == {0, 1, 2}  # the ignore label survives resampling
+    assert (lab.numpy()[:1] == 2).all() and abs((lab.numpy() == 1).mean() - (src == 1).mean()) < 0.05
+    # voxel 0's corner stays in place: the new centre is 1 A further (10/2 - 8/2)
+    assert lab.origin == tuple(o + 1.0 for o in ORIGIN)
+    src_img = read_volume(row["source_image"]).numpy()
+    assert abs(float(img.numpy().mean()) - float(src_img.mean())) < 0.05 and img.numpy().dtype == np.float32
+
+
+def test_export_training_replaces_its_own_folder_and_nothing_else(tmp_path, capsys):
+    args = _training_input(tmp_path / "in")
+    out = tmp_path / "training"
+    assert main(["export-training", *args, "--out-dir", str(out), "--seed", "0", "--val-fraction", "0.34"]) == 0
+    first = {p.relative_to(out) for p in out.rglob("*.nii.gz")}
+    assert main(["export-training", *args, "--out-dir", str(out), "--seed", "0", "--val-fraction", "0"]) == 0
+    second = {p.relative_to(out) for p in out.rglob("*.nii.gz")}
+    assert all(p.parts[0] in ("imagesTr", "labelsTr") for p in second) and len(second) == len(first) == 12
+    # a folder maskworks did not write is never replaced; a missing image is named
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["export-training", *args, "--out-dir", str(tmp_path / "mine")]) == 2
+    assert "is a folder that maskworks did not write" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    (tmp_path / "in" / "tomoB" / "imagesCorr" / "demo_tomoB_patch1.nrrd").unlink()
+    assert main(["export-training", *args, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "tomogram tomoB: label patch" in err and "demo_tomoB_patch1.nrrd has no image patch" in err
+    assert {p.relative_to(out) for p in out.rglob("*.nii.gz")} == second  # the earlier export is intact

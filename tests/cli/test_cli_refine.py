@@ -338,3 +338,25 @@ def test_copick_runs_lists_every_run_with_its_input_stores(project, tmp_path):
                  "--out", str(out2), "--run", "TS_002"]) == 0
     rows = list(csv.DictReader(open(out2), delimiter="\t"))
     assert [r["run"] for r in rows] == ["TS_002"] and "no segmentation matches 'nothing'" in rows[0]["missing"]
+
+
+def test_keep_going_skips_the_runs_that_cannot_be_refined_and_writes_the_others(project, tmp_path, capsys):
+    """A batch of runs as the workflow gives them: TS_002 lacks its membranes, TS_003's organelle store misses
+    a chunk; both are skipped with their reasons (stats, stderr), TS_001 is refined, the exit status is 0."""
+    r = cio.select_runs(cio.open_project(project), ["TS_002"])[0]
+    shutil.rmtree(cio.find_segmentation(r, cio.parse_segmentation_info(MEM), 10).path)
+    _delete_chunk(project, "TS_003")
+    stats, qc = tmp_path / "stats.csv", tmp_path / "qc"
+    assert main(["refine-membranes", "--config", str(project), "--org-info", ORG, "--mem-info", MEM, "--device", "cpu",
+                 "--run", "TS_001", "--run", "TS_002", "--run", "TS_003", "--keep-going", "--stats", str(stats),
+                 "--qc-dir", str(qc)]) == 0
+    err = capsys.readouterr().err
+    assert "run TS_002 skipped: run TS_002: no segmentation matches 'membrane,membrain-seg,1'" in err
+    assert "run TS_003 skipped: copick segmentation membrane" in err and "chunks are missing" in err
+    table = rows(stats)
+    assert {r["run"] for r in table if r["kept"] == "True"} == {"TS_001"}
+    assert [(r["run"], r["reason"]) for r in table if r["run"] != "TS_001"] == [
+        ("TS_002", "missing input"), ("TS_003", "input cannot be used")]
+    assert segs(project, "TS_001", "saber-refined")["organelles-refined"]
+    assert not segs(project, "TS_002", "saber-refined") and not segs(project, "TS_003", "saber-refined")
+    assert sorted(p.name for p in qc.iterdir()) == ["TS_001_refine_qc.png"]

@@ -58,17 +58,20 @@ def test_rules_are_snakefmt_clean():
 
 def test_dry_run_lists_the_demo_jobs(wd):
     """Before the copick project is listed (by copick, in the cryo-ET environment), a dry run shows every
-    other job and the listing; once it has run, the refinement's three jobs too."""
+    other job and the listing; once it has run, the refinement's jobs too: the three runs in two batches
+    (runs_per_job: 2) and the project table."""
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
     counts = job_counts(proc.stdout + proc.stderr)
     others = {"all": 1, "texture_mask": 2, "postprocess_mask": 4, "train_unet": 1, "predict_unet": 2,
-              "extract_patches": 1, "merge_corrections": 1, "tile_image": 1, "segment_cells": 1, "repair_masks": 1,
+              "extract_patches": 1, "merge_corrections": 1, "export_training": 1, "tile_image": 1, "segment_cells": 1,
+              "repair_masks": 1,
               "stitch": 1, "quantify": 1}
-    assert counts == {**others, "copick_runs": 1}, proc.stdout
+    assert counts == {**others, "copick_runs": 1, "refine_summary": 1}, proc.stdout
     assert "checkpoint jobs" in proc.stdout + proc.stderr
     list_copick_runs(wd, "config/demo.yaml")
     proc = snakemake(wd, "-n", "--configfile", "config/demo.yaml")
-    assert job_counts(proc.stdout + proc.stderr) == {**others, "refine_membranes": 3}, proc.stdout
+    assert job_counts(proc.stdout + proc.stderr) == {**others, "refine_membranes": 2, "refine_summary": 1}, \
+        proc.stdout
 
 
 def test_slurm_profile_dry_run(wd):
@@ -140,10 +143,14 @@ def test_demo_run_cryoet_outputs(wd, demo_run):
     by_key = {r["key"]: r for r in report}
     assert by_key["demo_tomo1_patch0"]["status"] == "merged" and int(by_key["demo_tomo1_patch0"]["added_voxels"]) > 0
     assert by_key["demo_tomo1_patch1"]["status"] == "no corrections folder"
+    refine = wd / "results" / "cryoet" / "refine"
+    summary = list(csv.DictReader(open(refine / "refine_summary.csv")))
     for run_name in ["TS_001", "TS_002", "TS_003"]:
-        rows = list(csv.DictReader(open(wd / "results" / "cryoet" / "refine" / f"{run_name}_refine_stats.csv")))
+        rows = [r for r in summary if r["run"] == run_name]
         assert rows and any(r["kept"] == "True" for r in rows) and any(r["kept"] == "False" for r in rows)
-        assert (wd / "results" / "cryoet" / "refine" / f"{run_name}_refine_qc.png").exists()
+        assert all(float(r["surface_area_nm2"]) > 0 for r in rows if r["kept"] == "True")
+    assert sorted(p.name for p in refine.glob("batches/*_qc/*.png")) == [
+        "TS_001_refine_qc.png", "TS_002_refine_qc.png", "TS_003_refine_qc.png"]
 
 
 def test_rerun_without_changes_does_nothing(wd, demo_run):
@@ -285,6 +292,6 @@ def test_report_includes_the_qc_pictures_and_stats(wd, demo_run):
     run([exe("snakemake"), "--configfile", "config/demo.yaml", "--report", "report.zip"], cwd=wd)
     names = [n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(wd / "report.zip").namelist()]
     for expected in ["texture_qc.png", "texture_final_qc.png", "texture_final_stats.json", "unet_qc.png",
-                     "curves.png", "patches_qc.png", "TS_001_refine_qc.png", "TS_001_refine_stats.csv",
+                     "curves.png", "patches_qc.png", "TS_001_refine_qc.png", "refine_summary.csv",
                      "stitch_qc.png", "quantify_qc.png"]:
         assert expected in names, expected

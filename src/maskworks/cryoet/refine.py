@@ -166,7 +166,7 @@ def refine_membranes(
         membrane_cleaned = int(membrane.sum())
         has_membrane_z = b.to_numpy(membrane.any(axis=(1, 2)))
 
-        boxes = _boxes(labels)
+        boxes = label_boxes(labels)
         records = []
         tick, bar = _progress(progress, len(boxes))
         try:
@@ -253,7 +253,7 @@ def _clean_membrane(b, mem: np.ndarray, min_area: int, trim_z: int, trim_xy: int
     return m, voxels_in
 
 
-def _boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
+def label_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
     """(id, bounding box) of every id present, ascending."""
     max_id = int(labels.max()) if labels.size else 0
     if max_id == 0:

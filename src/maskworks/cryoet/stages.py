@@ -25,7 +25,7 @@ from ..io import (
     write_volume,
 )
 from ..io.coordinates import read_centres
-from ..io.outputs import fault_point, safe_name
+from ..io.outputs import check_outputs, fault_point, safe_name
 from ..io.params import DEVICE, Choice, Flag, Number, Text, checked
 from ..jobs import about, keyword_defaults, provenance
 from .corrections import merge_corrections, plan_corrections, transposition_evidence
@@ -35,11 +35,14 @@ log = logging.getLogger("maskworks")
 
 
 def add_commands(sub):
-    """Register ``extract-patches``, ``merge-corrections``, ``refine-membranes`` and ``copick-runs``."""
+    """Register ``extract-patches``, ``merge-corrections``, ``export-training``, ``refine-membranes``,
+    ``copick-runs`` and ``refine-summary``."""
     _add_extract(sub)
     _add_merge(sub)
     _add_refine(sub)
     _add_copick_runs(sub)
+    _add_refine_summary(sub)
+    _add_export_training(sub)
 
 
 # ----------------------------------------------------------------------------- extract_patches
@@ -527,11 +530,153 @@ def _run_merge(a):
                                    allow_no_geometry=a.allow_no_geometry)
 
 
+# ----------------------------------------------------------------------------- export_training
+
+_DATASET_COLUMNS = [
+    "key", "tomogram", "split", "image", "label", "source_image", "source_label", "shape_z", "shape_y", "shape_x",
+    "voxel_size_in", "voxel_size_out", "unit", "background_voxels", "membrane_voxels", "ignore_voxels",
+]
+MEMBRAIN_PATCH = 160  # MemBrain-seg's training crop: smaller patches are padded with the ignore label
+
+
+@checked(val_fraction=Number(minimum=0, maximum=1), seed=Number(integer=True, minimum=0),
+         pixel_size=Number(exclusive_minimum=0, unit="angstrom", nullable=True))
+def export_training_files(tomograms, out_dir, *, val_fraction=0.2, seed=0, pixel_size=None):
+    """Write merged label patches and their image patches as MemBrain-seg's training data.
+
+    ``tomograms``: ``{name: (labels_dir, images_dir)}``, the merged labels of one tomogram
+    (``merge-corrections``' folder) and its image patches (``extract-patches``' ``imagesCorr``),
+    paired by file name without extension.  Writes ``out_dir/imagesTr/<key>_0000.nii.gz``,
+    ``labelsTr/<key>.nii.gz``, ``imagesVal``, ``labelsVal`` (the split by tomogram, seeded:
+    :func:`~maskworks.cryoet.training.split_by_tomogram`), ``dataset.csv`` (one row per patch:
+    split, files, shapes, voxel sizes, class counts) and ``dataset.json`` (nnU-Net's description:
+    channel, labels with 2 = ignore, counts).  ``pixel_size`` (Å): resample every patch to it
+    (image linear, label nearest so the ignore label stays; MemBrain-seg trains at ~10 Å), else
+    keep each patch's own.  ``out_dir`` is one output, replaced whole on a rerun (files of an
+    earlier split never linger), and never a folder maskworks did not write.
+    """
+    import json
+
+    from .training import corner_origin_shift, label_counts, resample_patch, split_by_tomogram
+
+    if not tomograms:
+        raise InputError("export_training: no tomogram given (labels and image patch folders)")
+    pairs = _training_pairs(tomograms)
+    train, val = split_by_tomogram(tomograms, val_fraction=val_fraction, seed=seed)
+    if val_fraction and not val:
+        log.warning("export_training: one tomogram (%s), so no validation set: a split by tomogram needs two "
+                    "or more (give more tomograms, or val_fraction 0 to say so)", ", ".join(train))
+    out_dir = Path(out_dir)
+    rows, small = [], []
+    inputs = [d for pair in tomograms.values() for d in pair]
+    with transaction(out_dir, inputs=inputs, stores=[out_dir]), atomic_path(out_dir) as tmp:
+        for name, key, image_path, label_path in pairs:
+            split = "Val" if name in val else "Tr"
+            label = read_volume(label_path, ndim=3)
+            image = read_volume(image_path, ndim=3)
+            if image.shape != label.shape:
+                raise InputError(f"{image_path} has shape {image.shape} but its label {label_path} has "
+                                 f"{label.shape}; a training pair covers the same voxels")
+            lab = np.asarray(label.data)
+            if not np.isin(lab, (0, 1, 2)).all():
+                bad = sorted(set(np.unique(lab).tolist()) - {0, 1, 2})[:5]
+                raise InputError(f"{label_path}: label values {bad} - training labels are 0, 1 and 2 (ignore); "
+                                 "merge the corrections first")
+            img, vs, unit, origin = np.asarray(image.data), image.voxel_size, image.unit, image.origin
+            if pixel_size is not None:
+                if unit is None:
+                    raise InputError(f"{image_path} carries no voxel size unit (voxel size {vs}), so it cannot be "
+                                     f"resampled to {pixel_size:g} A; write the patches with their geometry")
+                vs_a = tuple(convert_length(vs, unit, "angstrom"))
+                img, lab, new_vs = resample_patch(img, lab, vs_a, (float(pixel_size),) * 3)
+                shift = corner_origin_shift(vs_a, new_vs)
+                origin = tuple(o + d for o, d in zip(convert_length(origin, unit, "angstrom"), shift))
+                vs, unit = new_vs, "angstrom"
+            if min(lab.shape) < MEMBRAIN_PATCH:
+                small.append(key)
+            files = {"image": f"images{split}/{key}_0000.nii.gz", "label": f"labels{split}/{key}.nii.gz"}
+            prov = provenance("export_training", {"image": image_path, "label": label_path},
+                              {"pixel_size": pixel_size, "split": split})
+            write_volume(tmp / files["image"], img, vs, unit=unit, origin=origin, provenance=prov)
+            write_volume(tmp / files["label"], lab.astype(np.uint8), vs, unit=unit, origin=origin, labels=True,
+                         provenance=prov)
+            rows.append({"key": key, "tomogram": name, "split": split, **files, "source_image": str(image_path),
+                         "source_label": str(label_path), **dict(zip(("shape_z", "shape_y", "shape_x"), lab.shape)),
+                         "voxel_size_in": " ".join(f"{v:g}" for v in label.voxel_size),
+                         "voxel_size_out": " ".join(f"{v:g}" for v in vs), "unit": unit or "",
+                         **label_counts(lab)})
+        write_csv(tmp / "dataset.csv", rows, _DATASET_COLUMNS)
+        (tmp / "dataset.json").write_text(json.dumps({
+            "channel_names": {"0": "cryo-ET"}, "labels": {"background": 0, "membrane": 1, "ignore": 2},
+            "numTraining": sum(r["split"] == "Tr" for r in rows),
+            "numValidation": sum(r["split"] == "Val" for r in rows), "file_ending": ".nii.gz",
+            "training_tomograms": train, "validation_tomograms": val, "seed": int(seed),
+            "pixel_size_angstrom": pixel_size, "made_by": "maskworks export-training"}, indent=2) + "\n")
+    if small:
+        log.warning("export_training: %d patch(es) smaller than MemBrain-seg's %d-voxel training crop (it pads "
+                    "them with the ignore label): %s", len(small), MEMBRAIN_PATCH, ", ".join(small[:10]))
+    stats = {"patches": len(rows), "train": sum(r["split"] == "Tr" for r in rows),
+             "val": sum(r["split"] == "Val" for r in rows), "training_tomograms": train,
+             "validation_tomograms": val, "out_dir": str(out_dir)}
+    log.info("export_training: %s", stats)
+    return stats
+
+
+def _training_pairs(tomograms) -> list[tuple[str, str, Path, Path]]:
+    """``(tomogram, key, image, label)`` of every label patch, sorted; every label needs its image."""
+    from .corrections import volume_format
+
+    pairs, seen = [], {}
+    for name, (labels_dir, images_dir) in sorted(tomograms.items()):
+        labels_dir, images_dir = Path(labels_dir), Path(images_dir)
+        for what, d in (("labels folder", labels_dir), ("image patches folder", images_dir)):
+            if not d.is_dir():
+                raise InputError(f"tomogram {name}: {what} {d}: no such folder")
+        images = {strip_extension(p.name): p for p in images_dir.iterdir()
+                  if not p.name.startswith(".") and volume_format(p.name)}
+        labels = sorted(p for p in labels_dir.iterdir() if not p.name.startswith(".") and volume_format(p.name))
+        if not labels:
+            raise InputError(f"tomogram {name}: {labels_dir} holds no label patches")
+        for label in labels:
+            key = strip_extension(label.name)
+            if key not in images:
+                raise InputError(f"tomogram {name}: label patch {label} has no image patch {key}.* in {images_dir}")
+            if key in seen:
+                raise InputError(f"patch key {key} is in tomogram {seen[key]} and in {name}: training file names "
+                                 "must be unique (extract-patches names patches <ds_token>_<tomogram>_patch<N>)")
+            seen[key] = name
+            pairs.append((name, key, images[key], label))
+    return pairs
+
+
+def _add_export_training(sub):
+    p = sub.add_parser("export-training", help="merged label patches + image patches -> MemBrain-seg's training "
+                       "layout (imagesTr/labelsTr/imagesVal/labelsVal), split by tomogram, optionally resampled")
+    p.add_argument("--tomogram", nargs=3, action="append", required=True, metavar=("NAME", "LABELS_DIR", "IMAGES_DIR"),
+                   help="a tomogram's merged labels (merge-corrections' folder) and image patches (imagesCorr); "
+                   "repeat for each tomogram")
+    p.add_argument("--out-dir", required=True, help="folder to write (replaced whole on a rerun)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of the tomograms for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--pixel-size", type=float, help="resample every patch to this voxel size (angstrom); "
+                   "MemBrain-seg trains at ~10")
+    p.set_defaults(run=_run_export_training)
+
+
+def _run_export_training(a):
+    tomograms = {}
+    for name, labels_dir, images_dir in a.tomogram:
+        if name in tomograms:
+            raise InputError(f"--tomogram {name} is given twice")
+        tomograms[name] = (labels_dir, images_dir)
+    export_training_files(tomograms, a.out_dir, val_fraction=a.val_fraction, seed=a.seed, pixel_size=a.pixel_size)
+
+
 # ----------------------------------------------------------------------------- refine_membranes
 
 _REFINE_COLUMNS = [
     "run", "organelle_id", "kept", "reason", "elongated", "voxels_in", "voxels_refined", "voxels_out",
-    "membrane_voxels_out", "box_z0", "box_y0", "box_x0", "box_z1", "box_y1", "box_x1",
+    "membrane_voxels_out", "volume_nm3", "surface_area_nm2", "box_z0", "box_y0", "box_x0", "box_z1", "box_y1", "box_x1",
     "run_membrane_voxels_in", "run_membrane_voxels_cleaned", "run_membrane_voxels_out", "device", "note",
 ]
 
@@ -545,11 +690,12 @@ _REFINE_COLUMNS = [
     org_output_name=Text(r"^[^/\\\s]+$", "a copick object name without slashes or spaces", nullable=True),
     mem_output_name=Text(r"^[^/\\\s]+$", "a copick object name without slashes or spaces", nullable=True),
     output_user_id=Text(r"^[^/\\\s]+$", "a user id without slashes or spaces", nullable=True),
+    keep_going=Flag(),
 )
 def refine_membranes_files(
     config, *, org_info, mem_info, voxel_size=10.0, save_session_id="1", run=None, qc_dir=None,
     stats=None, device="auto", fill_missing=False, allow_empty_output=False, org_output_name=None,
-    mem_output_name=None, output_user_id=None, **params,
+    mem_output_name=None, output_user_id=None, keep_going=False, root=None, **params,
 ):
     """Run :func:`maskworks.cryoet.refine.refine_membranes` on the runs of a copick project.
 
@@ -574,7 +720,19 @@ def refine_membranes_files(
     so.  The outputs are one transaction: on failure the segmentations this call
     overwrote are put back as they were (new ones removed), and the pictures and stats
     are left as before.  ``params``: the filter keywords of ``refine_membranes``.
+
+    ``keep_going`` (a batch of a project's runs, as the workflow runs them): each run is
+    its own transaction, and a run that cannot be refined (a segmentation missing, an
+    input that cannot be read, an empty result refused) is skipped with its reason in
+    ``missing`` and in its stats row while the others are written; only a fault that
+    is not the input's stops the call.  ``root``: the copick project already opened.
     """
+    if keep_going:
+        return _refine_each(config, run, qc_dir, stats, root, dict(
+            org_info=org_info, mem_info=mem_info, voxel_size=voxel_size, save_session_id=save_session_id,
+            device=device, fill_missing=fill_missing, allow_empty_output=allow_empty_output,
+            org_output_name=org_output_name, mem_output_name=mem_output_name, output_user_id=output_user_id,
+            **params))
     from ..backend import resolve_device
     from ..io import copick as cio
     from .refine import refine_membranes
@@ -589,7 +747,7 @@ def refine_membranes_files(
     device = resolve_device(device)
     with transaction(stats, inputs=[config]) as txn:
         session = cio.stored_name(save_session_id, "save_session_id")
-        root = cio.open_project(config)
+        root = root if root is not None else cio.open_project(config)
         out_names = _refined_outputs(root, config, org_spec, mem_spec, org_output_name, mem_output_name,
                                      output_user_id, session)
         runs = cio.select_runs(root, [run] if isinstance(run, str) else run)
@@ -604,8 +762,7 @@ def refine_membranes_files(
                 missing[r.name] = str(exc)
                 continue
             outputs = {}
-            for role, seg, (out_name, user) in (("organelles", org_seg, out_names["organelles"]),
-                                                ("membranes", mem_seg, out_names["membranes"])):
+            for role, (out_name, user) in out_names.items():
                 cio.check_writable(r, out_name, user_id=user, session_id=session, voxel_size=voxel_size)
                 key = {"user_id": user, "session_id": session, "voxel_size": voxel_size, "kind": cio.output_type()}
                 outputs[role] = (out_name, key, cio.output_store(r, out_name, **key))
@@ -623,6 +780,46 @@ def refine_membranes_files(
     for r, name, data, key in result.pop("written"):
         cio.check_stored(r, name, data.shape, data.dtype, **key)
     return {**result, "missing": missing}
+
+
+def _refine_each(config, run, qc_dir, stats, root, kwargs) -> dict:
+    """refine_membranes_files(keep_going=True): one transaction per run (a run's outputs are committed
+    when it is done), the project opened once, one stats file for all, written at the end."""
+    from ..backend import resolve_device
+    from ..io import copick as cio
+
+    rows, runs, missing = [], [], {}
+    # What is wrong for every run (the device, the project, the outputs' names) fails the call up front.
+    if stats is not None:
+        check_outputs([stats], inputs=[config])
+    kwargs = {**kwargs, "device": resolve_device(kwargs["device"])}
+    root = root if root is not None else cio.open_project(config)
+    specs = [cio.parse_segmentation_info(kwargs[k], k) for k in ("org_info", "mem_info")]
+    session = cio.stored_name(kwargs["save_session_id"], "save_session_id")
+    for name, _ in _refined_outputs(root, config, *specs, kwargs["org_output_name"], kwargs["mem_output_name"],
+                                    kwargs["output_user_id"], session).values():
+        cio.check_instance_object(root, name, config)
+    names = [r.name for r in cio.select_runs(root, [run] if isinstance(run, str) else run)]
+    for name in names:
+        try:
+            result = refine_membranes_files(config, run=[name], qc_dir=qc_dir, stats=None, root=root, **kwargs)
+        except InputError as exc:
+            why = str(exc)
+            reason = ("missing input" if isinstance(exc, cio.MissingSegmentation) else
+                      "empty result not written" if "kept nothing" in why else "input cannot be used")
+            log.warning("refine_membranes run %s skipped (%s): %s", name, reason, why)
+            missing[name] = why
+            rows.append({"run": name, "kept": False, "reason": reason, "note": why})
+            continue
+        rows += result["rows"]
+        runs += result["runs"]
+    if stats is not None:
+        with transaction(stats, inputs=[config]):
+            write_csv(stats, rows, _REFINE_COLUMNS)
+    log.info("refine_membranes %s: %d run(s) refined, %d skipped", config, len(runs), len(missing))
+    return {"runs": runs, "rows": rows, "stats": str(stats) if stats is not None else None,
+            "qc": [str(Path(qc_dir) / f"{r['run']}_refine_qc.png") for r in runs] if qc_dir is not None else [],
+            "missing": missing}
 
 
 def _refined_outputs(root, config, org_spec, mem_spec, org_name, mem_name, user_id, session) -> dict:
@@ -653,7 +850,7 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device
     from tqdm import tqdm
 
     from ..io import copick as cio
-    from .refine import label_dtype, refine_membranes
+    from .refine import label_boxes, label_dtype, refine_membranes
 
     log.info("refine_membranes %s: %d run(s), organelles '%s', membranes '%s', device %s, params=%s",
              config, len(jobs), org_spec, mem_spec, device, params)
@@ -698,10 +895,12 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device
         run_cols = {"run": r.name, "run_membrane_voxels_in": st["membrane_voxels_in"],
                     "run_membrane_voxels_cleaned": st["membrane_voxels_cleaned"],
                     "run_membrane_voxels_out": st["membrane_voxels_out"], "device": st["device"]}
+        boxes = dict(label_boxes(out_org)) if st["organelles_kept"] else {}
         for rec in st["organelles"]:
             box = dict(zip(["box_z0", "box_y0", "box_x0", "box_z1", "box_y1", "box_x1"], rec["box"]))
             rows.append({**run_cols, **box, **{k: v for k, v in rec.items() if k not in ("id", "box")},
-                         "organelle_id": rec["id"], "note": st.get("note", "")})
+                         **_organelle_geometry(boxes, out_org, rec, vs / 10.0), "organelle_id": rec["id"],
+                         "note": st.get("note", "")})
         if not st["organelles"]:
             rows.append({**run_cols, "note": st.get("note", "")})
         if r.name in qcs:
@@ -722,8 +921,22 @@ def _refine_membranes_files(config, jobs, org_spec, mem_spec, qcs, stats, device
         rows.append({"run": name, "kept": False, "reason": reason, "note": why})
     if stats is not None:
         write_csv(stats, rows, _REFINE_COLUMNS)
-    return {"runs": summaries, "stats": str(stats) if stats is not None else None,
+    return {"runs": summaries, "rows": rows, "stats": str(stats) if stats is not None else None,
             "qc": [str(p) for p in qcs.values()], "written": written}
+
+
+def _organelle_geometry(boxes: dict, out_org, rec, vs_nm: float) -> dict:
+    """Volume (nm^3) and surface area (nm^2: marching cubes at 0.5 on the organelle's own mask) of a kept
+    refined organelle, ``boxes`` its bounding box in the output; empty for a dropped one."""
+    box = boxes.get(rec["id"])
+    if not rec.get("kept") or box is None:
+        return {}
+    from skimage.measure import marching_cubes, mesh_surface_area
+
+    mine = np.pad(np.asarray(out_org[box]) == rec["id"], 1)
+    verts, faces, _, _ = marching_cubes(mine.astype(np.float32), 0.5, spacing=(vs_nm,) * 3)
+    return {"volume_nm3": round(float(np.count_nonzero(mine)) * vs_nm ** 3, 3),
+            "surface_area_nm2": round(float(mesh_surface_area(verts, faces)), 3)}
 
 
 class _PlaneView:
@@ -796,6 +1009,9 @@ def _add_refine(sub):
                    help="read chunks missing from an input store as zeros (default: an error)")
     p.add_argument("--allow-empty-output", action=argparse.BooleanOptionalAction, default=False,
                    help="write a result that kept nothing over a non-empty earlier output (default: refuse)")
+    p.add_argument("--keep-going", action=argparse.BooleanOptionalAction, default=False,
+                   help="refine each run on its own: a run that cannot be refined (missing or unreadable input, "
+                   "empty result refused) is skipped with its reason in the stats and the exit status stays 0")
     p.add_argument("--qc-dir", help="folder for one QC PNG per run (<run>_refine_qc.png); if not given, none")
     p.add_argument("--stats", help="stats CSV, one row per organelle; if not given, none")
     p.set_defaults(run=_run_refine)
@@ -810,15 +1026,17 @@ def _run_refine(a):
         keep_surface_membranes=a.keep_surface_membranes, label_components=a.label_components,
         membrane_output=a.membrane_output, fill_missing=a.fill_missing, allow_empty_output=a.allow_empty_output,
         org_output_name=a.org_output_name, mem_output_name=a.mem_output_name, output_user_id=a.output_user_id,
+        keep_going=a.keep_going,
     )
     for name, why in sorted(result["missing"].items()):
-        print(f"maskworks refine-membranes: run {name} not refined: {why}", file=sys.stderr)
-    return 2 if result["missing"] else 0
+        print(f"maskworks refine-membranes: run {name} {'skipped' if a.keep_going else 'not refined'}: {why}",
+              file=sys.stderr)
+    return 2 if result["missing"] and not a.keep_going else 0
 
 
 # ----------------------------------------------------------------------------- copick_runs
 
-COPICK_RUN_COLUMNS = ["run", "organelles", "membranes", "missing"]
+COPICK_RUN_COLUMNS = ["run", "organelles", "membranes", "voxels", "missing"]
 
 
 @checked(voxel_size=Number(exclusive_minimum=0, unit="angstrom"))
@@ -826,7 +1044,8 @@ def copick_runs_files(config, out, *, org_info, mem_info, voxel_size=10.0, run=N
     """List the runs of a copick project for the workflow (its ``copick_runs`` checkpoint): one row per
     run (``run``: a name or a list; None: every run) with the local Zarr stores of the organelle and
     membrane segmentations refine-membranes would read at ``voxel_size`` (empty where the project is
-    not on this machine), or in ``missing`` why the run lacks one.  Writes ``out`` (TSV)."""
+    not on this machine), the organelle segmentation's voxel count (from its header: how the workflow
+    sizes its jobs), or in ``missing`` why the run lacks one.  Writes ``out`` (TSV)."""
     from ..io import copick as cio
 
     org_spec = cio.parse_segmentation_info(org_info, "org_info")
@@ -839,13 +1058,69 @@ def copick_runs_files(config, out, *, org_info, mem_info, voxel_size=10.0, run=N
                    "missing": ""}
             for key, spec in (("organelles", org_spec), ("membranes", mem_spec)):
                 try:
-                    row[key] = cio.local_store(cio.find_segmentation(r, spec, voxel_size)) or ""
+                    seg = cio.find_segmentation(r, spec, voxel_size)
                 except InputError as exc:
                     row["missing"] = "; ".join(filter(None, [row["missing"], str(exc)]))
+                    continue
+                row[key] = cio.local_store(seg) or ""
+                if key == "organelles":
+                    row["voxels"] = cio.segmentation_voxels(seg)
             rows.append(row)
         write_csv(out, rows, COPICK_RUN_COLUMNS, delimiter="\t")
     log.info("copick_runs %s: %d run(s), %d lacking an input", config, len(rows), sum(bool(r["missing"]) for r in rows))
     return rows
+
+
+def refine_summary_files(runs_table, stats, out):
+    """The project-wide table of a refinement done in batches (the workflow's ``refine_summary``):
+    every row of the batches' ``stats`` CSVs, and one row per run that the listing ``runs_table``
+    (copick-runs' TSV) found lacking an input (``missing input``: never submitted), sorted by run and
+    organelle id.  Each skipped run is logged as a warning.  Writes ``out`` (CSV); returns the counts."""
+    import csv
+
+    with open(runs_table, newline="") as fh:
+        listed = {r["run"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    rows, done = [], set()
+    for path in stats:
+        with open(path, newline="") as fh:
+            for r in csv.DictReader(fh):
+                if r["run"] not in listed:
+                    raise InputError(f"{path}: run {r['run']!r} is not in the project listing {runs_table}")
+                rows.append(r)
+                done.add(r["run"])
+    for name, r in listed.items():
+        if r["missing"]:
+            rows.append({"run": name, "kept": False, "reason": "missing input",
+                         "note": f"skipped before submission: {r['missing']}"})
+        elif name not in done:
+            rows.append({"run": name, "kept": False, "reason": "not refined",
+                         "note": "listed with both inputs but in no batch's stats"})
+    rows.sort(key=lambda r: (r["run"], int(r.get("organelle_id") or 0)))
+    with transaction(out, inputs=[runs_table, *stats]):
+        write_csv(out, rows, _REFINE_COLUMNS)
+    skipped = {r["run"]: (r["reason"], r["note"]) for r in rows if r.get("reason") in _SKIP_REASONS}
+    for name, (reason, note) in sorted(skipped.items()):
+        log.warning("refine_summary: run %s skipped (%s): %s", name, reason, note)
+    counts = {"runs": len(listed), "refined": len(done - set(skipped)), "skipped": len(skipped),
+              "organelles_kept": sum(str(r.get("kept")) == "True" for r in rows)}
+    log.info("refine_summary %s: %s", out, counts)
+    return {**counts, "skipped_runs": {k: v[0] for k, v in skipped.items()}, "summary": str(out)}
+
+
+_SKIP_REASONS = ("missing input", "input cannot be used", "empty result not written", "not refined")
+
+
+def _add_refine_summary(sub):
+    p = sub.add_parser("refine-summary", help="one table of a project's refinement done in batches: every "
+                       "organelle of every run, and every skipped run with its reason")
+    p.add_argument("--runs-table", required=True, help="copick-runs' TSV (the project listing)")
+    p.add_argument("--stats", nargs="+", default=[], help="the batches' refine-membranes stats CSVs")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.set_defaults(run=_run_refine_summary)
+
+
+def _run_refine_summary(a):
+    refine_summary_files(a.runs_table, a.stats, a.out)
 
 
 def _add_copick_runs(sub):

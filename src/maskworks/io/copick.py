@@ -166,17 +166,25 @@ def _check_local_roots(config, data) -> None:
 
 @_keeps_logging
 def select_runs(root, names=None) -> list:
-    """The project's runs, or those of ``names`` (all must exist), sorted by name."""
-    runs = sorted(root.runs, key=lambda r: r.name)
+    """The project's runs, or those of ``names`` (all must exist), sorted by name.
+
+    Named runs are opened by name (copick's random access), so a job given a few runs of a project of
+    hundreds does not list them all; only a missing name lists the project, to say what it has.
+    """
     if not names:
-        return runs
-    by_name = {r.name: r for r in runs}
-    missing = [n for n in names if n not in by_name]
+        return sorted(root.runs, key=lambda r: r.name)
+    found = {n: root.get_run(str(n)) for n in sorted(set(map(str, names)))}
+    missing = [n for n, r in found.items() if r is None]
     if missing:
-        shown = ", ".join(sorted(by_name)[:20]) + (" ..." if len(by_name) > 20 else "")
-        raise InputError(f"run(s) {', '.join(map(str, missing))} not in the copick project; "
+        available = sorted(r.name for r in root.runs)
+        shown = ", ".join(available[:20]) + (" ..." if len(available) > 20 else "")
+        raise InputError(f"run(s) {', '.join(missing)} not in the copick project; "
                          f"available runs: {shown or 'none'}")
-    return [by_name[n] for n in sorted(set(names))]
+    return list(found.values())
+
+
+class MissingSegmentation(InputError):
+    """A run lacks the segmentation a stage reads (a run to skip in a project, not a broken input)."""
 
 
 def segmentation_type(seg) -> str:
@@ -219,7 +227,7 @@ def find_segmentation(run, info: SegmentationInfo, voxel_size: float):
             and (info.session_id is None or s.session_id == info.session_id)]
     if not hits:
         listing = "; ".join(describe_segmentation(s) for s in sorted(segs, key=lambda s: (s.name, *_order(s))))
-        raise InputError(
+        raise MissingSegmentation(
             f"run {run.name}: no segmentation matches '{info}' at voxel size {float(voxel_size):g} A"
             + ("" if info.user_id else f" (users ending in '{REFINED_SUFFIX}' are only read when named)")
             + f"; the run has: {listing or 'no segmentations'}"
@@ -229,6 +237,17 @@ def find_segmentation(run, info: SegmentationInfo, voxel_size: float):
         log.info("run %s: '%s' matches %d segmentations; using %s", run.name, info, len(hits),
                  describe_segmentation(hits[0]))
     return hits[0]
+
+
+def segmentation_voxels(seg) -> int | str:
+    """The voxel count of a segmentation's level 0, from its header (no chunk is read); "" if unreadable."""
+    try:
+        import zarr
+
+        return int(np.prod(zarr.open(seg.zarr(), mode="r")["0"].shape))
+    except Exception as exc:  # the refinement reports an unreadable store itself
+        log.info("%s: no shape (%s)", describe_segmentation(seg), exc)
+        return ""
 
 
 def local_store(seg) -> str | None:

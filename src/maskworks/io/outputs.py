@@ -632,9 +632,10 @@ class Transaction:
         self.created: list[Path] = []  # folders this run made, removed again if it fails (when empty)
 
     # -- begin
-    def add(self, targets, inputs=(), owned=(), labels_of=None) -> None:
+    def add(self, targets, inputs=(), owned=(), labels_of=None, stores=()) -> None:
         """Check, lock and recover ``targets`` (more outputs can join a running transaction)."""
-        checked = [t for t in check_outputs(targets, inputs, owned, labels_of=labels_of) if t.path not in self.targets]
+        checked = [t for t in check_outputs(targets, inputs, owned, stores=stores, labels_of=labels_of)
+                   if t.path not in self.targets]
         for t in sorted(checked, key=lambda t: str(t.path)):
             self._make_folder(t.path.parent)
             if not self.locks.try_lock(t.path.parent, t.path.name):
@@ -811,7 +812,7 @@ def _restore_signals(previous) -> None:
 
 
 @contextlib.contextmanager
-def transaction(*targets, inputs=(), owned=(), labels_of=None):
+def transaction(*targets, inputs=(), owned=(), labels_of=None, stores=()):
     """Make the outputs ``targets`` of a stage one all-or-nothing unit.
 
     Checks them (:func:`check_outputs`, against ``inputs``), locks them, recovers what an
@@ -820,18 +821,18 @@ def transaction(*targets, inputs=(), owned=(), labels_of=None):
     On an exception the staging is removed and the targets are exactly as they were.  A
     transaction opened inside another joins it (its targets are checked and locked too).
     A stage that reads one of its outputs back inside the block reads :func:`staged` of it.
-    ``labels_of``: see :func:`check_outputs`.
+    ``labels_of``, ``stores`` (outputs that are folders whatever their name): see :func:`check_outputs`.
     """
     active = _ACTIVE.get()
     if active is not None:
-        active.add(targets, inputs, owned, labels_of)
+        active.add(targets, inputs, owned, labels_of, stores)
         yield active
         return
     txn = Transaction()
     token = _ACTIVE.set(txn)
     try:
         try:
-            txn.add(targets, inputs, owned, labels_of)
+            txn.add(targets, inputs, owned, labels_of, stores)
             yield txn
             fault_point("stage.done")
         except BaseException as exc:
