@@ -327,7 +327,7 @@ def refine_args(wildcards):
     opts = {
         k: v
         for k, v in REFINE.items()
-        if k not in ("copick_config", "runs", "runs_per_job")
+        if k not in ("copick_config", "runs", "runs_per_job", "qc_pictures")
     }
     opts["device"] = job_device(REFINE["device"])
     return cli_args(opts)

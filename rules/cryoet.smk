@@ -146,11 +146,14 @@ rule refine_membranes:
         args=refine_args,
         runs=refine_run_args,
         stores=store_state,
+        qc=lambda wc, output: (
+            f"--qc-dir {shlex.quote(output.qc)}" if REFINE["qc_pictures"] else ""
+        ),
     # Several runs a job (runs_per_job); a run that cannot be refined is skipped with its reason
     # (--keep-going) and the others are written.
     shell:
         "mkdir -p {output.qc:q} && {params.python:q} -I -m maskworks.cli -v refine-membranes "
-        "--config {input.config:q} {params.runs} --keep-going --qc-dir {output.qc:q} "
+        "--config {input.config:q} {params.runs} --keep-going {params.qc} "
         "--stats {output.stats:q} {params.args} > {log:q} 2>&1"
 
 

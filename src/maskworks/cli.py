@@ -17,6 +17,7 @@ import logging
 import sys
 
 from . import __version__
+from .io.errors import InputError
 from .jobs import failure, stop_on_sigterm
 
 log = logging.getLogger("maskworks")
@@ -27,7 +28,8 @@ ARMS = ["maskworks.em.stages", "maskworks.cryoet.stages", "maskworks.codex.stage
 # its own libraries), the full parser (``--help``, an unknown command) imports them all.
 COMMANDS = {
     "maskworks.em.stages": ("texture-mask", "postprocess-mask", "train-unet", "predict-unet"),
-    "maskworks.cryoet.stages": ("extract-patches", "merge-corrections", "refine-membranes", "copick-runs"),
+    "maskworks.cryoet.stages": ("propose-centres", "extract-patches", "merge-corrections", "export-training",
+                                "refine-membranes", "copick-runs", "refine-summary"),
     "maskworks.codex.stages": ("tile-image", "segment-cells", "download-mesmer-model", "repair-masks",
                                "stitch", "quantify"),
 }
@@ -42,9 +44,24 @@ def _add_demo(sub):
     p.add_argument("--arms", help="comma list of em, cryoet, codex, copick; if not given, every part this "
                    "environment can write (the copick project needs copick: the cryo-ET environment)")
     p.set_defaults(run=_run_demo_data)
+    p = sub.add_parser("demo-copick-project", help="write a copick project of many small generated runs, a few "
+                       "lacking their membranes (the refinement's scale test; needs copick)")
+    p.add_argument("out_dir", help="folder to write into (the project is OUT_DIR/copick)")
+    p.add_argument("--runs", type=int, default=300, help="number of runs")
+    p.add_argument("--lacking", type=int, default=3, help="runs (the last ones) without a membrane segmentation")
+    p.set_defaults(run=_run_demo_copick_project)
     p = sub.add_parser("demo-summary", help="print where the demo results and QC pictures are")
     p.add_argument("--results", default="results")
     p.set_defaults(run=_run_demo_summary)
+
+
+def _run_demo_copick_project(a):
+    from .demo import write_copick_project_of_runs
+
+    if a.runs < 1 or not 0 <= a.lacking <= a.runs:
+        raise InputError(f"--runs {a.runs} --lacking {a.lacking}: need runs >= 1 and 0 <= lacking <= runs")
+    done = write_copick_project_of_runs(a.out_dir, a.runs, lacking=a.lacking)
+    print(f"copick project: {done['config']} ({a.runs} runs, lacking membranes: {', '.join(done['lacking']) or 'none'})")
 
 
 def _run_demo_summary(a):

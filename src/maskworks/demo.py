@@ -467,6 +467,47 @@ def _write_copick_project(out_dir) -> dict[str, Path]:
     return written
 
 
+PROJECT_RUN_SHAPE = (32, 64, 64)
+
+
+def write_copick_project_of_runs(out_dir, n_runs: int, *, lacking: int = 0, seed: int = 0) -> dict:
+    """A copick project of ``n_runs`` small runs (``PROJECT_RUN_SHAPE``, three organelles with membrane
+    shells each, jittered per run), the last ``lacking`` of them without their membrane segmentation:
+    the scale test of the refinement (a project of hundreds of runs, a few lacking an input).
+
+    Returns ``{"config": path, "runs": [names], "lacking": [names]}``.
+    """
+    from maskworks.io.copick import keep_logging
+
+    with keep_logging():
+        import copick
+        from copick.models import PickableObject
+
+        root_dir = (Path(out_dir) / "copick").resolve()
+        config = root_dir / "copick_config.json"
+        objects = [PickableObject(name=n, is_particle=False, label=i + 1)
+                   for i, n in enumerate(["membrane", "organelle", "organelles-refined", "membrane-refined"])]
+        root = copick.new_config(str(config), overlay_root=str(root_dir), proj_name="maskworks project scale",
+                                 proj_description=f"{n_runs} generated runs", pickable_objects=objects)
+        rng = np.random.default_rng(seed)
+        names = [f"run_{i:04d}" for i in range(n_runs)]
+        base = [(1, (16, 18, 18), (8, 9, 9)), (2, (16, 44, 20), (9, 8, 10)), (3, (16, 30, 46), (8, 10, 9))]
+        for k, name in enumerate(names):
+            specs = [(oid, tuple(int(c + d) for c, d in zip(centre, rng.integers(-2, 3, 3))), radii)
+                     for oid, centre, radii in base]
+            labels, shells = shelled_ellipsoids(PROJECT_RUN_SHAPE, specs, thickness=2)
+            run = root.new_run(name, exist_ok=True)
+            run.new_voxel_spacing(10.0, exist_ok=True)
+            org = run.new_segmentation(voxel_size=10.0, name="organelles", session_id="1", is_multilabel=True,
+                                       user_id="saber", exist_ok=True)
+            org.from_numpy(labels.astype(np.uint8))
+            if k < n_runs - lacking:
+                mem = run.new_segmentation(voxel_size=10.0, name="membrane", session_id="1", is_multilabel=False,
+                                           user_id="membrain-seg", exist_ok=True)
+                mem.from_numpy(shells.astype(np.uint8))
+        return {"config": config, "runs": names, "lacking": names[n_runs - lacking:]}
+
+
 def _write_cryoet(out_dir: Path) -> dict[str, Path]:
     """Cryo-ET arm: tomogram, segmentation, centres and corrections (the copick project is the
     ``copick`` part: it is written through copick, which lives in the cryo-ET environment)."""

@@ -543,3 +543,55 @@ def test_export_training_replaces_its_own_folder_and_nothing_else(tmp_path, caps
     err = capsys.readouterr().err
     assert "tomogram tomoB: label patch" in err and "demo_tomoB_patch1.nrrd has no image patch" in err
     assert {p.relative_to(out) for p in out.rglob("*.nii.gz")} == second  # the earlier export is intact
+
+
+SPOTS = [(48, 60, 70), (40, 250, 90), (56, 160, 250), (44, 270, 270)]  # z, y, x of planted uncertain regions
+
+
+def _uncertainty_map(path, kind="uncertainty", shape=(96, 320, 320)):
+    rng = np.random.default_rng(11)
+    u = rng.random(shape, dtype=np.float32) * 0.2
+    for s in SPOTS:
+        u[tuple(slice(c - 12, c + 12) for c in s)] += 0.8
+    data = u if kind == "uncertainty" else (1.0 - u) * np.where(rng.random(shape) < 0.5, -6, 6).astype(np.float32)
+    write_volume(path, data.astype(np.float32), VS, unit="angstrom", origin=ORIGIN)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["uncertainty", "scores"])
+def test_proposed_centres_fall_on_the_planted_uncertain_spots(tmp_path, kind):
+    """An uncertainty map (or MemBrain-seg-style scores, least sure near 0) with four planted spots: the four
+    best centres are on them (to within half a block), a patch apart, with their patch inside the tomogram;
+    extract-patches cuts them without padding."""
+    m = _uncertainty_map(tmp_path / "map.mrc", kind)
+    out = tmp_path / "centres.csv"
+    assert main(["propose-centres", "--map", str(m), "--out", str(out), "--n", "4", "--patch-size", "64",
+                 "--kind", kind]) == 0
+    rows = _manifest(out)
+    got = [(int(r["z"]), int(r["y"]), int(r["x"])) for r in rows]
+    for spot in SPOTS:
+        assert min(max(abs(a - b) for a, b in zip(spot, g)) for g in got) <= 4, (spot, got)
+    for i, a in enumerate(got):
+        assert all(32 <= c <= n - 32 for c, n in zip(a, (96, 320, 320)))
+        assert all(max(abs(p - q) for p, q in zip(a, b)) >= 64 for b in got[i + 1:])
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    r0 = rows[0]
+    assert float(r0["x_angstrom"]) == ORIGIN[2] + int(r0["x"]) * 10.0
+    # the CSV is extract-patches' --centres
+    tomo = write_volume(tmp_path / "tomo.mrc", np.zeros((96, 320, 320), np.float32), VS, unit="angstrom", origin=ORIGIN)
+    seg = write_volume(tmp_path / "seg.mrc", np.zeros((96, 320, 320), np.uint8), VS, unit="angstrom", origin=ORIGIN)
+    assert main(["extract-patches", str(tomo), str(seg), str(tmp_path / "patches"), "--centres", str(out),
+                 "--patch-size", "64", "--edge", "error"]) == 0
+    assert len(list((tmp_path / "patches" / "imagesCorr").iterdir())) == 4
+
+
+def test_proposals_among_candidates_from_a_napari_points_csv(tmp_path):
+    m = _uncertainty_map(tmp_path / "map.mrc")
+    cands = tmp_path / "points.csv"  # napari: index, axis-0 (z), axis-1 (y), axis-2 (x)
+    cands.write_text("index,axis-0,axis-1,axis-2\n0,48,200,200\n1,40,250,92\n2,47,62,70\n3,50,70,80\n")
+    out = tmp_path / "centres.csv"
+    assert main(["propose-centres", "--map", str(m), "--out", str(out), "--n", "3", "--patch-size", "64",
+                 "--candidates", str(cands)]) == 0
+    got = [(int(r["z"]), int(r["y"]), int(r["x"])) for r in _manifest(out)]
+    # the two candidates on spots first; the one 10 voxels from a chosen one is too near; then the plain one
+    assert got[:2] in ([(47, 62, 70), (40, 250, 92)], [(40, 250, 92), (47, 62, 70)]) and got[2] == (48, 200, 200)

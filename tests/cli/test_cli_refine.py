@@ -360,3 +360,27 @@ def test_keep_going_skips_the_runs_that_cannot_be_refined_and_writes_the_others(
     assert segs(project, "TS_001", "saber-refined")["organelles-refined"]
     assert not segs(project, "TS_002", "saber-refined") and not segs(project, "TS_003", "saber-refined")
     assert sorted(p.name for p in qc.iterdir()) == ["TS_001_refine_qc.png"]
+
+
+def test_propose_centres_from_and_to_copick_picks(project, tmp_path):
+    """Candidates from a person's copick picks (angstrom) scored on an uncertainty map; the chosen centres
+    written back as copick picks, read by copick's API at the same places."""
+    from maskworks.io import write_volume
+
+    shape = (64, 128, 128)
+    u = np.full(shape, 0.1, np.float32)
+    u[20:44, 80:110, 20:50] = 1.0  # the uncertain region, around z 32, y 95, x 35
+    m = write_volume(tmp_path / "u.mrc", u, (10.0, 10.0, 10.0), unit="angstrom")
+    r = cio.select_runs(cio.open_project(project), ["TS_001"])[0]
+    picks = r.new_picks(object_name="organelle", session_id="1", user_id="curator")
+    picks.from_numpy(np.array([[350.0, 950.0, 320.0], [1000.0, 300.0, 320.0]]))  # x, y, z in angstrom
+    out = tmp_path / "centres.csv"
+    assert main(["propose-centres", "--map", str(m), "--out", str(out), "--n", "1", "--patch-size", "32",
+                 "--copick-candidates", str(project), "TS_001", "organelle,curator",
+                 "--copick-picks", str(project), "TS_001", "membrane"]) == 0
+    row = rows(out)[0]
+    assert (row["x"], row["y"], row["z"]) == ("35", "95", "32")
+    back = cio.select_runs(cio.open_project(project), ["TS_001"])[0].get_picks(object_name="membrane",
+                                                                               user_id="maskworks")
+    positions, _ = back[0].numpy()
+    np.testing.assert_allclose(positions, [[350.0, 950.0, 320.0]])

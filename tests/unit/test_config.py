@@ -50,7 +50,7 @@ SECTIONS = [
     ("cryoet", "export_training", ["maskworks.cryoet.stages:export_training_files"], {"enabled"}),
     ("cryoet", "refine_membranes",
      ["maskworks.cryoet.refine:refine_membranes", "maskworks.cryoet.stages:refine_membranes_files"],
-     {"copick_config", "runs", "runs_per_job", "org_info", "mem_info"}),
+     {"copick_config", "runs", "runs_per_job", "qc_pictures", "org_info", "mem_info"}),
     ("em", "train_unet", ["maskworks.em.unet:train_unet", "maskworks.em.stages:train_unet_files"],
      {"enabled", "training", "images_dir", "labels_dir"}),
     ("em", "predict_unet", ["maskworks.em.unet:predict_volume", "maskworks.em.stages:predict_unet_files"],

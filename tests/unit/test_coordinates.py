@@ -35,6 +35,15 @@ def test_header_names_choose_the_columns(tmp_path):
     np.testing.assert_array_equal(c, [[1, 2, 3], [10, 20, 30]])
 
 
+def test_napari_points_csv_is_read_in_its_z_y_x_order(tmp_path):
+    """napari's "Save selected layer" of a points layer over a 3-D tomogram: index,axis-0,axis-1,axis-2 with
+    axis-0 = z; with a time axis, the last three axes."""
+    c = _read(tmp_path, "index,axis-0,axis-1,axis-2\n0,30.0,20.0,10.5\n1,3.0,2.0,1.0\n")
+    np.testing.assert_array_equal(c, [[10.5, 20, 30], [1, 2, 3]])
+    c = _read(tmp_path, "index,axis-0,axis-1,axis-2,axis-3\n0,0,30,20,10\n")
+    np.testing.assert_array_equal(c, [[10, 20, 30]])
+
+
 def test_three_unnamed_header_columns_are_x_y_z(tmp_path):
     np.testing.assert_array_equal(_read(tmp_path, "cx cy cz\n4 5 6\n"), [[4, 5, 6]])
 

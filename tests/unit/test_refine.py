@@ -323,3 +323,37 @@ def test_demo_scene_exercises_every_rule():
                                     keep_surface_membranes=True, **QUIET)
     inner = ndi.binary_erosion(a["organelles"] == 1, iterations=4)  # the crista lies deep inside organelle 1
     assert np.count_nonzero(m_low[inner]) > 0 and np.count_nonzero(m_surf[inner]) == 0
+
+
+@pytest.mark.parametrize("r", [1, 2, 3, 2.5])
+@pytest.mark.parametrize("budget", [9 * 9**3, 9 * 14**3, 9 * 40**3])
+def test_the_tiled_distance_transform_equals_the_whole_one(r, budget):
+    """The GPU path splits a crop whose padded cube would exceed the budget into tiles with a halo of
+    r + 1: the same voxels as the whole transform, at tiles of every size down to one voxel (run here
+    on the CPU with the tiling forced; the smallest budget sends it to the host fallback)."""
+    from maskworks.backend import get_backend
+    from maskworks.cryoet.refine import distance_within
+
+    b = get_backend("cpu")
+    rng = np.random.default_rng(int(r * 10) + budget % 97)
+    for shape in [(7, 30, 41), (23, 9, 17)]:
+        mask = rng.random(shape) > 0.04  # sparse zeros: distances reach past r
+        whole = distance_within(b, mask, r, tiled=False)
+        np.testing.assert_array_equal(distance_within(b, mask, r, budget=budget, tiled=True), whole)
+        np.testing.assert_array_equal(whole, ndi.distance_transform_edt(mask) <= r)
+    ones = np.ones((5, 6, 7), bool)  # no zero: nothing is within r of one
+    assert not distance_within(b, ones, r, budget=budget, tiled=True).any()
+    assert not distance_within(b, ones, r, tiled=False).any()
+
+
+@pytest.mark.skipif(resolve_device("auto") == "cpu", reason="no GPU")
+def test_the_gpu_distance_transform_is_tiled_within_its_budget_with_the_same_result():
+    from maskworks.backend import get_backend
+    from maskworks.cryoet import refine
+
+    b = get_backend("cuda")
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 300, 300)) > 0.01
+    want = ndi.distance_transform_edt(mask) <= 3
+    got = refine.distance_within(b, b.asarray(mask), 3, budget=9 * 64**3)  # whole: 9 * 300^3 B > budget
+    np.testing.assert_array_equal(b.to_numpy(got), want)

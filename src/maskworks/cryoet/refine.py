@@ -21,6 +21,16 @@ MEMBRANE_OUTPUTS = ("dilated", "input")
 # Above this largest id the bounding boxes are found on compressed ids (find_objects lists every id up to it).
 _DENSE_IDS = 2**22
 _SLAB_VOXELS = 2**22
+# CuPy's distance transform pads its input to a cube of the longest side and needs about this many
+# bytes per voxel of that cube (read from cupyx.scipy.ndimage's EDT: int32 or int64 coordinates above
+# 1024 voxels a side, float64 distances): a 60 x 900 x 900 crop would ask ~6.6 GB.  Crops whose cube
+# exceeds GPU_EDT_BUDGET are done in tiles (exact: a ball of radius r only sees r voxels around).
+GPU_EDT_BUDGET = 2**30  # bytes
+
+
+def _edt_cube_bytes(shape) -> int:
+    side = max(int(n) for n in shape)
+    return (17 if side > 1024 else 9) * side**3
 
 
 @checked(
@@ -346,7 +356,7 @@ def _dilate(b, fg, r: int):
     """Dilation by ``ball(r)`` inside the crop: voxels within distance ``r`` of the foreground."""
     if r <= 0 or not fg.any():
         return fg.copy()
-    return b.ndi.distance_transform_edt(~fg) <= r
+    return distance_within(b, ~fg, r)
 
 
 def _erode(b, fg, r: int):
@@ -355,7 +365,47 @@ def _erode(b, fg, r: int):
     if r <= 0 or not fg.any():
         return fg.copy()
     framed = b.xp.pad(fg, 1, mode="constant", constant_values=False)
-    return (b.ndi.distance_transform_edt(framed) > r)[1:-1, 1:-1, 1:-1]
+    return ~distance_within(b, framed, r)[1:-1, 1:-1, 1:-1]
+
+
+def distance_within(b, mask, r: float, *, budget: int | None = None, tiled: bool | None = None):
+    """``distance_transform_edt(mask) <= r``: the voxels of ``mask`` within distance ``r`` of one of its
+    zeros, and every zero (an array without zeros: none).
+
+    On a GPU a crop whose padded cube (:func:`_edt_cube_bytes`) exceeds ``budget`` (default
+    ``GPU_EDT_BUDGET``) is done in tiles with a halo of ``r + 1`` voxels, the largest whose cube fits
+    (the answer only depends on the zeros within ``r``, so the tiles give the same result); when not
+    even a halo's cube fits, on the host with scipy.  ``tiled`` forces (True) or forbids (False) tiles,
+    on any device (the CPU tests of the tiling).
+    """
+    budget = GPU_EDT_BUDGET if budget is None else int(budget)
+    if tiled is None:
+        tiled = b.is_gpu and _edt_cube_bytes(mask.shape) > budget
+    if not tiled:
+        return _within_whole(b, mask, r)
+    halo = int(np.floor(r)) + 1
+    side = 1
+    while _edt_cube_bytes([side + 1 + 2 * halo] * 3) <= budget and side < max(mask.shape):
+        side += 1
+    if _edt_cube_bytes([1 + 2 * halo] * 3) > budget:  # not even one voxel and its halo: on the host
+        host = get_backend("cpu")
+        return b.asarray(_within_whole(host, b.to_numpy(mask), r))
+    out = b.xp.empty(mask.shape, dtype=bool)
+    starts = [range(0, n, side) for n in mask.shape]
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                core = tuple(slice(o, min(o + side, n)) for o, n in zip((z, y, x), mask.shape))
+                outer = tuple(slice(max(0, c.start - halo), min(n, c.stop + halo)) for c, n in zip(core, mask.shape))
+                inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(core, outer))
+                out[core] = _within_whole(b, mask[outer], r)[inner]
+    return out
+
+
+def _within_whole(b, mask, r):
+    if bool(mask.all()):  # no zero to measure from (what each library returns then differs)
+        return b.xp.zeros(mask.shape, dtype=bool)
+    return b.ndi.distance_transform_edt(mask) <= r
 
 
 def _slabs(shape):

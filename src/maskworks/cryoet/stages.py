@@ -30,19 +30,21 @@ from ..io.params import DEVICE, Choice, Flag, Number, Text, checked
 from ..jobs import about, keyword_defaults, provenance
 from .corrections import merge_corrections, plan_corrections, transposition_evidence
 from .patches import EDGE_POLICIES, class_counts, iter_patches, plan_patches
+from .proposals import propose_centres
 
 log = logging.getLogger("maskworks")
 
 
 def add_commands(sub):
-    """Register ``extract-patches``, ``merge-corrections``, ``export-training``, ``refine-membranes``,
-    ``copick-runs`` and ``refine-summary``."""
+    """Register ``propose-centres``, ``extract-patches``, ``merge-corrections``, ``export-training``,
+    ``refine-membranes``, ``copick-runs`` and ``refine-summary``."""
     _add_extract(sub)
     _add_merge(sub)
     _add_refine(sub)
     _add_copick_runs(sub)
     _add_refine_summary(sub)
     _add_export_training(sub)
+    _add_propose_centres(sub)
 
 
 # ----------------------------------------------------------------------------- extract_patches
@@ -528,6 +530,110 @@ def _run_merge(a):
     return merge_corrections_files(a.labels_dir, a.corrections_dir, a.out_dir, format=a.format,
                                    report=a.report, border=a.border, binarize=a.binarize,
                                    allow_no_geometry=a.allow_no_geometry)
+
+
+# ----------------------------------------------------------------------------- propose_centres
+
+_PROPOSAL_COLUMNS = ["rank", "x", "y", "z", "score", "x_angstrom", "y_angstrom", "z_angstrom"]
+
+
+@checked(propose_centres)
+def propose_centres_files(volume_map, out, *, candidates=None, copick_candidates=None, copick_picks=None,
+                          copick_picks_user="maskworks", copick_picks_session="0", **params):
+    """Run :func:`maskworks.cryoet.proposals.propose_centres` on a map file; write the centres CSV.
+
+    ``volume_map``: MemBrain-seg's uncertainty map, its ``_scores.mrc``, a probability map, any volume
+    :func:`read_volume` reads (lazily).  ``out``: the CSV ``extract-patches`` reads (``x,y,z`` voxels on the
+    tomogram's X/Y/Z axes, ``rank``, ``score`` and the position in angstrom).  ``candidates``: a centres
+    CSV (any layout :func:`read_centres` reads, napari points too) whose positions are the only ones
+    proposed; ``copick_candidates``: ``(config, run, "object[,user[,session]]")``, copick picks as the
+    candidates (in angstrom, divided by the map's voxel size).  ``copick_picks``: ``(config, run,
+    object)``, also write the centres as copick picks of that object (user ``copick_picks_user``,
+    session ``copick_picks_session``).  ``params``: those of ``propose_centres``.
+    """
+    vol = read_volume(volume_map, ndim=3, lazy=True, check_finite=False)
+    vs = vol.voxel_size
+    vs_a = tuple(convert_length(vs, vol.unit, "angstrom")) if vol.unit is not None else None
+    cands = None
+    if candidates is not None:
+        cands = read_centres(candidates)[:, ::-1]  # x, y, z -> z, y, x
+    if copick_candidates is not None:
+        from ..io import copick as cio
+
+        config, run_name, info = copick_candidates
+        if vs_a is None:
+            raise InputError(f"{volume_map} carries no voxel size unit, so copick picks (in angstrom) cannot be "
+                             "placed on it")
+        run = cio.select_runs(cio.open_project(config), [run_name])[0]
+        xyz_a, _ = cio.read_picks(run, cio.parse_segmentation_info(info, "copick candidates"))
+        zyx = (xyz_a[:, ::-1] - np.array(convert_length(vol.origin, vol.unit, "angstrom"))) / np.array(vs_a)
+        cands = zyx if cands is None else np.concatenate([cands, zyx])
+    try:
+        found = propose_centres(vol.data, candidates=cands, **params)
+    except InputError as exc:
+        raise InputError(f"{volume_map}: {exc}") from None
+    origin_a = convert_length(vol.origin, vol.unit, "angstrom") if vs_a is not None else None
+    rows = []
+    for c in found:
+        row = {"rank": c["rank"], "x": c["x"], "y": c["y"], "z": c["z"], "score": f"{c['score']:.6g}"}
+        if vs_a is not None:
+            row.update({f"{a}_angstrom": round(origin_a[i] + c[a] * vs_a[i], 3) for i, a in enumerate("zyx")})
+        rows.append(row)
+    with transaction(out, inputs=[volume_map, candidates]):
+        write_csv(out, rows, _PROPOSAL_COLUMNS)
+    if copick_picks is not None and rows:
+        from ..io import copick as cio
+
+        if vs_a is None:
+            raise InputError(f"{volume_map} carries no voxel size unit: the centres cannot be written as copick "
+                             "picks (in angstrom)")
+        config, run_name, obj = copick_picks
+        run = cio.select_runs(cio.open_project(config), [run_name])[0]
+        xyz = np.array([[r["x_angstrom"], r["y_angstrom"], r["z_angstrom"]] for r in rows])
+        cio.write_picks(run, obj, xyz, [c["score"] for c in found], user_id=copick_picks_user,
+                        session_id=copick_picks_session)
+    if len(rows) < params.get("n", 10):
+        log.warning("propose_centres %s: only %d of %d centres fit (shape %s, patch %s, at least %s apart)",
+                    volume_map, len(rows), params.get("n", 10), vol.shape, params.get("patch_size", 160),
+                    params.get("min_distance") or params.get("patch_size", 160))
+    log.info("propose_centres %s -> %s: %d centres, best score %s", volume_map, out, len(rows),
+             rows[0]["score"] if rows else "-")
+    return {"centres": len(rows), "out": str(out), "rows": rows}
+
+
+def _add_propose_centres(sub):
+    from .proposals import MAP_KINDS
+
+    d = keyword_defaults(propose_centres)
+    p = sub.add_parser("propose-centres", help="patch centres where a network is least sure: the N most uncertain "
+                       "places of an uncertainty/probability/score map, a patch apart, inside the tomogram")
+    p.add_argument("--map", required=True, help="uncertainty map (MemBrain-seg --store-uncertainty-map), scores "
+                   "(_scores.mrc) or probabilities; any volume format")
+    p.add_argument("--out", required=True, help="centres CSV to write (x,y,z voxels: extract-patches' --centres)")
+    p.add_argument("--kind", choices=MAP_KINDS, default=d["kind"],
+                   help="what the map holds: uncertainty (higher = less sure), probability (0.5 least sure), "
+                   "scores (logits; --threshold least sure)")
+    p.add_argument("--threshold", type=float, default=d["threshold"], help="the least-sure score (--kind scores)")
+    p.add_argument("--n", type=int, default=d["n"], help="how many centres")
+    p.add_argument("--patch-size", type=int, default=d["patch_size"], help="patch side (voxels)")
+    p.add_argument("--margin", type=int, default=d["margin"], help="voxels kept between a patch and the faces")
+    p.add_argument("--min-distance", type=int, help="smallest distance between centres along some axis "
+                   "(default: the patch size, so patches do not overlap)")
+    p.add_argument("--candidates", help="a centres CSV (x,y,z; napari points too): only these positions")
+    p.add_argument("--copick-candidates", nargs=3, metavar=("CONFIG", "RUN", "OBJECT[,USER[,SESSION]]"),
+                   help="copick picks as the candidate positions")
+    p.add_argument("--copick-picks", nargs=3, metavar=("CONFIG", "RUN", "OBJECT"),
+                   help="also write the centres as copick picks of OBJECT")
+    p.add_argument("--copick-picks-user", default="maskworks", help="user ID of those picks")
+    p.add_argument("--copick-picks-session", default="0", help="session ID of those picks")
+    p.set_defaults(run=_run_propose_centres)
+
+
+def _run_propose_centres(a):
+    propose_centres_files(a.map, a.out, candidates=a.candidates, copick_candidates=a.copick_candidates,
+                          copick_picks=a.copick_picks, copick_picks_user=a.copick_picks_user,
+                          copick_picks_session=a.copick_picks_session, n=a.n, patch_size=a.patch_size,
+                          kind=a.kind, threshold=a.threshold, margin=a.margin, min_distance=a.min_distance)
 
 
 # ----------------------------------------------------------------------------- export_training

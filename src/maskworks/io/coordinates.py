@@ -38,7 +38,10 @@ def read_centres(path: str | Path) -> np.ndarray:
         semicolons, tabs or spaces and may be floats.  Empty lines and lines
         starting with ``#`` are skipped.  The first line may be a header: if it
         names columns ``x``, ``y`` and ``z`` (any case, other columns allowed)
-        those columns are read, otherwise it must have exactly three names.
+        those columns are read; a napari points layer saved as CSV
+        (``index,axis-0,axis-1,axis-2``: the layer's z, y, x) is read with
+        ``axis-2`` as x, ``axis-1`` as y, ``axis-0`` as z (with more axes, the
+        last three); otherwise the header must have exactly three names.
         Without a header every line holds exactly three numbers ``x y z``
         (IMOD ``model2point`` output, MemBrain-seg coordinate files).
 
@@ -93,6 +96,10 @@ def _header_columns(path: Path, number: int, line: str, tokens: list[str]) -> tu
         raise InputError(f"{path}, line {number}: {line.strip()!r} is not three numbers x,y,z")
     if all(a in names for a in _AXES):
         return [names.index(a) for a in _AXES], len(tokens)
+    napari = sorted((int(n[5:]), i) for i, n in enumerate(names) if re.fullmatch(r"axis-\d+", n))
+    if len(napari) >= 3 and [k for k, _ in napari] == list(range(len(napari))):
+        # a napari points layer saved as CSV: axis-0..axis-(k-1) in the layer's (..., z, y, x) order
+        return [napari[-1][1], napari[-2][1], napari[-3][1]], len(tokens)
     if len(tokens) == 3:
         return [0, 1, 2], 3
     raise InputError(

@@ -532,3 +532,36 @@ def is_empty(seg) -> bool:
 def _slabs_of(level):
     step = max(1, int(level.chunks[0]))
     return [slice(z, min(z + step, level.shape[0])) for z in range(0, level.shape[0], step)]
+
+
+@_keeps_logging
+def read_picks(run, info: SegmentationInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The picks of object ``info.name`` (of ``info``'s user and session when given; the first set by
+    user and session otherwise) as ``(positions in angstrom (n, 3) x, y, z, scores (n,))``."""
+    sets = [p for p in run.get_picks(object_name=info.name)
+            if (info.user_id is None or p.user_id == info.user_id)
+            and (info.session_id is None or p.session_id == info.session_id)]
+    if not sets:
+        have = sorted({f"{p.pickable_object_name} (user {p.user_id}, session {p.session_id})" for p in run.picks})
+        raise MissingSegmentation(f"run {run.name}: no picks match '{info}'; the run has: "
+                                  f"{'; '.join(have) or 'no picks'}")
+    picks = sorted(sets, key=lambda p: (p.user_id, p.session_id))[0]
+    positions, _ = picks.numpy()
+    scores = np.array([1.0 if getattr(p, "score", None) is None else float(p.score) for p in picks.points or []])
+    return np.asarray(positions, float).reshape(-1, 3), scores
+
+
+@_keeps_logging
+def write_picks(run, object_name: str, positions_xyz_angstrom, scores, *, user_id: str, session_id: str):
+    """Write (or overwrite) one set of picks of ``run`` through copick; returns it."""
+    objects = sorted(o.name for o in run.root.config.pickable_objects)
+    if object_name not in objects:
+        raise InputError(f"picks of '{object_name}': copick names picks after a pickable object, and the project "
+                         f"has none of that name (it has: {', '.join(objects) or 'none'})")
+    picks = run.new_picks(object_name=object_name, session_id=str(session_id), user_id=user_id, exist_ok=True)
+    if getattr(picks, "read_only", False):
+        raise InputError(f"run {run.name}: picks of {object_name} by {user_id}/{session_id} are in the project's "
+                         "read-only static storage; choose another user or session")
+    picks.from_numpy(np.asarray(positions_xyz_angstrom, float).reshape(-1, 3),
+                     scores=np.asarray(scores, float))
+    return picks
