@@ -286,7 +286,8 @@ def copick_project_state(wildcards=None):
     """A digest of the names of the project's runs and of their segmentation stores (a filesystem project
     on this machine: one directory listing per run, no store is opened), as a param of the listing, so
     that a run or an input segmentation added or removed relists the project.  The refined outputs'
-    stores are left out: writing them must not make the next invocation list the project again.
+    stores and hidden entries (a killed run's staging) are left out: writing them must not make the
+    next invocation list the project again.
     """
     import hashlib
 
@@ -310,7 +311,7 @@ def copick_project_state(wildcards=None):
                 folder = runs / run / sub
                 names = sorted(os.listdir(folder)) if folder.is_dir() else []
                 for name in names:
-                    if not name.endswith(skip):
+                    if not name.endswith(skip) and not name.startswith("."):
                         digest.update(f"{sub}/{name}\n".encode())
     return digest.hexdigest()
 
