@@ -178,6 +178,14 @@ def test_output_names_and_user_can_be_chosen_and_must_be_project_objects(project
     assert main([*args, "--org-output-name", "organelle", "--mem-output-name", "organelle",
                  "--output-user-id", "curated"]) == 2
     assert "need different names" in capsys.readouterr().err
+    # a name-only info finds another user's instance segmentation: the output may not be that one either
+    r = cio.select_runs(cio.open_project(project), ["TS_002"])[0]
+    inst = r.new_segmentation(voxel_size=10.0, name="organelle", session_id="1", user_id="curator", is_instance=True)
+    inst.from_numpy(cio.read_segmentation(cio.find_segmentation(r, cio.parse_segmentation_info(ORG), 10)).data)
+    assert main([*args[:4], "organelle", *args[5:], "--org-output-name", "organelle", "--output-user-id",
+                 "curator"]) == 2
+    assert "the refined organelles would be written over the input organelle (user curator, session 1" in \
+        capsys.readouterr().err
     assert not segs(project, "TS_002", "saber-refined") and not segs(project, "TS_002", "curated")
 
 

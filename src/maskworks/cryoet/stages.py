@@ -869,6 +869,12 @@ def refine_membranes_files(
                 continue
             outputs = {}
             for role, (out_name, user) in out_names.items():
+                for seg in (org_seg, mem_seg):  # the inputs found (a name-only info may find any user's)
+                    if (seg.name, seg.user_id, seg.session_id, cio.segmentation_type(seg)) == \
+                            (out_name, user, session, cio.output_type()):
+                        raise InputError(f"run {r.name}: the refined {role} would be written over the input "
+                                         f"{cio.describe_segmentation(seg)}; choose another output name, "
+                                         "output_user_id or save_session_id")
                 cio.check_writable(r, out_name, user_id=user, session_id=session, voxel_size=voxel_size)
                 key = {"user_id": user, "session_id": session, "voxel_size": voxel_size, "kind": cio.output_type()}
                 outputs[role] = (out_name, key, cio.output_store(r, out_name, **key))
