@@ -116,7 +116,7 @@ def propose_centres(
     hi = [max(s - patch_size / 2 - margin, (s - 1) / 2) for s in shape]
     if candidates is not None:
         return _pick_candidates(np.asarray(candidates, float).reshape(-1, 3), score, factor, lo, hi, n,
-                                min_distance, shape)
+                                min_distance)
     allowed = [(c >= lo[a] - factor / 2) & (c <= hi[a] + factor / 2) for a, c in enumerate(centres)]
     free = np.ix_(*allowed)
     masked = np.full(score.shape, -np.inf)
@@ -134,7 +134,7 @@ def propose_centres(
     return [{**p, "rank": i + 1} for i, p in enumerate(picked)]
 
 
-def _pick_candidates(cands, score, factor, lo, hi, n, min_distance, shape):
+def _pick_candidates(cands, score, factor, lo, hi, n, min_distance):
     """Greedy choice among given positions (z, y, x), each moved inside the margins and scored."""
     if not len(cands):
         return []

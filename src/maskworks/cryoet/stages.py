@@ -640,7 +640,7 @@ def _run_propose_centres(a):
 
 _DATASET_COLUMNS = [
     "key", "tomogram", "split", "image", "label", "source_image", "source_label", "shape_z", "shape_y", "shape_x",
-    "voxel_size_in", "voxel_size_out", "unit", "background_voxels", "membrane_voxels", "ignore_voxels",
+    "voxel_size_in", "voxel_size_out", "unit", "background_voxels", "foreground_voxels", "ignore_voxels",
 ]
 MEMBRAIN_PATCH = 160  # MemBrain-seg's training crop: smaller patches are padded with the ignore label
 
@@ -663,7 +663,7 @@ def export_training_files(tomograms, out_dir, *, val_fraction=0.2, seed=0, pixel
     """
     import json
 
-    from .training import corner_origin_shift, label_counts, resample_patch, split_by_tomogram
+    from .training import corner_origin_shift, resample_patch, split_by_tomogram
 
     if not tomograms:
         raise InputError("export_training: no tomogram given (labels and image patch folders)")
@@ -710,7 +710,7 @@ def export_training_files(tomograms, out_dir, *, val_fraction=0.2, seed=0, pixel
                          "source_label": str(label_path), **dict(zip(("shape_z", "shape_y", "shape_x"), lab.shape)),
                          "voxel_size_in": " ".join(f"{v:g}" for v in label.voxel_size),
                          "voxel_size_out": " ".join(f"{v:g}" for v in vs), "unit": unit or "",
-                         **label_counts(lab)})
+                         **class_counts(lab)})
         write_csv(tmp / "dataset.csv", rows, _DATASET_COLUMNS)
         (tmp / "dataset.json").write_text(json.dumps({
             "channel_names": {"0": "cryo-ET"}, "labels": {"background": 0, "membrane": 1, "ignore": 2},

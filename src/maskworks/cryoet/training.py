@@ -14,8 +14,6 @@ from scipy import ndimage
 from maskworks.io import InputError
 from maskworks.io.params import Number, checked
 
-from .patches import IGNORE
-
 
 @checked(val_fraction=Number(minimum=0, maximum=1), seed=Number(integer=True, minimum=0))
 def split_by_tomogram(names, *, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -60,19 +58,9 @@ def resample_patch(image, label, voxel_size, target) -> tuple[np.ndarray, np.nda
     lab = ndimage.zoom(label, zoom, order=0, mode="nearest", grid_mode=True)
     if img.shape != shape or lab.shape != shape:  # zoom rounds the same way; make sure
         raise RuntimeError(f"resampling gave {img.shape}/{lab.shape}, expected {shape}")
-    extra = set(np.unique(lab).tolist()) - set(np.unique(label).tolist())
-    if extra:
-        raise RuntimeError(f"nearest-neighbour resampling made label values {sorted(extra)}")
     return img, lab, out_vs
 
 
 def corner_origin_shift(voxel_size, new_voxel_size) -> tuple[float, ...]:
     """What to add to an origin (the centre of voxel 0) so that voxel 0's corner stays in place."""
     return tuple((n - v) / 2 for v, n in zip(voxel_size, new_voxel_size))
-
-
-def label_counts(label) -> dict:
-    label = np.asarray(label)
-    return {"background_voxels": int(np.count_nonzero(label == 0)),
-            "membrane_voxels": int(np.count_nonzero(label == 1)),
-            "ignore_voxels": int(np.count_nonzero(label == IGNORE))}
