@@ -19,41 +19,48 @@ NGPU        := $(if $(NGPU),$(NGPU),0)
 DEMO_DIR    ?= demo_data
 PYTEST_ARGS ?=
 
-.PHONY: help setup setup-deepcell setup-cryoet setup-peers slurm-packages demo test test-peers lint bench clean
+.PHONY: help setup setup-deepcell setup-cryoet setup-peers slurm-packages demo test test-peers lint lock bench clean
 
 help:
 	@echo "make demo    set up .venv, make synthetic data in $(DEMO_DIR)/, run the workflow on it"
 	@echo "make test    set up the venvs and run the whole test suite (pytest in .venv, then the copick tests in .venv-cryoet)"
 	@echo "make test-peers  differential tests against SABER 1.0.1 and MemBrain-seg 0.0.10 (own venv; not in make test)"
 	@echo "make lint    ruff + snakefmt --check + snakemake --lint"
+	@echo "make lock    pin envs/*.yaml exactly to the stacks the tests run (the venvs); scripts/lock_envs.py --check compares"
+	@echo "make container-core  an image of one environment (core, monai, cryoet, deepcell, gpu-core, gpu-cryoet) for --sdm apptainer"
 	@echo "make bench   benchmarks in bench/ (ratios against a baseline measured in the same run)"
 	@echo "make clean   remove results, logs, demo data and caches (not the venvs)"
 
 setup: $(VENV)/.stamp
 
-$(VENV)/.stamp: pyproject.toml
+# Each venv is installed within the exact pins of the conda env its code runs in on clusters
+# (envs/*.yaml, `make lock`), so the tests run the stacks the clusters' envs pin.
+$(VENV)/.stamp: pyproject.toml envs/monai.yaml
 	@test -x $(PY) || $(PY311) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[core,unet,workflow,dev,ecosystem]'
+	$(PY311) scripts/env_constraints.py envs/monai.yaml > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -e '.[core,unet,workflow,dev,ecosystem]' -c $(VENV)/constraints.txt
 	@touch $@
 
 # copick 1.31 needs zarr 2: the copick rules (refine_membranes, copick_runs) run here (envs/cryoet.yaml
 # on clusters), and so do the tests that use copick itself (marker `copick`).
 setup-cryoet: $(VENV_CRYOET)/.stamp
 
-$(VENV_CRYOET)/.stamp: pyproject.toml
+$(VENV_CRYOET)/.stamp: pyproject.toml envs/cryoet.yaml
 	@test -x $(VENV_CRYOET)/bin/python || $(PY311) -m venv $(VENV_CRYOET)
 	$(VENV_CRYOET)/bin/python -m pip install -q --upgrade pip
-	$(VENV_CRYOET)/bin/python -m pip install -q -e '.[cryoet,dev]'
+	$(PY311) scripts/env_constraints.py envs/cryoet.yaml > $(VENV_CRYOET)/constraints.txt
+	$(VENV_CRYOET)/bin/python -m pip install -q -e '.[cryoet,dev]' -c $(VENV_CRYOET)/constraints.txt
 	@touch $@
 
 setup-deepcell: $(VENV_DC)/.stamp
 
-$(VENV_DC)/.stamp: pyproject.toml
+$(VENV_DC)/.stamp: pyproject.toml envs/deepcell.yaml
 	@test -n "$(PY310)" || { echo "Python 3.10 not found (deepcell 0.12.10 needs Python < 3.11); set PY310=/path/to/python3.10" >&2; exit 1; }
 	@test -x $(VENV_DC)/bin/python || $(PY310) -m venv $(VENV_DC)
 	$(VENV_DC)/bin/python -m pip install -q --upgrade pip
-	$(VENV_DC)/bin/python -m pip install -q -e '.[deepcell]'
+	$(PY311) scripts/env_constraints.py envs/deepcell.yaml > $(VENV_DC)/constraints.txt
+	$(VENV_DC)/bin/python -m pip install -q -e '.[deepcell]' -c $(VENV_DC)/constraints.txt
 	@touch $@
 
 # Slurm 22.05 + munge from Debian for tests/slurm (root + apt-get); without them that test
@@ -88,6 +95,21 @@ lint: setup
 	$(VENV)/bin/ruff check src scripts tests bench
 	$(VENV)/bin/snakefmt --check Snakefile rules
 	$(VENV)/bin/snakemake --lint --configfile config/demo.yaml
+
+# The conda envs pinned to the closure of their pyproject extras as installed in the venvs the tests
+# run (python, pip and CUDA libraries from conda-forge, the rest from PyPI); CuPy and torch's CUDA
+# wheels, which the venvs cannot hold, keep the pins written in the env files.
+lock: setup setup-cryoet setup-deepcell
+	$(PY) scripts/lock_envs.py
+
+# An image per environment (containers/Dockerfile; README: Containers), e.g. `make container-core`,
+# `make container-gpu-core`; needs Docker (or Podman: DOCKER=podman) and PyPI.
+DOCKER ?= docker
+container-%: setup
+	v=$$($(PY) -c 'import maskworks; print(maskworks.__version__)') && \
+	$(DOCKER) build -f containers/Dockerfile --build-arg ENV=$(subst gpu-,gpu/,$*) \
+	  --build-arg PYTHON=$(if $(findstring deepcell,$*),3.10,3.11) --build-arg VERSION=$$v \
+	  -t maskworks-$*:$$(echo $$v | tr + -) .
 
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
