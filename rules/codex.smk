@@ -17,11 +17,13 @@ rule tile_image:
         "benchmarks/codex/tile_image/{name}.tsv"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(8000),
-        runtime=scaled(30),
+        mem_mb=scaled(8000, "mem_mb"),
+        runtime=scaled(30, "runtime"),
     params:
         tile=stage_params(CODEX["tile_image"]),
         channels=codex_channels,
@@ -39,6 +41,8 @@ rule download_mesmer_model:
         "benchmarks/codex/download_mesmer_model.tsv"
     conda:
         conda_env("deepcell")
+    container:
+        container_image("deepcell")
     resources:
         mem_mb=2000,
         runtime=30,
@@ -60,11 +64,13 @@ rule segment_cells:
         "benchmarks/codex/segment_cells/{name}.tsv"
     conda:
         conda_env("deepcell")
+    container:
+        container_image("deepcell")
     threads: 2
     resources:
         **site_resources(gpu=SEGMENT_GPU),
-        mem_mb=scaled(16000),
-        runtime=scaled(120),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(120, "runtime"),
         gpu=SEGMENT_GPU,
     params:
         python=segment_python,
@@ -89,11 +95,13 @@ rule repair_masks:
         "codex_post"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(8000),
-        runtime=scaled(30),
+        mem_mb=scaled(8000, "mem_mb"),
+        runtime=scaled(30, "runtime"),
     script:
         "../scripts/repair_masks.py"
 
@@ -118,11 +126,13 @@ rule stitch:
         "codex_post"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(16000),
-        runtime=scaled(60),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(60, "runtime"),
     params:
         stitch=stage_params(CODEX["stitch"]),
     script:
@@ -147,11 +157,13 @@ rule quantify:
         "benchmarks/codex/quantify/{name}.tsv"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(16000),
-        runtime=scaled(60),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(60, "runtime"),
     params:
         quantify=stage_params(CODEX["quantify"]),
         image_mpp=lambda wc: codex_channels(wc)["image_mpp"],

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from snakemake.exceptions import WorkflowError
+from snakemake.exceptions import WildcardError, WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
@@ -60,7 +60,23 @@ def read_table(path, schema):
     df = pd.read_csv(path, sep="\t", comment="#", dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
     df = df.apply(lambda col: col.str.strip())
-    validate(df, schema)
+    try:
+        validate(df, schema)
+    except WorkflowError:
+        # every row that breaks the table's schema, not only the first
+        problems = []
+        for i in range(len(df)):
+            try:
+                validate(df.iloc[[i]].copy(), schema)
+            except WorkflowError as exc:
+                text = str(exc)
+                m = re.search(r"ValidationError: (.*)", text)
+                why = m.group(1) if m else text.split("\n\n")[0].strip()
+                problems.append(f"  row {i + 1} ({df.iloc[i].get('name', '?')}): {why}")
+        raise WorkflowError(
+            f"{path}: {len(problems)} row(s) do not match {Path(schema).name}:\n"
+            + "\n".join(problems)
+        ) from None
     dup = df["name"][df["name"].duplicated()].tolist()
     if dup:
         raise ValueError(f"{path}: duplicate names {dup}; every row needs its own name")
@@ -156,7 +172,8 @@ cryoet_tomograms = (
 
 def corrected_tomograms():
     """The tomograms with a corrections folder: their merged labels are the training data."""
-    return [n for n, c in cryoet_tomograms["corrections"].items() if c]
+    valid = set(valid_names(cryoet_tomograms, "cryoet"))
+    return [n for n, c in cryoet_tomograms["corrections"].items() if c and n in valid]
 
 
 def cryoet_row(wildcards):
@@ -247,30 +264,42 @@ def refine_batch_runs(wildcards):
     return batches[wildcards.batch]
 
 
+_REFINE_INPUTS = {}
+
+
 def refine_inputs(wildcards):
     """The copick config, the runs table and the segmentation stores refine_membranes reads for a
     batch of runs (when the project is on the local file system), so that changing them reruns it.
+    Computed once per batch and listing (the input and the store_state param both ask).
     """
     index = copick_index()
+    table = checkpoints.copick_runs.get().output.table
+    key = (wildcards.batch, id(index))
+    if key in _REFINE_INPUTS:
+        return _REFINE_INPUTS[key]
     stores = [
         index.loc[r, k]
         for r in refine_batch_runs(wildcards)
         for k in ("organelles", "membranes")
         if index.loc[r, k]
     ]
-    return {
+    _REFINE_INPUTS[key] = {
         "config": REFINE["copick_config"],
-        "table": checkpoints.copick_runs.get().output.table,
+        "table": table,
         "stores": stores,
     }
+    return _REFINE_INPUTS[key]
 
 
 def refine_run_args(wildcards):
     return " ".join(f"--run {shlex.quote(r)}" for r in refine_batch_runs(wildcards))
 
 
-def refine_runtime(wildcards, attempt):
-    """Minutes for a batch: three times its estimated CPU time, at least 30, x attempt."""
+def refine_runtime(wildcards, attempt, rulename):
+    """Minutes for a batch: three times its estimated CPU time, at least 30, x attempt (the least after
+    bad input, see scaled)."""
+    if attempt > 1 and failed_on_input(rulename, wildcards):
+        return LEAST_RESOURCES["runtime"]
     index = copick_index()
     runs = refine_batch_runs(wildcards)
     voxels = (
@@ -335,20 +364,21 @@ def refine_args(wildcards):
 
 
 def store_state(wildcards):
-    """Files and newest modification time inside the input Zarr stores, as a param: Snakemake
-    compares only a directory's own mtime, which rewriting a chunk inside it does not change
-    (and params computed from `input` are not compared at all)."""
+    """The state of the input Zarr stores of a batch, as a param: Snakemake compares only a directory's own
+    mtime, which rewriting a chunk inside it does not change (and params computed from `input` are not
+    compared at all).  Per store: its folders' count, entry count and newest mtime (zarr replaces a chunk
+    by renaming a new file into its folder, which updates the folder's mtime), never a stat of each chunk:
+    cheap on a network file system, once per batch and parse.
+    """
     state = {}
     for store in refine_inputs(wildcards)["stores"]:
-        times = [
-            os.stat(os.path.join(d, f)).st_mtime_ns
-            for d, _, files in os.walk(store)
-            for f in files
-        ]
-        state[str(Path(store).relative_to(Path(store).parents[2]))] = [
-            len(times),
-            max(times, default=0),
-        ]
+        folders, entries, newest = 0, 0, 0
+        for folder, dirs, files in os.walk(store):
+            folders += 1
+            entries += len(dirs) + len(files)
+            newest = max(newest, os.stat(folder).st_mtime_ns)
+        key = str(Path(store).relative_to(Path(store).parents[2]))
+        state[key] = [folders, entries, newest]
     return state
 
 
@@ -364,14 +394,90 @@ def uses_conda():
     return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
 
 
+def uses_apptainer():
+    from snakemake.settings.types import DeploymentMethod
+
+    return DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
+
+
+CONTAINERS = SOFTWARE["containers"]
+
+
+def container_image(name):
+    """The image the rules of environment ``name`` run in with --sdm apptainer (software.containers);
+    None otherwise.  --sdm apptainer alone (no conda) with an environment lacking its image is refused
+    here, before any job: Snakemake would run those jobs on the host."""
+    image = CONTAINERS.get(name)
+    if uses_apptainer() and not uses_conda() and not image:
+        raise WorkflowError(
+            f"--sdm apptainer: software.containers.{name} names no image, so the rules of the {name} "
+            f"environment would run on the host; build one (make container-{name}, README: Containers) "
+            "and set software.containers in your config, or add conda (--sdm conda apptainer)"
+        )
+    return image
+
+
 def conda_env(name):
     """The conda env file of a rule: envs/<name>.yaml, or its GPU variant envs/gpu/<name>.yaml
-    (CuPy, CUDA/cuDNN for TensorFlow) when software.gpu is set."""
-    return (
-        f"../envs/gpu/{name}.yaml"
+    (CuPy, CUDA/cuDNN for TensorFlow) when software.gpu is set, as the copy that names the
+    maskworks it installs (source_stamped_env)."""
+    return source_stamped_env(
+        f"envs/gpu/{name}.yaml"
         if SOFTWARE["gpu"] and name != "monai"
-        else f"../envs/{name}.yaml"
+        else f"envs/{name}.yaml"
     )
+
+
+def source_stamped_env(env):
+    """The file Snakemake builds the conda env ``env`` (envs/...yaml of this workflow's source)
+    from: a copy in .snakemake/maskworks-envs/ whose first line names the maskworks that its
+    ${MASKWORKS_SOURCE} entry installs -- a digest of its src/maskworks/**/*.py and pyproject.toml
+    (for a github() module or a $MASKWORKS_SOURCE of your own: the requirement, with its ref).
+    Snakemake hashes an env file's text, never what ${MASKWORKS_SOURCE} expands to; so an edited
+    source builds a new env, and an unchanged one (a commit of docs or tests) reuses its env.  The
+    stamp is made once per run and handed to the jobs ($MASKWORKS_SOURCE_STAMP), which so resolve
+    the envs the submitting process built.
+    """
+    import hashlib
+
+    variable = f"{SOURCE_VARIABLE}_STAMP"
+    root = Path(SOURCE.get_path_or_uri(secret_free=True)) if is_local_source() else None
+    if not os.environ.get(variable):
+        requirement = maskworks_source()
+        digest = hashlib.sha256(requirement.encode())
+        if root is not None and requirement == str(root.resolve()):
+            sources = sorted((root / "src" / "maskworks").rglob("*.py"))
+            for f in [*sources, root / "pyproject.toml"]:
+                if f.is_file():
+                    digest.update(f"\0{f.relative_to(root).as_posix()}\0".encode())
+                    digest.update(f.read_bytes())
+        # The code, not the commit: a commit that changes no code (docs, tests) reuses the envs and
+        # reruns nothing through the software-env trigger.
+        stamp = f"maskworks source sha256:{digest.hexdigest()[:16]}"
+        os.environ[variable] = stamp
+
+    def read(name):
+        return workflow.sourcecache.open(SOURCE.join(name), "rb").read()
+
+    out = Path(".snakemake", "maskworks-envs", Path(env).relative_to("envs")).resolve()
+    stamp_line = f"# {os.environ[variable]}: written by rules/common.smk from {env}\n"
+    files = {out: stamp_line.encode() + read(env)}
+    # Snakemake looks for an env's post-deploy script and pin files beside it.
+    stem = env[: -len(".yaml")]
+    aux = [f"{stem}.post-deploy.sh"]
+    if root is not None:
+        aux += [str(p.relative_to(root)) for p in root.glob(f"{stem}.*.pin.txt")]
+    for name in aux:
+        if workflow.sourcecache.exists(SOURCE.join(name)):
+            files[out.parent / Path(name).name] = read(name)
+    # Every job parses this file too: write only what changed, never half a file.
+    for path, content in files.items():
+        if not path.is_file() or path.read_bytes() != content:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(content)
+            os.replace(tmp, path)
+    return str(out)
 
 
 def gpu_request(device):
@@ -404,10 +510,63 @@ def intermediate(path):
     return path if EM["keep_intermediates"] else temp(path)
 
 
-def scaled(base):
-    """A resource that grows with the attempt: a job retried after running out of memory or
-    time (profiles/slurm: retries) asks for base x attempt."""
-    return lambda wildcards, attempt: base * attempt
+# What a retry of a job that stopped on bad input asks for: it cannot succeed (Snakemake retries every
+# failed job alike, snakemake#2441), so it runs once more, small and short, and fails the same way.
+LEAST_RESOURCES = {"mem_mb": 1000, "runtime": 5}
+# The mark maskworks writes at the end of a job log for bad input (maskworks.jobs.INPUT_ERROR_MARK).
+INPUT_ERROR_MARK = "[input error, exit 2: a retry with the same input cannot succeed]"
+_FAILED_ON_INPUT = set()
+
+
+def failed_on_input(rulename, wildcards):
+    """Whether an earlier attempt of this job stopped on bad input: its log says so (the mark of
+    maskworks.jobs.ending).  Remembered by this process, so that a later attempt killed for its short
+    runtime is not taken for one that needs more."""
+    key = (rulename, tuple(sorted(dict(wildcards).items())))
+    if key in _FAILED_ON_INPUT:
+        return True
+    from snakemake.io import apply_wildcards
+
+    this = workflow.get_rule(rulename)
+    # the rules submitted with it (group:) fail and are retried together: their logs count too
+    together = [this] + [
+        r
+        for r in workflow.rules
+        if this.group and r.group == this.group and r is not this
+    ]
+    for pattern in (p for r in together for p in r.log):
+        try:
+            path = apply_wildcards(str(pattern), wildcards)
+        except (KeyError, WildcardError):
+            continue  # a wildcard this job does not have
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 65536))
+                tail = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        if INPUT_ERROR_MARK in tail:
+            _FAILED_ON_INPUT.add(key)
+            logger.warning(
+                f"{rulename} {dict(wildcards)}: stopped on bad input (see its log); its retry asks "
+                f"for the least resources ({LEAST_RESOURCES}) and will fail the same way"
+            )
+            return True
+    return False
+
+
+def scaled(base, resource):
+    """A resource that grows with the attempt: a job retried after running out of memory or time
+    (profiles/slurm: retries) asks for base x attempt; one that stopped on bad input asks for the
+    least (LEAST_RESOURCES), as more cannot help."""
+
+    def value(wildcards, attempt, rulename):
+        if attempt > 1 and failed_on_input(rulename, wildcards):
+            return min(base, LEAST_RESOURCES[resource])
+        return base * attempt
+
+    return value
 
 
 def site_resources(gpu=0):
@@ -449,6 +608,89 @@ codex_images = (
     if CODEX["enabled"]
     else None
 )
+INPUT_CHECK = config["input_check"]
+INPUT_CHECK_REPORT = "logs/input_check.tsv"
+INPUT_CHECK_CACHE = ".snakemake/maskworks/input_check.json"
+
+
+def check_inputs():
+    """{arm: {name: [problems]}} of the rows of the enabled arms' tables that cannot run, found from their
+    headers (maskworks.checks; verdicts cached by the files' size and mtime) when this process plans the
+    run, before any job is submitted, and written to logs/input_check.tsv.  With on_invalid: stop, any bad
+    row stops the run here, all of them listed.  Jobs (which re-read the tables) do not check again.
+    """
+    if not (INPUT_CHECK["enabled"] and workflow.is_main_process):
+        return {}
+    from maskworks.checks import check_table
+
+    tables = {
+        "em": (
+            em_volumes,
+            EM.get("volumes"),
+            {"level": EM["level"], "max_voxels": EM["texture_mask"]["max_voxels"]},
+        ),
+        "cryoet": (cryoet_tomograms, CRYOET.get("tomograms"), {}),
+        "codex": (codex_images, CODEX.get("images"), {}),
+    }
+    invalid, lines = {}, []
+    for arm, (table, path, settings) in tables.items():
+        if table is None or table.empty:
+            continue
+        rows = {name: dict(row) for name, row in table.iterrows()}
+        bad = check_table(arm, rows, settings, cache=INPUT_CHECK_CACHE)
+        invalid[arm] = bad
+        lines += [(arm, path, n, p) for n, problems in bad.items() for p in problems]
+    listing_file = Path(INPUT_CHECK_REPORT)
+    listing_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = listing_file.with_name(f".{listing_file.name}.{os.getpid()}")
+    pd.DataFrame(lines, columns=["arm", "table", "name", "problem"]).to_csv(
+        tmp, sep="\t", index=False
+    )
+    os.replace(tmp, listing_file)
+    n_bad = sum(len(b) for b in invalid.values())
+    if n_bad:
+        listing = "\n".join(f"  {a} {n} ({t}): {p}" for a, t, n, p in lines)
+        if INPUT_CHECK["on_invalid"] == "stop":
+            raise WorkflowError(
+                f"{n_bad} input row(s) cannot run (input_check.on_invalid: stop; all listed in "
+                f"{INPUT_CHECK_REPORT}):\n{listing}"
+            )
+        logger.warning(
+            f"{n_bad} input row(s) cannot run and are left out of this run (the other rows run; "
+            f"listed in {INPUT_CHECK_REPORT}; input_check.on_invalid: stop runs nothing instead):\n{listing}"
+        )
+    return invalid
+
+
+INVALID_INPUTS = check_inputs()
+
+
+def valid_names(table, arm):
+    """The names of a table's rows that passed the input check, in table order."""
+    if table is None:
+        return []
+    return [n for n in table.index if n not in INVALID_INPUTS.get(arm, {})]
+
+
+def report_invalid_inputs():
+    """The rows left out, said again at the end of a run (the warning above scrolls away)."""
+    n_bad = sum(len(b) for b in INVALID_INPUTS.values())
+    if n_bad:
+        names = ", ".join(n for b in INVALID_INPUTS.values() for n in b)
+        logger.warning(
+            f"{n_bad} input row(s) were not run because their inputs failed the check: {names} "
+            f"(reasons in {INPUT_CHECK_REPORT})"
+        )
+
+
+onsuccess:
+    report_invalid_inputs()
+
+
+onerror:
+    report_invalid_inputs()
+
+
 # Where the download rule puts the Mesmer model when neither model_path nor the deepcell cache has it.
 MESMER_DOWNLOAD = "resources/mesmer"
 SEGMENT_GPU = gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0
@@ -483,7 +725,7 @@ def env_python(env, needed_by):
     """The interpreter of environment ``env`` (deepcell, cryoet) for the jobs that run in it; conda's
     (envs/<env>.yaml), else software.<env>_python, else .venv-<env> of this workflow's source
     (`make setup-<env>`)."""
-    if uses_conda():
+    if uses_conda() or (uses_apptainer() and CONTAINERS.get(env)):
         return "python"
     key = f"{env}_python"
     if SOFTWARE[key]:
@@ -519,7 +761,7 @@ def cryoet_python(wildcards=None):
 
 def segment_python(wildcards):
     """Mesmer needs TensorFlow (DeepCell env); the watershed backend runs anywhere."""
-    if SEG["backend"] == "mesmer" or uses_conda():
+    if SEG["backend"] == "mesmer" or uses_conda() or uses_apptainer():
         return deepcell_python()
     return sys.executable
 
@@ -580,7 +822,10 @@ UNET = EM["train_unet"]
 def training_names():
     """The table rows train_unet learns from: those listed in em.train_unet.training, else every row
     with a truth."""
-    return list(UNET["training"]) or [n for n, t in em_volumes["truth"].items() if t]
+    valid = set(valid_names(em_volumes, "em"))
+    return [n for n in UNET["training"] if n in valid or n not in em_volumes.index] or [
+        n for n, t in em_volumes["truth"].items() if t and n in valid
+    ]
 
 
 def unet_training_sources(wildcards):
@@ -639,14 +884,19 @@ def all_outputs():
         methods = ["texture"] + (["unet"] if UNET["enabled"] else [])
         out += expand(
             "results/em/{name}/{method}_final.zarr",
-            name=em_volumes.index,
+            name=valid_names(em_volumes, "em"),
             method=methods,
         )
     if CRYOET["enabled"]:
-        out += expand("results/cryoet/patches/{name}", name=cryoet_tomograms.index)
+        out += expand(
+            "results/cryoet/patches/{name}",
+            name=valid_names(cryoet_tomograms, "cryoet"),
+        )
         out += expand("results/cryoet/merged/{name}", name=corrected_tomograms())
         if CRYOET["export_training"]["enabled"] and corrected_tomograms():
             out.append("results/cryoet/training")
     if CODEX["enabled"]:
-        out += expand("results/codex/{name}/quantify", name=codex_images.index)
+        out += expand(
+            "results/codex/{name}/quantify", name=valid_names(codex_images, "codex")
+        )
     return out

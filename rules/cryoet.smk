@@ -27,11 +27,13 @@ rule extract_patches:
         "cryoet_patches"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(4000),
-        runtime=scaled(30),
+        mem_mb=scaled(4000, "mem_mb"),
+        runtime=scaled(30, "runtime"),
     params:
         extract=stage_params(CRYOET["extract_patches"]),
         token=lambda wc: wc.name,
@@ -54,11 +56,13 @@ rule merge_corrections:
         "cryoet_patches"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(2000),
-        runtime=scaled(15),
+        mem_mb=scaled(2000, "mem_mb"),
+        runtime=scaled(15, "runtime"),
     params:
         merge=stage_params(CRYOET["merge_corrections"]),
     script:
@@ -81,11 +85,13 @@ rule export_training:
         "benchmarks/cryoet/export_training.tsv"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(4000),
-        runtime=scaled(30),
+        mem_mb=scaled(4000, "mem_mb"),
+        runtime=scaled(30, "runtime"),
     params:
         names=lambda wc: corrected_tomograms(),
         export=stage_params(CRYOET["export_training"], drop=("enabled",)),
@@ -106,6 +112,8 @@ checkpoint copick_runs:
     # copick 1.31 needs zarr 2: the copick rules run in the cryo-ET environment.
     conda:
         conda_env("cryoet")
+    container:
+        container_image("cryoet")
     threads: 1
     params:
         python=cryoet_python,
@@ -135,10 +143,12 @@ rule refine_membranes:
         "benchmarks/cryoet/refine_membranes/{batch}.tsv"
     conda:
         conda_env("cryoet")
+    container:
+        container_image("cryoet")
     threads: 1
     resources:
         **site_resources(gpu=gpu_request(REFINE["device"])),
-        mem_mb=scaled(8000),
+        mem_mb=scaled(8000, "mem_mb"),
         runtime=refine_runtime,
         gpu=gpu_request(REFINE["device"]),
     params:
@@ -173,6 +183,8 @@ rule refine_summary:
     localrule: True
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: 1
     script:
         "../scripts/refine_summary.py"

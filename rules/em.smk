@@ -27,11 +27,13 @@ rule texture_mask:
         "em_mask"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: EM["texture_mask"]["threads"]
     resources:
         **site_resources(gpu=em_mask_gpu("texture")),
-        mem_mb=scaled(16000),
-        runtime=scaled(120),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(120, "runtime"),
         gpu=gpu_request(EM["texture_mask"]["device"]),
     params:
         texture=stage_params(EM["texture_mask"], drop=("threads", "device")),
@@ -61,11 +63,13 @@ rule train_unet:
         "benchmarks/em/train_unet.tsv"
     conda:
         conda_env("monai")
+    container:
+        container_image("monai")
     threads: 2
     resources:
         **site_resources(gpu=gpu_request(UNET["device"])),
-        mem_mb=scaled(16000),
-        runtime=scaled(480),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(480, "runtime"),
         gpu=gpu_request(UNET["device"]),
     params:
         train=stage_params(
@@ -99,11 +103,13 @@ rule predict_unet:
         "em_mask"
     conda:
         conda_env("monai")
+    container:
+        container_image("monai")
     threads: EM["predict_unet"]["threads"]
     resources:
         **site_resources(gpu=em_mask_gpu("unet")),
-        mem_mb=scaled(16000),
-        runtime=scaled(120),
+        mem_mb=scaled(16000, "mem_mb"),
+        runtime=scaled(120, "runtime"),
         gpu=gpu_request(EM["predict_unet"]["device"]),
     params:
         predict=stage_params(EM["predict_unet"], drop=("device", "threads")),
@@ -145,11 +151,13 @@ rule postprocess_mask:
         "em_mask"
     conda:
         conda_env("core")
+    container:
+        container_image("core")
     threads: EM["postprocess_mask"]["threads"]
     resources:
         **site_resources(gpu=grouped_with_gpu_job),
-        mem_mb=scaled(4000),
-        runtime=scaled(30),
+        mem_mb=scaled(4000, "mem_mb"),
+        runtime=scaled(30, "runtime"),
         gpu=gpu_request(EM["postprocess_mask"]["device"]),
     params:
         postprocess=stage_params(EM["postprocess_mask"], drop=("threads", "device")),

@@ -18,7 +18,7 @@ import sys
 
 from . import __version__
 from .io.errors import InputError
-from .jobs import failure, stop_on_sigterm
+from .jobs import ending, failure, stop_on_sigterm
 
 log = logging.getLogger("maskworks")
 
@@ -121,7 +121,7 @@ def main(argv=None):
         if known is None:
             raise
         code, message = known
-        print(f"maskworks {args.command}: error: {message}", file=sys.stderr)
+        print(ending(args.command, code, message), file=sys.stderr)
         return code
     return result if isinstance(result, int) else 0
 

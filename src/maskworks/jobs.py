@@ -29,6 +29,9 @@ log = logging.getLogger("maskworks")
 # Exit statuses: 2 bad input or an output that cannot be written (rerunning as is cannot succeed),
 # 3 out of memory (more memory can), 130/143 stopped by SIGINT/SIGTERM.
 EXIT_INPUT, EXIT_MEMORY, EXIT_UNREACHABLE = 2, 3, 4
+# The line that ends the log of a job stopped by bad input: the workflow reads it to give a retry of that
+# job (profiles/slurm: retries) the least resources instead of more (rules/common.smk: scaled).
+INPUT_ERROR_MARK = "[input error, exit 2: a retry with the same input cannot succeed]"
 
 
 def keyword_defaults(func):
@@ -113,6 +116,13 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     return (EXIT_INPUT, message) if message is not None else None
 
 
+def ending(name: str, code: int, message: str) -> str:
+    """The one line a stage that failed on something a person can act on writes last to stderr; for bad
+    input (exit 2) it ends with the mark that tells the workflow a retry cannot help."""
+    text = f"maskworks {name}: error: {message}"
+    return f"{text} {INPUT_ERROR_MARK}" if code == EXIT_INPUT else text
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (a scheduler's cancel, ``kill``) stops the stage like Ctrl-C: staging removed, one line."""
     def handler(signum, frame):
@@ -152,7 +162,7 @@ def _job_excepthook(rule, default, kind, exc, tb):
         default(kind, exc, tb)
         return
     code, message = known
-    print(f"maskworks {rule}: error: {message}", file=sys.stderr)
+    print(ending(rule, code, message), file=sys.stderr)
     sys.stderr.flush()
     os._exit(code)  # the status Snakemake (and a cluster's retry policy) sees
 

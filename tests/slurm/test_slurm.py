@@ -189,3 +189,59 @@ def test_outputs_equal_the_local_run(slurm_run, local_run):
                                       read_volume(d / "results" / "cryoet" / sub / n).numpy()), (sub, n)
     for f in sorted((local_run / "results" / "cryoet" / "refine").glob("*.csv")):
         assert f.read_text() == (d / "results" / "cryoet" / "refine" / f.name).read_text(), f.name
+
+
+@pytest.fixture(scope="module")
+def campaign_run(slurm_run):
+    """A campaign with a bad row of each kind, through the shipped profile: a missing volume (found by the
+    check when the run is planned) and a volume whose header is right but whose voxels are not (a NaN: its
+    job stops on it, exit 2), beside a good one.  Run in the demo run's folder, after it."""
+    import mrcfile
+
+    d, _ = slurm_run
+    data = np.random.default_rng(0).normal(size=(16, 32, 32)).astype(np.float32)
+    data[8, 16, 16] = np.nan
+    with mrcfile.new(d / "nan.mrc", overwrite=True) as m:
+        m.set_data(data)
+        m.voxel_size = 8.0
+    (d / "campaign.tsv").write_text("name\tpath\n" "good\tdemo_data/em/sample2.mrc\n" "nan\tnan.mrc\n"
+                                    "missing\tdemo_data/em/nope.mrc\n")
+    (d / "campaign.yaml").write_text("em: {volumes: campaign.tsv, train_unet: {enabled: false}}\n"
+                                     "cryoet: {enabled: false}\ncodex: {enabled: false}\n")
+    cmd = [exe("snakemake"), "--profile", "profiles/slurm", "--configfile", "campaign.yaml",
+           "--config", "slurm={account: maskworks, partition: main}", "--sdm", "env-modules",
+           "--slurm-status-command", "squeue"]
+    proc = run(cmd, cwd=d, timeout=1800, check=False)
+    (d / "campaign_run.log").write_text(proc.stdout + proc.stderr)
+    return d, proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_bad_row_is_reported_before_submission_and_the_good_rows_run(campaign_run):
+    d, code, out = campaign_run
+    assert code != 0, out[-3000:]  # the NaN row failed: the run says so
+    report = out.index("1 input row(s) cannot run")
+    assert "missing (campaign.tsv): demo_data/em/nope.mrc: no such file" in out
+    assert report < out.index("submitted with SLURM jobid"), "the bad row must be reported before any submission"
+    jobs = _submitted_jobs(out)
+    assert not any("missing" in line for line in re.findall(r"submitted with SLURM jobid .*", out))
+    assert (d / "results" / "em" / "good" / "texture_final.zarr").is_dir()  # keep-going: the good row ran
+    assert not (d / "results" / "em" / "missing").exists()
+    assert jobs
+
+
+def test_an_input_error_is_retried_small_and_short_never_bigger(campaign_run):
+    """Snakemake retries every failed job (retries: 2); a job that stopped on bad input is resubmitted
+    with the least resources (1 GB, 5 min for its own rule), never 2x and 3x the rule's."""
+    d, _, out = campaign_run
+    nan_jobs = [jid for jid, log in re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)", out)
+                if "nan" in log]
+    assert len(nan_jobs) == 3, out[-4000:]  # the first attempt and two retries (Snakemake cannot skip them)
+    records = [_job_record(j) for j in nan_jobs]
+    shipped = _shipped_resources(out)
+    # attempt 1: the group em_mask as shipped (texture_mask + postprocess_mask)
+    assert records[0]["MinMemoryNode"] == f"{shipped['texture_mask'][0]}M", records[0]
+    for r in records[1:]:
+        assert r["MinMemoryNode"] == "1000M", r  # not 32000M / 48000M
+        assert _minutes(r["TimeLimit"]) == 10, r["TimeLimit"]  # 5 + 5 minutes for the two rules of the group
+    log = (d / "logs" / "em" / "texture_mask" / "nan.log").read_text()
+    assert "[input error, exit 2: a retry with the same input cannot succeed]" in log

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.workflow
 
 LOCAL_RULES = {"all", "copick_runs", "refine_summary"}  # run on the submit host: no Slurm resources
 GPU_RULES = {"refine_membranes", "train_unet", "predict_unet", "texture_mask", "postprocess_mask"}
-SETTINGS = ["cores", "jobs", "latency_wait", "retries", "executor", "software_deployment_method",
+SETTINGS = ["cores", "jobs", "latency_wait", "retries", "keep_going", "executor", "software_deployment_method",
             "set_resources", "default_resources", "printshellcmds", "rerun_incomplete"]
 
 
@@ -49,7 +49,7 @@ def effective(wd: Path, *argv: str) -> dict:
 def test_slurm_profile_settings_are_in_effect(wd):
     got = effective(wd, "--profile", "profiles/slurm")
     assert got["executor"] == "slurm" and got["jobs"] == 50
-    assert got["latency_wait"] == 60 and got["retries"] == 2
+    assert got["latency_wait"] == 60 and got["retries"] == 2 and got["keep_going"]
     assert got["software_deployment_method"] == ["conda"]
     assert got["cores"] is None  # no local `cores: all` on the submit host
     assert got["set_resources"] == [] and got["default_resources"] is None  # resources live in the rules
@@ -174,12 +174,15 @@ def test_refine_reruns_when_its_input_segmentation_changes(wd):
     proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml", "--", *REFINED],
                cwd=wd)
     assert not re.search(r"^refine_membranes\s+\d", proc.stdout, re.M), proc.stdout[-2000:]
-    # rewrite one chunk of TS_002's membrane segmentation in place (the store's own mtime stays)
+    # rewrite one chunk of TS_002's membrane segmentation as zarr 2 (copick) does, a new file renamed over
+    # the old one; the store's own mtime stays (the state is read from the folders, never chunk by chunk)
     store = next((wd / "demo_data" / "cryoet" / "copick" / "ExperimentRuns" / "TS_002" / "Segmentations")
                  .glob("*_membrain-seg_1_membrane.zarr"))  # the input, not a refined output
     chunk = next(p for p in store.rglob("*") if p.is_file() and not p.name.startswith("."))
     before = store.stat().st_mtime_ns
-    chunk.write_bytes(chunk.read_bytes())
+    tmp = chunk.with_name(f".{chunk.name}.partial")
+    tmp.write_bytes(chunk.read_bytes())
+    os.replace(tmp, chunk)
     os.utime(store, ns=(before, before))
     proc = run([exe("snakemake"), "-n", "--cores", "2", "--configfile", "config/demo.yaml", "--", *REFINED],
                cwd=wd)

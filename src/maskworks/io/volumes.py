@@ -261,6 +261,77 @@ def read_volume(
     return vol
 
 
+@dataclass
+class Header:
+    """What a volume's header says, read without its voxels (:func:`inspect_volume`)."""
+
+    path: Path
+    format: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    voxel_size: tuple[float, ...] | None  # None: the format's geometry is not read from the header alone
+    unit: str | None = None
+
+
+def inspect_volume(path: str | Path, *, ndim: int | None = None, level: int = 0, voxel_size=None,
+                   max_voxels: int | None = None) -> Header:
+    """Read a volume's header only: the checks :func:`read_volume` makes before it reads a voxel.
+
+    The file or folder must exist and be readable as its format, hold ``level``, have ``ndim`` axes
+    (leading singletons squeezed), claim no more than ``max_voxels`` voxels (default ``MAX_VOXELS``)
+    nor, where the format stores voxels uncompressed, more bytes than it holds, and have a positive,
+    finite voxel size (or be given one).  No pixel data are read: for checking a table of inputs before
+    any job runs (``maskworks.checks``).  NRRD and NIfTI headers give the shape and type here, their
+    geometry being read with the voxels.
+
+    Raises
+    ------
+    InputError
+        Naming the file and what is wrong, as :func:`read_volume` would.
+    """
+    from .formats import local_path, split_hdf5
+
+    path = local_path(path)
+    if not split_hdf5(path)[0].exists():
+        raise InputError(f"{path}: no such file or directory")
+    fmt = format_of(path)
+    budget = MAX_VOXELS if max_voxels is None else max_voxels
+    try:
+        if fmt in _OPENERS or fmt in ("mrc", "npy") or (fmt == "tiff" and _tiff_by_tiles()):
+            if fmt in _OPENERS or fmt == "tiff":
+                vol = _open_lazily(path, fmt, level)
+            else:
+                if level:
+                    raise InputError(f"{path}: level={level!r}, but a {fmt.upper()} file holds one level")
+                shape, dtype = _PEEKS[fmt](path)
+                _check_claim(path, shape, dtype, True, budget)
+                vol = _READERS[fmt](path, True)
+            shape, dtype, vs, unit = vol.shape, vol.dtype, vol.voxel_size, vol.unit
+        else:
+            if level and fmt != "tiff":
+                raise InputError(f"{path}: level={level!r}, but a {fmt.upper()} file holds one level")
+            shape, dtype = _PEEKS[fmt](path)
+            vs, unit = None, None
+        _check_claim(path, shape, dtype, True, budget)
+    except InputError:
+        raise
+    except Exception as exc:  # the libraries' own messages rarely name the file
+        raise InputError(f"{path}: cannot be read as {fmt.upper()} ({describe_error(exc)})") from exc
+    shape = tuple(int(s) for s in shape)
+    if ndim is not None and len(shape) != ndim:
+        extra = len(shape) - ndim
+        if extra < 0 or any(s != 1 for s in shape[:extra]):
+            raise InputError(f"{path}: shape {shape} has {len(shape)} axes; expected {ndim}")
+        shape = shape[extra:]
+        vs = vs[extra:] if vs is not None else None
+    if voxel_size is not None:
+        vs = None  # the given one is checked where it is parsed; the header's does not matter then
+    elif vs is not None and not all(math.isfinite(v) and v > 0 for v in vs):
+        raise InputError(f"{path}: the header's voxel size {tuple(vs)} is not positive and finite; "
+                         "fix the header, or give the voxel size (--voxel-size / voxel_size)")
+    return Header(path, fmt, shape, np.dtype(dtype), tuple(vs) if vs is not None else None, normalize_unit(unit))
+
+
 def _open_lazily(path: Path, fmt: str, level: int) -> Volume:
     """A Volume over the lazily read array of ``path`` (see :mod:`maskworks.io.formats` and
     :mod:`maskworks.io.ngff`), its axes put in (..., z, y, x) order."""
