@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 MASKWORKS = str(Path(sys.executable).parent / "maskworks")
@@ -109,14 +111,16 @@ def _counts(out: str) -> dict[str, int]:
     return counts
 
 
-def _submissions(counts: dict[str, int]) -> int:
-    """Jobs submitted one by one, plus one submission per group of one input (the largest member count)."""
+def _submissions(counts: dict[str, int], components: dict[str, int] | None = None) -> int:
+    """Jobs submitted one by one, plus one submission per group of one input (the largest member count),
+    ``components`` inputs of a group together (--group-components)."""
+    components = components or {}
     alone = sum(n for r, n in counts.items() if r not in GROUPS and r not in ("all", "total"))
     groups: dict[str, int] = {}
     for r, n in counts.items():
         if r in GROUPS:
             groups[GROUPS[r]] = max(groups.get(GROUPS[r], 0), n)
-    return alone + sum(groups.values())
+    return alone + sum(-(-n // components.get(g, 1)) for g, n in groups.items())
 
 
 def main(argv=None):
@@ -145,8 +149,12 @@ def main(argv=None):
             print(f"{label:<30} {cpu:>7.1f} {wall:>7.1f} {cpu / base:>14.2f}x")
         total = sum(n for r, n in counts.items() if r not in ("all", "total"))
         print(f"\njobs: {total} ({', '.join(f'{r} {n}' for r, n in counts.items() if r not in ('all', 'total'))})")
-        print(f"submissions (groups of one input together): {_submissions(counts)}; profiles/slurm keeps at most 50 in "
-              "flight")
+        profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+        components = dict(c.split("=") for c in profile.get("group-components", []))
+        components = {g: int(n) for g, n in components.items()}
+        print(f"submissions: {_submissions(counts)} with a group's jobs of one input together, "
+              f"{_submissions(counts, components)} with the profile's group-components {components}; "
+              f"profiles/slurm keeps at most {profile['jobs']} in flight")
         print(f"bad rows reported before submission: {reported.group(1) if reported else 0} of {len(bad)}"
               + (f"; NOT reported: {missing}" if missing else ""))
         worst = max(cpu for cpu, _, _ in runs.values())

@@ -245,3 +245,34 @@ def test_an_input_error_is_retried_small_and_short_never_bigger(campaign_run):
         assert _minutes(r["TimeLimit"]) == 10, r["TimeLimit"]  # 5 + 5 minutes for the two rules of the group
     log = (d / "logs" / "em" / "texture_mask" / "nan.log").read_text()
     assert "[input error, exit 2: a retry with the same input cannot succeed]" in log
+
+
+def test_array_jobs_hang_while_more_jobs_are_ready_than_jobs_and_run_once_they_fit(slurm_run):
+    """Executor plugin issue #473 on this cluster: with `--slurm-array-jobs`, the plugin waits until every
+    ready job of the rule (or --slurm-array-limit of them) has been handed to it, while Snakemake hands
+    over at most `jobs` at a time and counts them as running: with 3 ready tile_image jobs and `--jobs 2`
+    nothing is ever submitted.  With `--jobs 3` the 3 go in one array and finish (README: Job arrays)."""
+    d, _ = slurm_run
+    slide = d / "demo_data" / "codex" / "slide1.ome.tif"
+    names = d / "demo_data" / "codex" / "slide1_channels.txt"
+    rows = "".join(f"a{i}\t{slide}\t{names}\tDAPI\tCD45,PanCK\t0.5\n" for i in range(3))
+    (d / "arrays.tsv").write_text("name\timage\tchannels\tnuclear_channel\twholecell_channels\timage_mpp\n" + rows)
+    (d / "arrays.yaml").write_text("em: {enabled: false}\ncryoet: {enabled: false}\n"
+                                   "codex: {images: arrays.tsv, segment_cells: {backend: watershed}}\n")
+    targets = [f"results/codex/a{i}/tiles" for i in range(3)]
+    base = [exe("snakemake"), "--profile", "profiles/slurm", "--configfile", "arrays.yaml",
+            "--config", "slurm={account: maskworks, partition: main}", "--sdm", "env-modules",
+            "--slurm-status-command", "squeue", "--slurm-array-jobs", "tile_image"]
+    try:
+        hung = subprocess.run([*base, "--jobs", "2", *targets], cwd=d, capture_output=True, text=True, timeout=120)
+        pytest.fail(f"expected the hang of plugin issue #473, but the run ended:\n{hung.stdout[-3000:]}{hung.stderr[-3000:]}")
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode() + (exc.stderr or b"").decode() if isinstance(exc.stdout, bytes) else \
+            (exc.stdout or "") + (exc.stderr or "")
+        assert "Submitted array job" not in out and "submitted with SLURM jobid" not in out, out[-3000:]
+    run([exe("snakemake"), "--unlock", "--configfile", "arrays.yaml", *targets], cwd=d)
+    proc = run([*base, "--jobs", "3", *targets], cwd=d, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert re.search(r"Submitted array job with Snakemake IDs \S+ and SLURM job ID \d+\. The individual task IDs are "
+                     r"1-3\.", out), out[-3000:]
+    assert all((d / t).is_dir() for t in targets)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.workflow
 
 LOCAL_RULES = {"all", "copick_runs", "refine_summary"}  # run on the submit host: no Slurm resources
 GPU_RULES = {"refine_membranes", "train_unet", "predict_unet", "texture_mask", "postprocess_mask"}
-SETTINGS = ["cores", "jobs", "latency_wait", "retries", "keep_going", "executor", "software_deployment_method",
+SETTINGS = ["cores", "jobs", "latency_wait", "retries", "keep_going", "group_components", "executor", "software_deployment_method",
             "set_resources", "default_resources", "printshellcmds", "rerun_incomplete"]
 
 
@@ -50,6 +50,7 @@ def test_slurm_profile_settings_are_in_effect(wd):
     got = effective(wd, "--profile", "profiles/slurm")
     assert got["executor"] == "slurm" and got["jobs"] == 50
     assert got["latency_wait"] == 60 and got["retries"] == 2 and got["keep_going"]
+    assert got["group_components"] == {"cryoet_patches": 4}  # a few minutes of patch work a submission
     assert got["software_deployment_method"] == ["conda"]
     assert got["cores"] is None  # no local `cores: all` on the submit host
     assert got["set_resources"] == [] and got["default_resources"] is None  # resources live in the rules
