@@ -548,10 +548,11 @@ def failed_on_input(rulename, wildcards):
             continue
         if INPUT_ERROR_MARK in tail:
             _FAILED_ON_INPUT.add(key)
-            logger.warning(
-                f"{rulename} {dict(wildcards)}: stopped on bad input (see its log); its retry asks "
-                f"for the least resources ({LEAST_RESOURCES}) and will fail the same way"
-            )
+            if workflow.is_main_process:
+                logger.warning(
+                    f"{rulename} {dict(wildcards)}: stopped on bad input (see its log); its retry "
+                    f"asks for the least resources ({LEAST_RESOURCES}) and will fail the same way"
+                )
             return True
     return False
 

@@ -59,7 +59,11 @@ ReturnToService=2
 SlurmdParameters=config_overrides
 MinJobAge=600
 AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
+# Memory limits enforced as a cluster does (no cgroups here): a job step over its --mem is killed
+# (OUT_OF_MEMORY), polled every second.
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 StateSaveLocation=$dir/state

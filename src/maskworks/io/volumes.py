@@ -219,13 +219,7 @@ def read_volume(
     (maskworks writes its own masks without their all-zero chunks); a chunk that is present
     but cannot be decoded is an error naming the store and the region.
     """
-    from .formats import local_path, split_hdf5
-
-    path = local_path(path)
-    if not split_hdf5(path)[0].exists():
-        raise InputError(f"{path}: no such file or directory")
-    fmt = format_of(path)
-    budget = MAX_VOXELS if max_voxels is None else max_voxels
+    path, fmt, budget = _locate(path, max_voxels)
     try:
         if fmt in _OPENERS or (fmt == "tiff" and lazy and _tiff_by_tiles()):
             vol = _open_lazily(path, fmt, level)
@@ -261,6 +255,16 @@ def read_volume(
     return vol
 
 
+def _locate(path, max_voxels):
+    """The local path of a volume spec (it must exist), its format and the voxel budget to check."""
+    from .formats import local_path, split_hdf5
+
+    path = local_path(path)
+    if not split_hdf5(path)[0].exists():
+        raise InputError(f"{path}: no such file or directory")
+    return path, format_of(path), MAX_VOXELS if max_voxels is None else max_voxels
+
+
 @dataclass
 class Header:
     """What a volume's header says, read without its voxels (:func:`inspect_volume`)."""
@@ -289,13 +293,7 @@ def inspect_volume(path: str | Path, *, ndim: int | None = None, level: int = 0,
     InputError
         Naming the file and what is wrong, as :func:`read_volume` would.
     """
-    from .formats import local_path, split_hdf5
-
-    path = local_path(path)
-    if not split_hdf5(path)[0].exists():
-        raise InputError(f"{path}: no such file or directory")
-    fmt = format_of(path)
-    budget = MAX_VOXELS if max_voxels is None else max_voxels
+    path, fmt, budget = _locate(path, max_voxels)
     try:
         if fmt in _OPENERS or fmt in ("mrc", "npy") or (fmt == "tiff" and _tiff_by_tiles()):
             if fmt in _OPENERS or fmt == "tiff":
