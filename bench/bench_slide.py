@@ -2,7 +2,7 @@
 
 A synthetic ``--size`` x ``--size`` uint16 slide with three channels (nuclear, two
 whole-cell markers: cells on a grid) is written as an uncompressed TIFF (read lazily,
-memory-mapped, above ``tiling.IN_MEMORY_BYTES``, i.e. from about 13k x 13k) and tiled with ``split_mode=full_image``:
+memory-mapped, above ``maskworks.io.slides.IN_MEMORY_BYTES``, i.e. from about 13k x 13k) and tiled with ``split_mode=full_image``:
 the patch is written block by block into 1024 x 1024 Zarr tiles (a one-chunk patch over
 2 GiB is refused by Blosc).  The baseline measured in the same run is the least any tiler
 pays: reading the nuclear channel and the maximum of the two whole-cell channels from the
@@ -54,7 +54,7 @@ def child(what: str, slide: str, out: str) -> None:
         tile_image_files(slide, names, out, nuclear_channel="DAPI", wholecell_channels="CD45,PanCK",
                          image_mpp=0.5, split_mode="full_image", channel_axis=0)
     else:
-        from maskworks.codex.tiling import open_multichannel
+        from maskworks.io.slides import open_multichannel
 
         with open_multichannel(slide, channel_axis=0) as img:
             total = 0

@@ -118,7 +118,7 @@ def check_codex_row(row: dict, *, channel_axis=None) -> list[str]:
     """Problems of one row of the CODEX image table: the image (its header), the channel names and the
     nuclear and whole-cell channels among them, the pixel size."""
     from .codex.stages import _channel_names, resolve_mpp
-    from .codex.tiling import open_multichannel, select_channels
+    from .io.slides import open_multichannel, select_channels
 
     try:
         with open_multichannel(row["image"], channel_axis=channel_axis, lazy=True) as img:
@@ -144,8 +144,9 @@ def row_files(arm: str, row: dict) -> list[str]:
 
 
 def _stat(path: str) -> list:
-    """Size and modification time of a file; for a folder, its own and those of the header files in it and
-    in its direct sub-folders (a Zarr pyramid's levels), never a walk of its chunks."""
+    """Size and modification time of a file; for a folder, its own and those of the header files, TIFFs (a
+    slide stored one file per channel) and direct sub-folders (a Zarr pyramid's levels) in it, never a walk
+    of its chunks."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -157,7 +158,7 @@ def _stat(path: str) -> list:
         except OSError as exc:
             return [*state, type(exc).__name__]
         for e in entries:
-            if e.name in _FOLDER_HEADERS or e.is_dir():
+            if e.name in _FOLDER_HEADERS or e.is_dir() or e.name.lower().endswith((".tif", ".tiff")):
                 try:
                     s = e.stat()
                 except OSError:

@@ -60,7 +60,7 @@ def tiles(tmp_path_factory):
 
 def test_cli_imports_in_the_deepcell_env():
     proc = run([DC_PY, "-c", "import sys, numpy; from maskworks.cli import main, build_parser; build_parser(); "
-                "import maskworks.codex.stages, maskworks.codex.tiling, maskworks.codex.segment, maskworks.codex.repair; "
+                "import maskworks.codex.stages, maskworks.codex.tiling, maskworks.codex.stitch, maskworks.codex.segment, maskworks.codex.repair; "
                 "assert 'torch' not in sys.modules and 'tensorflow' not in sys.modules; print(numpy.__version__)"],
                timeout=120)
     assert proc.stdout.strip().startswith("1.")  # numpy < 2 there

@@ -1,4 +1,4 @@
-"""maskworks.codex.tiling.stitch_patches: whole-slide labels from overlapping patch labels.
+"""maskworks.codex.stitch.stitch_patches: whole-slide labels from overlapping patch labels.
 
 The per-patch "segmentations" are a known label image cropped to each patch (so a
 perfect stitch gives it back exactly), with patch-local ids in a random order and,
@@ -12,7 +12,8 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.measure import label
 
-from maskworks.codex.tiling import check_stitched, patch_grid, stitch_patches
+from maskworks.codex.stitch import check_stitched, stitch_patches
+from maskworks.codex.tiling import patch_grid
 from maskworks.io import InputError
 
 GOOD = {"fragmented_cells": 0, "cells_without_nucleus": 0, "nuclei_outside_cell": 0, "fragmented_nuclei": 0,
@@ -363,7 +364,7 @@ def test_stitch_segmentation_repairs_after_placement(seed):
     it, and the cell would end at the seam): the stitch of the unrepaired patches, repaired, is the
     labelled image again."""
     from maskworks.codex.repair import repair_masks
-    from maskworks.codex.tiling import stitch_segmentation
+    from maskworks.codex.stitch import stitch_segmentation
 
     cells, nuclei, grid = _random_tiling(seed, [0.1, 0.2])
     load = _segmentation_loader(grid, cells, nuclei, seed=seed)

@@ -221,7 +221,7 @@ def test_demo_run_codex_outputs(wd, demo_run):
     inside = nuclei > 0
     assert np.array_equal(cells[inside], nuclei[inside])
     # the stitch's promises, recounted on the demo slide: no cell without its nucleus, none fragmented
-    from maskworks.codex.tiling import check_stitched
+    from maskworks.codex.stitch import check_stitched
 
     stats = json.loads((d / "stitch" / "stitch_stats.json").read_text())
     assert stats["check"] == check_stitched(cells, nuclei) | {"cytoplasm_mismatch": 0}
@@ -295,3 +295,40 @@ def test_report_includes_the_qc_pictures_and_stats(wd, demo_run):
                      "curves.png", "patches_qc.png", "TS_001_refine_qc.png", "refine_summary.csv",
                      "stitch_qc.png", "quantify_qc.png"]:
         assert expected in names, expected
+
+
+@pytest.mark.slow
+def test_segment_backend_switches_from_the_command_line(tmp_path):
+    """codex.segment_cells.backend set with --config: the rule runs the backend in its environment's
+    interpreter with only its own options (a real tile_image + segment_cells run with expansion; a dry
+    run of instanseg, which needs a model)."""
+    import sys
+
+    wd = workflow_copy(tmp_path)
+    until = ["--configfile", "config/demo.yaml", "--until", "segment_cells"]
+    # the interpreter running Snakemake (the torch env, .venv), not the deepcell one
+    here = re.escape(str(Path(sys.executable).parent)) + r"/python[0-9.]* -I -m maskworks.cli -v segment-cells"
+    expansion = "codex={'segment_cells': {'backend': 'expansion'}}"
+    out = snakemake(wd, "-n", "-p", *until, "--config", expansion).stdout
+    assert re.search(here, out), out[-3000:]
+    assert "--backend expansion" in out and "--expansion-distance 10" in out and "--device cpu" in out
+    assert "--foreground-sigma" not in out and "--preprocess-kwargs" not in out and "--model-path" not in out
+    snakemake(wd, *until, "--config", expansion)
+    seg = next((wd / "results" / "codex").glob("*/segment"))
+    stats = json.loads((seg / "segment_stats.json").read_text())
+    assert stats["backend"] == "expansion" and stats["expansion_distance"] == 10 and stats["cells"] > 0
+    assert stats["cells"] == stats["nuclei"]  # every cell grew from one nucleus
+    with np.load(next(seg.glob("patch_*.npz")), allow_pickle=False) as z:
+        cell, nucleus = z["cell"], z["nucleus"]
+    assert (cell[nucleus > 0] == nucleus[nucleus > 0]).all()  # nucleus k inside cell k
+    # instanseg: the model is required, and goes to the rule as an input and to the command
+    proc = snakemake(wd, "-n", *until, "--config", "codex={'segment_cells': {'backend': 'instanseg'}}",
+                     check=False)
+    assert proc.returncode != 0 and "needs codex.segment_cells.model_path" in proc.stdout + proc.stderr
+    (wd / "instanseg.pt").write_bytes(b"")
+    out = snakemake(wd, "-n", "-p", *until, "--forcerun", "segment_cells", "--config",
+                    "codex={'segment_cells': {'backend': 'instanseg', 'model_path': 'instanseg.pt', "
+                    "'device': 'cpu'}}").stdout
+    assert re.search(here, out), out[-3000:]
+    assert "--backend instanseg" in out and "--model-path instanseg.pt" in out and "--device cpu" in out
+    assert "--expansion-distance" not in out and "--preprocess-kwargs" not in out
