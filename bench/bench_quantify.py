@@ -10,11 +10,13 @@ reported against the size of the label images.
 
     python bench/bench_quantify.py                  # 4000 x 4000 px, 20 channels (a few minutes)
     python bench/bench_quantify.py --size 10000     # the 10k x 10k slide of issue 12
+    python bench/bench_quantify.py --size 3000 --channels 8 --threads 1 2   # issue 23's ratios, small
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import tracemalloc
 
@@ -39,6 +41,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=4000, help="slide side, pixels")
     ap.add_argument("--channels", type=int, default=20)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to time (default 1 2)")
+    ap.add_argument("--memory-mb", type=float, default=None, help="quantify_cells' memory_mb (block size)")
     args = ap.parse_args(argv)
     from skimage.measure import regionprops_table
 
@@ -53,21 +57,28 @@ def main(argv=None) -> None:
         regionprops_table(cell, intensity_image=plane, properties=["label", "intensity_mean"])
     base = time.perf_counter() - t0
 
-    tracemalloc.start()
-    t0 = time.perf_counter()
-    _, meta, graph, st = quantify_cells(cell, nucleus, zip(names, planes), image_mpp=0.5)
-    ours = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    small = make_slide(64, 1)  # imports (scipy.spatial, sparse) outside the timings
+    quantify_cells(small[0], small[1], [("M0", small[2][0])])
     labels_mb = (cell.nbytes + nucleus.nbytes) / 2**20
     print(f"quantify on {args.size} x {args.size} px, {n_cells} cells, {args.channels} channels (uint16)")
-    print(f"  baseline: one regionprops_table(intensity_mean) pass per channel, cell compartment only: {base:.1f} s")
-    print(f"  maskworks: 3 compartments x {args.channels} markers + morphology + Delaunay graph: {ours:.1f} s "
-          f"= {ours / base:.2f}x the baseline's time for 3x its measurements")
-    print(f"  {n_cells / ours:,.0f} cells/s, {args.channels / ours:.2f} channels/s; "
-          f"{st['edges']} neighbour edges")
-    print(f"  traced peak {peak / 2**20:.0f} MB = {peak / 2**20 / labels_mb:.2f}x the two label images "
-          f"({labels_mb:.0f} MB; one uint16 channel is {planes[0].nbytes / 2**20:.0f} MB)")
+    print(f"  baseline: one regionprops_table(intensity_mean) pass per channel, cell compartment only: {base:.2f} s")
+    first = None
+    for threads in args.threads:
+        tracemalloc.start()
+        cpu0, t0 = os.times(), time.perf_counter()
+        _, meta, graph, st = quantify_cells(cell, nucleus, zip(names, planes), image_mpp=0.5, threads=threads,
+                                            memory_mb=args.memory_mb)
+        ours, cpu1 = time.perf_counter() - t0, os.times()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        first = first or ours
+        print(f"  maskworks, threads={threads}: 3 compartments x {args.channels} markers + morphology + Delaunay "
+              f"graph: {ours:.2f} s = {ours / base:.2f}x the baseline's time for 3x its measurements; "
+              f"speed-up {first / ours:.2f}x over threads={args.threads[0]} (CPU {cpu1.user - cpu0.user + cpu1.system - cpu0.system:.2f} s, "
+              f"load average {os.getloadavg()[0]:.1f}: on a busy machine threads cannot scale)")
+        print(f"    {n_cells / ours:,.0f} cells/s, {args.channels / ours:.2f} channels/s; {st['edges']} neighbour edges; "
+              f"traced peak {peak / 2**20:.0f} MB = {peak / 2**20 / labels_mb:.2f}x the two label images "
+              f"({labels_mb:.0f} MB; one uint16 channel is {planes[0].nbytes / 2**20:.0f} MB)")
 
 
 if __name__ == "__main__":

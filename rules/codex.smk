@@ -1,5 +1,7 @@
-# Multiplexed-tissue (CODEX/PhenoCycler) arm: patches with QC, Mesmer (or watershed)
-# segmentation in its own TensorFlow environment, cell-nucleus repair, stitching.
+# Multiplexed-tissue (CODEX/PhenoCycler) arm: patches with QC, segmentation (Mesmer in its own
+# TensorFlow environment, InstanSeg in the torch one, watershed or nuclear expansion in the core
+# one), cell-nucleus repair, stitching, quantification,
+# and (codex.spatialdata) a SpatialData store of each image in its own Python 3.12 environment.
 
 
 localrules:
@@ -55,7 +57,7 @@ rule download_mesmer_model:
 rule segment_cells:
     input:
         tiles="results/codex/{name}/tiles",
-        model=mesmer_model,
+        model=segment_model,
     output:
         segment=directory("results/codex/{name}/segment"),
     log:
@@ -63,9 +65,9 @@ rule segment_cells:
     benchmark:
         "benchmarks/codex/segment_cells/{name}.tsv"
     conda:
-        conda_env("deepcell")
+        conda_env(SEGMENT_ENV)
     container:
-        container_image("deepcell")
+        container_image(SEGMENT_ENV)
     threads: 2
     resources:
         **site_resources(gpu=SEGMENT_GPU),
@@ -131,7 +133,8 @@ rule stitch:
     threads: 1
     resources:
         **site_resources(),
-        mem_mb=scaled(16000, "mem_mb"),
+        # in memory: about 40 bytes a pixel (five uint32 label images and the repair's work arrays)
+        mem_mb=scaled(3000, "mem_mb", per_pixel=40),
         runtime=scaled(60, "runtime"),
     params:
         stitch=stage_params(CODEX["stitch"]),
@@ -159,13 +162,46 @@ rule quantify:
         conda_env("core")
     container:
         container_image("core")
-    threads: 1
+    threads: CODEX["quantify"]["threads"]
     resources:
         **site_resources(),
-        mem_mb=scaled(16000, "mem_mb"),
+        # read by row blocks (memory_mb); the per-cell tables grow with the slide: ~12 bytes a pixel
+        # at 50 channels (bench/bench_channels.py)
+        mem_mb=scaled(3000, "mem_mb", per_pixel=12, extra_mb=QUANTIFY_BLOCK_MB),
         runtime=scaled(60, "runtime"),
     params:
-        quantify=stage_params(CODEX["quantify"]),
+        quantify=stage_params(CODEX["quantify"], drop=("threads",)),
         image_mpp=lambda wc: codex_channels(wc)["image_mpp"],
+        nuclear_channel=lambda wc: codex_channels(wc)["nuclear_channel"],
     script:
         "../scripts/quantify.py"
+
+
+rule spatialdata:
+    # spatialdata 0.8 needs Python 3.12: the scverse environment (codex.spatialdata.enabled).
+    input:
+        unpack(codex_inputs),
+        stitch="results/codex/{name}/stitch",
+        quantify="results/codex/{name}/quantify",
+    output:
+        store=directory("results/codex/{name}/spatialdata.zarr"),
+        stats="results/codex/{name}/spatialdata_stats.json",
+    log:
+        "logs/codex/spatialdata/{name}.log",
+    benchmark:
+        "benchmarks/codex/spatialdata/{name}.tsv"
+    conda:
+        conda_env("scverse")
+    container:
+        container_image("scverse")
+    threads: 2
+    resources:
+        **site_resources(),
+        mem_mb=scaled(4000, "mem_mb"),
+        runtime=scaled(60, "runtime"),
+    params:
+        python=scverse_python,
+        args=spatialdata_args,
+    shell:
+        "{params.python:q} -I -m maskworks.cli -v write-spatialdata {input.image:q} {input.stitch:q} "
+        "{input.quantify:q} {output.store:q} {params.args} > {log:q} 2>&1"

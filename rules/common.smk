@@ -420,10 +420,11 @@ def container_image(name):
 def conda_env(name):
     """The conda env file of a rule: envs/<name>.yaml, or its GPU variant envs/gpu/<name>.yaml
     (CuPy, CUDA/cuDNN for TensorFlow) when software.gpu is set, as the copy that names the
-    maskworks it installs (source_stamped_env)."""
+    maskworks it installs (source_stamped_env).  monai's PyPI torch carries CUDA and scverse
+    (the SpatialData store) uses no GPU: they have no variant."""
     return source_stamped_env(
         f"envs/gpu/{name}.yaml"
-        if SOFTWARE["gpu"] and name != "monai"
+        if SOFTWARE["gpu"] and name not in ("monai", "scverse")
         else f"envs/{name}.yaml"
     )
 
@@ -557,17 +558,37 @@ def failed_on_input(rulename, wildcards):
     return False
 
 
-def scaled(base, resource):
+def scaled(base, resource, per_pixel=0, extra_mb=0):
     """A resource that grows with the attempt: a job retried after running out of memory or time
     (profiles/slurm: retries) asks for base x attempt; one that stopped on bad input asks for the
-    least (LEAST_RESOURCES), as more cannot help."""
+    least (LEAST_RESOURCES), as more cannot help.  ``per_pixel``: MB per megapixel of the row's
+    slide added to ``base`` (a CODEX stage whose memory follows the slide's size, read from its
+    header when the job is scheduled); ``extra_mb``: added to ``base`` (a stage's own memory budget)."""
 
     def value(wildcards, attempt, rulename):
         if attempt > 1 and failed_on_input(rulename, wildcards):
             return min(base, LEAST_RESOURCES[resource])
-        return base * attempt
+        extra = per_pixel * slide_megapixels(wildcards.name) if per_pixel else 0
+        return int(round((base + extra_mb + extra) * attempt))
 
     return value
+
+
+_SLIDE_MEGAPIXELS = {}
+
+
+def slide_megapixels(name):
+    """Megapixels of the CODEX table row ``name``'s slide (its header only; 0 when it cannot be read:
+    the input check reports that row)."""
+    if name not in _SLIDE_MEGAPIXELS:
+        from maskworks.io.slides import open_multichannel
+
+        try:
+            with open_multichannel(codex_images.loc[name]["image"], lazy=True) as img:
+                _SLIDE_MEGAPIXELS[name] = img.shape[0] * img.shape[1] / 1e6
+        except Exception:
+            _SLIDE_MEGAPIXELS[name] = 0.0
+    return _SLIDE_MEGAPIXELS[name]
 
 
 def site_resources(gpu=0):
@@ -603,6 +624,9 @@ def grouped_with_gpu_job(wildcards):
 
 
 CODEX = config["codex"]
+# quantify's block budget (codex.quantify.memory_mb; null: the library's default), which its rule asks
+# for on top of a base and the per-cell tables
+QUANTIFY_BLOCK_MB = CODEX["quantify"]["memory_mb"] or 256
 SEG = CODEX["segment_cells"]
 codex_images = (
     read_table(CODEX["images"], "../config/codex_images.schema.yaml")
@@ -694,7 +718,18 @@ onerror:
 
 # Where the download rule puts the Mesmer model when neither model_path nor the deepcell cache has it.
 MESMER_DOWNLOAD = "resources/mesmer"
-SEGMENT_GPU = gpu_request(SEG["device"]) if SEG["backend"] == "mesmer" else 0
+# The environment segment_cells runs in: Mesmer needs TensorFlow (deepcell), InstanSeg PyTorch (the
+# torch env, envs/monai.yaml; .venv locally); the classical backends need the core stack only.
+SEGMENT_ENVS = {
+    "mesmer": "deepcell",
+    "instanseg": "monai",
+    "watershed": "core",
+    "expansion": "core",
+}
+SEGMENT_ENV = SEGMENT_ENVS[SEG["backend"]]
+# The backends that load a model (and may use a GPU).
+SEGMENT_MODELS = ("mesmer", "instanseg")
+SEGMENT_GPU = gpu_request(SEG["device"]) if SEG["backend"] in SEGMENT_MODELS else 0
 DEEPCELL_CACHE = Path("~/.deepcell/models/MultiplexSegmentation").expanduser()
 
 
@@ -760,15 +795,42 @@ def cryoet_python(wildcards=None):
     return env_python("cryoet", "the copick rules (copick_runs, refine_membranes)")
 
 
+def scverse_python(wildcards=None):
+    """The scverse environment's interpreter (spatialdata 0.8, Python 3.12)."""
+    return env_python("scverse", "the spatialdata rule (codex.spatialdata)")
+
+
+def spatialdata_args(wildcards):
+    """write-spatialdata options: the config's, and the pixel size of the image table's row."""
+    opts = stage_params(CODEX["spatialdata"], drop=("enabled",))
+    opts["image_mpp"] = codex_channels(wildcards)["image_mpp"]
+    return cli_args(opts)
+
+
 def segment_python(wildcards):
-    """Mesmer needs TensorFlow (DeepCell env); the watershed backend runs anywhere."""
-    if SEG["backend"] == "mesmer" or uses_conda() or uses_apptainer():
+    """Mesmer runs in the DeepCell environment's interpreter; the other backends in the job's own
+    environment (conda's or the container's, else this Snakemake's: .venv holds torch).
+    """
+    if SEGMENT_ENV == "deepcell":
         return deepcell_python()
+    if uses_conda() or (uses_apptainer() and CONTAINERS.get(SEGMENT_ENV)):
+        return "python"
     return sys.executable
 
 
-def mesmer_model(wildcards):
-    """Model for segment_cells: the configured path, the deepcell cache, else the download rule's."""
+def segment_model(wildcards):
+    """Model for segment_cells: Mesmer's configured path, the deepcell cache, else the download rule's;
+    InstanSeg's configured path (no download: README, InstanSeg weights); none for the classical
+    backends.
+    """
+    if SEG["backend"] == "instanseg":
+        if not SEG["model_path"]:
+            raise WorkflowError(
+                "codex.segment_cells.backend instanseg needs codex.segment_cells.model_path: an InstanSeg "
+                "TorchScript model (instanseg.pt) or the folder of an extracted InstanSeg bioimage.io model "
+                "(README: InstanSeg weights on an offline cluster)"
+            )
+        return SEG["model_path"]
     if SEG["backend"] != "mesmer":
         return []
     if SEG["model_path"]:
@@ -798,20 +860,25 @@ def cli_args(params):
 
 
 def segment_args(wildcards, input):
-    """segment-cells options from the config (watershed parameters only for that backend)."""
+    """segment-cells options from the config (a classical backend's parameters only for it, Mesmer's
+    keyword arguments only for Mesmer)."""
+    backend = SEG["backend"]
     opts = {
-        k: v for k, v in SEG.items() if k not in ("watershed", "model_path", "device")
+        k: v
+        for k, v in SEG.items()
+        if k not in ("watershed", "expansion", "model_path", "device")
     }
-    opts["device"] = job_device(SEG["device"]) if SEG["backend"] == "mesmer" else "cpu"
-    if SEG["backend"] == "watershed":
-        opts.update(SEG["watershed"])
+    opts["device"] = job_device(SEG["device"]) if backend in SEGMENT_MODELS else "cpu"
+    if backend in ("watershed", "expansion"):
+        opts.update(SEG[backend])
+    if backend != "mesmer":
         for k in (
             "preprocess_kwargs",
             "postprocess_kwargs_whole_cell",
             "postprocess_kwargs_nuclear",
         ):
             opts.pop(k)
-    else:
+    if backend in SEGMENT_MODELS:
         opts["model_path"] = input.model
     opts["image_mpp"] = codex_channels(wildcards)["image_mpp"]
     return cli_args(opts)
@@ -900,4 +967,9 @@ def all_outputs():
         out += expand(
             "results/codex/{name}/quantify", name=valid_names(codex_images, "codex")
         )
+        if CODEX["spatialdata"]["enabled"]:
+            out += expand(
+                "results/codex/{name}/spatialdata.zarr",
+                name=valid_names(codex_images, "codex"),
+            )
     return out

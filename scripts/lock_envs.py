@@ -1,7 +1,7 @@
 """Pin every conda env (envs/*.yaml, envs/gpu/*.yaml) to the stack the tests ran: `make lock`.
 
 Each env's pip section becomes the exact closure of its pyproject extras as installed in the venv
-that runs that env's code in the tests (.venv, .venv-cryoet, .venv-deepcell): every distribution
+that runs that env's code in the tests (.venv, .venv-cryoet, .venv-deepcell, .venv-scverse): every distribution
 the extras need, transitively, with the environment markers of that venv (Linux x86-64), pinned
 ``name==version`` (a local label such as torch's ``+cpu`` dropped).  Python and pip are pinned
 ``=x.y.z`` from conda-forge, at the venv's versions.  What the venv cannot hold -- CuPy (needs
@@ -45,15 +45,18 @@ class Lock:
 ENVS = {
     "core.yaml": Lock(".venv", ("core",)),
     # the tests ran torch's CPU wheel: the CUDA wheels PyPI's torch brings on Linux are pinned in the file
-    "monai.yaml": Lock(".venv", ("core", "unet"), keeps_unheld=True),
+    "monai.yaml": Lock(".venv", ("core", "unet", "instanseg"), keeps_unheld=True),
     "gpu/core.yaml": Lock(".venv", ("core",), by_hand=("gpu",), keeps_unheld=True),
     "cryoet.yaml": Lock(".venv-cryoet", ("cryoet",)),
     "gpu/cryoet.yaml": Lock(".venv-cryoet", ("cryoet",), by_hand=("gpu",), keeps_unheld=True),
     "deepcell.yaml": Lock(".venv-deepcell", ("deepcell",)),
     # + cudatoolkit and cudnn from conda-forge, kept from the file
     "gpu/deepcell.yaml": Lock(".venv-deepcell", ("deepcell",)),
+    # spatialdata 0.8 (Python 3.12); no GPU variant: the SpatialData store is written on the CPU
+    "scverse.yaml": Lock(".venv-scverse", ("core", "scverse")),
 }
-SETUP = {".venv": "make setup", ".venv-cryoet": "make setup-cryoet", ".venv-deepcell": "make setup-deepcell"}
+SETUP = {".venv": "make setup", ".venv-cryoet": "make setup-cryoet", ".venv-deepcell": "make setup-deepcell",
+         ".venv-scverse": "make setup-scverse"}
 
 # Runs inside the venv (any Python >= 3.8 with pip): the installed closure of the requirements in argv[1].
 CLOSURE = r"""

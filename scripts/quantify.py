@@ -10,5 +10,8 @@ quantify_files(
     snakemake.input.stitch,
     snakemake.output.quantify,
     image_mpp=snakemake.params.image_mpp,
+    sample=snakemake.wildcards.name,
+    nuclear_channel=snakemake.params.nuclear_channel,
+    threads=snakemake.threads,
     **snakemake.params.quantify,
 )

@@ -31,7 +31,7 @@ COMMANDS = {
     "maskworks.cryoet.stages": ("propose-centres", "extract-patches", "merge-corrections", "export-training",
                                 "refine-membranes", "copick-runs", "refine-summary"),
     "maskworks.codex.stages": ("tile-image", "segment-cells", "download-mesmer-model", "repair-masks",
-                               "stitch", "quantify"),
+                               "stitch", "quantify", "write-spatialdata"),
 }
 
 

@@ -11,10 +11,10 @@ import tifffile
 import zarr
 
 from maskworks.cli import main
-from maskworks.codex import segment, tiling
+from maskworks.codex import segment
 from maskworks.codex.stages import CELL_COLUMNS, PATCH_COLUMNS
 from maskworks.demo import CODEX_SLIDE, make_codex_slide, write_demo_data
-from maskworks.io import read_volume
+from maskworks.io import read_volume, slides
 
 NAMES = list(CODEX_SLIDE["channels"])  # CD45, DAPI, Ki67, PanCK
 SHAPE = (600, 800)
@@ -149,7 +149,7 @@ def test_stitch_to_zarr_equals_ome_tiff(chain, tmp_path):
 
 def test_lazy_tiling_equals_in_memory(slide, chain, tmp_path, monkeypatch):
     d, image, channels, _ = slide
-    monkeypatch.setattr(tiling, "IN_MEMORY_BYTES", 1 << 16)
+    monkeypatch.setattr(slides, "IN_MEMORY_BYTES", 1 << 16)
     assert main(_tile_args(image, channels, tmp_path)) == 0
     assert json.loads((tmp_path / "tiling_stats.json").read_text())["read_lazily"] is True
     a = zarr.open_group(str(tmp_path / "patches.zarr"), mode="r")["patches"][...]
@@ -305,3 +305,40 @@ def test_codex_demo_data_and_its_tiling(tmp_path):
     assert flags.count(("False", "False", "True")) == 9
     assert flags[3] == flags[7] == ("True", "True", "False")  # no tissue, nothing but hot pixels
     assert flags[11] == ("False", "True", "False")  # the corner of faint noise
+
+
+def test_quantify_writes_mcquant_tables_with_numbered_channels_and_the_sample(slide, chain, tmp_path):
+    import anndata
+    import pandas as pd
+
+    _, image, _, data = slide
+    st = chain[3]
+    names = tmp_path / "names.txt"
+    names.write_text("CD45\nDAPI\nKi67\nDAPI\n")  # the 4th channel listed as a second DAPI (a later cycle)
+    out = tmp_path / "q"
+    assert main(["quantify", str(image), str(st), str(out), "--channels", str(names), "--sample", "S1",
+                 "--nuclear-channel", "DAPI", "--neighbours", "none"]) == 0
+    header = ["CellID", "CD45", "DAPI_1", "Ki67", "DAPI_2", "X_centroid", "Y_centroid", "Area", "MajorAxisLength",
+              "MinorAxisLength", "Eccentricity", "Solidity", "Extent", "Orientation"]
+    cell, nuclei = (pd.read_csv(out / f"S1--maskworks_{m}.csv") for m in ("cell", "nuclei"))
+    assert list(cell.columns) == list(nuclei.columns) == header
+    placed = pd.read_csv(st / "cells.csv")
+    assert cell["CellID"].tolist() == placed["id"].tolist() and cell["Area"].tolist() == placed["cell_area"].tolist()
+    np.testing.assert_allclose(cell[["X_centroid", "Y_centroid"]], placed[["centroid_x", "centroid_y"]], atol=0.006)
+    with_nucleus = placed[placed["nucleus_area"] > 0]
+    assert nuclei["CellID"].tolist() == with_nucleus["id"].tolist()
+    assert nuclei["Area"].tolist() == with_nucleus["nucleus_area"].tolist()
+    # DAPI_2 is the image's 4th channel: its mean over every cell, and over every nucleus
+    for table, key in ((cell, "cell"), (nuclei, "nucleus")):
+        lab = read_volume(st / f"{key}.ome.tif").numpy().ravel().astype(np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.bincount(lab, weights=data["image"][3].ravel()) / np.bincount(lab)
+        np.testing.assert_allclose(table["DAPI_2"], mean[table["CellID"]], rtol=1e-12)
+    assert pd.read_csv(out / "cell_metadata.csv")["sample"].eq("S1").all()
+    adata = anndata.read_h5ad(out / "cells.h5ad")
+    assert adata.var_names.tolist() == ["CD45", "DAPI_1", "Ki67", "DAPI_2"]
+    assert adata.var["original_name"].tolist() == ["CD45", "DAPI", "Ki67", "DAPI"]
+    library = adata.uns["spatial"]["S1"]
+    assert library["images"]["hires"].shape == (*SHAPE, 3)  # under 2000 px: every pixel
+    assert library["scalefactors"]["tissue_hires_scalef"] == pytest.approx(2.0)  # 0.5 µm per pixel
+    assert adata.uns["maskworks"]["hires_channel"] == "DAPI_1"

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, exe, run, workflow_copy
 
+from maskworks.codex.quantify import DEFAULT_MEMORY_MB
+
 pytestmark = pytest.mark.slurm
 
 SCRIPT = ROOT / "tests" / "slurm" / "slurm.sh"
@@ -99,10 +101,20 @@ def _job_record(job_id: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
 
 
-def _shipped_resources(out_log: str = "") -> dict[str, tuple[int, int]]:
+def _demo_megapixels(d: Path) -> float:
+    """Megapixels of the demo slide in the workflow copy ``d`` (its header)."""
+    from maskworks.io.slides import open_multichannel
+
+    row = (d / "config" / "demo_codex_images.tsv").read_text().splitlines()[1].split("\t")
+    with open_multichannel(d / row[1], lazy=True) as img:
+        return img.shape[0] * img.shape[1] / 1e6
+
+
+def _shipped_resources(out_log: str = "", slide_dir: Path | None = None) -> dict[str, tuple[int, int]]:
     """rule -> (mem_mb, runtime minutes) at attempt 1, as the rules declare them; a runtime a function
     computes (refine_membranes: from its batch's size) is the one Snakemake resolved for the job (its
-    log's resources line for that rule)."""
+    log's resources line for that rule); a memory that grows with the slide (``per_pixel``) is computed
+    for the demo slide of the workflow copy ``slide_dir``."""
     out = {}
     for smk in (ROOT / "rules").glob("*.smk"):
         for name, body in re.findall(r"^rule (\w+):\n((?:    .*\n|\n)*)", smk.read_text(), re.M):
@@ -112,8 +124,13 @@ def _shipped_resources(out_log: str = "") -> dict[str, tuple[int, int]]:
                 found = re.search(rf"^rule {name}:\n(?: +(?!resources:).*\n)* +resources: .*\bruntime=(\d+)",
                                   out_log, re.M)
                 runtime = found
+            per_pixel = re.search(r"mem_mb=scaled\((\d+), \"mem_mb\", per_pixel=(\d+)(, extra_mb=\w+)?", body)
             if mem and runtime:
                 out[name] = (int(mem.group(1)), int(runtime.group(1)))
+                if per_pixel and slide_dir is not None:  # memory that follows the demo slide's size
+                    mb = int(per_pixel.group(1)) + int(per_pixel.group(2)) * _demo_megapixels(slide_dir)
+                    # extra_mb: quantify's block budget, the library's default (the demo leaves memory_mb null)
+                    out[name] = (round(mb + (DEFAULT_MEMORY_MB if per_pixel.group(3) else 0)), out[name][1])
     return out
 
 
@@ -145,8 +162,8 @@ def test_every_job_finished_on_slurm(slurm_run):
 def test_jobs_ran_with_the_shipped_resources_and_latency(slurm_run):
     """Memory and time limits are the rules' own (a group: the largest memory, the summed time),
     and each job's Snakemake waits the profile's 60 s for its files (shared file systems)."""
-    _, out = slurm_run
-    shipped = _shipped_resources(out)
+    d, out = slurm_run
+    shipped = _shipped_resources(out, d)
     for job_id, rules in _submitted_jobs(out).items():
         info = _job_record(job_id)
         mems = [shipped[r][0] for r in rules]

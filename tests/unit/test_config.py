@@ -56,9 +56,10 @@ SECTIONS = [
     ("em", "predict_unet", ["maskworks.em.unet:predict_volume", "maskworks.em.stages:predict_unet_files"],
      {"threads"}),
     ("codex", "tile_image", ["maskworks.codex.stages:tile_image_files"], set()),
-    ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed"}),
+    ("codex", "segment_cells", ["maskworks.codex.stages:segment_cells_files"], {"device", "watershed", "expansion"}),
     ("codex", "stitch", ["maskworks.codex.stages:stitch_files"], set()),
     ("codex", "quantify", ["maskworks.codex.stages:quantify_files"], set()),
+    ("codex", "spatialdata", ["maskworks.codex.spatial:write_spatialdata_files"], {"enabled"}),
 ]
 
 
@@ -128,3 +129,12 @@ def test_watershed_defaults_are_the_library_defaults(schema):
     sig = inspect.signature(segment_watershed).parameters
     for key, value in _schema_defaults(schema)["codex"]["segment_cells"]["watershed"].items():
         assert sig[key].default == value, key
+
+
+def test_expansion_ranges_and_defaults_are_the_library_ones(schema):
+    from maskworks.codex.stages import backend_params
+
+    specs = _section_specs(["maskworks.codex.stages:segment_cells_files"])
+    node = schema["properties"]["codex"]["properties"]["segment_cells"]["properties"]["expansion"]["properties"]
+    assert {k: _ranges(v) for k, v in node.items()} == {k: specs[k].schema() for k in node}
+    assert _schema_defaults(schema)["codex"]["segment_cells"]["expansion"] == backend_params("expansion")

@@ -24,12 +24,13 @@ from packaging.version import Version
 # env file -> the pyproject extras its pins must satisfy, and its Python
 ENVS = {
     "core.yaml": (["core"], "3.11"),
-    "monai.yaml": (["core", "unet"], "3.11"),
+    "monai.yaml": (["core", "unet", "instanseg"], "3.11"),
     "deepcell.yaml": (["deepcell"], "3.10"),
     "gpu/core.yaml": (["core", "gpu"], "3.11"),
     "cryoet.yaml": (["cryoet"], "3.11"),
     "gpu/cryoet.yaml": (["cryoet", "gpu"], "3.11"),
     "gpu/deepcell.yaml": (["deepcell"], "3.10"),
+    "scverse.yaml": (["core", "scverse"], "3.12"),
 }
 SOURCE_ENTRY = "${MASKWORKS_SOURCE}"
 CONDA_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)=(\d+(?:\.\d+)+)$")
@@ -175,7 +176,7 @@ def test_rules_name_only_env_files_that_exist():
     for smk in (ROOT / "rules").glob("*.smk"):
         for name in re.findall(r'conda_env\("(\w+)"\)', smk.read_text()):
             assert (ROOT / "envs" / f"{name}.yaml").is_file(), (smk.name, name)
-            assert name == "monai" or (ROOT / "envs" / "gpu" / f"{name}.yaml").is_file(), (smk.name, name)
+            assert name in ("monai", "scverse") or (ROOT / "envs" / "gpu" / f"{name}.yaml").is_file(), (smk.name, name)
 
 
 # ----------------------------------------------------------------------------- envs follow the source

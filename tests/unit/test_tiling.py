@@ -16,7 +16,7 @@ from maskworks.codex.tiling import (
     read_patch,
     select_channels,
 )
-from maskworks.io import InputError
+from maskworks.io import InputError, slides
 
 # ----------------------------------------------------------------------------- channel names
 
@@ -116,23 +116,52 @@ def test_channel_axis_detected_or_given(tmp_path):
         open_multichannel(ome, channel_axis="Y")
 
 
-@pytest.mark.parametrize("compression,kind", [(None, np.memmap), ("zlib", tiling._ChannelPages)])
-def test_large_images_are_read_lazily(tmp_path, monkeypatch, compression, kind):
+@pytest.mark.parametrize("compression,tile", [(None, None), ("zlib", None), ("zlib", (32, 32))])
+def test_large_images_are_read_lazily(tmp_path, monkeypatch, compression, tile):
     data = _stack(4, 64, 80)
     path = tmp_path / "img.ome.tif"
-    tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX"}, compression=compression)
-    monkeypatch.setattr(tiling, "IN_MEMORY_BYTES", 1000)
+    tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX"}, compression=compression, tile=tile)
+    monkeypatch.setattr(slides, "IN_MEMORY_BYTES", 1000)
     with open_multichannel(path) as img:
-        assert img.lazy and isinstance(img.data, kind)
+        assert img.lazy
+        assert isinstance(img.data, np.memmap) == (compression is None)
         grid = patch_grid(img.shape, patch_height=48, patch_width=48, overlap=0.25)
         lazy = [read_patch(img, grid, i, 1, [0, 3]) for i in range(grid.n_patches)]
-        if kind is tiling._ChannelPages:
-            assert sorted(img.data._planes) == [0, 1, 3]  # the unused channel 2 was never decoded
     with open_multichannel(path, lazy=False) as img:
         assert not img.lazy
         eager = [read_patch(img, grid, i, 1, [0, 3]) for i in range(grid.n_patches)]
     for a, b in zip(lazy, eager):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lazy_reads_decode_only_the_tiles_they_touch(tmp_path, monkeypatch):
+    """A region read of one channel decodes that channel's tiles under the region, and nothing
+    stays cached: memory does not grow with the channels read (issue 23)."""
+    import tifffile as tf
+
+    data = _stack(6, 256, 256)
+    path = tmp_path / "tiled.ome.tif"
+    tifffile.imwrite(path, data, ome=True, metadata={"axes": "CYX"}, compression="zlib", tile=(64, 64))
+    decoded = []
+    make_decoder = tf.TiffPage.__dict__["decode"].func  # tifffile's cached decoder factory
+
+    def counting_decoder(page):
+        decode = make_decoder(page)
+
+        def counted(data, index, **kwargs):
+            decoded.append(index)
+            return decode(data, index, **kwargs)
+        return counted
+
+    monkeypatch.setattr(slides, "IN_MEMORY_BYTES", 1000)
+    monkeypatch.setattr(tf.TiffPage, "decode", property(counting_decoder))
+    with open_multichannel(path) as img:
+        decoded.clear()
+        np.testing.assert_array_equal(img.region(4, slice(70, 120), slice(10, 60)), data[4, 70:120, 10:60])
+        assert len(decoded) == 1  # one 64 x 64 tile of channel 4, of 6 x 16 tiles in the file
+        decoded.clear()
+        np.testing.assert_array_equal(img.region(4, slice(70, 120), slice(10, 60)), data[4, 70:120, 10:60])
+        assert len(decoded) == 1  # read again: nothing was kept
 
 
 # ----------------------------------------------------------------------------- grid
@@ -225,7 +254,7 @@ def test_wholecell_channels_max_or_mean(tmp_path):
         mx = model_input(img, 0, [1, 2])
         mean = model_input(img, 0, [1, 2], aggregation="mean")
         with pytest.raises(InputError, match="wholecell_aggregation"):
-            model_input(img, 0, [1, 2], aggregation="sum")
+            model_input(img, 0, [1, 2], aggregation="median")
     np.testing.assert_array_equal(mx[..., 1], np.maximum(data[1], data[2]))
     expected = np.rint((data[1].astype(np.float64) + data[2]) / 2).astype(data.dtype)
     np.testing.assert_array_equal(mean[..., 1], expected)
@@ -286,3 +315,130 @@ def test_patch_stats_block_by_block_equal_one_pass():
         assert q[f"{name}_mean"] == pytest.approx(patch[..., c].mean(dtype=np.float64), rel=1e-12)
         assert q[f"{name}_std"] == pytest.approx(patch[..., c].std(dtype=np.float64), rel=1e-12)
         assert q[f"{name}_non_zero_perc"] == np.count_nonzero(patch[..., c]) / patch[..., c].size
+
+
+# ----------------------------------------------------------------------------- whole-cell normalisation
+
+
+def _slide(tmp_path, data, name="norm.tif"):
+    path = tmp_path / name
+    tifffile.imwrite(path, data, metadata={"axes": "CYX"})
+    return path
+
+
+def test_sum_aggregation_is_float32_without_overflow(tmp_path):
+    data = np.full((3, 4, 5), 40000, np.uint16)
+    data[2, 0, 0] = 1
+    with open_multichannel(_slide(tmp_path, data)) as img:
+        out = model_input(img, 0, [1, 2], aggregation="sum")
+    assert out.dtype == np.float32 and tiling.model_input_dtype(np.uint16, "sum") == np.float32
+    assert out[0, 0, 1] == 40001 and out[1, 1, 1] == 80000 and out[2, 3, 0] == 40000
+
+
+@pytest.mark.parametrize("rows", [1, 3, 1024])
+def test_statistics_are_over_the_whole_slide_in_row_blocks(tmp_path, rows):
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 4000, (3, 23, 17)).astype(np.uint16)
+    data[2] = rng.integers(100, 200, (23, 17))
+    with open_multichannel(_slide(tmp_path, data)) as img:
+        mm = tiling.wholecell_statistics(img, [1, 2], "minmax", rows=rows)
+        zs = tiling.wholecell_statistics(img, [1, 2], "zscore", rows=rows)
+        pc = tiling.wholecell_statistics(img, [1, 2], "percentile", rows=rows)
+    for st_mm, st_z, st_p, ch in zip(mm, zs, pc, (data[1], data[2])):
+        assert (st_mm["min"], st_mm["max"]) == (ch.min(), ch.max())
+        assert st_mm["offset"] == ch.min() and st_mm["scale"] == ch.max() - ch.min()
+        assert st_z["mean"] == pytest.approx(ch.mean(), rel=1e-12)
+        assert st_z["std"] == pytest.approx(ch.std(), rel=1e-12)
+        # exact from the histogram: numpy's linear interpolation between order statistics
+        assert st_p["low"] == pytest.approx(np.percentile(ch, 1.0), abs=1e-9)
+        assert st_p["high"] == pytest.approx(np.percentile(ch, 99.8), abs=1e-9)
+        assert st_p["exact"] is True
+
+
+def test_percentiles_of_signed_and_float_channels(tmp_path):
+    ch = np.arange(-50, 50, dtype=np.int16).reshape(10, 10)
+    with open_multichannel(_slide(tmp_path, np.stack([ch, ch]), "i16.tif")) as img:
+        st, = tiling.wholecell_statistics(img, [1], "percentile", percentiles=(10, 90))
+    assert (st["low"], st["high"]) == (pytest.approx(np.percentile(ch, 10)), pytest.approx(np.percentile(ch, 90)))
+    f = np.linspace(0, 1, 400, dtype=np.float32).reshape(20, 20)
+    with open_multichannel(_slide(tmp_path, np.stack([f, f]), "f32.tif")) as img:
+        st, = tiling.wholecell_statistics(img, [1], "percentile", rows=3, float_samples=100)
+    assert st["exact"] is False  # every 4th pixel of the slide
+    assert st["low"] == pytest.approx(0.01, abs=0.02) and st["high"] == pytest.approx(0.998, abs=0.02)
+
+
+def test_constant_channel_is_shifted_not_divided(tmp_path):
+    data = np.stack([np.ones((4, 4)), np.full((4, 4), 7.0)]).astype(np.uint8)
+    with open_multichannel(_slide(tmp_path, data)) as img:
+        st, = tiling.wholecell_statistics(img, [1], "zscore")
+        out = model_input(img, 0, [1], normalisation="zscore", statistics=[st])
+    assert st["std"] == 0 and st["scale"] == 1.0
+    np.testing.assert_array_equal(out[..., 1], 0)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "mean", "sum"])
+def test_model_input_normalises_each_channel_then_combines(tmp_path, aggregation):
+    # channel 1 is bright (100..1100), channel 2 dim (0..10): unnormalised, max would only ever see channel 1
+    rng = np.random.default_rng(2)
+    data = np.stack([rng.integers(0, 50, (12, 16)), rng.integers(100, 1101, (12, 16)),
+                     rng.integers(0, 11, (12, 16))]).astype(np.uint16)
+    combine = {"max": np.maximum, "mean": lambda a, b: (a + b) / 2, "sum": np.add}[aggregation]
+    with open_multichannel(_slide(tmp_path, data)) as img:
+        for norm in ("minmax", "zscore", "percentile"):
+            stats = tiling.wholecell_statistics(img, [1, 2], norm)
+            whole = model_input(img, 0, [1, 2], aggregation=aggregation, normalisation=norm, statistics=stats)
+            # a patch (a region) applies the slide's statistics: it equals the same pixels of the whole
+            part = model_input(img, 0, [1, 2], slice(3, 9), slice(5, 16), aggregation=aggregation,
+                               normalisation=norm, statistics=stats)
+            assert whole.dtype == np.float32 and part.dtype == np.float32
+            np.testing.assert_array_equal(part, whole[3:9, 5:16])
+            np.testing.assert_array_equal(whole[..., 0], data[0])
+            a, b = (data[c].astype(np.float64) for c in (1, 2))
+            if norm == "minmax":
+                a, b = ((x - x.min()) / (x.max() - x.min()) for x in (a, b))
+            elif norm == "zscore":
+                a, b = ((x - x.mean()) / x.std() for x in (a, b))
+            else:
+                a, b = (np.clip((x - np.percentile(x, 1)) / (np.percentile(x, 99.8) - np.percentile(x, 1)), 0, 1)
+                        for x in (a, b))
+            np.testing.assert_allclose(whole[..., 1], combine(a, b), rtol=1e-5, atol=1e-5)
+        # without statistics given, model_input computes them over the whole image
+        np.testing.assert_array_equal(model_input(img, 0, [1, 2], aggregation=aggregation, normalisation="minmax"),
+                                      model_input(img, 0, [1, 2], aggregation=aggregation, normalisation="minmax",
+                                                  statistics=tiling.wholecell_statistics(img, [1, 2], "minmax")))
+        with pytest.raises(InputError, match="wholecell_normalisation"):
+            model_input(img, 0, [1, 2], normalisation="robust")
+    if aggregation == "max":
+        assert tiling.model_input_dtype(np.uint16, "max", "none") == np.uint16
+
+
+def test_tile_image_stores_normalised_float_patches_and_the_statistics(tmp_path):
+    import json
+
+    import zarr
+
+    from maskworks.codex.stages import tile_image_files
+
+    rng = np.random.default_rng(4)
+    data = np.stack([rng.integers(0, 60000, (40, 50)), rng.integers(0, 4000, (40, 50)),
+                     rng.integers(0, 40, (40, 50))]).astype(np.uint16)
+    path = _slide(tmp_path, data)
+    (tmp_path / "names.txt").write_text("DAPI\nCD45\nPanCK\n")
+    kw = dict(nuclear_channel="DAPI", wholecell_channels=["CD45", "PanCK"], split_mode="patches", patch_height=24,
+              patch_width=32, overlap=0.25, mean_intensity_threshold=0.0)
+    st = tile_image_files(path, tmp_path / "names.txt", tmp_path / "z", wholecell_normalisation="zscore",
+                          wholecell_aggregation="sum", **kw)
+    root = zarr.open_group(str(tmp_path / "z" / "patches.zarr"), mode="r")
+    patches = root["patches"][...]
+    assert patches.dtype == np.float32 and st["wholecell_normalisation"] == "zscore"
+    stats = root.attrs["wholecell_statistics"]
+    assert [s["channel"] for s in stats] == ["CD45", "PanCK"]
+    assert stats[0]["mean"] == pytest.approx(data[1].mean()) and stats[1]["std"] == pytest.approx(data[2].std())
+    assert json.loads((tmp_path / "z" / "tiling_stats.json").read_text())["wholecell_statistics"] == stats
+    expected = sum((data[c] - data[c].mean()) / data[c].std() for c in (1, 2))
+    np.testing.assert_allclose(patches[0, ..., 1], expected[:24, :32], rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(patches[0, ..., 0], data[0, :24, :32])  # the nuclear channel as it was
+    # the defaults keep the slide's dtype and record no statistics
+    tile_image_files(path, tmp_path / "names.txt", tmp_path / "d", **kw)
+    root = zarr.open_group(str(tmp_path / "d" / "patches.zarr"), mode="r")
+    assert root["patches"].dtype == np.uint16 and root.attrs["wholecell_statistics"] is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,11 @@ def _resources(line: str) -> dict[str, str]:
 
 def test_site_settings_from_the_config_and_gpu_partition(wd):
     (wd / "site.yaml").write_text(yaml.safe_dump({
-        "software": {"gpu": True},
+        "software": {"gpu": True, "scverse_python": sys.executable},  # a dry run only needs it to exist
+        "codex": {"spatialdata": {"enabled": True}},
         "slurm": {"account": "mylab", "partition": "cpu", "gpu_partition": "gpu"}}))
     found = dry_run_resources(wd, "site.yaml")
-    assert GPU_RULES <= set(found), found
+    assert GPU_RULES | {"spatialdata"} <= set(found), found
     for rule, lines in found.items():
         for line in lines:
             res = _resources(line)

@@ -3,10 +3,11 @@
 The deliverable that users of Aegle, steinbock and MCMICRO open next: a cell x marker table
 (Aegle's ``cell_by_marker.csv``), a per-cell metadata table (``cell_metadata.csv``) and an
 AnnData object for scanpy/squidpy with the cell centroids in ``obsm["spatial"]`` and a spatial
-neighbour graph in ``obsp`` (squidpy's keys).  Everything is vectorised over cells
-(``np.bincount`` over label images, ``scipy.ndimage`` reductions, ``skimage.measure``
-regionprops tables); intensities are read one channel at a time, block by block, so a whole
-slide never needs float copies of every channel.
+neighbour graph in ``obsp`` (squidpy's keys).  Everything is vectorised over cells: the label
+images are read in row blocks and run-length encoded along rows, and every per-cell sum
+(moments, compartment intensities) is a sum over runs (``np.add.reduceat``, ``np.bincount``);
+no per-cell Python loop and no regionprops call.  Labels and channels may be lazy arrays: a
+whole slide is never held, only a block of every channel and of the labels (``memory_mb``).
 """
 
 from __future__ import annotations
@@ -28,10 +29,53 @@ MORPHOLOGY = {
 }  # and centroid-0 / centroid-1 -> centroid_y / centroid_x
 
 
-def cell_ids(cell) -> np.ndarray:
-    """The ids present in a cell label image, ascending (0 excluded)."""
-    counts = np.bincount(np.asarray(cell).ravel().astype(np.int64, copy=False))
+DEFAULT_MEMORY_MB = 256  # the block budget when none is given
+
+
+def _block_rows(shape, memory_mb=None, bytes_per_pixel=64) -> int:
+    """Rows per block: ``memory_mb`` (default ``DEFAULT_MEMORY_MB``) spread over ``bytes_per_pixel``
+    of working memory a pixel costs (labels, their run index and temporaries)."""
+    width = max(1, int(shape[1]))
+    budget = DEFAULT_MEMORY_MB if memory_mb is None else float(memory_mb)
+    pixels = max(width, int(budget * 2**20 / bytes_per_pixel))
+    return max(1, pixels // width)
+
+
+def _rows(array, y0, y1) -> np.ndarray:
+    """Rows ``y0:y1`` of an in-memory or lazy (NumPy-style slicing) 2-D array."""
+    return np.asarray(array[y0:y1])
+
+
+def cell_ids(cell, *, memory_mb=None) -> np.ndarray:
+    """The ids present in a cell label image, ascending (0 excluded); read block by block."""
+    counts = np.zeros(1, np.int64)
+    rows = _block_rows(cell.shape, memory_mb, 16)
+    for y in range(0, cell.shape[0], rows):
+        block = np.bincount(_rows(cell, y, y + rows).ravel().astype(np.intp, copy=False))
+        if block.size > counts.size:
+            counts = np.concatenate([counts, np.zeros(block.size - counts.size, np.int64)])
+        counts[:block.size] += block
     return np.flatnonzero(counts[1:]) + 1
+
+
+def _runs(blocks):
+    """Row runs of constant value in every one of the 2-D ``blocks`` (same shape) at once.
+
+    Returns the flat start of each run, its row, first and past-the-end column, and each
+    block's value on the run.  A run never crosses a row, so a label's pixels are the union of
+    its runs: sums over pixels become sums over runs (``np.add.reduceat`` on the flat block).
+    """
+    h, w = blocks[0].shape
+    flats = [b.ravel() for b in blocks]
+    change = np.zeros(h * w, bool)
+    change[::w] = True
+    for f in flats:
+        np.logical_or(change[1:], f[1:] != f[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    row = starts // w
+    c0 = starts - row * w
+    c1 = np.append(starts[1:], h * w) - row * w
+    return starts, row, c0, c1, [f[starts] for f in flats]
 
 
 def compartment_sums(labels, plane, ids, *, block_rows=None):
@@ -59,6 +103,28 @@ def compartment_sums(labels, plane, ids, *, block_rows=None):
     return count[ids], total[ids], squares[ids]
 
 
+def _statistics_from_sums(count, total, squares, statistics) -> dict[str, np.ndarray]:
+    out = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+        if "mean" in statistics:
+            out["mean"] = mean
+        if "sum" in statistics:
+            out["sum"] = total
+        if "std" in statistics:
+            out["std"] = np.where(count > 0, np.sqrt(np.maximum(squares / count - mean * mean, 0.0)), np.nan)
+    return out
+
+
+def _medians(labels, plane, ids, count) -> np.ndarray:
+    from scipy import ndimage
+
+    h = labels.shape[0]
+    lab, values = _rows(labels, 0, h), _rows(plane, 0, h).astype(np.float64, copy=False)
+    med = np.asarray(ndimage.median(values, lab, index=ids), dtype=np.float64)
+    return np.where(count > 0, med, np.nan)
+
+
 def intensity_statistics(labels, plane, ids, statistics=("mean",)) -> dict[str, np.ndarray]:
     """Per-id ``mean``, ``sum``, ``std`` (population) and ``median`` of ``plane`` over ``labels``.
 
@@ -68,40 +134,96 @@ def intensity_statistics(labels, plane, ids, statistics=("mean",)) -> dict[str, 
     unknown = sorted(set(statistics) - set(STATISTICS))
     if unknown:
         raise InputError(f"statistics {unknown}: expected some of {', '.join(STATISTICS)}")
-    out = {}
     count, total, squares = compartment_sums(labels, plane, ids)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / count, np.nan)
-        if "mean" in statistics:
-            out["mean"] = mean
-        if "sum" in statistics:
-            out["sum"] = total
-        if "std" in statistics:
-            out["std"] = np.where(count > 0, np.sqrt(np.maximum(squares / count - mean * mean, 0.0)), np.nan)
+    out = _statistics_from_sums(count, total, squares, statistics)
     if "median" in statistics:
-        from scipy import ndimage
-
-        lab = np.asarray(labels)
-        med = np.asarray(ndimage.median(np.asarray(plane, dtype=np.float64), lab, index=ids), dtype=np.float64)
-        out["median"] = np.where(count > 0, med, np.nan)
+        out["median"] = _medians(labels, plane, ids, count)
     return out
 
 
-def morphology(cell, nucleus, ids, *, mpp=None) -> dict[str, np.ndarray]:
+def _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, statistics, *, threads=1, memory_mb=None,
+                             progress=None):
+    """Count, sum (and sum of squares for ``std``) of every plane over the cell, nucleus and
+    cytoplasm of every id, in one read of each label block and each plane block.
+
+    A block's labels are run-length encoded once (runs of constant cell, nucleus and cytoplasm
+    label along a row); for every plane a run sum (``np.add.reduceat``, which releases the
+    GIL, so planes run in parallel threads) and one ``np.bincount`` over the runs' compartment
+    index give all three compartments.  The default cytoplasm (cell where the nucleus is 0) is
+    a property of each run, so it costs nothing extra.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(ids[-1]) + 1 if len(ids) else 1
+    h = cell.shape[0]
+    squares_wanted = "std" in statistics
+    count = np.zeros(3 * n)
+    total = [np.zeros(3 * n) for _ in planes]
+    squares = [np.zeros(3 * n) for _ in planes] if squares_wanted else None
+    rows = _block_rows(cell.shape, memory_mb, 48 + 16 * max(1, threads))
+    pool = ThreadPoolExecutor(max(1, threads)) if threads > 1 and len(planes) > 1 else None
+    try:
+        for y0 in range(0, h, rows):
+            y1 = min(h, y0 + rows)
+            blocks = [_rows(cell, y0, y1), _rows(nucleus, y0, y1)]
+            if cytoplasm is not None:
+                blocks.append(_rows(cytoplasm, y0, y1))
+            starts, _, c0, c1, values = _runs(blocks)
+            comps = [np.where(v < n, v, 0) for v in (v.astype(np.int64, copy=False) for v in values)]
+            if cytoplasm is None:  # cell where the nucleus is 0 (any nucleus id, also one past the cells')
+                comps.append(np.where(values[1] == 0, comps[0], 0))
+            pos = [np.flatnonzero(c) for c in comps]
+            index = np.concatenate([comps[k][p] + k * n for k, p in enumerate(pos)])
+            pos = np.concatenate(pos)
+            count += np.bincount(index, weights=(c1 - c0)[pos], minlength=3 * n)
+
+            def measure(j, y0=y0, y1=y1, starts=starts, index=index, pos=pos):
+                plane = np.asarray(planes[j][y0:y1]).ravel()
+                sums = np.add.reduceat(plane, starts, dtype=np.float64)
+                total[j] += np.bincount(index, weights=sums[pos], minlength=3 * n)
+                if squares_wanted:
+                    sq = np.add.reduceat(np.square(plane, dtype=np.float64), starts)
+                    squares[j] += np.bincount(index, weights=sq[pos], minlength=3 * n)
+
+            if pool is None:
+                for j in range(len(planes)):
+                    measure(j)
+            else:
+                list(pool.map(measure, range(len(planes))))
+            if progress is not None:
+                progress(y1, h)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    count = count.reshape(3, n)[:, ids]
+    return count, [t.reshape(3, n)[:, ids] for t in total], \
+        [s.reshape(3, n)[:, ids] for s in squares] if squares_wanted else None
+
+
+def morphology(cell, nucleus, ids, *, mpp=None, memory_mb=None, threads=1) -> dict[str, np.ndarray]:
     """Shape of every cell (``ids``) and of its nucleus (same id), with centroids and areas in
     pixels and, when ``mpp`` (µm per pixel) is known, in µm / µm².
 
     Notes
     -----
-    The values are skimage's ``regionprops`` definitions.  Centroid, area, extent and the
-    moment-based properties (axis lengths, eccentricity, orientation, from the inertia
-    tensor) are computed for all labels at once from per-label sums (``np.bincount``, two
-    passes so the central moments are exact), the perimeter by :func:`label_perimeters`; only
-    ``convex_area`` (and ``solidity`` = area / convex area) comes from ``regionprops_table``.
+    The values are skimage's ``regionprops`` definitions, computed for all labels at once by
+    :func:`region_shapes` block by block (``memory_mb``); with ``threads`` > 1 the cell and the
+    nucleus labels, and their perimeters, are measured at the same time.
     """
     out: dict[str, np.ndarray] = {"cell_id": np.asarray(ids, dtype=np.int64)}
-    for prefix, lab in (("", cell), ("nucleus_", nucleus)):
-        for name, col in region_shapes(np.asarray(lab), ids).items():
+    if threads > 1:  # four balanced tasks: each image's perimeters apart from its other shapes
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = int(ids[-1]) + 1 if len(ids) else 1
+        with ThreadPoolExecutor(min(threads, 4)) as pool:
+            perimeters = [pool.submit(label_perimeters, lab, n, memory_mb=memory_mb) for lab in (cell, nucleus)]
+            shapes = [pool.submit(region_shapes, lab, ids, memory_mb=memory_mb, perimeters=p)
+                      for lab, p in zip((cell, nucleus), perimeters)]
+            shapes = [f.result() for f in shapes]
+    else:
+        shapes = [region_shapes(lab, ids, memory_mb=memory_mb) for lab in (cell, nucleus)]
+    for prefix, table in zip(("", "nucleus_"), shapes):
+        for name, col in table.items():
             out[f"{prefix}{name}"] = col
     out["nucleus_cell_area_ratio"] = np.divide(out["nucleus_area"], out["area"], out=np.zeros(len(ids)),
                                                where=out["area"] > 0)
@@ -113,58 +235,193 @@ def morphology(cell, nucleus, ids, *, mpp=None) -> dict[str, np.ndarray]:
     return out
 
 
-def region_shapes(lab, ids) -> dict[str, np.ndarray]:
+def _group_starts(lab) -> np.ndarray:
+    return np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(lab) else np.zeros(0, np.intp)
+
+
+def _merge_equal_rows(lab, y, x, side):
+    """Points sorted by (label, y): one point per (label, y), the leftmost (``side`` 1) or
+    rightmost (-1)."""
+    if not len(lab):
+        return lab, y, x
+    new = np.r_[True, (lab[1:] != lab[:-1]) | (y[1:] != y[:-1])]
+    if new.all():
+        return lab, y, x
+    first = np.flatnonzero(new)
+    reduce = np.minimum if side > 0 else np.maximum
+    return lab[first], y[first], reduce.reduceat(x, first)
+
+
+def _hull_chain(lab, y, x, side, n):
+    """The left (``side`` 1: convex minorant of x over y) or right (-1: concave majorant) chain
+    of the convex hull of each label's points, all labels at once.
+
+    Points come sorted by (label, y), one per (label, y).  A point on or outside the chord of
+    its two neighbours is not a hull vertex whatever else is removed, so every such point is
+    dropped at once; repeated until no label changes (labels that did not change leave).
+    Integer coordinates: the tests are exact.
+    """
+    done = []
+    while len(lab) >= 3:
+        mid = (lab[1:-1] == lab[:-2]) & (lab[1:-1] == lab[2:])
+        cross = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) - (y[1:-1] - y[:-2]) * (x[2:] - x[:-2])
+        drop = mid & (side * cross >= 0)
+        changed = np.zeros(n, bool)
+        changed[lab[1:-1][drop]] = True
+        active = changed[lab]
+        keep = np.ones(len(lab), bool)
+        keep[1:-1] = ~drop
+        done.append((lab[~active], y[~active], x[~active]))
+        keep &= active
+        lab, y, x = lab[keep], y[keep], x[keep]
+    done.append((lab, y, x))
+    lab, y, x = (np.concatenate(a) for a in zip(*done))
+    order = np.argsort(lab, kind="stable")
+    return lab[order], y[order], x[order]
+
+
+def _floor_sums(n, m, a, b) -> np.ndarray:
+    """sum(floor((a i + b) / m) for i in range(n)) for arrays of integers (m > 0, n >= 0), all at
+    once: the Euclid-like reduction of AtCoder's ``floor_sum`` (a few rounds, no per-term loop)."""
+    n, m, a, b = (np.array(v, dtype=np.int64) for v in np.broadcast_arrays(n, m, a, b))
+    total = np.zeros(n.shape, np.int64)
+    a2, b2 = a % m, b % m  # make a and b non-negative
+    total -= n * (n - 1) // 2 * ((a2 - a) // m) + n * ((b2 - b) // m)
+    a, b = a2, b2
+    live = np.flatnonzero(n > 0)
+    while live.size:
+        nn, mm, aa, bb = n[live], m[live], a[live], b[live]
+        total[live] += nn * (nn - 1) // 2 * (aa // mm) + nn * (bb // mm)
+        aa, bb = aa % mm, bb % mm
+        top = aa * nn + bb
+        go = top >= mm
+        live, top, mm, aa = live[go], top[go], mm[go], aa[go]
+        n[live], b[live], m[live], a[live] = top // mm, top % mm, aa, mm
+    return total
+
+
+def _chain_rows(lab, y, x, side, n) -> np.ndarray:
+    """Per label, the sum over pixel rows r of ceil(left(r)) (``side`` 1) or floor(right(r))
+    (-1), where the chain (doubled coordinates y = 2r, x = 2c) crosses row r: per edge a floor
+    sum in exact integer arithmetic (:func:`_floor_sums`), no per-row expansion."""
+    edge = np.flatnonzero(lab[1:] == lab[:-1])
+    ya, yb, xa, xb = y[edge], y[edge + 1], x[edge], x[edge + 1]
+    first = ya + (ya & 1)  # the first even y (a pixel row) of the edge, which owns [ya, yb)
+    rows = np.maximum(0, (yb - 1 - first) // 2 + 1)
+    dy, dx = yb - ya, xb - xa
+    start = xa * dy + (first - ya) * dx  # x(first) = start / (2 dy); each row on adds 2 dx / (2 dy)
+    if side > 0:
+        val = -_floor_sums(rows, 2 * dy, -2 * dx, -start)
+    else:
+        val = _floor_sums(rows, 2 * dy, 2 * dx, start)
+    return np.bincount(lab[edge], weights=val, minlength=n)
+
+
+def region_shapes(lab, ids, *, memory_mb=None, perimeters=None) -> dict[str, np.ndarray]:
     """regionprops' centroid, area, perimeter, convex area, axis lengths, eccentricity,
     solidity, extent and orientation of the labels ``ids`` of a 2-D label image, one row per
-    id (ids without pixels: area 0, the rest NaN)."""
-    from scipy import ndimage
-    from skimage.measure import regionprops_table
+    id (ids without pixels: area 0, the rest NaN).
 
+    ``lab`` may be lazy (NumPy-style row slicing): it is read in row blocks of ``memory_mb``
+    (:func:`label_perimeters` reads it once more, in bands).  ``perimeters``: that function's
+    result (or a future of it) when it runs elsewhere, e.g. in another thread.
+
+    Notes
+    -----
+    All labels at once, from each block's row runs (:func:`_runs`): the moments are per-run
+    closed forms summed with ``np.bincount``, about a reference pixel of each label (its first
+    pixel) so the central moments do not cancel (integer sums, exact below 2**53); the
+    bounding box and the convex area come from each label's leftmost and rightmost pixel per
+    row (hull chains per block, merged across blocks).  ``convex_area`` is skimage's
+    ``area_convex``: the number of pixel centres inside or on the convex hull of the corners
+    of the pixels' diamonds (the mid-points of the pixel edges, as ``convex_hull_image``
+    offsets its coordinates).  The hull's left and right chains are found for all labels at
+    once (:func:`_hull_chain`) and the pixel centres counted per hull edge with exact integer
+    arithmetic (coordinates doubled, :func:`_floor_sums`), so it is equal, not close.
+    ``orientation`` follows skimage's branch where the two diagonal moments are equal
+    (``b < 0``: +pi/4, else -pi/4); the moments are exact, so that branch is taken exactly
+    where it holds.  Where the axis is horizontal (b is 0, a > c) skimage returns +pi/2 or
+    -pi/2 by the rounding sign of its b (the same axis); this returns +pi/2, its exact value.
+    """
     ids = np.asarray(ids, dtype=np.int64)
     n = int(ids[-1]) + 1 if len(ids) else 1
-    rows = max(1, _BLOCK_PIXELS // max(1, lab.shape[1]))
-    cols = np.arange(lab.shape[1], dtype=np.float64)
-    count, sum_r, sum_c = (np.zeros(n) for _ in range(3))
-    blocks = [slice(y, y + rows) for y in range(0, lab.shape[0], rows)]
-
-    def pixels(block):
-        sub = lab[block].astype(np.int64, copy=False)
-        r = np.broadcast_to(np.arange(block.start, block.start + sub.shape[0], dtype=np.float64)[:, None], sub.shape)
-        c = np.broadcast_to(cols[None, :], sub.shape)
-        keep = (sub > 0) & (sub < n)
-        return sub[keep], r[keep], c[keep]
-
-    for block in blocks:
-        ids_here, r, c = pixels(block)
-        count += np.bincount(ids_here, minlength=n)
-        sum_r += np.bincount(ids_here, weights=r, minlength=n)
-        sum_c += np.bincount(ids_here, weights=c, minlength=n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_r, mean_c = sum_r / count, sum_c / count
-    mu20, mu02, mu11 = (np.zeros(n) for _ in range(3))
-    for block in blocks:  # central moments about each label's own centroid: no cancellation
-        ids_here, r, c = pixels(block)
-        dr, dc = r - mean_r[ids_here], c - mean_c[ids_here]
-        mu20 += np.bincount(ids_here, weights=dr * dr, minlength=n)
-        mu02 += np.bincount(ids_here, weights=dc * dc, minlength=n)
-        mu11 += np.bincount(ids_here, weights=dr * dc, minlength=n)
+    h = lab.shape[0]
+    rows = _block_rows(lab.shape, memory_mb)
+    sums = np.zeros((6, n))  # pixels, sum dr, sum dc, sum dr^2, sum dc^2, sum dr dc
+    ref = np.full((2, n), -1, np.int64)
+    chains = {1: [], -1: []}
+    for y0 in range(0, h, rows):
+        block = _rows(lab, y0, min(h, y0 + rows))
+        _, row, c0, c1, (value,) = _runs([block])
+        value = value.astype(np.int64, copy=False)
+        keep = (value > 0) & (value < n)
+        row, c0, c1, value = row[keep] + y0, c0[keep], c1[keep], value[keep]
+        if not len(value):
+            continue
+        # runs by (label, row): the leftmost and rightmost pixel of each label in each row, and each
+        # label's first pixel (the reference of its moments when the label is new)
+        order = np.argsort(value * (h + 1) + row, kind="stable")
+        v, r = value[order], row[order]
+        firsts = np.flatnonzero(np.r_[True, (v[1:] != v[:-1]) | (r[1:] != r[:-1])])
+        lasts = np.r_[firsts[1:] - 1, len(v) - 1]
+        seen = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+        new = seen[ref[0, v[seen]] < 0]
+        ref[0, v[new]], ref[1, v[new]] = r[new], c0[order][new]
+        dr = row - ref[0, value]
+        a, b = c0 - ref[1, value], c1 - 1 - ref[1, value]
+        length = c1 - c0
+        s1 = (a + b) * length // 2
+        s2 = (b * (b + 1) * (2 * b + 1) - (a - 1) * a * (2 * a - 1)) // 6
+        for k, w in enumerate((length, dr * length, s1, dr * dr * length, s2, dr * s1)):
+            sums[k] += np.bincount(value, weights=w, minlength=n)
+        v, r = v[firsts], r[firsts]
+        for side, col in ((1, c0[order][firsts]), (-1, c1[order][lasts] - 1)):
+            chains[side].append(_hull_chain(v, 2 * r, 2 * col, side, n))
+    count = sums[0]
     area = count[ids]
+    present = area > 0
+    nan = np.full(len(ids), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
+        # n mu = n sum(d d') - sum(d) sum(d'): integers, so an exact 0 (a symmetric cell) stays 0
+        mu20 = (sums[3] * count - sums[1] * sums[1]) / count
+        mu02 = (sums[4] * count - sums[2] * sums[2]) / count
+        mu11 = (sums[5] * count - sums[1] * sums[2]) / count
+        equal_diagonal = ((sums[4] - sums[3]) * count == sums[2] * sums[2] - sums[1] * sums[1])[ids]
+        mean_r, mean_c = ref[0] + sums[1] / count, ref[1] + sums[2] / count
         a, b, c_ = mu02[ids] / area, -mu11[ids] / area, mu20[ids] / area  # skimage's inertia tensor
         half_trace, det = (a + c_) / 2, a * c_ - b * b
         root = np.sqrt(np.maximum(half_trace * half_trace - det, 0.0))
         l1, l2 = np.maximum(half_trace + root, 0.0), np.maximum(half_trace - root, 0.0)
         eccentricity = np.where(l1 == 0, 0.0, np.sqrt(np.maximum(1.0 - l2 / l1, 0.0)))
-        orientation = np.where(a - c_ == 0, np.where(b < 0, -np.pi / 4, np.pi / 4), 0.5 * np.arctan2(-2 * b, c_ - a))
-    boxes = ndimage.find_objects(lab.astype(np.int64, copy=False), max_label=n - 1)
-    box_area = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start) if s is not None else np.nan
-                         for s in (boxes[i - 1] for i in ids)], dtype=np.float64) if len(ids) else np.zeros(0)
-    table = regionprops_table(lab.astype(np.int64, copy=False), properties=["label", "area_convex"]) \
-        if np.any(lab) else {}
-    perimeter = label_perimeters(lab, n)[ids]
-    convex = _aligned(table, "area_convex", ids)
-    present = area > 0
-    nan = np.full(len(ids), np.nan)
+        orientation = np.where(equal_diagonal | (a - c_ == 0), np.where(b < 0, np.pi / 4, -np.pi / 4),
+                               0.5 * np.arctan2(-2 * b, c_ - a))
+    convex, box_area = np.full(n, np.nan), np.full(n, np.nan)
+    if chains[1]:
+        hull = {}
+        for side in (1, -1):
+            pl, py, px = (np.concatenate(a) for a in zip(*chains[side]))
+            order = np.argsort(pl, kind="stable")  # blocks come in row order
+            pl, py, px = _hull_chain(pl[order], py[order], px[order], side, n)
+            # hull(pixels + diamond) = hull(vertices + diamond): the left chain takes the diamond's
+            # top, left and bottom corners (doubled coordinates), the right chain top, right, bottom
+            pl = np.repeat(pl, 3)
+            py = (py[:, None] + np.array([-1, 0, 1])).ravel()
+            px = (px[:, None] + np.array([0, -side, 0])).ravel()
+            hull[side] = _hull_chain(*_merge_equal_rows(pl, py, px, side), side, n)
+        (ll, ly, lx), (rl, _, rx) = hull[1], hull[-1]
+        starts, rstarts = _group_starts(ll), _group_starts(rl)
+        labels = ll[starts]
+        ends = np.r_[starts[1:], len(ll)] - 1
+        top, bottom = (ly[starts] + 1) // 2, (ly[ends] - 1) // 2
+        left = (np.minimum.reduceat(lx, starts) + 1) // 2
+        right = (np.maximum.reduceat(rx, rstarts) - 1) // 2
+        height = bottom - top + 1
+        box_area[labels] = height * (right - left + 1)
+        convex[labels] = _chain_rows(*hull[-1], -1, n)[labels] - _chain_rows(*hull[1], 1, n)[labels] + height
+    if perimeters is None:
+        perimeters = label_perimeters(lab, n, memory_mb=memory_mb)
+    perimeter = (perimeters.result() if hasattr(perimeters, "result") else perimeters)[ids]
+    convex = np.where(present, convex[ids], np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
             "centroid_y": np.where(present, mean_r[ids], nan), "centroid_x": np.where(present, mean_c[ids], nan),
@@ -172,7 +429,7 @@ def region_shapes(lab, ids) -> dict[str, np.ndarray]:
             "major_axis_length": np.where(present, 4 * np.sqrt(l1), nan),
             "minor_axis_length": np.where(present, 4 * np.sqrt(l2), nan),
             "eccentricity": np.where(present, eccentricity, nan), "solidity": area / convex,
-            "extent": area / box_area, "orientation": np.where(present, orientation, nan),
+            "extent": area / box_area[ids], "orientation": np.where(present, orientation, nan),
         }
 
 
@@ -184,49 +441,42 @@ _PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
 _PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
 
 
-def label_perimeters(lab, n) -> np.ndarray:
+def label_perimeters(lab, n, *, memory_mb=None) -> np.ndarray:
     """``regionprops(...).perimeter`` of every label 1..n-1 of a 2-D label image, all at once.
 
     A label's border pixels are its pixels with a 4-neighbour of another label (or outside the
     image); each border pixel is weighted by how its 8 neighbours that are border pixels of
     the same label continue the outline, as skimage's ``perimeter(neighborhood=4)`` does on the
-    label's own mask.  Row bands with a two-row halo: memory a few bands' worth.
+    label's own mask.  Row bands with a two-row halo: memory a few bands' worth; ``lab`` may be
+    lazy (NumPy-style row slicing).
     """
-    lab = np.asarray(lab)
     h, w = lab.shape
     out = np.zeros(n)
-    rows = max(1, _BLOCK_PIXELS // max(1, w))
+    rows = _block_rows(lab.shape, memory_mb)
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
         a0, a1 = max(0, r0 - 2), min(h, r1 + 2)
-        pad = np.zeros((a1 - a0 + 2, w + 2), np.int64)
-        pad[1:-1, 1:-1] = lab[a0:a1]
+        block = _rows(lab, a0, a1)
+        pad = np.zeros((a1 - a0 + 2, w + 2), block.dtype if block.dtype.kind in "iu" else np.int64)
+        pad[1:-1, 1:-1] = block
         c = pad[1:-1, 1:-1]
         border = np.zeros(pad.shape, bool)
         border[1:-1, 1:-1] = (c > 0) & ~((c == pad[:-2, 1:-1]) & (c == pad[2:, 1:-1]) &
                                          (c == pad[1:-1, :-2]) & (c == pad[1:-1, 2:]))
-        band = slice(r0 - a0 + 1, r1 - a0 + 1)  # rows of the band in pad
-        centre, here = pad[band, 1:-1], border[band, 1:-1]
-        code = here.astype(np.int64)
+        # only the band's border pixels get a code: gather their 8 neighbours from the flat pad
+        first = (r0 - a0 + 1) * (w + 2)
+        where = np.flatnonzero(border[r0 - a0 + 1:r1 - a0 + 1]) + first
+        flat, flat_border = pad.ravel(), border.ravel()
+        centre = flat[where]
+        code = np.ones(where.size, np.uint8)
         for dy, dx, weight in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2),
                                (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)):
-            ys = slice(band.start + dy, band.stop + dy)
-            xs = slice(1 + dx, w + 1 + dx)
-            code += weight * (border[ys, xs] & (pad[ys, xs] == centre))
-        ids = centre[here]
-        keep = ids < n
-        out += np.bincount(ids[keep], weights=_PERIMETER_WEIGHTS[code[here][keep]], minlength=n)
+            other = where + (dy * (w + 2) + dx)
+            code += np.uint8(weight) * (flat_border[other] & (flat[other] == centre))
+        keep = centre < n
+        out += np.bincount(centre[keep].astype(np.intp, copy=False), weights=_PERIMETER_WEIGHTS[code[keep]],
+                           minlength=n)
     return out
-
-
-def _aligned(table, key, ids, fill=np.nan) -> np.ndarray:
-    """A regionprops_table column placed at the rows of ``ids`` (ids it lacks get ``fill``)."""
-    col = np.full(len(ids), fill, dtype=np.float64)
-    if key in table and len(ids):
-        where = np.searchsorted(ids, table["label"])
-        ok = (where < len(ids)) & (ids[np.minimum(where, len(ids) - 1)] == table["label"])
-        col[where[ok]] = np.asarray(table[key], dtype=np.float64)[ok]
-    return col
 
 
 def spatial_neighbours(xy, *, method="delaunay", radius=None):
@@ -263,7 +513,9 @@ def spatial_neighbours(xy, *, method="delaunay", radius=None):
 
         pairs = cKDTree(xy).query_pairs(float(radius), output_type="ndarray")
     if len(pairs):
-        pairs = np.unique(np.sort(pairs, axis=1), axis=0)
+        pairs = np.sort(pairs, axis=1).astype(np.int64, copy=False)
+        key = np.unique(pairs[:, 0] * n + pairs[:, 1])  # row-sorted unique pairs, without unique(axis=0)'s cost
+        pairs = np.column_stack([key // n, key % n])
         d = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
         if radius is not None:
             pairs, d = pairs[d <= radius], d[d <= radius]
@@ -295,17 +547,23 @@ def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
     ids = np.asarray(ids, np.int64)
     out = {}
     for name, after, before in (("cell", cell, cell_original), ("nucleus", nucleus, nucleus_original)):
-        after, before = np.asarray(after), np.asarray(before)
-        if after.shape != before.shape:
-            raise InputError(f"repair_flags: {name} is {after.shape} but {name}_original is {before.shape}")
-        top = int(max(after.max(initial=0), ids.max(initial=0)))
-        source = np.zeros(top + 1, np.int64)
-        area_after = np.zeros(top + 1, np.int64)
-        area_before = np.bincount(before.ravel(), minlength=1)
-        for band in range(0, after.shape[0], 1024):
-            a, b = after[band:band + 1024].ravel(), before[band:band + 1024].ravel()
-            m = a > 0
-            area_after += np.bincount(a[m], minlength=top + 1)
+        if tuple(after.shape) != tuple(before.shape):
+            raise InputError(f"repair_flags: {name} is {tuple(after.shape)} but {name}_original is "
+                             f"{tuple(before.shape)}")
+        n = int(ids.max(initial=0)) + 1
+        source = np.zeros(n, np.int64)
+        area_after = np.zeros(n, np.int64)
+        area_before = np.zeros(1, np.int64)
+        rows = max(1, _BLOCK_PIXELS // max(1, int(after.shape[1])))
+        for band in range(0, int(after.shape[0]), rows):  # row bands: labels may be lazy arrays
+            a = np.asarray(after[band:band + rows]).ravel().astype(np.int64, copy=False)
+            b = np.asarray(before[band:band + rows]).ravel().astype(np.int64, copy=False)
+            counts = np.bincount(b)
+            if counts.size > area_before.size:
+                area_before = np.concatenate([area_before, np.zeros(counts.size - area_before.size, np.int64)])
+            area_before[:counts.size] += counts
+            m = (a > 0) & (a < n)
+            area_after += np.bincount(a[m], minlength=n)
             m &= b > 0
             source[a[m]] = b[m]
         src = source[ids]
@@ -318,19 +576,24 @@ def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
 
 
 def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean",), image_mpp=None,
-                   neighbours="delaunay", neighbour_radius=None, progress=None):
+                   neighbours="delaunay", neighbour_radius=None, threads=1, memory_mb=None, progress=None):
     """Measure every cell of a stitched slide.
 
     Parameters
     ----------
     cell, nucleus : array-like of int, shape (y, x)
         Whole-slide labels, cell ``k`` paired with nucleus ``k`` (as ``stitch`` writes them).
+        NumPy arrays or lazy arrays (``.shape``, ``.dtype`` and NumPy-style row slicing, e.g. a
+        Zarr array): they are read in row blocks, never whole.
     channels : iterable of (str, array-like)
-        ``(marker name, plane)`` pairs, read one at a time (planes may be lazy arrays).
+        ``(marker name, plane)`` pairs; planes may be lazy arrays too (read in the same row blocks).
     cytoplasm : array-like, optional
         Cytoplasm labels; default ``cell`` where ``nucleus`` is 0.
     statistics : sequence of str
         Of ``mean`` (always computed for the cell compartment), ``sum``, ``std``, ``median``.
+        ``median`` is exact but not streamed: per marker and compartment it reads the whole
+        plane as float64 and the whole labels (about 16 bytes a pixel) and sorts the pixels
+        (``scipy.ndimage.median``); it is off by default.
     image_mpp : float, optional
         µm per pixel: adds µm/µm² columns; the spatial graph is in µm (else in pixels).
     neighbours : {"delaunay", "radius", "none"}
@@ -338,6 +601,13 @@ def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean
     neighbour_radius : float, optional
         µm (pixels without ``image_mpp``): the radius graph's distance, or the longest
         Delaunay edge kept.
+    threads : int
+        Markers measured in parallel (and cell and nucleus shapes at the same time).
+    memory_mb : float, optional
+        The working memory to aim for: sets the rows per block (default ``DEFAULT_MEMORY_MB``,
+        256 MB).  Besides it: the per-cell tables and, with ``median``, one whole plane.
+    progress : callable, optional
+        Called as ``progress(rows_done, rows)`` after each block of the intensity pass.
 
     Returns
     -------
@@ -357,15 +627,24 @@ def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean
     name is the cell mean; ``<marker>_nucleus_mean`` / ``<marker>_cytoplasm_mean``), the
     morphology follows ``skimage.measure.regionprops`` as MCMICRO's mcquant and steinbock
     report it, and the graph uses squidpy's ``spatial_connectivities``/``spatial_distances``.
+    Every marker is read once, block by block, for all three compartments
+    (:func:`_compartment_intensities`).
     """
-    cell = np.asarray(cell)
-    nucleus = np.asarray(nucleus)
-    if cell.ndim != 2 or nucleus.shape != cell.shape:
-        raise InputError(f"cell labels {cell.shape} and nucleus labels {nucleus.shape}: expected two 2-D "
+    shape = tuple(cell.shape)
+    if len(shape) != 2 or tuple(nucleus.shape) != shape:
+        raise InputError(f"cell labels {shape} and nucleus labels {tuple(nucleus.shape)}: expected two 2-D "
                          "images of the same shape")
-    for name, lab in (("cell", cell), ("nucleus", nucleus)):
-        if lab.dtype.kind not in "iu" or (lab.dtype.kind == "i" and lab.size and lab.min() < 0):
-            raise InputError(f"{name} labels: dtype {lab.dtype}; expected non-negative integer ids")
+    if cytoplasm is not None and tuple(cytoplasm.shape) != shape:
+        raise InputError(f"cytoplasm labels {tuple(cytoplasm.shape)}: expected the cell labels' shape {shape}")
+    threads = max(1, int(threads))
+    rows = _block_rows(shape, memory_mb, 16)
+    for name, lab in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", cytoplasm)):
+        if lab is None:
+            continue
+        kind = np.dtype(lab.dtype).kind
+        if kind not in "iu" or (kind == "i" and any(_rows(lab, y, y + rows).min(initial=0) < 0
+                                                    for y in range(0, shape[0], rows))):
+            raise InputError(f"{name} labels: dtype {np.dtype(lab.dtype)}; expected non-negative integer ids")
     stats_wanted = tuple(dict.fromkeys(("mean", *statistics)))
     unknown = sorted(set(stats_wanted) - set(STATISTICS))
     if unknown:
@@ -374,31 +653,49 @@ def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean
         raise InputError(f"neighbours={neighbours!r}: expected one of {', '.join(NEIGHBOURS)}")
     if image_mpp is not None and not (np.isfinite(image_mpp) and image_mpp > 0):
         raise InputError(f"image_mpp={image_mpp!r}: expected a positive number of µm per pixel")
-    ids = cell_ids(cell)
-    cyto = np.where(nucleus == 0, cell, 0) if cytoplasm is None else np.asarray(cytoplasm)
-    labels = {"cell": cell, "nucleus": nucleus, "cytoplasm": cyto}
-    meta = morphology(cell, nucleus, ids, mpp=image_mpp)
-    meta["has_nucleus"] = meta["nucleus_area"] > 0
-    markers = {"cell_id": ids.copy()}
-    names = []
+    names, planes = [], []
     for name, plane in channels:
         name = str(name)
         if name in names:
             raise InputError(f"marker {name!r} appears twice in the channel names")
+        if tuple(plane.shape) != shape:
+            raise InputError(f"a channel has shape {tuple(plane.shape)} but the masks have {shape}")
         names.append(name)
-        for comp in COMPARTMENTS:
-            values = intensity_statistics(labels[comp], plane, ids, stats_wanted)
+        planes.append(plane)
+    ids = cell_ids(cell, memory_mb=memory_mb)
+    meta = morphology(cell, nucleus, ids, mpp=image_mpp, memory_mb=memory_mb, threads=threads)
+    meta["has_nucleus"] = meta["nucleus_area"] > 0
+    markers = {"cell_id": ids.copy()}
+    graph, pool = None, None
+    if neighbours != "none":
+        xy = np.column_stack([meta["centroid_x"], meta["centroid_y"]]) * (image_mpp or 1.0)
+        if threads > 1:  # Qhull / the k-d tree release the GIL: the graph is built beside the intensities
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1)
+            graph = pool.submit(spatial_neighbours, xy, method=neighbours, radius=neighbour_radius)
+        else:
+            graph = spatial_neighbours(xy, method=neighbours, radius=neighbour_radius)
+    try:
+        count, total, squares = _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, stats_wanted,
+                                                         threads=threads, memory_mb=memory_mb, progress=progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    if pool is not None:
+        graph = graph.result()
+    if "median" in stats_wanted and cytoplasm is None:  # whole labels: median is not streamed
+        cytoplasm = np.where(_rows(nucleus, 0, shape[0]) == 0, _rows(cell, 0, shape[0]), 0)
+    for j, (name, plane) in enumerate(zip(names, planes)):
+        for k, comp in enumerate(COMPARTMENTS):
+            values = _statistics_from_sums(count[k], total[j][k], squares[j][k] if squares else None, stats_wanted)
+            if "median" in stats_wanted:
+                values["median"] = _medians((cell, nucleus, cytoplasm)[k], plane, ids, count[k])
             for stat, col in values.items():
                 if comp == "cell" and stat == "mean":
                     markers[name] = col
                 else:
                     meta[f"{name}_{comp}_{stat}"] = col
-        if progress is not None:
-            progress(len(names))
-    graph = None
-    if neighbours != "none":
-        xy = np.column_stack([meta["centroid_x"], meta["centroid_y"]]) * (image_mpp or 1.0)
-        graph = spatial_neighbours(xy, method=neighbours, radius=neighbour_radius)
     stats = {"cells": int(len(ids)), "markers": names, "statistics": list(stats_wanted),
              "cells_without_nucleus": int(np.count_nonzero(~meta["has_nucleus"])),
              "image_mpp": image_mpp, "neighbours": neighbours, "neighbour_radius": neighbour_radius,

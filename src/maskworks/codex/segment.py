@@ -1,4 +1,5 @@
-"""Whole-cell and nuclear instance segmentation of two-channel patches: Mesmer (DeepCell) or a classical watershed."""
+"""Whole-cell and nuclear instance segmentation of two-channel patches: Mesmer (DeepCell), InstanSeg (PyTorch),
+a classical watershed, or nuclei grown by a fixed distance (expansion)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from maskworks.io.params import Number, checked
 
 log = logging.getLogger("maskworks")
 
-BACKENDS = ("watershed", "mesmer")
+# Mesmer runs in the DeepCell environment (TensorFlow), InstanSeg in the torch one, the others anywhere
+# (rules/common.smk: SEGMENT_ENVS).
+BACKENDS = ("watershed", "mesmer", "expansion", "instanseg")
 
 # Where deepcell 0.12's Mesmer() keeps the model: fetch_data() downloads
 # models/MultiplexSegmentation-9.tar.gz into ~/.deepcell/models/ and Mesmer.__init__
@@ -47,11 +50,17 @@ def label_boundaries(labels) -> np.ndarray:
 # ----------------------------------------------------------------------------- watershed
 
 
-@checked(
+# The nuclear step's parameters (segment_watershed, segment_expansion).
+NUCLEAR_PARAMETERS = dict(
     smoothing_sigma=Number(minimum=0, unit="pixels"),
     threshold_scale=Number(exclusive_minimum=0),
     min_nucleus_distance=Number(integer=True, minimum=1, unit="pixels"),
     min_nucleus_area=Number(integer=True, minimum=0, unit="pixels"),
+)
+
+
+@checked(
+    **NUCLEAR_PARAMETERS,
     foreground_sigma=Number(minimum=0, unit="pixels"),
     max_expansion=Number(minimum=0, unit="pixels"),
     min_cell_area=Number(integer=True, minimum=0, unit="pixels"),
@@ -132,15 +141,7 @@ def segment_watershed(
     if not np.ptp(nuc) > 0:
         return empty, empty.copy(), stats
 
-    fg = nuc > threshold_otsu(nuc) * threshold_scale
-    fg = ndi.binary_fill_holes(_drop_small(ndi.label(fg)[0], min_nucleus_area) > 0)
-    dist = ndi.distance_transform_edt(fg)
-    peaks = peak_local_max(dist, min_distance=max(1, int(min_nucleus_distance)), labels=ndi.label(fg)[0],
-                           exclude_border=False)
-    markers = np.zeros(shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    nucleus = _sequential(_drop_small(watershed(-dist, markers, mask=fg), min_nucleus_area))
-    seeds = np.where(markers > 0, nucleus, 0).astype(np.int32)
+    nucleus, seeds = _nuclei(nuc, threshold_scale, min_nucleus_distance, min_nucleus_area)
 
     # log: the split wanted is signal vs background, not membrane vs the dimmer cytoplasm
     wide = np.log1p(np.maximum(ndi.gaussian_filter(img[..., 1].astype(np.float32), foreground_sigma), 0))
@@ -166,6 +167,212 @@ def segment_watershed(
                  cells_without_nucleus=_cells_without_nucleus(cell, nucleus),
                  nuclei_split=_nuclei_split(cell, nucleus))
     return cell.astype(np.int32), nucleus.astype(np.int32), stats
+
+
+def _nuclei(nuc, threshold_scale, min_nucleus_distance, min_nucleus_area):
+    """Nuclei of a smoothed nuclear channel (which has some contrast) and their seeds: Otsu foreground,
+    holes filled, watershed of the negated distance transform from its maxima."""
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    fg = nuc > threshold_otsu(nuc) * threshold_scale
+    fg = ndi.binary_fill_holes(_drop_small(ndi.label(fg)[0], min_nucleus_area) > 0)
+    dist = ndi.distance_transform_edt(fg)
+    peaks = peak_local_max(dist, min_distance=max(1, int(min_nucleus_distance)), labels=ndi.label(fg)[0],
+                           exclude_border=False)
+    markers = np.zeros(nuc.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    nucleus = _sequential(_drop_small(watershed(-dist, markers, mask=fg), min_nucleus_area))
+    return nucleus, np.where(markers > 0, nucleus, 0).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+@checked(**NUCLEAR_PARAMETERS, expansion_distance=Number(minimum=0, unit="pixels"))
+def segment_expansion(
+    image,
+    *,
+    smoothing_sigma=1.0,
+    threshold_scale=1.0,
+    min_nucleus_distance=5,
+    min_nucleus_area=20,
+    expansion_distance=10.0,
+):
+    """Nuclei of the nuclear channel, and cells grown from them by a fixed distance (no model weights).
+
+    Parameters
+    ----------
+    image : array-like, shape (h, w, 2) or (h, w)
+        Channel 0 nuclear (channel 1, whole-cell, is not used).
+    smoothing_sigma, threshold_scale, min_nucleus_distance, min_nucleus_area
+        The nuclear step of :func:`segment_watershed`, with the same meaning.
+    expansion_distance : float
+        Each nucleus grows by up to this many pixels into the background
+        (``skimage.segmentation.expand_labels``); 0: the cells are the nuclei.
+
+    Returns
+    -------
+    cell, nucleus : ndarray of int32, shape (h, w)
+        Instance labels, ids 1..n, paired: nucleus k lies inside cell k.
+    stats : dict
+        ``nuclei``, ``cells``.
+
+    Notes
+    -----
+    The usual fallback where no membrane marker is good enough (e.g. QuPath's
+    cell expansion, ``expand_labels`` in scikit-image): neighbouring cells
+    meet half-way between their nuclei, never overlap, and a cell is as
+    round as its nucleus allows.
+    """
+    from skimage.segmentation import expand_labels
+
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] >= 1:
+        img = img[..., 0]
+    if img.ndim != 2:
+        raise InputError(f"segment_expansion: expected a (h, w, 2) image, got shape {np.shape(image)}")
+    nuc = ndi.gaussian_filter(img.astype(np.float32), smoothing_sigma)
+    if not np.ptp(nuc) > 0:
+        empty = np.zeros(img.shape, np.int32)
+        return empty, empty.copy(), {"nuclei": 0, "cells": 0}
+    nucleus, _ = _nuclei(nuc, threshold_scale, min_nucleus_distance, min_nucleus_area)
+    cell = expand_labels(nucleus, distance=float(expansion_distance)).astype(np.int32)
+    return cell, nucleus.astype(np.int32), {"nuclei": int(nucleus.max()), "cells": int(cell.max())}
+
+
+def pair_by_overlap(cell, nucleus) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei renumbered after the cell they overlap most, and trimmed to it: nucleus k lies in cell k.
+
+    Parameters
+    ----------
+    cell, nucleus : array-like of int, shape (h, w)
+        Instance labels of one image, 0 background, not paired.
+
+    Returns
+    -------
+    cell, nucleus : ndarray of int32
+        ``cell`` as given (ids made 1..n); ``nucleus`` with, for every cell, the
+        pixels of the nucleus that overlaps it most (ties: the lower nucleus id)
+        that lie inside it, labelled with the cell's id.  A nucleus no cell
+        claims, and the parts of a nucleus outside its cell, are dropped.
+    """
+    cell = _sequential(np.asarray(cell).astype(np.int64))
+    nucleus = np.asarray(nucleus).astype(np.int64)
+    out = np.zeros(cell.shape, np.int32)
+    both = (cell > 0) & (nucleus > 0)
+    if not both.any():
+        return cell.astype(np.int32), out
+    n_nuc = int(nucleus.max()) + 1
+    key = cell[both] * n_nuc + nucleus[both]
+    pairs, counts = np.unique(key, return_counts=True)
+    c, n = pairs // n_nuc, pairs % n_nuc
+    # per cell the nucleus with most pixels in it: sort by cell, count (descending), nucleus id
+    order = np.lexsort((n, -counts, c))
+    c, n = c[order], n[order]
+    first = np.r_[True, c[1:] != c[:-1]]
+    best = np.zeros(int(cell.max()) + 1, np.int64)
+    best[c[first]] = n[first]
+    keep = both & (best[cell] == nucleus)
+    out[keep] = cell[keep]
+    return cell.astype(np.int32), out
+
+
+# ----------------------------------------------------------------------------- InstanSeg
+
+INSTANSEG_MODEL_FILE = "instanseg.pt"  # the TorchScript file of a bioimage.io InstanSeg model
+
+
+def find_instanseg_model(model_path) -> Path:
+    """The TorchScript file of an InstanSeg model: ``model_path`` itself, or ``instanseg.pt`` in that folder
+    (an extracted bioimage.io model, as InstanSeg's own download leaves it)."""
+    if model_path in (None, ""):
+        raise InputError(
+            "backend instanseg needs model_path (--model-path): an InstanSeg TorchScript model (instanseg.pt) or "
+            "the folder of an extracted InstanSeg bioimage.io model; maskworks downloads no weights (README: "
+            "InstanSeg weights on an offline cluster)")
+    p = Path(model_path).expanduser()
+    if p.is_dir():
+        found = sorted(p.rglob(INSTANSEG_MODEL_FILE))
+        if not found:
+            raise InputError(f"model_path {p}: holds no {INSTANSEG_MODEL_FILE} (expected an extracted InstanSeg "
+                             "bioimage.io model)")
+        return found[0]
+    if not p.is_file():
+        raise InputError(f"model_path {p}: no such file or directory (expected an InstanSeg {INSTANSEG_MODEL_FILE})")
+    return p
+
+
+def load_instanseg_model(model_path, device="cpu"):
+    """``instanseg.InstanSeg`` around the TorchScript model at ``model_path`` (:func:`find_instanseg_model`)."""
+    import torch
+    from instanseg import InstanSeg
+
+    path = find_instanseg_model(model_path)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        raise InputError(f"model_path {path}: not a TorchScript model that torch {torch.__version__} can load "
+                         f"({str(exc).splitlines()[0]})") from None
+    for attribute in ("pixel_size", "cells_and_nuclei"):
+        if not hasattr(module, attribute):
+            raise InputError(f"model_path {path}: a TorchScript model, but not InstanSeg's (no {attribute})")
+    return InstanSeg(module, device=device, verbosity=0)
+
+
+def segment_instanseg(batch, *, model, image_mpp=None):
+    """Whole-cell and nuclear labels of a batch of patches with InstanSeg.
+
+    Parameters
+    ----------
+    batch : array-like, shape (n, h, w, 2)
+        Channel 0 nuclear, channel 1 whole-cell; any real dtype (sent as float32).
+    model : instanseg.InstanSeg
+        :func:`load_instanseg_model`; a model that segments nuclei and cells
+        (``cells_and_nuclei``, e.g. ``fluorescence_nuclei_and_cells``).
+    image_mpp : float, optional
+        Microns per pixel of the patches; InstanSeg rescales to its model's pixel
+        size and back.  None: no rescaling.
+
+    Returns
+    -------
+    cell, nucleus : ndarray of int32, shape (n, h, w)
+        Instance labels per patch, paired by :func:`pair_by_overlap` (nucleus k
+        inside cell k); none in a flat patch (both channels constant), which is
+        not sent to the model.
+
+    Notes
+    -----
+    Calls ``InstanSeg.eval_small_image(image, pixel_size=image_mpp, normalise=True,
+    target="all_outputs")`` of instanseg-torch 0.1 per patch (its own per-channel
+    percentile normalisation), whose output channel 0 is the nuclear and channel
+    1 the whole-cell segmentation.
+    """
+    import torch
+
+    x = np.asarray(batch)
+    if x.ndim != 4 or x.shape[-1] != 2:
+        raise InputError(f"segment_instanseg: expected a (n, h, w, 2) batch, got shape {x.shape}")
+    if not bool(model.instanseg.cells_and_nuclei):
+        raise InputError("segment_instanseg: the InstanSeg model segments one compartment only; use a model of "
+                         "nuclei and cells (e.g. fluorescence_nuclei_and_cells)")
+    cells, nuclei = [], []
+    with torch.no_grad():
+        for patch in x:
+            if not (np.ptp(patch[..., 0]) > 0 or np.ptp(patch[..., 1]) > 0):
+                # a flat patch holds no object (and InstanSeg's clustering is not safe on one)
+                cells.append(np.zeros(patch.shape[:2], np.int32))
+                nuclei.append(np.zeros(patch.shape[:2], np.int32))
+                continue
+            image = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patch, -1, 0), dtype=np.float32))
+            labels = model.eval_small_image(image, pixel_size=image_mpp, normalise=True, return_image_tensor=False,
+                                            target="all_outputs")
+            labels = labels.detach().cpu().numpy().reshape(-1, *patch.shape[:2])
+            cell, nucleus = pair_by_overlap(labels[1], labels[0])
+            cells.append(cell)
+            nuclei.append(nucleus)
+    return np.stack(cells), np.stack(nuclei)
 
 
 def _disk(r: int) -> np.ndarray:

@@ -9,13 +9,16 @@ On-disk layout (what each stage reads and writes)
 -------------------------------------------------
 ``tile-image`` -> ``<patches_dir>/``
     ``patches.zarr``        Zarr v2 group; array ``patches`` of shape (n, patch_height,
-                            patch_width, 2), the image's dtype, one chunk per patch up
+                            patch_width, 2), the image's dtype (float32 with a
+                            whole-cell normalisation or ``sum``), one chunk per patch up
                             to 16 MiB, else 1024 x 1024 tiles (``full_image``,
                             halves, quarters of a whole slide); channel 0 nuclear, 1
-                            whole-cell (max, or mean, of the whole-cell channels); zero
+                            whole-cell (max, mean or sum of the whole-cell channels,
+                            each normalised first if asked); zero
                             padding bottom/right.  ``.attrs``: the grid (``image_shape``,
                             ``patch_shape``, ``step``, ``split_mode``, ``overlap``),
-                            ``image_mpp``, channel names, source image.
+                            ``image_mpp``, channel names, source image,
+                            ``wholecell_normalisation`` and ``wholecell_statistics``.
     ``patches_metadata.csv`` one row per patch, Aegle's columns first: patch_id,
                             x_start, y_start, height, width, nucleus_mean, nucleus_std,
                             nucleus_non_zero_perc, wholecell_mean, wholecell_std,
@@ -70,6 +73,7 @@ from ..io import (
 )
 from ..io.outputs import safe_name
 from ..io.params import DEVICE, Choice, Choices, Mapping, Number, Text, checked
+from ..io.slides import open_multichannel, read_channel_names, select_channels
 from ..io.volumes import CheckedArray, describe_error, npy_header
 from ..jobs import keyword_defaults, provenance
 from .quantify import NEIGHBOURS, STATISTICS
@@ -77,9 +81,13 @@ from .repair import boundaries, check_labels, repair_masks
 from .segment import (
     BACKENDS,
     download_mesmer_model,
+    find_instanseg_model,
     find_mesmer_model,
     label_boundaries,
+    load_instanseg_model,
     load_mesmer_model,
+    segment_expansion,
+    segment_instanseg,
     segment_mesmer,
     segment_watershed,
     smallest_uint,
@@ -89,28 +97,31 @@ from .tiling import (
     SPLIT_DIRECTIONS,
     SPLIT_MODES,
     WHOLECELL_AGGREGATIONS,
+    WHOLECELL_NORMALISATIONS,
     PatchGrid,
     PatchStats,
     model_input,
-    open_multichannel,
+    model_input_dtype,
     patch_grid,
     patch_qc,
-    read_channel_names,
-    select_channels,
+    wholecell_statistics,
 )
 
 log = logging.getLogger("maskworks")
 
 
 def add_commands(sub):
-    """Register ``tile-image``, ``segment-cells``, ``repair-masks``, ``stitch``, ``quantify`` and
-    ``download-mesmer-model``."""
+    """Register ``tile-image``, ``segment-cells``, ``repair-masks``, ``stitch``, ``quantify``,
+    ``download-mesmer-model`` and ``write-spatialdata`` (:mod:`.spatial`)."""
     _add_tile(sub)
     _add_segment(sub)
     _add_repair(sub)
     _add_stitch(sub)
     _add_quantify(sub)
     _add_download(sub)
+    from .spatial import add_commands as add_spatialdata  # spatial reads STITCH_FORMATS from here
+
+    add_spatialdata(sub)
 
 
 # ----------------------------------------------------------------------------- repair_masks
@@ -325,26 +336,32 @@ PATCH_CHUNK_BYTES = 16 * 2**20
     overlap=Number(minimum=0, maximum=0.75, nullable=True),
     split_direction=Choice(SPLIT_DIRECTIONS),
     wholecell_aggregation=Choice(WHOLECELL_AGGREGATIONS),
+    wholecell_normalisation=Choice(WHOLECELL_NORMALISATIONS),
     non_zero_perc_threshold=Number(minimum=0, maximum=1),
     mean_intensity_threshold=Number(minimum=0),
 )
 def tile_image_files(
     image, channels, out_dir, *, nuclear_channel, wholecell_channels, image_mpp=None, channel_axis=None,
     split_mode="patches", patch_height=1440, patch_width=1920, overlap=None, split_direction="vertical",
-    wholecell_aggregation="max", non_zero_perc_threshold=0.05, mean_intensity_threshold=1.0,
+    wholecell_aggregation="max", wholecell_normalisation="none", non_zero_perc_threshold=0.05,
+    mean_intensity_threshold=1.0,
 ):
     """Cut a multichannel image into two-channel patches with QC: the ``tile_image`` rule.
 
-    ``image``: TIFF/OME-TIFF (see :func:`~maskworks.codex.tiling.open_multichannel`);
-    ``channels``: the channel names file (:func:`~maskworks.codex.tiling.read_channel_names`),
+    ``image``: TIFF/OME-TIFF (see :func:`~maskworks.io.slides.open_multichannel`);
+    ``channels``: the channel names file (:func:`~maskworks.io.slides.read_channel_names`),
     or None to use the OME-XML channel names.  ``image_mpp``: the value given
     (image table or command line) wins; None: from the file (OME PhysicalSizeX
     or resolution tags) when it lies in ``MPP_RANGE`` (0.05-5 µm/px; a 72-dpi
     TIFF says 352.8), an error otherwise; no value in the file: unknown (Mesmer
     does not rescale).  ``split_mode``, ``overlap``, ``split_direction``: see
     :func:`~maskworks.codex.tiling.patch_grid`; ``wholecell_aggregation``:
-    ``max`` (Aegle) or ``mean`` (steinbock) of the whole-cell channels.
-    The image is read whole up to ``tiling.IN_MEMORY_BYTES`` and lazily (per
+    ``max`` (Aegle), ``mean`` (steinbock) or ``sum`` of the whole-cell channels, each first
+    normalised by ``wholecell_normalisation`` (``none``, ``minmax``, ``zscore``,
+    ``percentile``: statistics per channel over the whole slide, from one streaming pass,
+    :func:`~maskworks.codex.tiling.wholecell_statistics`); with ``sum`` or a normalisation
+    the patches are float32, else the image's dtype.
+    The image is read whole up to ``maskworks.io.slides.IN_MEMORY_BYTES`` and lazily (per
     patch, only the channels used) above; a patch is written in blocks of
     ``PATCH_CHUNK`` rows, so a ``full_image`` patch of any size works.  Writes
     ``out_dir/patches.zarr``, ``patches_metadata.csv``, ``tiling_stats.json`` and
@@ -356,7 +373,8 @@ def tile_image_files(
     params = {"nuclear_channel": nuclear_channel, "wholecell_channels": wholecell_channels, "image_mpp": image_mpp,
               "channel_axis": channel_axis, "split_mode": split_mode, "patch_height": patch_height,
               "patch_width": patch_width, "overlap": overlap, "split_direction": split_direction,
-              "wholecell_aggregation": wholecell_aggregation, "non_zero_perc_threshold": non_zero_perc_threshold,
+              "wholecell_aggregation": wholecell_aggregation, "wholecell_normalisation": wholecell_normalisation,
+              "non_zero_perc_threshold": non_zero_perc_threshold,
               "mean_intensity_threshold": mean_intensity_threshold}
     with transaction(*outputs, inputs=[image, channels]):
         return _tile_image_files(image, channels, *outputs, params)
@@ -414,11 +432,12 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
         grid = patch_grid(img.shape, split_mode=params["split_mode"], patch_height=params["patch_height"],
                           patch_width=params["patch_width"], overlap=params["overlap"],
                           split_direction=params["split_direction"])
-        agg = params["wholecell_aggregation"]
+        agg, norm = params["wholecell_aggregation"], params["wholecell_normalisation"]
+        wstats = None if norm == "none" else wholecell_statistics(img, wc, norm)
         log.info("tile_image %s: %d channels, %s px, nuclear %s, whole-cell %s (%s), mpp %s, grid %s x %s of %s "
                  "(%s)", image, img.n_channels, img.shape, names[nuc], [names[i] for i in wc], agg, mpp,
                  *grid.grid_shape, grid.patch_shape, "lazy" if img.lazy else "in memory")
-        dtype = np.dtype(img.data.dtype)
+        dtype = model_input_dtype(img.data.dtype, agg, norm)
         factor = max(1, -(-max(img.shape) // OVERVIEW_PIXELS))
         overview = np.zeros((-(-img.shape[0] // factor), -(-img.shape[1] // factor), 2), np.float32)
         prov = provenance("tile_image", {"image": image, "channels": channels}, params)
@@ -432,7 +451,9 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
             arr = ngff.create_array(root, "patches", (grid.n_patches, ph, pw, 2), chunks, dtype, "0.4")
             root.attrs.update(grid=grid.to_attrs(), image=str(image), channel_names=list(names),
                               nuclear_channel=names[nuc], wholecell_channels=[names[i] for i in wc],
-                              wholecell_aggregation=agg, image_mpp=mpp, maskworks=prov)
+                              wholecell_aggregation=agg, wholecell_normalisation=norm,
+                              wholecell_statistics=_named_statistics(wstats, names, wc), image_mpp=mpp,
+                              maskworks=prov)
             for pid in _progress(range(grid.n_patches), "tile_image"):
                 row, col, y0, x0 = grid.position(pid)
                 vh, vw = grid.valid_shape(pid)
@@ -443,7 +464,8 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
                     if r0 < vh:
                         ys = slice(y0 + r0, y0 + min(r1, vh))
                         block[:ys.stop - ys.start, :vw] = model_input(img, nuc, wc, ys, slice(x0, x0 + vw),
-                                                                      aggregation=agg)
+                                                                      aggregation=agg, normalisation=norm,
+                                                                      statistics=wstats)
                     if dtype.kind == "f" and not np.isfinite(block).all():
                         raise InputError(f"{image}: NaN/Inf values in patch {pid} (rows {y0 + r0}..{y0 + r1}); "
                                          "fill them before tiling")
@@ -464,7 +486,8 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     counts = {k: sum(bool(r[k]) for r in rows) for k in ("is_informative", "is_empty", "is_noisy")}
     st = {"image": str(image), "image_shape": list(grid.image_shape), "channels": list(names),
           "nuclear_channel": names[nuc], "wholecell_channels": [names[i] for i in wc],
-          "wholecell_aggregation": params["wholecell_aggregation"], "image_mpp": mpp,
+          "wholecell_aggregation": params["wholecell_aggregation"], "wholecell_normalisation": norm,
+          "wholecell_statistics": _named_statistics(wstats, names, wc), "image_mpp": mpp,
           "image_mpp_source": "given" if params["image_mpp"] not in (None, "") else "file" if mpp else None,
           "chunks": list(chunks),
           "dtype": str(dtype), "read_lazily": bool(img.lazy), **grid.to_attrs(),
@@ -481,6 +504,13 @@ def _tile_image_files(image, channels, store, table, stats_path, qc, params):
     write_json(stats_path, st)
     log.info("tile_image done: %s", {k: st[k] for k in ("patches", "informative", "empty", "noisy")})
     return st
+
+
+def _named_statistics(statistics, names, channels):
+    """The whole-cell statistics with their channel names (None without normalisation)."""
+    if statistics is None:
+        return None
+    return [{"channel": names[c], **st} for c, st in zip(channels, statistics)]
 
 
 def _warn(stats: dict, message: str) -> None:
@@ -574,7 +604,12 @@ def _add_tile(sub):
                    help="halves: vertical = left | right, horizontal = top / bottom (Aegle)")
     p.add_argument("--wholecell-aggregation", choices=WHOLECELL_AGGREGATIONS,
                    default=keyword_defaults(tile_image_files)["wholecell_aggregation"],
-                   help="how the whole-cell channels are combined: max (Aegle) or mean (steinbock)")
+                   help="how the whole-cell channels are combined: max (Aegle), mean (steinbock) or sum")
+    p.add_argument("--wholecell-normalisation", choices=WHOLECELL_NORMALISATIONS,
+                   default=keyword_defaults(tile_image_files)["wholecell_normalisation"],
+                   help="each whole-cell channel first normalised with its statistics over the whole slide: none, "
+                   "minmax, zscore or percentile (1st-99.8th, clipped to 0-1); with a normalisation or sum the "
+                   "patches are float32")
     p.add_argument("--non-zero-perc-threshold", type=float, default=d["non_zero_perc_threshold"],
                    help="a patch whose nuclear channel has a smaller non-zero fraction is empty")
     p.add_argument("--mean-intensity-threshold", type=float, default=d["mean_intensity_threshold"],
@@ -587,7 +622,8 @@ def _run_tile(a):
         a.image, a.channels, a.out_dir, nuclear_channel=a.nuclear_channel, wholecell_channels=a.wholecell_channels,
         image_mpp=a.image_mpp, channel_axis=a.channel_axis, split_mode=a.split_mode, patch_height=a.patch_height,
         patch_width=a.patch_width, overlap=a.overlap, split_direction=a.split_direction,
-        wholecell_aggregation=a.wholecell_aggregation, non_zero_perc_threshold=a.non_zero_perc_threshold,
+        wholecell_aggregation=a.wholecell_aggregation, wholecell_normalisation=a.wholecell_normalisation,
+        non_zero_perc_threshold=a.non_zero_perc_threshold,
         mean_intensity_threshold=a.mean_intensity_threshold,
     )
 
@@ -626,39 +662,60 @@ def _informative(patches_dir, metadata=None):
     return ids
 
 
+# The classical backends: their function and the keywords of it they take (expansion also takes its
+# distance in microns, converted with image_mpp).
+CLASSICAL = {"watershed": segment_watershed, "expansion": segment_expansion}
+
+
+def backend_params(backend) -> dict:
+    """The parameters (with defaults) a backend takes as keywords of :func:`segment_cells_files`."""
+    if backend not in CLASSICAL:
+        return {}
+    extra = {"expansion_distance_um": None} if backend == "expansion" else {}
+    return {**keyword_defaults(CLASSICAL[backend]), **extra}
+
+
 def _segment_params(backend, params):
     if backend not in BACKENDS:
         raise InputError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    known = keyword_defaults(segment_watershed)
+    known = backend_params(backend)
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise InputError(f"unknown segmentation parameter(s) {unknown}; watershed takes {sorted(known)}")
+        raise InputError(f"unknown segmentation parameter(s) {unknown} for backend {backend}, which takes "
+                         f"{sorted(known) or 'none'}")
     return {**known, **params}
 
 
-@checked(segment_watershed, backend=Choice(BACKENDS), batch_size=Number(integer=True, minimum=1), device=DEVICE,
-         model_path=Text(r"^.+$", "a path to a Mesmer model (.tar.gz, .keras/.h5 or a SavedModel folder)",
-                         nullable=True),
+@checked(segment_watershed, segment_expansion, backend=Choice(BACKENDS), batch_size=Number(integer=True, minimum=1),
+         device=DEVICE,
+         model_path=Text(r"^.+$", "a path to a Mesmer model (.tar.gz, .keras/.h5 or a SavedModel folder) or an "
+                         "InstanSeg model (instanseg.pt or its folder)", nullable=True),
+         expansion_distance_um=Number(minimum=0, nullable=True, unit="microns"),
          preprocess_kwargs=Mapping(), postprocess_kwargs_whole_cell=Mapping(), postprocess_kwargs_nuclear=Mapping())
 def segment_cells_files(
     patches_dir, out_dir, *, backend="mesmer", model_path=None, image_mpp=None, batch_size=4,
     preprocess_kwargs=None, postprocess_kwargs_whole_cell=None, postprocess_kwargs_nuclear=None,
-    metadata=None, device="auto", **watershed_params,
+    metadata=None, device="auto", **backend_kwargs,
 ):
     """Segment every informative patch of a tile-image folder: the ``segment_cells`` rule.
 
     ``backend`` "mesmer" loads the model once (:func:`~maskworks.codex.segment.load_mesmer_model`
     with ``model_path``) and sends ``batch_size`` patches at a time, read from the
-    patch store batch by batch; "watershed" takes ``watershed_params`` (the keywords
-    of :func:`~maskworks.codex.segment.segment_watershed`).  ``image_mpp`` None: the
-    value tile-image stored.  ``device`` (Mesmer): auto | cpu | cuda[:N], see
+    patch store batch by batch; "instanseg" likewise with the InstanSeg TorchScript model at
+    ``model_path`` (:func:`~maskworks.codex.segment.load_instanseg_model`, PyTorch); "watershed"
+    and "expansion" take ``backend_kwargs`` (the keywords of
+    :func:`~maskworks.codex.segment.segment_watershed` and
+    :func:`~maskworks.codex.segment.segment_expansion`; expansion also
+    ``expansion_distance_um``, which, when set, replaces ``expansion_distance`` by that many
+    microns at ``image_mpp``).  ``image_mpp`` None: the
+    value tile-image stored.  ``device`` (Mesmer, InstanSeg): auto | cpu | cuda[:N], see
     :func:`~maskworks.codex.segment.tensorflow_device`.  ``metadata``: the patch table whose
     ``is_informative`` column picks the patches (default: the one in
     ``patches_dir``).  Writes ``out_dir/patch_<patch_id>.npz`` per informative
     patch, ``segment_stats.json`` and ``segment_qc.png`` (see the module docstring).
     """
     out_dir = Path(out_dir)
-    ws = _segment_params(backend, watershed_params)
+    ws = _segment_params(backend, backend_kwargs)
     stats_path, qc = out_dir / "segment_stats.json", out_dir / "segment_qc.png"
     inputs = [patches_dir, metadata, model_path]
     with transaction(stats_path, qc, inputs=inputs) as txn:
@@ -686,7 +743,20 @@ def _segment_run_params(backend, ws, attrs, model_path, image_mpp, batch_size, d
         params.update(preprocess_kwargs=dict(preprocess_kwargs or {}),
                       postprocess_kwargs_whole_cell=dict(postprocess_kwargs_whole_cell or {}),
                       postprocess_kwargs_nuclear=dict(postprocess_kwargs_nuclear or {}))
+    elif backend == "instanseg":
+        from ..em.unet import torch_device
+
+        find_instanseg_model(model_path)  # a missing model is reported before any patch is read
+        params["device"] = str(torch_device(device))
     else:
+        ws = dict(ws)
+        um = ws.pop("expansion_distance_um", None)
+        if um is not None:
+            if not mpp:
+                raise InputError(f"expansion_distance_um={um} needs the pixel size, which neither the image table, "
+                                 "--image-mpp nor the slide gives; set one, or expansion_distance in pixels")
+            ws["expansion_distance"] = float(um) / float(mpp)
+            params["expansion_distance_um"] = float(um)
         params.update(ws)
     return params
 
@@ -704,7 +774,9 @@ def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
         from deepcell.applications import Mesmer
 
         app = Mesmer(model=model)
-    ws = {k: params[k] for k in keyword_defaults(segment_watershed)} if backend == "watershed" else {}
+    elif backend == "instanseg" and ids:
+        app = load_instanseg_model(params["model_path"], device=params["device"])
+    ws = {k: params[k] for k in keyword_defaults(CLASSICAL[backend])} if backend in CLASSICAL else {}
     per_patch, shown, target = {}, [], dict(zip(ids, outputs))
     qc_ids = {ids[int(round(i))] for i in np.linspace(0, len(ids) - 1, min(4, len(ids)))} if ids else set()
     batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
@@ -717,8 +789,11 @@ def _segment_cells_files(patches_dir, arr, ids, outputs, stats_path, qc, params)
                 postprocess_kwargs_whole_cell=params["postprocess_kwargs_whole_cell"],
                 postprocess_kwargs_nuclear=params["postprocess_kwargs_nuclear"])
             extra = [{} for _ in batch_ids]
+        elif backend == "instanseg":
+            cells, nuclei = segment_instanseg(batch, model=app, image_mpp=params["image_mpp"])
+            extra = [{} for _ in batch_ids]
         else:
-            results = [segment_watershed(p, **ws) for p in batch]
+            results = [CLASSICAL[backend](p, **ws) for p in batch]
             cells = [r[0] for r in results]
             nuclei = [r[1] for r in results]
             extra = [r[2] for r in results]
@@ -785,14 +860,18 @@ def _add_segment(sub):
                        "(Mesmer or classical watershed)")
     p.add_argument("patches_dir", help="tile-image output folder (patches.zarr, patches_metadata.csv)")
     p.add_argument("out_dir", help="folder for patch_<patch_id>.npz, segment_stats.json, segment_qc.png")
-    p.add_argument("--backend", choices=BACKENDS, default="mesmer", help="mesmer (DeepCell, needs the deepcell env and a model) or watershed (no weights)")
+    p.add_argument("--backend", choices=BACKENDS, default="mesmer",
+                   help="mesmer (DeepCell, needs the deepcell env and a model), instanseg (PyTorch, needs a model), "
+                   "watershed or expansion (no weights)")
     p.add_argument("--metadata", help="patch table choosing the informative patches; if not given, the tile-image one")
     p.add_argument("--batch-size", type=int, default=4, help="patches read and sent to the model together")
-    p.add_argument("--device", default="auto", help="Mesmer: auto, cpu, cuda or cuda:N (a GPU asked for must be usable)")
+    p.add_argument("--device", default="auto",
+                   help="Mesmer, InstanSeg: auto, cpu, cuda or cuda:N (a GPU asked for must be usable)")
+    p.add_argument("--image-mpp", type=float, help="microns per pixel; if not given, as tile-image recorded it")
+    p.add_argument("--model-path", help="mesmer: Keras SavedModel directory or the MultiplexSegmentation tarball "
+                   "(if not given, the deepcell cache ~/.deepcell/models); instanseg: the TorchScript instanseg.pt "
+                   "or the folder of an extracted InstanSeg bioimage.io model (required)")
     g = p.add_argument_group("mesmer")
-    g.add_argument("--model-path", help="Keras SavedModel directory or the MultiplexSegmentation tarball; "
-                   "if not given, the deepcell cache ~/.deepcell/models")
-    g.add_argument("--image-mpp", type=float, help="microns per pixel; if not given, as tile-image recorded it")
     g.add_argument("--preprocess-kwargs", type=_json_dict, default={}, help="JSON object for Mesmer pre-processing")
     g.add_argument("--postprocess-kwargs-whole-cell", type=_json_dict, default={},
                    help="JSON object for Mesmer whole-cell post-processing (deep_watershed)")
@@ -808,11 +887,17 @@ def _add_segment(sub):
                    help="smoothing of the whole-cell channel for the cell foreground")
     g.add_argument("--max-expansion", type=float, default=d["max_expansion"], help="cell growth beyond the nucleus")
     g.add_argument("--min-cell-area", type=int, default=d["min_cell_area"], help="smallest cell without nucleus")
+    g = p.add_argument_group("expansion (the nuclear options above, and)")
+    e = backend_params("expansion")
+    g.add_argument("--expansion-distance", type=float, default=e["expansion_distance"],
+                   help="pixels each nucleus grows by to make its cell")
+    g.add_argument("--expansion-distance-um", type=float, default=e["expansion_distance_um"],
+                   help="the same in microns (needs the pixel size); replaces --expansion-distance")
     p.set_defaults(run=_run_segment)
 
 
 def _run_segment(a):
-    ws = {k: getattr(a, k) for k in keyword_defaults(segment_watershed)} if a.backend == "watershed" else {}
+    ws = {k: getattr(a, k) for k in backend_params(a.backend)}
     return segment_cells_files(
         a.patches_dir, a.out_dir, backend=a.backend, model_path=a.model_path, image_mpp=a.image_mpp,
         batch_size=a.batch_size, preprocess_kwargs=a.preprocess_kwargs,
@@ -852,13 +937,13 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
     ``nucleus_original``, the segmentation as it was, are stitched) or the
     segment-cells output (``cell`` and ``nucleus``).  The cells and nuclei are
     stitched each on its own and the whole slide is repaired after placement
-    (:func:`~maskworks.codex.tiling.stitch_segmentation`).  Writes into
+    (:func:`~maskworks.codex.stitch.stitch_segmentation`).  Writes into
     ``out_dir``: ``cell``, ``nucleus``, ``cytoplasm`` (uint32; cell k pairs with
     nucleus k; ``.ome.tif`` with the pixel size in µm, or OME-Zarr ``.zarr``), the
     unrepaired stitched ``cell_original`` and ``nucleus_original`` (as Aegle keeps
     both), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
     ``stitch_stats.json`` (how objects were placed and joined, the repair metrics
-    and the ``check`` of the result, :func:`~maskworks.codex.tiling.check_stitched`)
+    and the ``check`` of the result, :func:`~maskworks.codex.stitch.check_stitched`)
     and ``stitch_qc.png`` (a crop with the outlines).  The slide is held in memory
     (five uint32 label images and the repair's work arrays).
     """
@@ -877,7 +962,7 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
 def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format, metadata, duplicate_overlap):
     import time
 
-    from .tiling import check_stitched, stitch_segmentation
+    from .stitch import check_stitched, stitch_segmentation
 
     t0 = time.perf_counter()
     arr, grid, attrs = _open_patches(patches_dir)
@@ -1016,6 +1101,46 @@ def _run_stitch(a):
 
 QUANTIFY_OUTPUTS = ("cell_by_marker.csv", "cell_metadata.csv", "cells.h5ad", "quantify_stats.json",
                     "quantify_qc.png")
+# MCMICRO's quantification tables: mcquant names them <image>_<mask>.csv, MCMICRO's image being
+# <sample>--<segmentation method> and its masks cell and nuclei (spatialdata-io's reader parses that name;
+# scimap takes the file stem as imageid).  mask name in the file -> the compartment measured.
+MCQUANT_MASKS = {"cell": "cell", "nuclei": "nucleus"}
+MCQUANT_METHOD = "maskworks"
+# mcquant's columns after CellID and the markers, in its order -> the morphology column they hold
+MCQUANT_SHAPES = {
+    "X_centroid": "centroid_x", "Y_centroid": "centroid_y", "Area": "area", "MajorAxisLength": "major_axis_length",
+    "MinorAxisLength": "minor_axis_length", "Eccentricity": "eccentricity", "Solidity": "solidity",
+    "Extent": "extent", "Orientation": "orientation",
+}
+HIRES_PIXELS = 2000  # longest side of the AnnData's image (uns["spatial"]), as Visium's tissue_hires_image
+
+
+def mcquant_tables(sample: str) -> dict[str, str]:
+    """The mcquant table file of each compartment (``cell``, ``nucleus``) of slide ``sample``."""
+    return {comp: f"{sample}--{MCQUANT_METHOD}_{mask}.csv" for mask, comp in MCQUANT_MASKS.items()}
+
+
+def mcquant_names(names, what="the channel names") -> list[str]:
+    """Channel names made unique as mcquant makes them: every occurrence of a repeated name gets
+    ``_<k>``, k counting its occurrences from 1 (DAPI, CD3, DAPI -> DAPI_1, CD3, DAPI_2).  Names
+    that would still repeat, or that are one of mcquant's own columns (``CellID``,
+    ``X_centroid``, ``Area``, ...), are refused."""
+    from collections import Counter
+
+    names = [str(n) for n in names]
+    total, seen, out = Counter(names), Counter(), []
+    for n in names:
+        seen[n] += 1
+        out.append(f"{n}_{seen[n]}" if total[n] > 1 else n)
+    clash = sorted(n for n, k in Counter(out).items() if k > 1)
+    if clash:
+        raise InputError(f"{what}: {', '.join(clash)} would name two channels once repeated names get _1, _2, ... "
+                         "(as mcquant numbers them); rename one of them")
+    taken = sorted(set(out) & {"CellID", *MCQUANT_SHAPES})
+    if taken:
+        raise InputError(f"{what}: {', '.join(taken)} is a column of mcquant's cell tables, not a marker name; "
+                         "rename the channel")
+    return out
 
 
 class _PlaneRows:
@@ -1034,36 +1159,73 @@ class _PlaneRows:
 
 
 @checked(statistics=Choices(STATISTICS), neighbours=Choice(NEIGHBOURS),
-         neighbour_radius=Number(exclusive_minimum=0, unit="µm", nullable=True))
+         neighbour_radius=Number(exclusive_minimum=0, unit="µm", nullable=True),
+         threads=Number(integer=True, minimum=1), memory_mb=Number(exclusive_minimum=0, unit="MB", nullable=True))
 def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",), image_mpp=None,
-                   neighbours="delaunay", neighbour_radius=None, channel_axis=None):
+                   neighbours="delaunay", neighbour_radius=None, channel_axis=None, sample=None,
+                   nuclear_channel=None, threads=2, memory_mb=None):
     """Measure every stitched cell on every channel of the source image: the ``quantify`` rule.
 
-    ``image`` and ``channels`` as for :func:`tile_image_files` (all channels are measured);
+    ``image`` and ``channels`` as for :func:`tile_image_files` (all channels are measured;
+    a repeated name is numbered as mcquant does, :func:`mcquant_names`);
     ``stitch_dir``: the stitch output (``cell``/``nucleus``/``cytoplasm`` as ``.ome.tif`` or
     ``.zarr``, ``cells.csv``).  ``image_mpp`` None: the stitched labels' pixel size, else the
-    image's.  Writes into ``out_dir``: ``cell_by_marker.csv`` (``cell_id`` + the cell mean of
-    every marker), ``cell_metadata.csv`` (morphology, compartment statistics, patch id),
-    ``cells.h5ad`` (AnnData: X = cell means, obs = metadata, var = markers,
-    ``obsm["spatial"]`` = centroids (x, y) in µm, ``obsp["spatial_connectivities"]`` /
-    ``["spatial_distances"]``), ``quantify_stats.json`` and ``quantify_qc.png``.
+    image's.  ``sample``: the slide's name in the tables (the workflow's row name; None: the
+    image's name without ``.ome.tif``, as mcquant names its tables); ``nuclear_channel``: the
+    channel pictured in the AnnData (None: the first).  ``threads``: channels measured in
+    parallel; ``memory_mb``: the budget of a block of rows of labels and channel read at a
+    time (None: 256 MB), so memory follows it and not the slide's size or its
+    number of channels (:func:`~maskworks.codex.quantify.quantify_cells`).  Writes into ``out_dir``:
+
+    - ``cell_by_marker.csv`` (Aegle: ``cell_id`` + the cell mean of every marker) and
+      ``cell_metadata.csv`` (``sample``, morphology, compartment statistics, patch id);
+    - ``<sample>--maskworks_cell.csv`` and ``<sample>--maskworks_nuclei.csv``
+      (:func:`mcquant_tables`), MCMICRO's mcquant tables of the cell and nucleus masks;
+    - ``cells.h5ad`` (AnnData: X = cell means, obs = metadata, var = the panel (marker,
+      ``original_name``, ``channel``), ``obsm["spatial"]`` = centroids (x, y) in µm (pixels
+      when the pixel size is unknown), ``obsp["spatial_connectivities"]`` /
+      ``["spatial_distances"]``, ``uns["spatial"][sample]`` = the nuclear channel as squidpy's
+      ``hires`` image with its ``scalefactors``);
+    - ``quantify_stats.json`` and ``quantify_qc.png``.
+
+    Notes
+    -----
+    The mcquant tables have mcquant's columns in its order: ``CellID``, the mean of every
+    marker over the mask's object, then ``X_centroid``, ``Y_centroid`` (pixels), ``Area``
+    (pixels), ``MajorAxisLength``, ``MinorAxisLength``, ``Eccentricity``, ``Solidity``,
+    ``Extent``, ``Orientation`` (skimage regionprops; radians).  As mcquant's, the nuclei
+    table lists only the objects of the nucleus mask: the cells with a nucleus, under the
+    cell's id (nucleus k is cell k's).  No ``imageid`` column: scimap's
+    ``mcmicro_to_scimap`` takes the file stem, or ``custom_imageid=<sample>``.
     """
     out_dir = Path(out_dir)
-    outputs = {n: out_dir / n for n in QUANTIFY_OUTPUTS}
+    sample = _sample_name(sample, image)
+    outputs = {n: out_dir / n for n in (*QUANTIFY_OUTPUTS, *mcquant_tables(sample).values())}
     params = {"statistics": list(statistics), "image_mpp": image_mpp, "neighbours": neighbours,
-              "neighbour_radius": neighbour_radius, "channel_axis": channel_axis}
+              "neighbour_radius": neighbour_radius, "channel_axis": channel_axis, "sample": sample,
+              "nuclear_channel": nuclear_channel, "threads": int(threads), "memory_mb": memory_mb}
     with transaction(*outputs.values(), inputs=[image, channels, stitch_dir]):
         return _quantify_files(image, channels, Path(stitch_dir), outputs, params)
+
+
+def _sample_name(sample, image) -> str:
+    """``sample``, or the image's file name without ``.ome.tif`` (mcquant's image name)."""
+    if sample in (None, ""):
+        stem = Path(image).stem
+        sample, what = (stem[:-4] if stem.endswith(".ome") else stem), f"the sample name taken from {image}"
+    else:
+        sample, what = str(sample), "sample"
+    return safe_name(sample, what)
 
 
 def _has_stitched(stitch_dir, name) -> bool:
     return any((stitch_dir / f"{name}{ext}").exists() for ext in STITCH_FORMATS.values())
 
 
-def _stitched(stitch_dir, name):
+def _stitched(stitch_dir, name, lazy=False):
     for ext in STITCH_FORMATS.values():
         if (stitch_dir / f"{name}{ext}").exists():
-            return read_volume(stitch_dir / f"{name}{ext}", ndim=2)
+            return read_volume(stitch_dir / f"{name}{ext}", ndim=2, lazy=lazy)
     raise InputError(f"{stitch_dir}: no {name}.ome.tif or {name}.zarr; run stitch first")
 
 
@@ -1075,9 +1237,11 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     from .quantify import quantify_cells
 
     t0 = time.perf_counter()
-    cell, nucleus, cyto = (_stitched(stitch_dir, k) for k in ("cell", "nucleus", "cytoplasm"))
+    # labels and channels are read by row blocks (memory_mb), never whole
+    cell, nucleus, cyto = (_stitched(stitch_dir, k, lazy=True) for k in ("cell", "nucleus", "cytoplasm"))
     with open_multichannel(image, channel_axis=params["channel_axis"]) as img:
-        names, _ = _channel_names(img, image, channels)
+        originals, what = _channel_names(img, image, channels)
+        names = mcquant_names(originals, what)
         if tuple(img.shape) != tuple(cell.shape):
             raise InputError(f"{image} is {img.shape} pixels but the stitched labels in {stitch_dir} are "
                              f"{cell.shape}: they must come from this image")
@@ -1088,20 +1252,22 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
         log.info("quantify %s: %d markers on %d x %d px, mpp %s, statistics %s", image, len(names), *cell.shape,
                  mpp, params["statistics"])
         markers, meta, graph, st = quantify_cells(
-            cell.numpy(), nucleus.numpy(), ((n, _PlaneRows(img, c)) for c, n in enumerate(names)),
-            cytoplasm=cyto.numpy(), statistics=params["statistics"], image_mpp=mpp,
-            neighbours=params["neighbours"], neighbour_radius=params["neighbour_radius"])
-        crop = _quantify_crop(img, cell.numpy(), names, markers)
-    originals = [_stitched(stitch_dir, k) if _has_stitched(stitch_dir, k) else None
-                 for k in ("cell_original", "nucleus_original")]
-    if all(o is not None for o in originals):  # Aegle's repair QC per cell
+            cell.data, nucleus.data, ((n, _PlaneRows(img, c)) for c, n in enumerate(names)),
+            cytoplasm=cyto.data, statistics=params["statistics"], image_mpp=mpp,
+            neighbours=params["neighbours"], neighbour_radius=params["neighbour_radius"],
+            threads=params["threads"], memory_mb=params["memory_mb"])
+        crop = _quantify_crop(img, cell.data, names, markers, meta)
+        hires = _hires_image(img, _picture_channel(params["nuclear_channel"], names, originals, what), HIRES_PIXELS)
+    unrepaired = [_stitched(stitch_dir, k, lazy=True) if _has_stitched(stitch_dir, k) else None
+                  for k in ("cell_original", "nucleus_original")]
+    if all(o is not None for o in unrepaired):  # Aegle's repair QC per cell
         from .quantify import repair_flags
 
-        meta.update(repair_flags(cell.numpy(), nucleus.numpy(), originals[0].numpy(), originals[1].numpy(),
-                                 meta["cell_id"]))
+        meta.update(repair_flags(cell.data, nucleus.data, unrepaired[0].data, unrepaired[1].data, meta["cell_id"]))
         st["nuclei_trimmed"] = int(np.count_nonzero(meta["nucleus_was_trimmed"]))
     table = stitch_dir / "cells.csv"
     meta = pd.DataFrame(meta)
+    meta.insert(1, "sample", params["sample"])
     if table.is_file():  # where each cell came from
         placed = pd.read_csv(table)
         cols = [c for c in ("patch_id", "patches") if c in placed.columns]
@@ -1113,11 +1279,17 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
         by_marker.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(outputs["cell_metadata.csv"]) as tmp:
         meta.to_csv(tmp, index=False, float_format="%.6g")
-    _write_h5ad(outputs["cells.h5ad"], by_marker, meta, names, graph, mpp, params)
-    st.update(image=str(image), stitch_dir=str(stitch_dir), outputs={k: str(v) for k, v in outputs.items()},
-              seconds=round(time.perf_counter() - t0, 3))
+    for comp, name in mcquant_tables(params["sample"]).items():
+        with atomic_path(outputs[name]) as tmp:
+            mcquant_table(by_marker, meta, names, comp).to_csv(tmp, index=False)
+    _write_h5ad(outputs["cells.h5ad"], by_marker, meta, (names, originals), graph, mpp, params, hires)
+    st.update(sample=params["sample"], channel_names=list(originals), image=str(image), stitch_dir=str(stitch_dir),
+              outputs={k: str(v) for k, v in outputs.items()}, seconds=round(time.perf_counter() - t0, 3))
     if not st["cells"]:
         _warn(st, f"no cell to measure: the stitched labels in {stitch_dir} are empty; the tables have no rows")
+    if "--" in params["sample"]:  # MCMICRO's table names are <sample>--<method>_<mask>
+        _warn(st, f"sample {params['sample']!r} contains '--': spatialdata-io's MCMICRO reader takes the sample "
+                  "name up to the first '--' of the table names")
     _save_quantify_qc(outputs["quantify_qc.png"], by_marker, names, crop,
                       f"quantify: {st['cells']} cells x {len(names)} markers, {st['edges']} neighbour edges "
                       f"({params['neighbours']})")
@@ -1126,24 +1298,81 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     return st
 
 
-def _write_h5ad(path, by_marker, meta, names, graph, mpp, params):
+def mcquant_table(by_marker, meta, names, compartment="cell"):
+    """One of MCMICRO's mcquant tables from the quantify tables (``cell_by_marker``, ``cell_metadata``).
+
+    ``compartment`` ``cell``: every cell, the cell means and the cell's shape; ``nucleus``: the
+    cells with a nucleus, the nucleus means and the nucleus' shape.  Columns: ``CellID``, the
+    markers ``names``, then ``MCQUANT_SHAPES`` (mcquant's order and units: pixels, radians).
+    """
+    import pandas as pd
+
+    if compartment == "cell":
+        rows, means, prefix = slice(None), {n: by_marker[n].to_numpy() for n in names}, ""
+    else:
+        rows, prefix = meta["has_nucleus"].to_numpy(bool), "nucleus_"
+        means = {n: meta[f"{n}_nucleus_mean"].to_numpy() for n in names}
+    return pd.DataFrame({"CellID": meta["cell_id"].to_numpy()[rows], **{n: v[rows] for n, v in means.items()},
+                         **{k: meta[prefix + v].to_numpy()[rows] for k, v in MCQUANT_SHAPES.items()}})
+
+
+def _picture_channel(nuclear_channel, names, originals, what) -> int:
+    """The channel pictured in the AnnData: ``nuclear_channel`` by its numbered or given name (the
+    first of a repeated one; exact, else case-insensitive), the first channel if None."""
+    if nuclear_channel in (None, ""):
+        return 0
+    wanted = str(nuclear_channel)
+    for pool, key in ((names, wanted), (originals, wanted), ([str(n).lower() for n in originals], wanted.lower())):
+        if key in pool:
+            return list(pool).index(key)
+    raise InputError(f"nuclear_channel {nuclear_channel!r} not found in {what}; available: {', '.join(names)}")
+
+
+def _hires_image(img, channel, side):
+    """One channel as squidpy's ``hires`` image: every ``factor``-th pixel (longest side at most
+    ``side``), its 1st-99.5th percentiles stretched to an RGB uint8 grey, read in row blocks.
+    Returns the picture, the factor and the channel."""
+    h, w = img.shape
+    factor = max(1, -(-max(h, w) // side))
+    rows = factor * max(1, (2**24 // max(1, w)) // factor)  # blocks start on every factor-th row
+    small = np.concatenate([img.region(channel, slice(y, min(h, y + rows)), slice(None))[::factor, ::factor]
+                            for y in range(0, h, rows)]).astype(np.float32)
+    finite = small[np.isfinite(small)]
+    lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0)
+    grey = np.clip((np.nan_to_num(small, nan=lo) - lo) / max(hi - lo, 1e-12), 0, 1)
+    return np.repeat(np.round(grey * 255).astype(np.uint8)[..., None], 3, axis=2), factor, channel
+
+
+def _write_h5ad(path, by_marker, meta, panel, graph, mpp, params, hires):
     import anndata
     import pandas as pd
 
+    names, originals = panel
     obs = meta.copy()
     obs.index = obs["cell_id"].astype(str)
     obs.index.name = None
-    adata = anndata.AnnData(X=by_marker[names].to_numpy(dtype=np.float32), obs=obs,
-                            var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+    obs["sample"] = pd.Categorical(obs["sample"])  # squidpy's library_key must be categorical
+    var = pd.DataFrame({"original_name": [str(n) for n in originals], "channel": np.arange(len(names))},
+                       index=pd.Index(names, dtype=str))
+    adata = anndata.AnnData(X=by_marker[names].to_numpy(dtype=np.float32), obs=obs, var=var)
     scale = mpp or 1.0
     adata.obsm["spatial"] = np.column_stack([meta["centroid_x"], meta["centroid_y"]]).astype(np.float64) * scale
+    # squidpy/scanpy draw obsm["spatial"] * tissue_hires_scalef on the hires image: picture pixel j is
+    # image pixel j * factor, so the scale factor is 1 / (factor * µm per pixel)
+    picture, factor, channel = hires
+    area = meta["area"].to_numpy(dtype=np.float64)
+    spot = 2 * np.sqrt(np.median(area) / np.pi) * scale if area.size else scale  # a median cell's diameter
+    adata.uns["spatial"] = {params["sample"]: {
+        "images": {"hires": picture},
+        "scalefactors": {"tissue_hires_scalef": 1.0 / (factor * scale), "spot_diameter_fullres": float(spot)}}}
     if graph is not None:
         adata.obsp["spatial_connectivities"], adata.obsp["spatial_distances"] = graph
         adata.uns["spatial_neighbors"] = {
             "connectivities_key": "spatial_connectivities", "distances_key": "spatial_distances",
             "params": {"method": params["neighbours"], "radius": params["neighbour_radius"],
                        "unit": "micrometer" if mpp else "pixel"}}
-    adata.uns["maskworks"] = {"image_mpp": mpp if mpp else "unknown", "spatial_unit": "micrometer" if mpp else "pixel"}
+    adata.uns["maskworks"] = {"image_mpp": mpp if mpp else "unknown", "spatial_unit": "micrometer" if mpp else "pixel",
+                              "hires_channel": names[channel], "hires_factor": factor}
     with atomic_path(Path(path)) as tmp:
         try:
             adata.write_h5ad(tmp)
@@ -1154,14 +1383,14 @@ def _write_h5ad(path, by_marker, meta, names, graph, mpp, params):
             raise OSError(code, os.strerror(code), str(path)) from exc
 
 
-def _quantify_crop(img, cell, names, markers, side=QC_CROP):
-    """A crop around the densest cells: each marker's cell means painted on the cells."""
+def _quantify_crop(img, cell, names, markers, meta, side=QC_CROP):
+    """A crop around the median cell centroid (where the cells are): each marker's cell means painted
+    on the cells; reads only the crop of the labels."""
     if not len(markers["cell_id"]):
         return None
-    ys, xs = np.nonzero(cell)
-    cy, cx = int(np.median(ys)), int(np.median(xs))
+    cy, cx = int(np.nanmedian(meta["centroid_y"])), int(np.nanmedian(meta["centroid_x"]))
     y0, x0 = max(0, cy - side // 2), max(0, cx - side // 2)
-    lab = cell[y0:y0 + side, x0:x0 + side].astype(np.int64)
+    lab = np.asarray(cell[y0:y0 + side, x0:x0 + side]).astype(np.int64)
     maps = []
     for name in names[:4]:
         table = np.zeros(int(markers["cell_id"].max()) + 1, np.float64)
@@ -1207,17 +1436,25 @@ def _add_quantify(sub):
                        "AnnData with spatial neighbours")
     p.add_argument("image", help="the multichannel image the cells were segmented from (all channels are measured)")
     p.add_argument("stitch_dir", help="stitch output folder (cell, nucleus, cytoplasm labels, cells.csv)")
-    p.add_argument("out_dir", help="folder for cell_by_marker.csv, cell_metadata.csv, cells.h5ad, stats, QC")
+    p.add_argument("out_dir", help="folder for cell_by_marker.csv, cell_metadata.csv, the mcquant tables "
+                   "<sample>--maskworks_cell.csv and _nuclei.csv, cells.h5ad, stats, QC")
     p.add_argument("--channels", help="channel names file; if not given, the OME-XML names")
+    p.add_argument("--sample", help="the slide's name in the tables and the AnnData; if not given, the image's "
+                   "file name without .ome.tif")
+    p.add_argument("--nuclear-channel", help="the channel pictured in the AnnData for squidpy; if not given, the first")
     p.add_argument("--statistics", default="mean", help=f"comma list of {', '.join(STATISTICS)} (mean always)")
     p.add_argument("--image-mpp", type=float, help="µm per pixel; if not given, the stitched labels' or the image's")
     p.add_argument("--neighbours", choices=NEIGHBOURS, default="delaunay", help="spatial neighbour graph")
     p.add_argument("--neighbour-radius", type=float,
                    help="µm: the radius graph's distance, or the longest Delaunay edge kept")
+    p.add_argument("--threads", type=int, default=2, help="channels measured in parallel")
+    p.add_argument("--memory-mb", type=float, help="budget of a block of rows read at a time (MB); if not given, "
+                   "256 MB")
     p.set_defaults(run=_run_quantify)
 
 
 def _run_quantify(a):
     stats = [s.strip() for s in a.statistics.split(",") if s.strip()]
     return quantify_files(a.image, a.channels, a.stitch_dir, a.out_dir, statistics=stats, image_mpp=a.image_mpp,
-                          neighbours=a.neighbours, neighbour_radius=a.neighbour_radius)
+                          neighbours=a.neighbours, neighbour_radius=a.neighbour_radius, sample=a.sample,
+                          nuclear_channel=a.nuclear_channel, threads=a.threads, memory_mb=a.memory_mb)

@@ -1,358 +1,200 @@
-"""Multichannel image -> two-channel model input, patch grid, per-patch QC and whole-slide stitching."""
+"""Multichannel slide -> two-channel model input, patch grid and per-patch QC (stitching: :mod:`.stitch`;
+the slide reader: :mod:`maskworks.io.slides`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from maskworks.io import InputError
+from maskworks.io.slides import (
+    MultichannelImage,
+    open_multichannel,
+    read_channel_names,
+    select_channels,
+)
+
+__all__ = ["MultichannelImage", "open_multichannel", "read_channel_names", "select_channels"]  # re-exported
 
 SPLIT_MODES = ("full_image", "halves", "quarters", "patches")
 
-# A source image up to this many bytes (all its channels) is read into memory whole.
-# Above it, it is read lazily: memory-mapped when its data are uncompressed and contiguous
-# (a patch touches only its own pixels), else one compressed page per channel, decoded
-# only for the channels used (nuclear and whole-cell), never the others.
-IN_MEMORY_BYTES = 2**30
 
-# Header names (case-insensitive, spaces = underscores) recognised in a channel table,
-# in order of preference.
-CHANNEL_NAME_COLUMNS = (
-    "channel_name", "marker_name", "antibody_name", "marker", "antibody", "target", "name", "channel",
-)
+WHOLECELL_AGGREGATIONS = ("max", "mean", "sum")
+WHOLECELL_NORMALISATIONS = ("none", "minmax", "zscore", "percentile")
+NORMALISATION_PERCENTILES = (1.0, 99.8)  # percentile: the low and high percentile of each channel
+STATISTICS_ROWS = 1024  # the statistics pass reads a slide this many rows at a time
+FLOAT_SAMPLES = 1 << 22  # percentiles of a float (or > 16-bit) channel: from about this many pixels
 
 
-# ----------------------------------------------------------------------------- channels
-
-
-def read_channel_names(path) -> list[str]:
-    """Channel names, in channel order, from a text or table file.
-
-    Accepted forms
-    --------------
-    - one name per line (``channels.txt``); blank lines and lines starting with ``#``
-      are skipped;
-    - a table with a header row, tab-separated (any extension) or comma-separated
-      (``.csv``), one row per channel in channel order, like an antibodies TSV
-      (``version  channel_id  antibody_name ...``): the names come from the first
-      column called one of ``channel_name``, ``marker_name``, ``antibody_name``,
-      ``marker``, ``antibody``, ``target``, ``name``, ``channel``
-      (case-insensitive);
-    - one name per line under a single header word from that list.
-
-    Raises
-    ------
-    InputError
-        Missing or empty file, a table without a recognised name column, or a
-        row too short to hold it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: channel names file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#x} at position {exc.start}); "
-                         "save the channel names file as UTF-8") from None
-    lines = [ln.rstrip("\r\n") for ln in text.splitlines()]
-    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not lines:
-        raise InputError(f"{path}: no channel names (expected one per line, or a table with a header)")
-    sep = "\t" if "\t" in lines[0] else "," if path.suffix.lower() == ".csv" and "," in lines[0] else None
-    if sep is None:
-        first = _column_key(lines[0])
-        return [ln.strip() for ln in (lines[1:] if first in CHANNEL_NAME_COLUMNS else lines)]
-    header = [_column_key(h) for h in lines[0].split(sep)]
-    col = next((header.index(c) for c in CHANNEL_NAME_COLUMNS if c in header), None)
-    if col is None:
-        raise InputError(
-            f"{path}: table header {lines[0].split(sep)} has no channel-name column; "
-            f"name one of {', '.join(CHANNEL_NAME_COLUMNS)} (or give one name per line)"
-        )
-    names = []
-    for n, ln in enumerate(lines[1:], start=2):
-        fields = ln.split(sep)
-        if len(fields) <= col:
-            raise InputError(f"{path}: line {n} {ln!r} has no column {lines[0].split(sep)[col]!r}")
-        names.append(fields[col].strip())
-    if not names:
-        raise InputError(f"{path}: the table has a header but no rows")
-    return names
-
-
-def _column_key(text: str) -> str:
-    return text.strip().strip('"').lower().replace(" ", "_")
-
-
-def select_channels(names, nuclear_channel, wholecell_channels, *, what="the channel names") -> tuple[int, list[int]]:
-    """Indices of the nuclear channel and of the whole-cell channel(s) by name.
-
-    Names match exactly, else case-insensitively.  ``wholecell_channels`` is a
-    name, a comma-separated string of names or a list.
-
-    Raises
-    ------
-    InputError
-        A name that is missing (the message lists the available names) or that
-        occurs more than once.
-    """
-    names = [str(n) for n in names]
-    if isinstance(wholecell_channels, str):
-        wholecell_channels = [w for w in wholecell_channels.split(",")]
-    wanted = [str(w).strip() for w in (wholecell_channels or []) if str(w).strip()]
-    if not wanted:
-        raise InputError("wholecell_channels is empty: give at least one whole-cell (membrane) channel name")
-
-    def index(name):
-        hits = [i for i, n in enumerate(names) if n == name]
-        if not hits:
-            hits = [i for i, n in enumerate(names) if n.lower() == name.lower()]
-        if not hits:
-            raise InputError(f"channel {name!r} not found in {what}; available: {', '.join(names)}")
-        if len(hits) > 1:
-            raise InputError(f"channel {name!r} occurs {len(hits)} times in {what} (channels {hits}); "
-                             "names must be unique to select by name")
-        return hits[0]
-
-    return index(str(nuclear_channel).strip()), [index(w) for w in wanted]
-
-
-@dataclass
-class MultichannelImage:
-    """A (channels, y, x) view of a multichannel TIFF, read whole or lazily.
-
-    ``data`` is the series as stored (NumPy array when read into memory, a Zarr
-    array over the TIFF otherwise); ``channel_axis``, ``y_axis`` and ``x_axis``
-    index its axes (``channel_axis`` None: a single-channel image).
-    """
-
-    data: object
-    axes: str
-    channel_axis: int | None
-    y_axis: int
-    x_axis: int
-    path: Path | None = None
-    channel_names: list | None = None  # from OME-XML, when the file has them
-    mpp: float | None = None  # microns per pixel (x), when the file says
-    _handle: object = None
-
-    @property
-    def n_channels(self) -> int:
-        return 1 if self.channel_axis is None else int(self.data.shape[self.channel_axis])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.data.shape[self.y_axis]), int(self.data.shape[self.x_axis])
-
-    @property
-    def lazy(self) -> bool:
-        return isinstance(self.data, (np.memmap, _ChannelPages))
-
-    def region(self, channel: int, ys: slice, xs: slice) -> np.ndarray:
-        """One channel's (y, x) region as a NumPy array (reads only what it needs when lazy)."""
-        if isinstance(self.data, _ChannelPages):
-            return self.data.plane(int(channel))[ys, xs]
-        idx = [slice(None)] * len(self.data.shape)
-        idx[self.y_axis], idx[self.x_axis] = ys, xs
-        if self.channel_axis is not None:
-            idx[self.channel_axis] = int(channel)
-        out = np.asarray(self.data[tuple(idx)])
-        return out.T if self.x_axis < self.y_axis else out
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class _ChannelPages:
-    """A (channels, y, x) TIFF stored one compressed page per channel: a channel's plane is
-    decoded when first asked for and kept, so that the unused channels are never read."""
-
-    def __init__(self, pages, shape, dtype):
-        self.pages, self.shape, self.dtype = pages, tuple(shape), np.dtype(dtype)
-        self._planes: dict[int, np.ndarray] = {}
-
-    def plane(self, channel: int) -> np.ndarray:
-        if channel not in self._planes:
-            self._planes[channel] = self.pages[channel].asarray()
-        return self._planes[channel]
-
-
-def open_multichannel(path, *, channel_axis=None, lazy=None) -> MultichannelImage:
-    """Open a multichannel TIFF/OME-TIFF as (channels, y, x).
-
-    Parameters
-    ----------
-    path : str or Path
-        TIFF or OME-TIFF (pyramids: the full-resolution level is used).
-    channel_axis : int or str, optional
-        The channel axis, as an index into the file's series axes or as its
-        tifffile axis letter (``"C"``, ``"Q"``, ``"I"``, ``"S"``, ...).  Default:
-        the only axis other than Y and X of length > 1 (length-1 axes are
-        squeezed); none means a single-channel image.
-    lazy : bool, optional
-        Read lazily instead of into memory: memory-mapped when the data are
-        uncompressed and contiguous, else (one compressed page per channel) a
-        channel's plane is decoded when first used.  Other layouts are read
-        whole.  Default: lazily when the series holds more than
-        ``IN_MEMORY_BYTES`` bytes.
-
-    Returns
-    -------
-    MultichannelImage
-        Close it (or use it as a context manager) when lazy.
-    """
-    import tifffile
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such image file")
-    try:
-        tif = tifffile.TiffFile(str(path))
-    except Exception as exc:
-        raise InputError(f"{path}: cannot be read as TIFF ({type(exc).__name__}: {exc})") from exc
-    try:
-        series = tif.series[0]
-        axes, shape = series.axes, tuple(series.shape)
-        if "Y" not in axes or "X" not in axes:
-            raise InputError(f"{path}: series axes {axes!r} (shape {shape}) have no Y and X")
-        cax = _channel_axis(path, axes, shape, channel_axis)
-        nbytes = int(np.prod(shape)) * np.dtype(series.dtype).itemsize
-        lazy = nbytes > IN_MEMORY_BYTES if lazy is None else bool(lazy)
-        names, mpp = _ome_channels(tif.ome_metadata, axes, shape, cax)
-        if mpp is None:
-            mpp = _tiff_mpp(tif)
-        data, handle = (_lazy_data(path, series, axes, shape, cax) if lazy else None), None
-        if data is None:
-            data = series.asarray(level=0) if len(series.levels) > 1 else series.asarray()
-        if isinstance(data, _ChannelPages):
-            handle = tif
-        else:
-            tif.close()
-    except BaseException:
-        tif.close()
-        raise
-    if any(s < 1 for s in data.shape):
-        raise InputError(f"{path}: empty image of shape {tuple(data.shape)}")
-    return MultichannelImage(data, axes, cax, axes.index("Y"), axes.index("X"), path, names, mpp, handle)
-
-
-def _lazy_data(path, series, axes, shape, cax):
-    """A memory map or per-channel page reader of the series, or None (then it is read whole)."""
-    import logging
-
-    import tifffile
-
-    try:
-        mm = tifffile.memmap(str(path), mode="r", series=0, level=0)
-        return mm.reshape(shape) if tuple(mm.shape) != tuple(shape) else mm
-    except (ValueError, OSError):
-        pass
-    pages = series.levels[0].pages if len(series.levels) > 1 else series.pages
-    if (cax == 0 and len(shape) == 3 and axes[1:] == "YX" and len(pages) == shape[0]
-            and all(p is not None and tuple(p.shape) == tuple(shape[1:]) for p in pages)):
-        return _ChannelPages(pages, shape, series.dtype)
-    logging.getLogger("maskworks").warning(
-        "%s: compressed, and not one page per channel (axes %s): read whole", path, axes)
-    return None
-
-
-def _channel_axis(path, axes: str, shape, channel_axis):
-    if channel_axis not in (None, ""):
-        if isinstance(channel_axis, str) and not channel_axis.lstrip("-").isdigit():
-            if channel_axis.upper() not in axes:
-                raise InputError(f"{path}: channel_axis={channel_axis!r} is not one of the series axes {axes!r}")
-            cax = axes.index(channel_axis.upper())
-        else:
-            cax = int(channel_axis)
-            if not -len(axes) <= cax < len(axes):
-                raise InputError(f"{path}: channel_axis={channel_axis} is out of range for axes {axes!r}")
-            cax %= len(axes)
-        if axes[cax] in "YX":
-            raise InputError(f"{path}: channel_axis={channel_axis!r} names the {axes[cax]} axis")
-        rest = [a for i, a in enumerate(axes) if i != cax and a not in "YX" and shape[i] > 1]
-        if rest:
-            raise InputError(f"{path}: axes {axes!r} shape {shape}: besides the channel axis, "
-                             f"{rest} have more than one plane; give a 2-D multichannel image")
-        return cax
-    others = [i for i, a in enumerate(axes) if a not in "YX" and shape[i] > 1]
-    if len(others) > 1:
-        raise InputError(f"{path}: axes {axes!r} shape {shape} have several non-spatial axes; "
-                         "set channel_axis (an index or a letter such as 'C')")
-    return others[0] if others else None
-
-
-def _ome_channels(xml, axes, shape, cax):
-    """Channel names and PhysicalSizeX (in µm) from OME-XML, when present and consistent."""
-    if not xml:
-        return None, None
-    import xml.etree.ElementTree as ET
-
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        return None, None
-    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return None, None
-    names = [ch.get("Name") for ch in pixels if ch.tag.endswith("Channel")]
-    n = 1 if cax is None else shape[cax]
-    names = names if len(names) == n and all(names) else None
-    mpp = None
-    size, unit = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeXUnit", "µm")
-    if size:
-        factor = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3}.get(unit)
-        mpp = float(size) * factor if factor else None
-    return names, mpp
-
-
-def _tiff_mpp(tif):
-    """Microns per pixel from the TIFF resolution tags, when the unit is centimetre or inch."""
-    page = tif.pages[0]
-    res, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    if res is None or unit is None or res.value[0] <= 0:
-        return None
-    per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))  # inch, centimetre in µm
-    return per_unit * res.value[1] / res.value[0] if per_unit else None
-
-
-WHOLECELL_AGGREGATIONS = ("max", "mean")
+def model_input_dtype(dtype, aggregation="max", normalisation="none") -> np.dtype:
+    """The dtype of :func:`model_input`'s result: the image's for ``max`` and ``mean`` without
+    normalisation, float32 for ``sum`` (no overflow) or any normalisation."""
+    if normalisation != "none" or aggregation == "sum":
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
 
 
 def model_input(image: MultichannelImage, nuclear: int, wholecell, ys=slice(None), xs=slice(None), *,
-                aggregation="max") -> np.ndarray:
+                aggregation="max", normalisation="none", statistics=None) -> np.ndarray:
     """The (y, x, 2) model input of a region: channel 0 the nuclear channel, channel 1
-    the whole-cell channels combined pixel by pixel (the image's dtype).
+    the whole-cell channels combined pixel by pixel.
 
-    ``aggregation``: ``max`` (Aegle's maximum projection, default) or ``mean``
-    (steinbock's; rounded to the image's integer dtype).
+    ``aggregation``: ``max`` (Aegle's maximum projection, default), ``mean``
+    (steinbock's; rounded to the image's integer dtype) or ``sum``.
+    ``normalisation``: ``none`` (default) or ``minmax``, ``zscore``, ``percentile``:
+    each whole-cell channel becomes ``(value - offset) / scale`` before they are
+    combined (``percentile``: then clipped to [0, 1]), with the offset and scale of that channel over the whole slide
+    (``statistics``, from :func:`wholecell_statistics`; computed here when None,
+    which reads the whole channels).  The result is the image's dtype for
+    ``max`` and ``mean`` without normalisation, float32 otherwise
+    (:func:`model_input_dtype`); the nuclear channel keeps its values.
     """
     if aggregation not in WHOLECELL_AGGREGATIONS:
         raise InputError(f"wholecell_aggregation={aggregation!r}: expected one of {', '.join(WHOLECELL_AGGREGATIONS)}")
+    if normalisation not in WHOLECELL_NORMALISATIONS:
+        raise InputError(f"wholecell_normalisation={normalisation!r}: expected one of "
+                         f"{', '.join(WHOLECELL_NORMALISATIONS)}")
     nuc = image.region(nuclear, ys, xs)
-    out = np.empty(nuc.shape + (2,), dtype=nuc.dtype)
+    dtype = model_input_dtype(nuc.dtype, aggregation, normalisation)
+    out = np.empty(nuc.shape + (2,), dtype=dtype)
     out[..., 0] = nuc
-    if aggregation == "max" or len(wholecell) == 1:
-        out[..., 1] = image.region(wholecell[0], ys, xs)
-        for c in wholecell[1:]:
-            np.maximum(out[..., 1], image.region(c, ys, xs), out=out[..., 1])
+    if normalisation != "none":
+        if statistics is None:
+            statistics = wholecell_statistics(image, wholecell, normalisation)
+        if len(statistics) != len(wholecell):
+            raise InputError(f"{len(statistics)} sets of whole-cell statistics for {len(wholecell)} whole-cell channels")
+
+        def channel(k):
+            ch = image.region(wholecell[k], ys, xs).astype(np.float32)
+            st = statistics[k]
+            ch -= np.float32(st["offset"])
+            ch /= np.float32(st["scale"])
+            if normalisation == "percentile":
+                np.clip(ch, 0.0, 1.0, out=ch)
+            return ch
+    else:
+        def channel(k):
+            return image.region(wholecell[k], ys, xs)
+    if aggregation == "max" or len(wholecell) == 1 and aggregation != "sum":
+        out[..., 1] = channel(0)
+        for k in range(1, len(wholecell)):
+            np.maximum(out[..., 1], channel(k), out=out[..., 1])
         return out
-    acc = np.zeros(nuc.shape, np.float64 if nuc.dtype.itemsize > 2 else np.float32)
-    for c in wholecell:
-        acc += image.region(c, ys, xs)
-    acc /= len(wholecell)
+    acc = np.zeros(nuc.shape, np.float64 if np.dtype(nuc.dtype).itemsize > 2 else np.float32)
+    for k in range(len(wholecell)):
+        acc += channel(k)
+    if aggregation == "mean":
+        acc /= len(wholecell)
     out[..., 1] = np.rint(acc) if out.dtype.kind in "iu" else acc
     return out
+
+
+def wholecell_statistics(image: MultichannelImage, channels, normalisation, *, rows=STATISTICS_ROWS,
+                         percentiles=NORMALISATION_PERCENTILES, float_samples=FLOAT_SAMPLES) -> list[dict]:
+    """Per-channel statistics of whole-cell channels over the whole slide, read ``rows`` rows at a time.
+
+    Parameters
+    ----------
+    image : MultichannelImage
+    channels : sequence of int
+        The channels (indices).
+    normalisation : {"minmax", "zscore", "percentile"}
+        ``minmax``: minimum and maximum; ``zscore``: mean and (population)
+        standard deviation; ``percentile``: the ``percentiles`` (low, high) of
+        the channel's values.
+    percentiles : (float, float)
+        For ``percentile``: exact (``numpy.percentile``'s linear interpolation)
+        from a histogram of all pixels for integer channels up to 16 bits, else
+        from a regular subsample of about ``float_samples`` pixels.
+
+    Returns
+    -------
+    list of dict, one per channel
+        The statistics (``min``/``max``, ``mean``/``std``, ``low``/``high``) and
+        ``offset``, ``scale``: the channel is normalised as ``(value - offset) /
+        scale`` (``scale`` 1 where the range or standard deviation is 0: the
+        channel is only shifted).
+
+    Notes
+    -----
+    Per channel over the whole slide, as steinbock's ``--minmax`` and ``--zscore``
+    do per image before the channels are aggregated; statistics per patch would
+    make neighbouring patches disagree at their seams.
+    """
+    if normalisation not in WHOLECELL_NORMALISATIONS[1:]:
+        raise InputError(f"wholecell_normalisation={normalisation!r}: expected one of "
+                         f"{', '.join(WHOLECELL_NORMALISATIONS[1:])}")
+    lo_q, hi_q = (float(q) for q in percentiles)
+    if not 0 <= lo_q < hi_q <= 100:
+        raise InputError(f"percentiles={tuple(percentiles)}: expected 0 <= low < high <= 100")
+    h, w = image.shape
+    rows = max(1, int(rows))
+    dtype = np.dtype(image.data.dtype)
+    histogram = normalisation == "percentile" and dtype.kind in "iu" and dtype.itemsize <= 2
+    rows = max(1, min(rows, (1 << 22) // max(1, w)))  # int64 temporaries of at most 32 MiB
+    step = max(1, math.ceil(h * w / float_samples))
+    out = []
+    for c in channels:
+        n, mean, m2 = 0, 0.0, 0.0
+        lo, hi = math.inf, -math.inf
+        counts, samples, seen = None, [], 0
+        for r0 in range(0, h, rows):
+            block = image.region(c, slice(r0, min(r0 + rows, h)), slice(None))
+            if dtype.kind == "f" and not np.isfinite(block).all():
+                raise InputError(f"NaN/Inf values in channel {c} (rows {r0}..{r0 + block.shape[0]}); fill them "
+                                 "before tiling")
+            if normalisation == "minmax":
+                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+            elif normalisation == "zscore":  # Chan et al.'s pairwise update of mean and M2
+                k = block.size
+                bmean = float(block.mean(dtype=np.float64))
+                bm2 = float(np.square(block - bmean, dtype=np.float64).sum())
+                delta = bmean - mean
+                mean += delta * k / (n + k)
+                m2 += bm2 + delta * delta * n * k / (n + k)
+                n += k
+            elif histogram:
+                shift = -int(np.iinfo(dtype).min) if dtype.kind == "i" else 0
+                b = np.bincount((block.ravel().astype(np.int64) + shift), minlength=1 << (8 * dtype.itemsize))
+                counts = b if counts is None else counts + b
+            else:
+                flat = block.ravel()
+                start = (-seen) % step  # every step-th pixel of the slide in reading order
+                samples.append(np.asarray(flat[start::step], np.float64))
+                seen += flat.size
+        if normalisation == "minmax":
+            st = {"min": lo, "max": hi, "offset": lo, "scale": hi - lo}
+        elif normalisation == "zscore":
+            std = math.sqrt(m2 / n) if n else 0.0
+            st = {"mean": mean, "std": std, "offset": mean, "scale": std}
+        else:
+            if histogram:
+                shift = -int(np.iinfo(dtype).min) if dtype.kind == "i" else 0
+                low, high = (_histogram_percentile(counts, q) - shift for q in (lo_q, hi_q))
+            else:
+                low, high = (float(v) for v in np.percentile(np.concatenate(samples), [lo_q, hi_q]))
+            st = {"low": low, "high": high, "percentiles": [lo_q, hi_q], "exact": bool(histogram),
+                  "offset": low, "scale": high - low}
+        if not st["scale"] > 0:
+            st["scale"] = 1.0
+        out.append({k: (float(v) if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                        else v) for k, v in st.items()})
+    return out
+
+
+def _histogram_percentile(counts, q) -> float:
+    """``numpy.percentile(values, q)`` (linear interpolation) of the values whose histogram is ``counts``
+    (``counts[v]``: how many pixels have value v)."""
+    cum = np.cumsum(counts)
+    total = int(cum[-1])
+    rank = q / 100.0 * (total - 1)
+    below = math.floor(rank)
+    # the value of the k-th smallest pixel (0-based): the first v whose cumulative count exceeds k
+    v0 = int(np.searchsorted(cum, below, side="right"))
+    v1 = int(np.searchsorted(cum, min(below + 1, total - 1), side="right"))
+    return float(v0 + (rank - below) * (v1 - v0))
 
 
 # ----------------------------------------------------------------------------- patch grid
@@ -532,11 +374,12 @@ def _halves(length: int) -> tuple[int, int, int]:
 
 
 def read_patch(image: MultichannelImage, grid: PatchGrid, patch_id: int, nuclear: int, wholecell, *,
-               aggregation="max") -> np.ndarray:
+               aggregation="max", normalisation="none", statistics=None) -> np.ndarray:
     """Model input of one patch, (patch_height, patch_width, 2), zero-padded beyond the image."""
     _, _, y0, x0 = grid.position(patch_id)
     vh, vw = grid.valid_shape(patch_id)
-    region = model_input(image, nuclear, wholecell, slice(y0, y0 + vh), slice(x0, x0 + vw), aggregation=aggregation)
+    region = model_input(image, nuclear, wholecell, slice(y0, y0 + vh), slice(x0, x0 + vw), aggregation=aggregation,
+                         normalisation=normalisation, statistics=statistics)
     if (vh, vw) == tuple(grid.patch_shape):
         return region
     out = np.zeros(tuple(grid.patch_shape) + (2,), dtype=region.dtype)
@@ -619,780 +462,3 @@ class PatchStats:
         out.update(is_empty=bool(empty), is_noisy=bool(noisy), is_bad_patch=bool(empty or noisy),
                    is_informative=bool(not empty and not noisy))
         return out
-
-
-# ----------------------------------------------------------------------------- stitching
-
-
-def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_overlap=0.5, progress=None,
-                   paired=True):
-    """Assemble per-patch instance labels into whole-slide labels with unique ids.
-
-    Parameters
-    ----------
-    grid : PatchGrid
-        The grid the patches were cut on.
-    patch_ids : iterable of int
-        The patches that have results (e.g. the informative ones).
-    load : callable
-        ``load(patch_id) -> (cell, nucleus)``: the patch's instance labels, each
-        (patch_height, patch_width); nucleus ``k`` belongs to cell ``k`` (as
-        :func:`maskworks.codex.repair.repair_masks` writes them).  With
-        ``paired=False``, ``load(patch_id) -> labels`` (one label image).  The
-        last few patches are kept in memory (two grid rows); each is loaded up to
-        four times.
-    out : dict, optional
-        ``cell`` (and, when paired, ``nucleus`` and ``cytoplasm``): zero-filled
-        uint32 array-likes of ``grid.image_shape`` to write into (e.g. Zarr
-        arrays, for slides that do not fit in memory).  Default: NumPy arrays.
-    duplicate_overlap : float in [0, 1]
-        A view of an object that lands on already-placed objects for more than
-        this fraction of its pixels is the same object seen from another patch
-        and is not placed again.
-    progress : callable, optional
-        Wraps the patch iterators (``progress(iterable, desc=...)``, e.g. ``tqdm``).
-    paired : bool
-        Cell/nucleus pairs (default), or one label image (``nucleus`` and
-        ``cytoplasm`` are then all zero).
-
-    Returns
-    -------
-    cell, nucleus, cytoplasm : array-like of uint32, ``grid.image_shape``
-        Cell ``k`` pairs with nucleus ``k`` and cytoplasm ``k`` (= cell ``k``
-        minus nucleus ``k``); ids 1..n, consecutive, in placement order.
-    table : dict of ndarray
-        Per cell: ``id``, ``centroid_y``, ``centroid_x`` (pixels, image
-        coordinates), ``cell_area``, ``nucleus_area``, ``cytoplasm_area``,
-        ``patch_id`` (where it was taken from; for a joined object the first
-        patch holding a piece) and ``patches`` (how many patches it was
-        assembled from; 1 unless joined).
-    stats : dict
-        ``cells``, ``patches``; how objects were placed: ``from_core``,
-        ``rescued``, ``joined`` (assembled across seams from pieces seen in
-        several patches), ``joined_pieces`` (the pieces they were made of),
-        ``cut_single`` (a piece with no partner: its neighbour patch has no
-        result); ``duplicates`` (views not placed as the object is already
-        there), ``trimmed`` (objects placed on the free part of their pixels);
-        what the final check removed: ``dropped_unplaced`` (pieces whose pixels
-        all belong to other patches' cores or objects), ``fragments_removed``
-        (objects that kept only their largest connected part),
-        ``nucleus_fragments_removed`` (likewise for nuclei; the rest becomes
-        cytoplasm), ``dropped_without_nucleus`` (cells whose nucleus another
-        object took).
-
-    Notes
-    -----
-    An object is *whole* in a patch when it touches none of the patch's inner
-    edges (sides facing a neighbour, :meth:`PatchGrid.inner_edges`), else *cut*.
-
-    1. Whole objects are placed from the patch whose core
-       (:meth:`PatchGrid.core`; the cores partition the image) holds their
-       centroid; then whole objects whose core patch sees them cut ("rescued").
-       An object is placed on the pixels that are still free.
-    2. Cut views not covered by a placed object are joined across the seams:
-       two cut views in neighbouring patches are the same object when they
-       overlap in the patches' shared band for at least half the pixels either
-       has there (with no overlap between the patches: when they meet along at
-       least half of either's contact with the seam); the joined object takes,
-       at each pixel, the view of the patch whose core holds the pixel, and the
-       view of any of its patches where that core's patch has no result.  A cut
-       view that no neighbour continues is placed whole (on the free pixels).
-    3. The final check keeps each object's largest 8-connected part (and its
-       nucleus's), drops cells left without a nucleus, and relabels the ids
-       consecutively; cytoplasm is cell minus nucleus.
-
-    So the only objects cut are those at the slide border, cell ``k`` holds
-    nucleus ``k``, and every id is one connected region.
-    """
-    if not 0.0 <= float(duplicate_overlap) <= 1.0:
-        raise InputError(f"duplicate_overlap={duplicate_overlap!r}: expected a fraction in [0, 1]")
-    h, w = grid.image_shape
-    keys = ("cell", "nucleus", "cytoplasm") if paired else ("cell",)
-    if out is None:
-        out = {k: np.zeros((h, w), np.uint32) for k in keys}
-    patch_ids = sorted({int(p) for p in patch_ids})
-    for pid in patch_ids:
-        grid.position(pid)  # in the grid
-    wrap = progress or (lambda it, **kw: it)
-    views = _Views(grid, load, paired)
-    placed = _Placed()
-    for pid in wrap(patch_ids, desc="stitch (whole objects)"):
-        _place_whole(grid, views.get(pid), out, placed, "core", duplicate_overlap, paired)
-    for pid in wrap(patch_ids, desc="stitch (rescue)"):
-        _place_whole(grid, views.get(pid), out, placed, "rescued", duplicate_overlap, paired)
-    _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap)
-    table = _finalise(grid, out, placed, paired, wrap)
-    stats = {"cells": int(table["id"].size), "patches": len(patch_ids), **placed.counts}
-    empty = {k: np.zeros((h, w), np.uint32) for k in ("nucleus", "cytoplasm") if k not in out}
-    return out["cell"], out.get("nucleus", empty.get("nucleus")), out.get("cytoplasm", empty.get("cytoplasm")), \
-        table, stats
-
-
-@dataclass
-class _View:
-    """One patch's labels (ids 1..n, nucleus k of cell k) and their per-object summary."""
-
-    pid: int
-    y0: int
-    x0: int
-    cell: np.ndarray
-    nucleus: np.ndarray | None
-    n: int
-    area: np.ndarray
-    in_core: np.ndarray
-    cut: np.ndarray
-    boxes: np.ndarray  # (n + 1, 4): y_lo, y_hi, x_lo, x_hi in image coordinates
-    hint: np.ndarray | None = None  # nucleus pixels (paired nuclei, or the nuclei given with unpaired labels)
-    nuc_area: np.ndarray | None = None  # per piece: its pixels in a nucleus
-
-    @property
-    def region(self):
-        return slice(self.y0, self.y0 + self.cell.shape[0]), slice(self.x0, self.x0 + self.cell.shape[1])
-
-
-class _Views:
-    """Patch views, the most recent kept in memory (enough for the neighbours of the patch being read)."""
-
-    def __init__(self, grid, load, paired):
-        from collections import OrderedDict
-
-        self.grid, self.load, self.paired = grid, load, paired
-        reach = _reach(grid)
-        self.capacity = (reach[0] + 1) * grid.grid_shape[1] + 2
-        self.cache = OrderedDict()
-
-    def get(self, pid) -> _View:
-        if pid in self.cache:
-            self.cache.move_to_end(pid)
-            return self.cache[pid]
-        view = _read_view(self.grid, pid, self.load, self.paired)
-        self.cache[pid] = view
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return view
-
-
-def _reach(grid):
-    """How many grid steps apart two patches can be and still overlap or touch, per axis."""
-    return tuple(max(1, math.ceil(p / s) - 1) if s > 0 else 1 for p, s in zip(grid.patch_shape, grid.step))
-
-
-def _read_view(grid, pid, load, paired) -> _View:
-    from scipy import ndimage as ndi
-
-    row, col, y0, x0 = grid.position(pid)
-    vh, vw = grid.valid_shape(pid)
-    hint = None
-    if paired:
-        cell, nucleus = load(pid)
-    else:
-        cell = load(pid)
-        if isinstance(cell, tuple):  # labels and the nuclei that tell touching pieces apart
-            cell, hint = cell
-            if tuple(np.shape(hint)) != tuple(np.shape(cell)):
-                raise InputError(f"patch {pid}: nucleus shape {np.shape(hint)} differs from the label shape "
-                                 f"{np.shape(cell)}")
-            hint = np.asarray(hint)[:vh, :vw] > 0
-        nucleus = np.zeros(np.shape(cell), np.uint8)
-    if tuple(np.shape(cell)) != tuple(grid.patch_shape) or tuple(np.shape(nucleus)) != tuple(grid.patch_shape):
-        raise InputError(f"patch {pid}: label shapes {np.shape(cell)} and {np.shape(nucleus)} differ from "
-                         f"the grid's patch shape {tuple(grid.patch_shape)}")
-    cell, nucleus, n = _paired_labels(np.asarray(cell)[:vh, :vw], np.asarray(nucleus)[:vh, :vw])
-    flat = cell.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    yy, xx = np.indices((vh, vw))
-    cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1) / np.maximum(area, 1) + y0
-    cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1) / np.maximum(area, 1) + x0
-    y_lo, y_hi, x_lo, x_hi = grid.core(pid)
-    in_core = (cy >= y_lo) & (cy < y_hi) & (cx >= x_lo) & (cx < x_hi)
-    cut = np.zeros(n + 1, bool)
-    top, bottom, left, right = grid.inner_edges(pid)
-    for inner, edge in ((top, cell[0]), (bottom, cell[-1]), (left, cell[:, 0]), (right, cell[:, -1])):
-        if inner:
-            cut[edge] = True
-    cut[0] = False
-    boxes = np.zeros((n + 1, 4), np.int64)
-    for k, sl in enumerate(ndi.find_objects(cell, max_label=n), start=1):
-        if sl is not None:
-            boxes[k] = (sl[0].start + y0, sl[0].stop + y0, sl[1].start + x0, sl[1].stop + x0)
-    if not paired:
-        nuc_area = np.bincount(cell[hint], minlength=n + 1) if hint is not None else None
-        return _View(pid, y0, x0, cell, None, n, area, in_core, cut, boxes, hint, nuc_area)
-    nuc_area = np.bincount(nucleus.ravel(), minlength=n + 1)
-    return _View(pid, y0, x0, cell, nucleus, n, area, in_core, cut, boxes, nucleus > 0, nuc_area)
-
-
-class _Placed:
-    """Per placed object (global id 1..): source patch, how it was placed, bounding box (a superset)."""
-
-    HOW = ("core", "rescued", "joined", "cut_single")
-
-    def __init__(self):
-        self.next_id = 1
-        self.parts: list[np.ndarray] = []  # rows: id, patch_id, how, n_patches, y_lo, y_hi, x_lo, x_hi
-        self.counts = {"from_core": 0, "rescued": 0, "joined": 0, "joined_pieces": 0, "cut_single": 0,
-                       "duplicates": 0, "trimmed": 0, "dropped_unplaced": 0, "fragments_removed": 0,
-                       "nucleus_fragments_removed": 0, "dropped_without_nucleus": 0}
-
-    def new_ids(self, k: int) -> np.ndarray:
-        ids = np.arange(self.next_id, self.next_id + k, dtype=np.int64)
-        self.next_id += k
-        return ids
-
-    def add(self, ids, patch_id, how, n_patches, boxes):
-        rows = np.zeros((len(ids), 8), np.int64)
-        rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3] = ids, patch_id, self.HOW.index(how), n_patches
-        rows[:, 4:] = boxes
-        self.parts.append(rows)
-
-    def rows(self) -> np.ndarray:
-        if not self.parts:
-            return np.zeros((0, 8), np.int64)
-        a = np.concatenate(self.parts)
-        return a[np.argsort(a[:, 0], kind="stable")]
-
-
-def _paired_labels(cell, nucleus):
-    """Cell ids made consecutive 1..n, nucleus ids mapped the same way (unpaired nucleus pixels: 0)."""
-    cell = np.asarray(cell)
-    nucleus = np.asarray(nucleus)
-    if cell.dtype.kind not in "iu" or nucleus.dtype.kind not in "iu":
-        raise InputError(f"stitch: labels must be integers, got {cell.dtype} and {nucleus.dtype}")
-    if cell.size and (cell.min() < 0 or nucleus.min() < 0):
-        raise InputError("stitch: labels must not be negative")
-    ids = np.unique(cell)
-    ids = ids[ids != 0]
-    if ids.size == 0:
-        return np.zeros(cell.shape, np.int64), np.zeros(cell.shape, np.int64), 0
-    if ids[-1] == ids.size:  # already consecutive
-        c = cell.astype(np.int64)
-        n = np.where((nucleus <= ids.size) & (nucleus == c), nucleus, 0).astype(np.int64)
-        return c, n, int(ids.size)
-    c = np.searchsorted(ids, cell) + 1
-    c[cell == 0] = 0
-    pos = np.minimum(np.searchsorted(ids, nucleus), ids.size - 1)
-    n = np.where((nucleus != 0) & (ids[pos] == nucleus), pos + 1, 0)
-    n = np.where(n == c, n, 0)
-    return c.astype(np.int64), n.astype(np.int64), int(ids.size)
-
-
-def _read(out, key, region):
-    return np.array(out[key][region])
-
-
-def _paint(out, region, cell_buf, nuc_buf, put, lab, view):
-    cell_buf[put] = lab[put]
-    out["cell"][region] = cell_buf
-    if nuc_buf is not None:
-        nuc = put & (view.nucleus > 0)
-        nuc_buf[nuc] = lab[nuc]
-        out["nucleus"][region] = nuc_buf
-
-
-def _place_whole(grid, v: _View, out, placed: _Placed, how, duplicate_overlap, paired):
-    """Place one patch's whole objects of one pass (``core``: centroid in the core; ``rescued``: not)."""
-    if v.n == 0:
-        return
-    present = v.area > 0
-    present[0] = False
-    select = present & ~v.cut & (v.in_core if how == "core" else ~v.in_core)
-    if not select.any():
-        return
-    region = v.region
-    cell_buf = _read(out, "cell", region)
-    taken = cell_buf != 0
-    overlap = np.bincount(v.cell[taken], minlength=v.n + 1)
-    duplicate = select & (overlap > duplicate_overlap * v.area)
-    placed.counts["duplicates"] += int(np.count_nonzero(duplicate))
-    keep = select & ~duplicate
-    put = keep[v.cell] & ~taken
-    got = np.bincount(v.cell[put], minlength=v.n + 1)
-    keep &= got > 0
-    if not keep.any():
-        return
-    placed.counts["trimmed"] += int(np.count_nonzero(keep & (got < v.area)))
-    sel = np.flatnonzero(keep)
-    lut = np.zeros(v.n + 1, np.int64)
-    lut[sel] = placed.new_ids(sel.size)
-    placed.add(lut[sel], v.pid, how, 1, v.boxes[sel])
-    placed.counts["from_core" if how == "core" else "rescued"] += int(sel.size)
-    lab = lut[v.cell]
-    _paint(out, region, cell_buf, _read(out, "nucleus", region) if paired else None, put & (lab > 0), lab, v)
-
-
-def _seam_pairs(a: _View, b: _View):
-    """Local ids (in a, in b) of the views of one object seen by two patches.
-
-    Where the patches overlap: views that share at least half the pixels either
-    has in the shared band (and, if both hold nucleus pixels, whose nuclei meet
-    in the band).  Where they only touch (no overlap): views whose
-    cross-sections on the seam agree (side by side for at least half the longer
-    one), or a piece of one or two pixels on the seam that touches the other
-    (8-connected) across it.  Two cells that meet exactly on a seam without
-    overlap cannot be told from one cut cell and are joined.
-    """
-    ha, wa = a.cell.shape
-    hb, wb = b.cell.shape
-    y_lo, y_hi = max(a.y0, b.y0), min(a.y0 + ha, b.y0 + hb)
-    x_lo, x_hi = max(a.x0, b.x0), min(a.x0 + wa, b.x0 + wb)
-    if y_hi > y_lo and x_hi > x_lo:  # a shared band
-        sa = a.cell[y_lo - a.y0:y_hi - a.y0, x_lo - a.x0:x_hi - a.x0].ravel()
-        sb = b.cell[y_lo - b.y0:y_hi - b.y0, x_lo - b.x0:x_hi - b.x0].ravel()
-        ia, ib, count = _pair_counts(sa, sb, b.n)
-        na, nb = np.bincount(sa, minlength=a.n + 1), np.bincount(sb, minlength=b.n + 1)
-        same = 2 * count >= np.minimum(na[ia], nb[ib])
-        if a.hint is not None and b.hint is not None:
-            # one cell seen by both holds the same nucleus in both (it crosses the band); two views
-            # with nuclei that do not meet there are two cells one patch's segmentation merged
-            both = (a.nuc_area[ia] > 0) & (b.nuc_area[ib] > 0)
-            if both.any():
-                ha = a.hint[y_lo - a.y0:y_hi - a.y0, x_lo - a.x0:x_hi - a.x0].ravel()
-                hb = b.hint[y_lo - b.y0:y_hi - b.y0, x_lo - b.x0:x_hi - b.x0].ravel()
-                ka, kb, _ = _pair_counts(sa[ha & hb], sb[ha & hb], b.n)
-                same &= ~both | np.isin(ia * (b.n + 1) + ib, ka * (b.n + 1) + kb)
-        return ia[same], ib[same], None
-    if y_hi < y_lo or x_hi < x_lo:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), None
-    (sa, sb), (da, db), (la, lb), (ma, mb) = _contacts(a, b, y_lo, y_hi, x_lo, x_hi)
-    na, nb = np.bincount(la, minlength=a.n + 1), np.bincount(lb, minlength=b.n + 1)
-    ia, ib, count = _pair_counts(sa, sb, b.n)
-    same = 2 * count >= np.maximum(na[ia], nb[ib])
-    if a.hint is not None and b.hint is not None:
-        # two pieces that each hold a nucleus of their own are two cells (a cut nucleus meets itself)
-        both = (a.nuc_area[ia] > 0) & (b.nuc_area[ib] > 0)
-        if both.any():
-            ka, kb, _ = _pair_counts(ma, mb, b.n)
-            meet = np.isin(ia * (b.n + 1) + ib, ka * (b.n + 1) + kb)
-            same &= ~both | meet
-    # a spill: a piece of a few pixels against the seam (at most twice its seam pixels, or 4); joined
-    # later with the one object it touches most across any seam
-    ja, jb, touch = _pair_counts(da, db, b.n)
-    spill_a = (a.area <= np.maximum(4, 2 * na))[ja]
-    spill_b = (b.area <= np.maximum(4, 2 * nb))[jb]
-    return ia[same], ib[same], (ja, jb, touch, spill_a, spill_b)
-
-
-def _pair_counts(sa, sb, nb):
-    both = (sa > 0) & (sb > 0)
-    key, count = np.unique(sa[both].astype(np.int64) * (nb + 1) + sb[both], return_counts=True)
-    return key // (nb + 1), key % (nb + 1), count
-
-
-def _contacts(a: _View, b: _View, y_lo, y_hi, x_lo, x_hi):
-    """Across the seam of two patches that touch without overlapping: the cell label pairs side by
-    side, the pairs of 8-neighbours, each side's labels on the seam, and the 8-neighbour pairs whose
-    pixels both lie in a nucleus."""
-    vertical = x_hi == x_lo and y_hi > y_lo
-    horizontal = y_hi == y_lo and x_hi > x_lo
-
-    def line(v, img, first_side):
-        h, w = img.shape
-        if vertical:
-            return img[y_lo - v.y0:y_hi - v.y0, w - 1 if first_side else 0]
-        if horizontal:
-            return img[h - 1 if first_side else 0, x_lo - v.x0:x_hi - v.x0]
-        return img[h - 1 if v.y0 < y_lo else 0, w - 1 if v.x0 < x_lo else 0][None]  # a corner
-
-    a_first = a.x0 < b.x0 if vertical else a.y0 < b.y0
-    la, lb = line(a, a.cell, a_first), line(b, b.cell, not a_first)
-    ha = line(a, a.hint, a_first) if a.hint is not None else None
-    hb = line(b, b.hint, not a_first) if b.hint is not None else None
-    if vertical or horizontal:
-        i = np.arange(la.size)
-        pa = np.concatenate([i, i[:-1], i[1:]])  # b's pixel at i, i + 1, i - 1 touches a's pixel i
-        pb = np.concatenate([i, i[1:], i[:-1]])
-        side = np.arange(la.size)
-    else:
-        pa = pb = np.zeros(1, np.int64)
-        side = pa[:0]
-    both = (ha[pa] & hb[pb]) if ha is not None and hb is not None else np.zeros(pa.size, bool)
-    return (la[side], lb[side]), (la[pa], lb[pb]), (la, lb), (la[pa[both]], lb[pb[both]])
-
-
-def _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap):
-    """Pass 2: cut views not covered by placed objects, joined across seams and placed core by core."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    present = set(patch_ids)
-    ny, nx = grid.grid_shape
-    ry, rx = _reach(grid)
-    offset, candidates, edges, spills = {}, {}, [], []
-    total = 0
-    for pid in wrap(patch_ids, desc="stitch (seams)"):
-        v = views.get(pid)
-        offset[pid] = total
-        total += v.n + 1
-        cand = v.cut & (v.area > 0)
-        if cand.any():
-            taken = _read(out, "cell", v.region) != 0
-            overlap = np.bincount(v.cell[taken], minlength=v.n + 1)
-            covered = cand & (overlap > duplicate_overlap * v.area)
-            placed.counts["duplicates"] += int(np.count_nonzero(covered))
-            cand &= ~covered
-        candidates[pid] = cand
-        if not cand.any():
-            continue
-        row, col = divmod(pid, nx)
-        for r in range(max(0, row - ry), row + 1):
-            for c in range(max(0, col - rx), min(nx, col + rx + 1)):
-                q = r * nx + c
-                if q >= pid or q not in present or not candidates[q].any():
-                    continue
-                ia, ib, touching = _seam_pairs(v, views.get(q))
-                ok = cand[ia] & candidates[q][ib]
-                if ok.any():
-                    edges.append(np.stack([ia[ok] + offset[pid], ib[ok] + offset[q]]))
-                if touching is not None:
-                    ja, jb, touch, spill_a, spill_b = touching
-                    ok = cand[ja] & candidates[q][jb]
-                    for spill, this, other in ((spill_a, ja + offset[pid], jb + offset[q]),
-                                               (spill_b, jb + offset[q], ja + offset[pid])):
-                        pick = ok & spill
-                        spills.append(np.stack([this[pick], other[pick], touch[pick]]))
-    if total == 0 or not any(c.any() for c in candidates.values()):
-        return
-    e = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
-    if spills:  # each spill without a match of its own joins the object it touches most
-        sp = np.concatenate(spills, axis=1)
-        sp = sp[:, ~np.isin(sp[0], e)]
-        if sp.size:
-            sp = sp[:, np.lexsort((-sp[2], sp[0]))]
-            first = np.ones(sp.shape[1], bool)
-            first[1:] = sp[0, 1:] != sp[0, :-1]
-            e = np.concatenate([e, sp[:2, first]], axis=1)
-    graph = coo_matrix((np.ones(e.shape[1], np.int8), (e[0], e[1])), shape=(total, total))
-    _, group = connected_components(graph, directed=False)
-    nodes = np.concatenate([np.flatnonzero(candidates[pid]) + offset[pid] for pid in patch_ids])
-    node_group = group[nodes]
-    # groups numbered in order of their first piece (row-major patches, ascending local id)
-    uniq, first = np.unique(node_group, return_index=True)
-    order = uniq[np.argsort(first, kind="stable")]
-    rank = np.full(group.max() + 1, -1, np.int64)
-    rank[order] = np.arange(order.size)
-    pieces = np.bincount(rank[node_group], minlength=order.size)
-    gids = placed.new_ids(order.size)
-    boxes = np.tile(np.array([np.iinfo(np.int64).max, -1, np.iinfo(np.int64).max, -1]), (order.size, 1))
-    source = np.full(order.size, -1, np.int64)
-    got = np.zeros(order.size, np.int64)
-    owner_row, owner_col = _core_owners(grid)
-    absent = np.ones(grid.n_patches, bool)
-    absent[list(present)] = False
-    single = pieces == 1  # a cut view no other patch continues is placed whole, like a whole object
-    for fill in (False, True):
-        if fill and not (absent.any() or single.any()):
-            break
-        for pid in patch_ids:
-            cand = candidates[pid]
-            if not cand.any():
-                continue
-            v = views.get(pid)
-            lut = np.zeros(v.n + 1, np.int64)
-            local = np.flatnonzero(cand)
-            g = rank[group[local + offset[pid]]]
-            lut[local] = g + 1
-            if not fill:
-                np.minimum.at(boxes[:, 0], g, v.boxes[local, 0])
-                np.maximum.at(boxes[:, 1], g, v.boxes[local, 1])
-                np.minimum.at(boxes[:, 2], g, v.boxes[local, 2])
-                np.maximum.at(boxes[:, 3], g, v.boxes[local, 3])
-                unset = source[g] < 0
-                source[g[unset]] = pid
-            region = v.region
-            ys, xs = region
-            owner = owner_row[ys][:, None] * nx + owner_col[xs][None, :]
-            cell_buf = _read(out, "cell", region)
-            rank_img = lut[v.cell]  # group rank + 1, 0 elsewhere
-            if fill:
-                alone = np.concatenate([[False], single])[rank_img]
-                where = (owner != pid) & (absent[owner] | alone)
-            else:
-                where = owner == pid
-            put = (rank_img > 0) & where & (cell_buf == 0)
-            if not put.any():
-                continue
-            got += np.bincount(rank_img[put] - 1, minlength=order.size)
-            gid_lut = np.zeros(v.n + 1, np.int64)
-            gid_lut[local] = gids[g]
-            _paint(out, region, cell_buf, _read(out, "nucleus", region) if paired else None, put,
-                   gid_lut[v.cell], v)
-    ok = got > 0
-    placed.counts["dropped_unplaced"] += int(np.count_nonzero(~ok))
-    joined = ok & (pieces > 1)
-    placed.counts["joined"] += int(np.count_nonzero(joined))
-    placed.counts["joined_pieces"] += int(pieces[joined].sum())
-    placed.counts["cut_single"] += int(np.count_nonzero(ok & (pieces == 1)))
-    for mask, how in ((joined, "joined"), (ok & (pieces == 1), "cut_single")):
-        if mask.any():
-            placed.add(gids[mask], source[mask], how, pieces[mask], boxes[mask])
-
-
-def _core_owners(grid):
-    """For every image row (column), the grid row (column) whose cores hold it."""
-    owners = []
-    for axis in (0, 1):
-        n, length = grid.grid_shape[axis], grid.image_shape[axis]
-        own = np.zeros(length, np.int64)
-        for i in range(n):
-            pid = i * grid.grid_shape[1] if axis == 0 else i
-            lo, hi = grid.core(pid)[2 * axis:2 * axis + 2]
-            own[lo:hi] = i
-        owners.append(own)
-    return owners
-
-
-def _finalise(grid, out, placed: _Placed, paired, wrap) -> dict:
-    """Keep each object's largest part, drop cells without a nucleus, relabel 1..n; the cell table."""
-    rows = placed.rows()
-    n = int(placed.next_id - 1)
-    cols = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id", "patches")
-    if n == 0:
-        return {c: np.zeros(0, np.float64 if c.startswith("centroid") else np.int64) for c in cols}
-    window = _windows(grid, rows[:, 4:])
-    for wid in wrap(np.unique(window[window >= 0]).tolist(), desc="stitch (check)"):
-        _, _, y0, x0 = grid.position(wid)
-        vh, vw = grid.valid_shape(wid)
-        mine = np.zeros(n + 1, bool)
-        mine[rows[window == wid, 0]] = True
-        _clean(out, (slice(y0, y0 + vh), slice(x0, x0 + vw)), mine, placed, paired)
-    for r in rows[window < 0]:  # larger than any patch: checked in its own box
-        mine = np.zeros(n + 1, bool)
-        mine[r[0]] = True
-        _clean(out, (slice(int(r[4]), int(r[5])), slice(int(r[6]), int(r[7]))), mine, placed, paired)
-
-    cores = [grid.core(pid) for pid in range(grid.n_patches)]
-    area = np.zeros(n + 1, np.int64)
-    nuc_area = np.zeros(n + 1, np.int64)
-    sy = np.zeros(n + 1)
-    sx = np.zeros(n + 1)
-    for y_lo, y_hi, x_lo, x_hi in cores:
-        region = (slice(y_lo, y_hi), slice(x_lo, x_hi))
-        c = _read(out, "cell", region).astype(np.int64)
-        if not c.any():
-            continue
-        yy, xx = np.indices(c.shape)
-        flat = c.ravel()
-        area += np.bincount(flat, minlength=n + 1)
-        sy += np.bincount(flat, weights=(yy + y_lo).ravel(), minlength=n + 1)
-        sx += np.bincount(flat, weights=(xx + x_lo).ravel(), minlength=n + 1)
-        if paired:
-            nuc = _read(out, "nucleus", region).astype(np.int64)
-            nuc_area += np.bincount(nuc.ravel(), minlength=n + 1)
-    keep = area > 0
-    keep[0] = False
-    old = np.flatnonzero(keep)
-    lut = np.zeros(n + 1, np.uint32)
-    lut[old] = np.arange(1, old.size + 1)
-    for y_lo, y_hi, x_lo, x_hi in cores:
-        region = (slice(y_lo, y_hi), slice(x_lo, x_hi))
-        c = _read(out, "cell", region)
-        if not c.any():
-            continue
-        c = lut[c]
-        out["cell"][region] = c
-        if paired:
-            nuc = lut[_read(out, "nucleus", region)]
-            out["nucleus"][region] = nuc
-            out["cytoplasm"][region] = np.where(nuc > 0, 0, c).astype(np.uint32)
-    info = np.zeros((n + 1, 2), np.int64)
-    info[rows[:, 0]] = rows[:, [1, 3]]
-    a = area[old]
-    return {"id": np.arange(1, old.size + 1, dtype=np.int64), "centroid_y": sy[old] / a, "centroid_x": sx[old] / a,
-            "cell_area": a, "nucleus_area": nuc_area[old], "cytoplasm_area": a - nuc_area[old],
-            "patch_id": info[old, 0], "patches": info[old, 1]}
-
-
-def _windows(grid, boxes) -> np.ndarray:
-    """For each box (y_lo, y_hi, x_lo, x_hi), a patch whose rectangle holds it, or -1."""
-    found = []
-    for axis, (lo, hi) in enumerate(((boxes[:, 0], boxes[:, 1]), (boxes[:, 2], boxes[:, 3]))):
-        step, size, n = grid.step[axis], grid.patch_shape[axis], grid.grid_shape[axis]
-        i = np.minimum(lo // max(step, 1), n - 1)
-        found.append((i, i * step + size >= hi))
-    (iy, oky), (ix, okx) = found
-    return np.where(oky & okx, iy * grid.grid_shape[1] + ix, -1)
-
-
-def _clean(out, region, mine, placed: _Placed, paired):
-    """In one region: the objects marked in ``mine`` keep their largest 8-connected part, their nucleus
-    its largest part (the rest turns cytoplasm); paired cells left without a nucleus are removed."""
-    from skimage.measure import label
-
-    cell = _read(out, "cell", region)
-    changed = False
-    keep = _largest_parts(cell, label(cell, connectivity=2), mine)
-    if keep is not None:
-        placed.counts["fragments_removed"] += int(np.unique(cell[~keep & (cell > 0)]).size)
-        cell[~keep] = 0
-        changed = True
-    nuc = _read(out, "nucleus", region) if paired else None
-    if paired:
-        if changed:
-            nuc[cell == 0] = 0
-        keep_n = _largest_parts(nuc, label(nuc, connectivity=2), mine)
-        if keep_n is not None:
-            placed.counts["nucleus_fragments_removed"] += int(np.unique(nuc[~keep_n & (nuc > 0)]).size)
-            nuc[~keep_n] = 0
-            changed = True
-        has = np.zeros(mine.size, bool)
-        has[nuc[nuc > 0]] = True
-        orphan = mine.copy()
-        orphan[0] = False
-        orphan &= ~has
-        present = np.zeros(mine.size, bool)
-        present[cell[cell > 0]] = True
-        orphan &= present
-        if orphan.any():
-            placed.counts["dropped_without_nucleus"] += int(np.count_nonzero(orphan))
-            cell[orphan[cell]] = 0
-            changed = True
-    if changed:
-        out["cell"][region] = cell
-        if paired:
-            out["nucleus"][region] = nuc
-
-
-def _largest_parts(labels, parts, mine):
-    """Mask of the pixels to keep: every part except the smaller parts of the ids marked in ``mine``;
-    None when there is nothing to remove."""
-    n_parts = int(parts.max())
-    if n_parts == 0:
-        return None
-    part_id = np.zeros(n_parts + 1, np.int64)
-    part_id[parts.ravel()] = labels.ravel()
-    size = np.bincount(parts.ravel(), minlength=n_parts + 1)
-    idx = np.flatnonzero(mine[part_id] & (np.arange(n_parts + 1) > 0))
-    if idx.size == 0:
-        return None
-    order = idx[np.lexsort((-size[idx], part_id[idx]))]
-    first = np.ones(order.size, bool)
-    first[1:] = part_id[order[1:]] != part_id[order[:-1]]
-    drop = np.zeros(n_parts + 1, bool)
-    drop[order[~first]] = True
-    if not drop.any():
-        return None
-    return ~drop[parts]
-
-
-def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0.5, progress=None):
-    """Whole-slide cells and nuclei from per-patch segmentations, repaired after stitching.
-
-    The patches' *unrepaired* cell and nucleus labels are stitched each on its
-    own (:func:`stitch_patches` with ``paired=False``; the nuclei keep two cell
-    pieces that each hold one apart at a seam without overlap), then the
-    whole-slide pair is repaired (:func:`maskworks.codex.repair.repair_masks`:
-    the same matcher as per patch).  Repairing after placement keeps the part
-    of a cut cell that has no nucleus in its patch, which a per-patch repair
-    drops, so large cells are joined whole.
-
-    Parameters
-    ----------
-    grid, patch_ids, duplicate_overlap, progress
-        As :func:`stitch_patches`.
-    load : callable
-        ``load(patch_id) -> (cell, nucleus)``: the segmentation's labels of
-        the patch (ids need not pair).
-
-    Returns
-    -------
-    cell, nucleus, cytoplasm : ndarray of uint32, ``grid.image_shape``
-        Cell ``k`` pairs with nucleus ``k`` (inside its interior, one connected
-        part) and cytoplasm ``k`` = cell ``k`` minus nucleus ``k``; ids 1..n.
-    cell_original, nucleus_original : ndarray of uint32
-        The stitched segmentation before repair.
-    table : dict of ndarray
-        As :func:`stitch_patches`, per repaired cell (``patch_id`` and
-        ``patches`` of its stitched cell).
-    stats : dict
-        ``cells``, ``patches``, ``cell_stitch`` and ``nucleus_stitch`` (the
-        :func:`stitch_patches` stats of each), ``repair`` (its metrics) and
-        ``nucleus_fragments_removed`` (nuclei the trimming left in several
-        parts: the largest kept, the rest turned cytoplasm).
-    """
-    from .repair import repair_masks
-
-    wrap = progress or (lambda it, **kw: it)
-    cells, _, _, cell_table, cell_stats = stitch_patches(
-        grid, patch_ids, load, duplicate_overlap=duplicate_overlap, paired=False,
-        progress=lambda it, desc: wrap(it, desc=f"{desc}, cells"))
-    nuclei, _, _, _, nucleus_stats = stitch_patches(
-        grid, patch_ids, lambda pid: load(pid)[1], duplicate_overlap=duplicate_overlap, paired=False,
-        progress=lambda it, desc: wrap(it, desc=f"{desc}, nuclei"))
-    cell, nucleus, _, metrics = repair_masks(cells, nuclei)
-    cell = cell.astype(np.uint32, copy=False)
-    nucleus = nucleus.astype(np.uint32, copy=False)
-    n = int(cell.max(initial=0))
-    mine = np.ones(n + 1, bool)
-    mine[0] = False
-    from skimage.measure import label
-
-    keep = _largest_parts(nucleus, label(nucleus, connectivity=2), mine) if n else None
-    fragments = 0
-    if keep is not None:
-        fragments = int(np.unique(nucleus[~keep & (nucleus > 0)]).size)
-        nucleus[~keep] = 0
-    cytoplasm = np.where(nucleus > 0, 0, cell).astype(np.uint32)
-    # the table, and each repaired cell's stitched cell (repair keeps the input order)
-    area = np.zeros(n + 1, np.int64)
-    nuc_area = np.zeros(n + 1, np.int64)
-    sy, sx = np.zeros(n + 1), np.zeros(n + 1)
-    source = np.zeros(n + 1, np.int64)
-    w = cell.shape[1]
-    for r0 in range(0, cell.shape[0], 1024):  # row bands: no image-sized temporaries
-        c = cell[r0:r0 + 1024]
-        flat = c.ravel()
-        area += np.bincount(flat, minlength=n + 1)
-        sy += np.bincount(flat, weights=np.repeat(np.arange(r0, r0 + c.shape[0], dtype=np.float64), w),
-                          minlength=n + 1)
-        sx += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), c.shape[0]), minlength=n + 1)
-        nuc_area += np.bincount(nucleus[r0:r0 + 1024].ravel(), minlength=n + 1)
-        fg = c > 0
-        source[c[fg]] = cells[r0:r0 + 1024][fg]
-    cy = sy[1:] / np.maximum(area[1:], 1)
-    cx = sx[1:] / np.maximum(area[1:], 1)
-    nuc_area = nuc_area[1:]
-    old = source[1:] - 1  # stitched cell ids are 1..m, rows 0..m-1 of its table
-    table = {"id": np.arange(1, n + 1, dtype=np.int64), "centroid_y": cy, "centroid_x": cx,
-             "cell_area": area[1:].astype(np.int64), "nucleus_area": nuc_area.astype(np.int64),
-             "cytoplasm_area": (area[1:] - nuc_area).astype(np.int64),
-             "patch_id": cell_table["patch_id"][old], "patches": cell_table["patches"][old]}
-    stats = {"cells": n, "patches": cell_stats["patches"], "cell_stitch": cell_stats,
-             "nucleus_stitch": nucleus_stats, "repair": metrics, "nucleus_fragments_removed": fragments}
-    return cell, nucleus, cytoplasm, np.asarray(cells, np.uint32), np.asarray(nuclei, np.uint32), table, stats
-
-
-def check_stitched(cell, nucleus=None, cytoplasm=None) -> dict:
-    """The promises of :func:`stitch_patches`, counted on its outputs (in memory).
-
-    Returns ``cells``; ``fragmented_cells`` (ids with more than one 8-connected
-    part), and with ``nucleus``: ``cells_without_nucleus``,
-    ``nuclei_outside_cell`` (nucleus pixels whose cell has another id),
-    ``fragmented_nuclei``; with ``cytoplasm``: ``cytoplasm_mismatch`` (pixels
-    where cytoplasm differs from cell minus nucleus).  All 0 for a good stitch.
-    """
-    from skimage.measure import label
-
-    cell = np.asarray(cell)
-    ids = np.unique(cell)
-    ids = ids[ids != 0]
-    out = {"cells": int(ids.size), "fragmented_cells": _fragmented(cell, label)}
-    if nucleus is not None:
-        nucleus = np.asarray(nucleus)
-        with_nucleus = np.unique(nucleus[(nucleus > 0) & (nucleus == cell)])
-        out["cells_without_nucleus"] = int(np.setdiff1d(ids, with_nucleus).size)
-        out["nuclei_outside_cell"] = int(np.count_nonzero((nucleus > 0) & (nucleus != cell)))
-        out["fragmented_nuclei"] = _fragmented(nucleus, label)
-        if cytoplasm is not None:
-            expected = np.where(nucleus > 0, 0, cell)
-            out["cytoplasm_mismatch"] = int(np.count_nonzero(np.asarray(cytoplasm) != expected))
-    return out
-
-
-def _fragmented(labels, label) -> int:
-    parts = label(labels, connectivity=2)
-    n = int(parts.max())
-    if n == 0:
-        return 0
-    part_id = np.zeros(n + 1, np.int64)
-    part_id[parts.ravel()] = labels.ravel()
-    return int(np.count_nonzero(np.bincount(part_id[1:]) > 1))
