@@ -563,7 +563,8 @@ def scaled(base, resource, per_pixel=0, extra_mb=0):
     (profiles/slurm: retries) asks for base x attempt; one that stopped on bad input asks for the
     least (LEAST_RESOURCES), as more cannot help.  ``per_pixel``: MB per megapixel of the row's
     slide added to ``base`` (a CODEX stage whose memory follows the slide's size, read from its
-    header when the job is scheduled); ``extra_mb``: added to ``base`` (a stage's own memory budget)."""
+    header when the job is scheduled); ``extra_mb``: added to ``base`` (a stage's own memory budget).
+    """
 
     def value(wildcards, attempt, rulename):
         if attempt > 1 and failed_on_input(rulename, wildcards):
@@ -581,11 +582,12 @@ def slide_megapixels(name):
     """Megapixels of the CODEX table row ``name``'s slide (its header only; 0 when it cannot be read:
     the input check reports that row)."""
     if name not in _SLIDE_MEGAPIXELS:
-        from maskworks.io.slides import open_multichannel
-
         try:
-            with open_multichannel(codex_images.loc[name]["image"], lazy=True) as img:
-                _SLIDE_MEGAPIXELS[name] = img.shape[0] * img.shape[1] / 1e6
+            from maskworks.io.slides import slide_pixels
+
+            _SLIDE_MEGAPIXELS[name] = (
+                slide_pixels(codex_images.loc[name]["image"]) / 1e6
+            )
         except Exception:
             _SLIDE_MEGAPIXELS[name] = 0.0
     return _SLIDE_MEGAPIXELS[name]

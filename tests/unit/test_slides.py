@@ -145,3 +145,31 @@ def test_one_file_per_channel_errors_name_the_file(tmp_path):
     table.write_text("name,where\nDAPI,a.tif\n")
     with pytest.raises(InputError, match="needs a column 'path or file'"):
         open_multichannel(table)
+
+
+def test_one_file_per_channel_is_never_read_whole(tmp_path):
+    """Each file may be small, the slide is not: the channels stay on disk whatever their size."""
+    folder = tmp_path / "channels"
+    folder.mkdir()
+    for k in range(3):
+        tifffile.imwrite(folder / f"c{k}.tif", _slide(c=1, seed=k)[0], compression="zlib", tile=(32, 32))
+    with open_multichannel(folder) as img:
+        assert img.lazy and all(im.lazy for im in img.data.images)
+
+
+def test_slide_pixels_from_the_header(tmp_path):
+    from maskworks.io.slides import slide_pixels
+
+    data = _slide(h=96, w=128)
+    tifffile.imwrite(tmp_path / "s.ome.tif", data, ome=True, metadata={"axes": "CYX"})
+    _write_qptiff(tmp_path / "s.qptiff", data, NAMES)
+    folder = tmp_path / "channels"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", data[0])
+    (tmp_path / "files.csv").write_text("path\nchannels/a.tif\n")
+    import zarr
+    from ome_zarr.writer import write_image
+
+    write_image(data, zarr.open_group(str(tmp_path / "s.ome.zarr"), mode="w"), axes="cyx", scale_factors=())
+    for p in ("s.ome.tif", "s.qptiff", "channels", "files.csv", "s.ome.zarr"):
+        assert slide_pixels(tmp_path / p) == 96 * 128, p

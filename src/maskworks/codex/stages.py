@@ -1150,8 +1150,8 @@ class _PlaneRows:
         self.image, self.channel, self.shape = image, channel, image.shape
 
     def __getitem__(self, index):
-        ys = index if isinstance(index, slice) else index[0]
-        return self.image.region(self.channel, ys, slice(None))
+        ys, xs = (index, slice(None)) if isinstance(index, slice) else (index + (slice(None),))[:2]
+        return self.image.region(self.channel, ys, xs)
 
     def __array__(self, dtype=None, copy=None):
         out = self.image.region(self.channel, slice(None), slice(None))

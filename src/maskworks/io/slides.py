@@ -251,12 +251,34 @@ def open_multichannel(path, *, channel_axis=None, lazy=None) -> MultichannelImag
             handle = tif
         else:
             tif.close()
+        if any(s < 1 for s in data.shape):
+            raise InputError(f"{path}: empty image of shape {tuple(data.shape)}")
     except BaseException:
         tif.close()
         raise
-    if any(s < 1 for s in data.shape):
-        raise InputError(f"{path}: empty image of shape {tuple(data.shape)}")
     return MultichannelImage(data, axes, cax, axes.index("Y"), axes.index("X"), path, names, mpp, handle)
+
+
+def slide_pixels(path) -> int:
+    """Pixels (y x x) of a slide that :func:`open_multichannel` opens, from its header alone (TIFF
+    tags, Zarr metadata, the first file of one file per channel): what a job's memory request is
+    sized by."""
+    import tifffile
+
+    path = Path(path)
+    if path.is_dir() and any((path / m).is_file() for m in ZARR_HEADERS):
+        from . import ngff
+
+        im = ngff.open_image(path, 0)
+        axes = [a.lower() for a in im.axes]
+        return int(im.array.shape[axes.index("y")]) * int(im.array.shape[axes.index("x")])
+    if path.is_dir():
+        path = _channel_tiffs(path)[0][1]
+    elif path.suffix.lower() in FILE_TABLE_SUFFIXES:
+        path = _file_table(path)[0][1]
+    with tifffile.TiffFile(str(path)) as tif:
+        series = tif.series[0]
+        return int(series.shape[series.axes.index("Y")]) * int(series.shape[series.axes.index("X")])
 
 
 def _lazy_data(path, series, axes, shape, cax):
@@ -444,6 +466,7 @@ def _file_table(table: Path) -> list[tuple[str, Path]]:
 
 def _open_channel_files(source: Path, files, lazy) -> MultichannelImage:
     images = []
+    lazy = True if lazy is None else lazy  # each file's size says nothing of the slide's: never read whole
     try:
         for _, p in files:
             img = open_multichannel(p, lazy=lazy)
