@@ -13,8 +13,8 @@ to ``--target-cells`` cells x ``--target-channels`` channels at the same cell de
 (quantify's time also x target/run channels, an upper bound: its morphology does not grow with
 the channels).
 
-    python bench/bench_codex_arm.py --size 2048 4096    # a few minutes
-    python bench/bench_codex_arm.py --size 20000        # issue 23's 20k x 20k, 12 channels (hours on 2 cores)
+    python bench/bench_codex_arm.py                     # 4096 and 8192 px, 12 channels (about 15 min)
+    python bench/bench_codex_arm.py --size 20000        # issue 23's 20k x 20k, 12 channels (an hour or more)
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def child(cmd) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, nargs="+", default=[20000], help="slide side(s), pixels")
+    ap.add_argument("--size", type=int, nargs="+", default=[4096, 8192], help="slide side(s), pixels")
     ap.add_argument("--channels", type=int, default=12)
     ap.add_argument("--backend", choices=("watershed", "expansion"), default="watershed")
     ap.add_argument("--target-cells", type=float, default=1.5e6)
