@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_channels import run  # one process per stage, its own peak RSS
 
 MAIN = [sys.executable, "-m", "maskworks.cli"]
 PIECE = 2048
@@ -80,20 +79,6 @@ def write_slide(path: Path, size: int, channels: int) -> list[str]:
     return names
 
 
-def run(cmd) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cmd)], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "peak_mb": json.loads(proc.stdout.splitlines()[-1])}
-
-
-def child(cmd) -> None:
-    """Run one command as a grandchild and print its peak RSS (MB)."""
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    print(json.dumps(round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)))
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, nargs="+", default=[4096, 8192], help="slide side(s), pixels")
@@ -101,10 +86,7 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", choices=("watershed", "expansion"), default="watershed")
     ap.add_argument("--target-cells", type=float, default=1.5e6)
     ap.add_argument("--target-channels", type=int, default=50)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
-        return child(json.loads(args.child))
     base = run([sys.executable, "-c", "import numpy, tifffile, zarr, scipy, skimage, pandas, anndata"])
     runs = [one_slide(size, args) for size in args.size]
     print(f"\nbaseline (interpreter + libraries) peak {base['peak_mb']} MB")
