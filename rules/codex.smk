@@ -133,8 +133,9 @@ rule stitch:
     threads: 1
     resources:
         **site_resources(),
-        # in memory: about 40 bytes a pixel (five uint32 label images and the repair's work arrays)
-        mem_mb=scaled(3000, "mem_mb", per_pixel=40),
+        # in memory: about 40 bytes a pixel (five uint32 label images and the repair's work arrays);
+        # a slide above the budget (codex.stitch.memory_mb) goes through label stores in that budget
+        mem_mb=scaled(3000, "mem_mb", per_pixel=40, cap_mb=STITCH_CAP_MB),
         runtime=scaled(60, "runtime"),
     params:
         stitch=stage_params(CODEX["stitch"]),

@@ -558,19 +558,21 @@ def failed_on_input(rulename, wildcards):
     return False
 
 
-def scaled(base, resource, per_pixel=0, extra_mb=0):
+def scaled(base, resource, per_pixel=0, extra_mb=0, cap_mb=None):
     """A resource that grows with the attempt: a job retried after running out of memory or time
     (profiles/slurm: retries) asks for base x attempt; one that stopped on bad input asks for the
     least (LEAST_RESOURCES), as more cannot help.  ``per_pixel``: MB per megapixel of the row's
     slide added to ``base`` (a CODEX stage whose memory follows the slide's size, read from its
-    header when the job is scheduled); ``extra_mb``: added to ``base`` (a stage's own memory budget).
+    header when the job is scheduled); ``extra_mb``: added to ``base`` (a stage's own memory budget);
+    ``cap_mb``: the most the first attempt asks for (a stage that keeps to a budget on larger slides).
     """
 
     def value(wildcards, attempt, rulename):
         if attempt > 1 and failed_on_input(rulename, wildcards):
             return min(base, LEAST_RESOURCES[resource])
         extra = per_pixel * slide_megapixels(wildcards.name) if per_pixel else 0
-        return int(round((base + extra_mb + extra) * attempt))
+        need = base + extra_mb + extra
+        return int(round((need if cap_mb is None else min(need, cap_mb)) * attempt))
 
     return value
 
@@ -629,6 +631,12 @@ CODEX = config["codex"]
 # quantify's block budget (codex.quantify.memory_mb; null: the library's default), which its rule asks
 # for on top of a base and the per-cell tables
 QUANTIFY_BLOCK_MB = CODEX["quantify"]["memory_mb"] or 256
+# stitch keeps to codex.stitch.memory_mb (plus a margin) on slides that do not fit in memory
+STITCH_CAP_MB = (
+    None
+    if CODEX["stitch"]["memory_mb"] is None
+    else CODEX["stitch"]["memory_mb"] + 1000
+)
 SEG = CODEX["segment_cells"]
 codex_images = (
     read_table(CODEX["images"], "../config/codex_images.schema.yaml")

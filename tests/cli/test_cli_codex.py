@@ -147,6 +147,24 @@ def test_stitch_to_zarr_equals_ome_tiff(chain, tmp_path):
         np.testing.assert_array_equal(z.numpy(), read_volume(st / f"{k}.ome.tif").numpy())
 
 
+def test_stitch_under_a_memory_budget_equals_in_memory(chain, tmp_path, caplog):
+    """A budget below what the slide needs in memory: Zarr label stores and row bands, the same outputs."""
+    tiles, _, rep, st, _ = chain
+    assert main(["stitch", str(tiles), str(rep), str(tmp_path), "--memory-mb", "1"]) == 0
+    assert "using bands of 16 rows" in caplog.text
+    stats = json.loads((tmp_path / "stitch_stats.json").read_text())
+    ref = json.loads((st / "stitch_stats.json").read_text())
+    assert stats["memory"]["in_memory"] is False and stats["memory"]["band_rows"] == 16
+    assert ref["memory"]["in_memory"] is True
+    for k in ("cell_stitch", "nucleus_stitch", "repair", "check", "cells", "nucleus_fragments_removed"):
+        assert stats[k] == ref[k], k
+    for k in ("cell", "nucleus", "cytoplasm", "cell_original", "nucleus_original"):
+        np.testing.assert_array_equal(read_volume(tmp_path / f"{k}.ome.tif").numpy(),
+                                      read_volume(st / f"{k}.ome.tif").numpy())
+    assert (tmp_path / "cells.csv").read_text() == (st / "cells.csv").read_text()
+    assert not list(tmp_path.glob(".stitch-work-*"))  # the work stores are gone
+
+
 def test_lazy_tiling_equals_in_memory(slide, chain, tmp_path, monkeypatch):
     d, image, channels, _ = slide
     monkeypatch.setattr(slides, "IN_MEMORY_BYTES", 1 << 16)

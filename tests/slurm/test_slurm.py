@@ -27,6 +27,7 @@ import pytest
 from conftest import ROOT, exe, run, workflow_copy
 
 from maskworks.codex.quantify import DEFAULT_MEMORY_MB
+from maskworks.codex.stages import STITCH_MEMORY_MB
 
 pytestmark = pytest.mark.slurm
 
@@ -130,7 +131,10 @@ def _shipped_resources(out_log: str = "", slide_dir: Path | None = None) -> dict
                 if per_pixel and slide_dir is not None:  # memory that follows the demo slide's size
                     mb = int(per_pixel.group(1)) + int(per_pixel.group(2)) * _demo_megapixels(slide_dir)
                     # extra_mb: quantify's block budget, the library's default (the demo leaves memory_mb null)
-                    out[name] = (round(mb + (DEFAULT_MEMORY_MB if per_pixel.group(3) else 0)), out[name][1])
+                    mb += DEFAULT_MEMORY_MB if per_pixel.group(3) else 0
+                    if "cap_mb=STITCH_CAP_MB" in body:  # stitch keeps to its budget (plus 1 GB) on large slides
+                        mb = min(mb, STITCH_MEMORY_MB + 1000)
+                    out[name] = (round(mb), out[name][1])
     return out
 
 

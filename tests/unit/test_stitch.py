@@ -393,3 +393,89 @@ def test_stitch_segmentation_repairs_after_placement(seed):
 
     before, *_ = stitch_patches(grid, range(grid.n_patches), repaired)
     assert np.count_nonzero(before) < np.count_nonzero(cells)
+
+
+def _check_in_memory(cell, nucleus, cytoplasm):
+    """The promises counted on whole images (skimage's labelling of the whole slide): the reference
+    for the banded check."""
+    def fragmented(labels):
+        parts = label(labels, connectivity=2)
+        part_id = np.zeros(int(parts.max()) + 1, np.int64)
+        part_id[parts.ravel()] = labels.ravel()
+        return int(np.count_nonzero(np.bincount(part_id[1:]) > 1)) if parts.max() else 0
+
+    ids = np.unique(cell)[1:] if cell.any() else np.zeros(0, int)
+    inside = np.unique(nucleus[(nucleus > 0) & (nucleus == cell)])
+    return {"cells": int(ids.size), "fragmented_cells": fragmented(cell),
+            "cells_without_nucleus": int(np.setdiff1d(ids, inside).size),
+            "nuclei_outside_cell": int(np.count_nonzero((nucleus > 0) & (nucleus != cell))),
+            "fragmented_nuclei": fragmented(nucleus),
+            "cytoplasm_mismatch": int(np.count_nonzero(cytoplasm != np.where(nucleus > 0, 0, cell)))}
+
+
+def _tangled(shape, seed):
+    """Labels with many ids in several 8-connected parts, U shapes and diagonal contacts across rows."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 6, size=shape)
+    lab[rng.random(shape) < 0.5] = 0
+    return lab.astype(np.uint32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_parts_by_bands_are_the_whole_image_parts(seed):
+    from maskworks.codex.stitch import _largest_parts, label_parts
+
+    lab = _tangled((37, 23), seed)
+    whole = label(lab, connectivity=2)
+    n = int(lab.max())
+    mine = np.ones(n + 1, bool)
+    mine[0] = False
+    keep = _largest_parts(lab, whole, mine)
+    for rows in (1, 2, 5, 37):
+        parts = label_parts(lab, rows)
+        # the same number of components per id as the whole image's labelling
+        expected = np.bincount(np.unique(np.stack([whole.ravel(), lab.ravel()]), axis=1)[1][1:], minlength=n + 1)
+        np.testing.assert_array_equal(np.bincount(parts.label, minlength=n + 1), expected)
+        drop = parts.smaller_parts()
+        got = np.ones(lab.shape, bool) if drop is None else np.concatenate(
+            [~drop[parts.global_index(r0, local)] for r0, _, local in parts.bands(lab)])
+        np.testing.assert_array_equal(got, np.ones(lab.shape, bool) if keep is None else keep)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_check_by_bands_counts_what_the_whole_image_check_counts(seed):
+    cell = _tangled((41, 29), seed)
+    nucleus = np.where(np.random.default_rng(seed).random(cell.shape) < 0.4, cell, 0).astype(np.uint32)
+    nucleus[3, 3] = 9  # a nucleus outside its cell
+    cyto = np.where(nucleus > 0, 0, cell).astype(np.uint32)
+    cyto[0, 0] += 1
+    expected = _check_in_memory(cell, nucleus, cyto)
+    assert expected["fragmented_cells"] > 0 and expected["cells_without_nucleus"] >= 0
+    for rows in (1, 3, 8, None):
+        assert check_stitched(cell, nucleus, cyto, band_rows=rows) == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stitch_segmentation_into_stores_by_bands_equals_in_memory(seed, tmp_path):
+    """The bounded path (Zarr label stores, repair, clean-up and table by row bands) gives exactly the
+    in-memory result, itself checked against the whole-image repair."""
+    import zarr
+
+    from maskworks.codex.repair import repair_masks
+    from maskworks.codex.stitch import STITCHED, stitch_segmentation
+
+    cells, nuclei, grid = _random_tiling(seed, [0.1, 0.2])
+    load = _segmentation_loader(grid, cells, nuclei, seed=seed)
+    ref = stitch_segmentation(grid, range(grid.n_patches), load)
+    truth_cell, truth_nucleus, _, metrics = repair_masks(ref[3], ref[4])  # the whole-image repair
+    assert ref[6]["repair"] == metrics and _same_labels(ref[0], truth_cell)
+    for rows in (7, 16):
+        out = {k: zarr.create_array(store=str(tmp_path / f"{rows}_{k}"), shape=cells.shape, chunks=(32, 32),
+                                    dtype=np.uint32, fill_value=0) for k in STITCHED}
+        got = stitch_segmentation(grid, range(grid.n_patches), load, out=out, band_rows=rows)
+        for a, b in zip(ref[:5], got[:5]):
+            np.testing.assert_array_equal(a, b[...])
+        for k in ref[5]:
+            np.testing.assert_array_equal(ref[5][k], got[5][k])
+        assert got[6] == ref[6]
+        assert check_stitched(*got[:3], band_rows=rows) == _check_in_memory(*ref[:3])

@@ -118,62 +118,142 @@ def repair_masks(cells, nuclei) -> tuple[np.ndarray, np.ndarray, np.ndarray, dic
     cells, nuclei = check_labels(cells, nuclei)
     cell_img, cell_id, _ = _index_image(cells)
     nuc_img, nuc_id, nuc_area = _index_image(nuclei)
-    n_cells, n_nuclei = int(cell_id.max(initial=0)), int(nuc_id.max(initial=0))
-    nucleus_area = np.concatenate([[0], nuc_area[nuc_id > 0]]).astype(np.int64)  # by consecutive id
-
-    found = []
-    for band in _bands(cells.shape):
-        where = np.flatnonzero(_interior(cell_img, band) & (nuc_img[band] != 0))  # nucleus pixels in an interior
-        found.append(_pair_counts(cell_id[np.take(cell_img[band], where)],
-                                  nuc_id[np.take(nuc_img[band], where)], n_nuclei))
-    pair_cell, pair_nuc, inside = _merge_pairs(found, n_nuclei)
-    area = nucleus_area[pair_nuc]
-    order = np.lexsort((pair_nuc, (area - inside) / area, pair_cell))  # each cell's candidates, best first
-    pair_cell, pair_nuc, inside = pair_cell[order], pair_nuc[order], inside[order]
-    match = _greedy_match(pair_cell, pair_nuc, n_cells, n_nuclei)
-
-    matched_cells = np.flatnonzero(match)
-    matched_nuclei = match[matched_cells]
-    m = int(matched_cells.size)
-    dtype = np.min_scalar_type(m) if m > 0 else np.dtype(np.uint8)
-    new_cell = np.zeros(n_cells + 1, dtype=dtype)
-    new_cell[matched_cells] = np.arange(1, m + 1)
-    new_nuc = np.zeros(n_nuclei + 1, dtype=dtype)
-    new_nuc[matched_nuclei] = np.arange(1, m + 1)
-
-    cell_lut, nuc_lut = new_cell[cell_id], new_nuc[nuc_id]
     bands = _bands(cells.shape)
-    out = [np.empty(cells.shape, dtype=dtype) for _ in range(3)] if len(bands) > 1 else None
+    found = [_band_pairs(cell_img, nuc_img[band], band, cell_id, nuc_id) for band in bands]
+    m = _Matching(found, cell_id, nuc_id, nuc_area)
+    out = [np.empty(cells.shape, dtype=m.dtype) for _ in range(3)] if len(bands) > 1 else None
     for band in bands:
-        # ids index their lookup tables by construction: mode="clip" skips the bounds check
-        c = np.take(cell_lut, cell_img[band], mode="clip")
-        n = np.take(nuc_lut, nuc_img[band], mode="clip")
-        keep = n == c  # matched nucleus k on cell k (or 0 on 0) ...
-        keep &= _interior(cell_img, band)  # ... in its interior
-        n = np.where(keep, n, dtype.type(0))
-        pieces = (c, n, c - n)
+        pieces = m.paint(cell_img, nuc_img[band], band)
         if out is None:
             out = pieces
         else:
             for whole, piece in zip(out, pieces):
                 whole[band] = piece
     cell, nucleus, cytoplasm = out
+    return cell, nucleus, cytoplasm, m.metrics()
 
-    area_before = nucleus_area[matched_nuclei]
-    kept = inside[match[pair_cell] == pair_nuc]  # one pair per matched cell, in ascending cell order
-    trimmed = int(area_before.sum() - kept.sum())
-    total = n_cells + n_nuclei - m
-    metrics = {
-        "cells_in": int(n_cells),
-        "nuclei_in": int(n_nuclei),
-        "matched": m,
-        "matched_fraction": m / total if total else 0.0,
-        "cells_unmatched": int(n_cells - m),
-        "nuclei_unmatched": int(n_nuclei - m),
-        "nuclei_trimmed": int(np.count_nonzero(kept < area_before)),
-        "nucleus_trimmed_fraction": trimmed / int(area_before.sum()) if m else 0.0,
-    }
-    return cell, nucleus, cytoplasm, metrics
+
+def repair_label_stores(cells, nuclei, cell_out, nucleus_out, *, band_rows) -> dict:
+    """:func:`repair_masks` of two 2-D label images too large for memory, read and written by row bands.
+
+    Parameters
+    ----------
+    cells, nuclei : array-like of int, shape (y, x)
+        Whole-cell and nuclear labels (e.g. Zarr arrays), read ``band_rows``
+        rows at a time (and one row of context on each side); ids at most a
+        few times the pixel count per band apart (as stitched labels, 1..n).
+    cell_out, nucleus_out : array-like, shape (y, x)
+        Written band by band with the repaired cell and nucleus labels.
+    band_rows : int
+        Rows per band.
+
+    Returns
+    -------
+    dict
+        The metrics of :func:`repair_masks`; the labels written are exactly
+        those :func:`repair_masks` returns for the whole images.
+    """
+    h = cells.shape[0]
+    if tuple(cells.shape) != tuple(nuclei.shape) or len(cells.shape) != 2:
+        raise InputError(f"cells {tuple(cells.shape)} and nuclei {tuple(nuclei.shape)}: expected two 2-D label "
+                         "images of one shape")
+    rows = max(1, int(band_rows))
+    bands = [slice(y, min(y + rows, h)) for y in range(0, h, rows)]
+    areas = []
+    for name, labels in (("cells", cells), ("nuclei", nuclei)):
+        area = np.zeros(1, np.int64)
+        for band in bands:
+            block = np.asarray(labels[band])
+            check_labels(block, block, names=(name, name))
+            counts = np.bincount(block.reshape(-1))
+            if counts.size > area.size:
+                area = np.concatenate([area, np.zeros(counts.size - area.size, np.int64)])
+            area[:counts.size] += counts
+        areas.append(area)
+    cell_area, nuc_area = areas
+    cell_id, nuc_id = _consecutive(cell_area), _consecutive(nuc_area)
+    found = []
+    for band in bands:
+        block, lo = _with_context(cells, band, h)
+        found.append(_band_pairs(block, np.asarray(nuclei[band]), slice(band.start - lo, band.stop - lo),
+                                 cell_id, nuc_id))
+    m = _Matching(found, cell_id, nuc_id, nuc_area)
+    for band in bands:
+        block, lo = _with_context(cells, band, h)
+        c, n, _ = m.paint(block, np.asarray(nuclei[band]), slice(band.start - lo, band.stop - lo))
+        cell_out[band] = c
+        nucleus_out[band] = n
+    return m.metrics()
+
+
+def _with_context(labels, band, h):
+    """The rows of ``band`` with one row of context on each side (inside the image), and its first row."""
+    lo = max(band.start - 1, 0)
+    return np.asarray(labels[lo:min(band.stop + 1, h)]), lo
+
+
+def _consecutive(area) -> np.ndarray:
+    present = area > 0
+    present[0] = False
+    consecutive = np.cumsum(present, dtype=np.int64)
+    consecutive[~present] = 0
+    return consecutive
+
+
+def _band_pairs(cell_img, nuc_band, band, cell_id, nuc_id):
+    """(cell, nucleus, pixels) of the nucleus pixels in a cell's interior within ``band`` of ``cell_img``."""
+    where = np.flatnonzero(_interior(cell_img, band) & (nuc_band != 0))
+    return _pair_counts(cell_id[np.take(cell_img[band], where)], nuc_id[np.take(nuc_band, where)],
+                        int(nuc_id.max(initial=0)))
+
+
+class _Matching:
+    """The greedy matching of all (cell, nucleus) pairs, its lookup tables and its metrics."""
+
+    def __init__(self, found, cell_id, nuc_id, nuc_area):
+        self.n_cells, self.n_nuclei = int(cell_id.max(initial=0)), int(nuc_id.max(initial=0))
+        nucleus_area = np.concatenate([[0], nuc_area[nuc_id > 0]]).astype(np.int64)  # by consecutive id
+        pair_cell, pair_nuc, inside = _merge_pairs(found, self.n_nuclei)
+        area = nucleus_area[pair_nuc]
+        order = np.lexsort((pair_nuc, (area - inside) / area, pair_cell))  # each cell's candidates, best first
+        pair_cell, pair_nuc, inside = pair_cell[order], pair_nuc[order], inside[order]
+        match = _greedy_match(pair_cell, pair_nuc, self.n_cells, self.n_nuclei)
+        matched_cells = np.flatnonzero(match)
+        self.matched_nuclei = match[matched_cells]
+        self.m = m = int(matched_cells.size)
+        self.dtype = dtype = np.min_scalar_type(m) if m > 0 else np.dtype(np.uint8)
+        new_cell = np.zeros(self.n_cells + 1, dtype=dtype)
+        new_cell[matched_cells] = np.arange(1, m + 1)
+        new_nuc = np.zeros(self.n_nuclei + 1, dtype=dtype)
+        new_nuc[self.matched_nuclei] = np.arange(1, m + 1)
+        self.cell_lut, self.nuc_lut = new_cell[cell_id], new_nuc[nuc_id]
+        self.area_before = nucleus_area[self.matched_nuclei]
+        self.kept = inside[match[pair_cell] == pair_nuc]  # one pair per matched cell, in ascending cell order
+
+    def paint(self, cell_img, nuc_band, band):
+        """Repaired cell, nucleus and cytoplasm of ``band`` of ``cell_img`` (``nuc_band``: its nuclei)."""
+        # ids index their lookup tables by construction: mode="clip" skips the bounds check
+        c = np.take(self.cell_lut, cell_img[band], mode="clip")
+        n = np.take(self.nuc_lut, nuc_band, mode="clip")
+        keep = n == c  # matched nucleus k on cell k (or 0 on 0) ...
+        keep &= _interior(cell_img, band)  # ... in its interior
+        n = np.where(keep, n, self.dtype.type(0))
+        return c, n, c - n
+
+    def metrics(self) -> dict:
+        m, n_cells, n_nuclei = self.m, self.n_cells, self.n_nuclei
+        trimmed = int(self.area_before.sum() - self.kept.sum())
+        total = n_cells + n_nuclei - m
+        return {
+            "cells_in": int(n_cells),
+            "nuclei_in": int(n_nuclei),
+            "matched": m,
+            "matched_fraction": m / total if total else 0.0,
+            "cells_unmatched": int(n_cells - m),
+            "nuclei_unmatched": int(n_nuclei - m),
+            "nuclei_trimmed": int(np.count_nonzero(self.kept < self.area_before)),
+            "nucleus_trimmed_fraction": trimmed / int(self.area_before.sum()) if m else 0.0,
+        }
 
 
 def check_labels(cells, nuclei, *, names=("cells", "nuclei")):
@@ -219,11 +299,7 @@ def _index_image(labels):
         ids, inverse = np.unique(labels, return_inverse=True)
         image = inverse.reshape(labels.shape) + (ids[0] != 0)
         area = np.bincount(image.reshape(-1), minlength=1)
-    present = area > 0
-    present[0] = False
-    consecutive = np.cumsum(present, dtype=np.int64)
-    consecutive[~present] = 0
-    return image, consecutive, area
+    return image, _consecutive(area), area
 
 
 def _bands(shape, pixels=None):

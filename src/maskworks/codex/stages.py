@@ -93,6 +93,7 @@ from .segment import (
     smallest_uint,
     tensorflow_device,
 )
+from .stitch import STITCHED
 from .tiling import (
     SPLIT_DIRECTIONS,
     SPLIT_MODES,
@@ -922,13 +923,52 @@ def _run_download(a):
 STITCH_FORMATS = {"ome.tif": ".ome.tif", "zarr": ".zarr"}
 CELL_COLUMNS = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "cytoplasm_area", "patch_id",
                 "patches")
-STITCHED = ("cell", "nucleus", "cytoplasm", "cell_original", "nucleus_original")
 QC_CROP = 512  # side of the stitched QC crop, pixels (about 1:1 in the PNG)
-CHECK_PIXELS = 2**27  # stitched slides up to this size are checked in memory (check_stitched)
+STITCH_MEMORY_MB = 4096  # stitch's default memory budget
+# Memory model of stitch (measured by bench/bench_stitch.py): a fixed part (interpreter and
+# libraries, per-patch work arrays, the patch views of about two grid rows, per-cell arrays), and
+# per slide pixel either the whole slide in memory or one band of the slide-wide passes.
+STITCH_BASE_MB = 150
+STITCH_PATCH_BYTES = 40  # per pixel of one patch: the patch's work arrays
+STITCH_VIEW_BYTES = 3  # per pixel of each kept patch view (uint16 labels and a nucleus mask)
+STITCH_CELL_BYTES = 2  # per slide pixel: per-cell arrays, for cells of 100 pixels or more
+STITCH_MEMORY_BYTES = 30  # per slide pixel held in memory: five uint32 label images and work arrays
+STITCH_BAND_BYTES = 120  # per pixel of a band of the slide-wide passes
+STITCH_MIN_BAND_ROWS = 16
 
 
-@checked(format=Choice(tuple(STITCH_FORMATS)), duplicate_overlap=Number(exclusive_minimum=0, maximum=1))
-def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5):
+def stitch_plan(grid, memory_mb=STITCH_MEMORY_MB) -> dict:
+    """How stitch fits in ``memory_mb``: the whole slide in memory when it fits, else Zarr label
+    stores on disk and slide-wide passes over row bands as tall as the budget allows.
+
+    Returns ``in_memory`` (bool), ``band_rows`` (None in memory), ``fixed_mb`` (memory that does not
+    depend on the band: interpreter, patch views, per-cell arrays) and ``in_memory_mb`` (what the
+    in-memory path needs).
+    """
+    from .stitch import _reach
+
+    h, w = grid.image_shape
+    ph, pw = grid.patch_shape
+    ry, rx = _reach(grid)
+    views = (ry + 1) * grid.grid_shape[1] + 2
+    mb = 2**20
+    fixed = STITCH_BASE_MB + (ph * pw * (STITCH_PATCH_BYTES + views * STITCH_VIEW_BYTES) + h * w * STITCH_CELL_BYTES) / mb
+    in_memory = fixed + h * w * STITCH_MEMORY_BYTES / mb
+    plan = {"fixed_mb": round(fixed), "in_memory_mb": round(in_memory), "memory_mb": memory_mb}
+    if memory_mb is None or in_memory <= memory_mb:
+        return {**plan, "in_memory": True, "band_rows": None}
+    rows = int((memory_mb - fixed) * mb / STITCH_BAND_BYTES) // max(w, 1)
+    if rows < STITCH_MIN_BAND_ROWS:
+        log.warning("stitch: memory_mb=%s is below what a %d x %d slide with %s patches needs at the least "
+                    "(about %d MB); using bands of %d rows", memory_mb, h, w, tuple(grid.patch_shape),
+                    fixed + STITCH_MIN_BAND_ROWS * w * STITCH_BAND_BYTES / mb, STITCH_MIN_BAND_ROWS)
+    return {**plan, "in_memory": False, "band_rows": max(STITCH_MIN_BAND_ROWS, min(rows, h))}
+
+
+@checked(format=Choice(tuple(STITCH_FORMATS)), duplicate_overlap=Number(exclusive_minimum=0, maximum=1),
+         memory_mb=Number(exclusive_minimum=0, unit="MB", nullable=True))
+def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata=None, duplicate_overlap=0.5,
+                 memory_mb=STITCH_MEMORY_MB):
     """Assemble per-patch segmentations into whole-slide label images: the ``stitch`` rule.
 
     ``labels_dir`` holds ``patch_<patch_id>.npz`` for every patch that ``metadata``
@@ -944,8 +984,12 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
     both), ``cells.csv`` (``CELL_COLUMNS``; centroids in pixels),
     ``stitch_stats.json`` (how objects were placed and joined, the repair metrics
     and the ``check`` of the result, :func:`~maskworks.codex.stitch.check_stitched`)
-    and ``stitch_qc.png`` (a crop with the outlines).  The slide is held in memory
-    (five uint32 label images and the repair's work arrays).
+    and ``stitch_qc.png`` (a crop with the outlines).
+
+    ``memory_mb`` (MB; None: no limit) bounds the stage's memory (:func:`stitch_plan`): a
+    slide that fits is stitched in memory, a larger one into Zarr label stores in a work
+    folder inside ``out_dir`` (removed at the end), and the slide-wide repair, clean-up,
+    table and check run over row bands; the outputs are the same either way.
     """
     if format not in STITCH_FORMATS:
         raise InputError(f"format={format!r}: expected one of {', '.join(STITCH_FORMATS)}")
@@ -956,10 +1000,12 @@ def stitch_files(patches_dir, labels_dir, out_dir, *, format="ome.tif", metadata
     table, stats_path, qc = out_dir / "cells.csv", out_dir / "stitch_stats.json", out_dir / "stitch_qc.png"
     with transaction(*images.values(), table, stats_path, qc, inputs=[patches_dir, labels_dir, metadata]):
         return _stitch_files(Path(patches_dir), Path(labels_dir), images, table, stats_path, qc, format,
-                             metadata, duplicate_overlap)
+                             metadata, duplicate_overlap, memory_mb)
 
 
-def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format, metadata, duplicate_overlap):
+def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format, metadata, duplicate_overlap,
+                  memory_mb):
+    import tempfile
     import time
 
     from .stitch import check_stitched, stitch_segmentation
@@ -978,30 +1024,37 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
         return _read_patch_labels(labels_dir / f"patch_{pid}.npz", keys, shape=grid.patch_shape)
 
     mpp = attrs.get("image_mpp")
+    plan = stitch_plan(grid, memory_mb)
     prov = provenance("stitch", {"patches_dir": patches_dir, "labels_dir": labels_dir},
-                      {"format": format, "duplicate_overlap": duplicate_overlap})
-    log.info("stitch %s + %s (%s): %d patch(es) on a %s grid -> %s", patches_dir, labels_dir, ", ".join(keys),
-             len(ids), grid.grid_shape, images["cell"].parent)
-    cell, nucleus, cyto, cell0, nucleus0, cells, st = stitch_segmentation(
-        grid, ids, load, duplicate_overlap=duplicate_overlap, progress=lambda it, desc: _progress(it, desc))
-    st["check"] = check_stitched(cell, nucleus, cyto)
-    if not st["cells"]:
-        _warn(st, f"the stitched slide holds no cell ({len(ids)} informative patch(es) in {labels_dir})")
-    arrays = {"cell": cell, "nucleus": nucleus, "cytoplasm": cyto, "cell_original": cell0,
-              "nucleus_original": nucleus0}
-    for k, a in arrays.items():
-        if format == "zarr":
-            vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
-            write_volume(images[k], a, vs, unit=unit, chunks=tuple(min(1024, s) for s in a.shape), provenance=prov,
-                         labels=True, colours={})
-        else:
-            _write_ome_tiff(images[k], a, mpp, prov)
-    crop = _qc_crop(grid, ids, arr, cell, nucleus)
+                      {"format": format, "duplicate_overlap": duplicate_overlap, "memory_mb": memory_mb})
+    log.info("stitch %s + %s (%s): %d patch(es) on a %s grid -> %s (%s)", patches_dir, labels_dir, ", ".join(keys),
+             len(ids), grid.grid_shape, images["cell"].parent,
+             "in memory" if plan["in_memory"] else f"label stores, bands of {plan['band_rows']} rows")
+    with tempfile.TemporaryDirectory(prefix=".stitch-work-", dir=images["cell"].parent) as work:
+        out = None if plan["in_memory"] else {
+            k: _label_store(Path(work) / f"{k}.zarr", grid.image_shape, plan["band_rows"]) for k in STITCHED}
+        cell, nucleus, cyto, cell0, nucleus0, cells, st = stitch_segmentation(
+            grid, ids, load, duplicate_overlap=duplicate_overlap, progress=lambda it, desc: _progress(it, desc),
+            out=out, band_rows=plan["band_rows"])
+        st["check"] = check_stitched(cell, nucleus, cyto, band_rows=plan["band_rows"])
+        if not st["cells"]:
+            _warn(st, f"the stitched slide holds no cell ({len(ids)} informative patch(es) in {labels_dir})")
+        arrays = {"cell": cell, "nucleus": nucleus, "cytoplasm": cyto, "cell_original": cell0,
+                  "nucleus_original": nucleus0}
+        for k, a in arrays.items():
+            if format == "zarr":
+                vs, unit = ((mpp, mpp), "micrometer") if mpp else ((1.0, 1.0), None)
+                write_volume(images[k], a, vs, unit=unit, chunks=tuple(min(1024, s) for s in a.shape),
+                             provenance=prov, labels=True, colours={})
+            else:
+                _write_ome_tiff(images[k], a, mpp, prov)
+        crop = _qc_crop(grid, ids, arr, cell, nucleus)
     _write_cells_csv(table, cells)
     cs = st["cell_stitch"]
     st.update(stitched=list(keys), patches_dir=str(patches_dir), labels_dir=str(labels_dir),
               image_shape=list(grid.image_shape), image_mpp=mpp, format=format, duplicate_overlap=duplicate_overlap,
-              outputs={k: str(v) for k, v in images.items()}, seconds=round(time.perf_counter() - t0, 3))
+              memory=plan, outputs={k: str(v) for k, v in images.items()},
+              seconds=round(time.perf_counter() - t0, 3))
     _save_stitch_qc(qc, crop, f"stitch: {st['cells']} cells from {len(ids)} patches "
                     f"({cs['from_core']} core, {cs['rescued']} rescued, {cs['joined']} joined across seams)")
     write_json(stats_path, st)
@@ -1010,8 +1063,19 @@ def _stitch_files(patches_dir, labels_dir, images, table, stats_path, qc, format
     return st
 
 
-def _write_ome_tiff(path, array, mpp, prov):
-    """uint32 labels as a one-plane OME-TIFF, with the pixel size in µm when known."""
+def _label_store(path, shape, rows):
+    """A zero-filled uint32 Zarr array on disk for a whole-slide label image (stitch's work store), in
+    chunks one band of ``rows`` tall, so that reading a band decodes nothing else."""
+    import zarr
+
+    h, w = shape
+    return zarr.create_array(store=str(path), shape=(h, w), chunks=(min(rows, h), min(1024, w)), dtype=np.uint32,
+                             fill_value=0)
+
+
+def _write_ome_tiff(path, array, mpp, prov, tile=512):
+    """uint32 labels (any array-like) as a one-plane OME-TIFF with the pixel size in µm when known,
+    written tile by tile from bands of ``tile`` rows (images smaller than a tile: one strip)."""
     import json
 
     import tifffile
@@ -1020,12 +1084,26 @@ def _write_ome_tiff(path, array, mpp, prov):
     if mpp:
         meta.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm", PhysicalSizeY=float(mpp),
                     PhysicalSizeYUnit="µm")
-    array = np.asarray(array, dtype=np.uint32)
+    h, w = array.shape
+    tiled = min(h, w) >= tile
+    data = _tiles(array, tile) if tiled else np.asarray(array, dtype=np.uint32)
     with atomic_path(Path(path)) as tmp:
-        tifffile.imwrite(str(tmp), array, ome=True, photometric="minisblack", metadata=meta,
-                         compression="zlib", compressionargs={"level": 1},
-                         tile=(512, 512) if min(array.shape) >= 512 else None,
-                         bigtiff=array.nbytes > 2**31 - 2**25)
+        tifffile.imwrite(str(tmp), data, shape=(h, w), dtype=np.uint32, ome=True, photometric="minisblack",
+                         metadata=meta, compression="zlib", compressionargs={"level": 1},
+                         tile=(tile, tile) if tiled else None, bigtiff=h * w * 4 > 2**31 - 2**25)
+
+
+def _tiles(array, tile):
+    """The ``tile`` x ``tile`` tiles of a 2-D array-like in TIFF order (zero-padded at the edges),
+    read one band of rows at a time."""
+    h, w = array.shape
+    for y in range(0, h, tile):
+        band = np.asarray(array[y:y + tile], dtype=np.uint32)
+        for x in range(0, w, tile):
+            t = np.zeros((tile, tile), np.uint32)
+            piece = band[:, x:x + tile]
+            t[:piece.shape[0], :piece.shape[1]] = piece
+            yield t
 
 
 def _write_cells_csv(path, cells):
@@ -1089,12 +1167,15 @@ def _add_stitch(sub):
     p.add_argument("--metadata", help="patch table choosing the patches; if not given, the tile-image one")
     p.add_argument("--duplicate-overlap", type=float, default=0.5,
                    help="an object overlapping already-placed ones by more than this fraction is a duplicate")
+    p.add_argument("--memory-mb", type=float, default=STITCH_MEMORY_MB,
+                   help="memory budget (MB): a slide that does not fit is stitched into Zarr label stores on disk "
+                   "and repaired, cleaned and checked by row bands (default %(default)s)")
     p.set_defaults(run=_run_stitch)
 
 
 def _run_stitch(a):
     return stitch_files(a.patches_dir, a.labels_dir, a.out_dir, format=a.format, metadata=a.metadata,
-                        duplicate_overlap=a.duplicate_overlap)
+                        duplicate_overlap=a.duplicate_overlap, memory_mb=a.memory_mb)
 
 
 # ----------------------------------------------------------------------------- quantify

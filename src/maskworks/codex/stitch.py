@@ -41,7 +41,7 @@ def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_over
         Wraps the patch iterators (``progress(iterable, desc=...)``, e.g. ``tqdm``).
     paired : bool
         Cell/nucleus pairs (default), or one label image (``nucleus`` and
-        ``cytoplasm`` are then all zero).
+        ``cytoplasm`` are then all zero, or None when ``out`` is given).
 
     Returns
     -------
@@ -96,7 +96,8 @@ def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_over
         raise InputError(f"duplicate_overlap={duplicate_overlap!r}: expected a fraction in [0, 1]")
     h, w = grid.image_shape
     keys = ("cell", "nucleus", "cytoplasm") if paired else ("cell",)
-    if out is None:
+    given = out is not None
+    if not given:
         out = {k: np.zeros((h, w), np.uint32) for k in keys}
     patch_ids = sorted({int(p) for p in patch_ids})
     for pid in patch_ids:
@@ -111,9 +112,9 @@ def stitch_patches(grid: PatchGrid, patch_ids, load, *, out=None, duplicate_over
     _join_cut(grid, patch_ids, views, out, placed, duplicate_overlap, paired, wrap)
     table = _finalise(grid, out, placed, paired, wrap)
     stats = {"cells": int(table["id"].size), "patches": len(patch_ids), **placed.counts}
-    empty = {k: np.zeros((h, w), np.uint32) for k in ("nucleus", "cytoplasm") if k not in out}
-    return out["cell"], out.get("nucleus", empty.get("nucleus")), out.get("cytoplasm", empty.get("cytoplasm")), \
-        table, stats
+    if not paired:
+        return out["cell"], *(None if given else np.zeros((h, w), np.uint32) for _ in range(2)), table, stats
+    return out["cell"], out["nucleus"], out["cytoplasm"], table, stats
 
 
 @dataclass
@@ -251,17 +252,19 @@ def _paired_labels(cell, nucleus):
     ids = np.unique(cell)
     ids = ids[ids != 0]
     if ids.size == 0:
-        return np.zeros(cell.shape, np.int64), np.zeros(cell.shape, np.int64), 0
+        return np.zeros(cell.shape, np.uint16), np.zeros(cell.shape, np.uint16), 0
+    # the smallest type that holds the ids: the views of a grid row or two stay in memory
+    dtype = np.uint16 if ids.size < 2**16 else np.uint32
     if ids[-1] == ids.size:  # already consecutive
-        c = cell.astype(np.int64)
-        n = np.where((nucleus <= ids.size) & (nucleus == c), nucleus, 0).astype(np.int64)
+        c = cell.astype(dtype)
+        n = np.where((nucleus <= ids.size) & (nucleus == c), nucleus, 0).astype(dtype)
         return c, n, int(ids.size)
     c = np.searchsorted(ids, cell) + 1
     c[cell == 0] = 0
     pos = np.minimum(np.searchsorted(ids, nucleus), ids.size - 1)
     n = np.where((nucleus != 0) & (ids[pos] == nucleus), pos + 1, 0)
     n = np.where(n == c, n, 0)
-    return c.astype(np.int64), n.astype(np.int64), int(ids.size)
+    return c.astype(dtype), n.astype(dtype), int(ids.size)
 
 
 def _read(out, key, region):
@@ -662,7 +665,8 @@ def _largest_parts(labels, parts, mine):
     return ~drop[parts]
 
 
-def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0.5, progress=None):
+def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0.5, progress=None, out=None,
+                        band_rows=None):
     """Whole-slide cells and nuclei from per-patch segmentations, repaired after stitching.
 
     The patches' *unrepaired* cell and nucleus labels are stitched each on its
@@ -680,13 +684,22 @@ def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0
     load : callable
         ``load(patch_id) -> (cell, nucleus)``: the segmentation's labels of
         the patch (ids need not pair).
+    out : dict, optional
+        Zero-filled uint32 array-likes of ``grid.image_shape`` to write into
+        (e.g. Zarr arrays, for slides that do not fit in memory): ``cell``,
+        ``nucleus``, ``cytoplasm``, ``cell_original``, ``nucleus_original``.
+        Default: NumPy arrays.
+    band_rows : int, optional
+        Rows per band of the slide-wide passes (repair, nucleus clean-up, the
+        table); default: the whole slide at once.  The result does not depend
+        on it.
 
     Returns
     -------
-    cell, nucleus, cytoplasm : ndarray of uint32, ``grid.image_shape``
+    cell, nucleus, cytoplasm : array-like of uint32, ``grid.image_shape``
         Cell ``k`` pairs with nucleus ``k`` (inside its interior, one connected
         part) and cytoplasm ``k`` = cell ``k`` minus nucleus ``k``; ids 1..n.
-    cell_original, nucleus_original : ndarray of uint32
+    cell_original, nucleus_original : array-like of uint32
         The stitched segmentation before repair.
     table : dict of ndarray
         As :func:`stitch_patches`, per repaired cell (``patch_id`` and
@@ -695,47 +708,46 @@ def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0
         ``cells``, ``patches``, ``cell_stitch`` and ``nucleus_stitch`` (the
         :func:`stitch_patches` stats of each), ``repair`` (its metrics) and
         ``nucleus_fragments_removed`` (nuclei the trimming left in several
-        parts: the largest kept, the rest turned cytoplasm).
+        parts: the largest 8-connected part kept, the rest turned cytoplasm).
     """
-    from .repair import repair_masks
+    from .repair import repair_label_stores
 
     wrap = progress or (lambda it, **kw: it)
+    h, w = grid.image_shape
+    if out is None:
+        out = {k: np.zeros((h, w), np.uint32) for k in STITCHED}
+    rows = max(1, int(band_rows or h))
     cells, _, _, cell_table, cell_stats = stitch_patches(
-        grid, patch_ids, load, duplicate_overlap=duplicate_overlap, paired=False,
-        progress=lambda it, desc: wrap(it, desc=f"{desc}, cells"))
+        grid, patch_ids, load, out={"cell": out["cell_original"]}, duplicate_overlap=duplicate_overlap,
+        paired=False, progress=lambda it, desc: wrap(it, desc=f"{desc}, cells"))
     nuclei, _, _, _, nucleus_stats = stitch_patches(
-        grid, patch_ids, lambda pid: load(pid)[1], duplicate_overlap=duplicate_overlap, paired=False,
+        grid, patch_ids, lambda pid: load(pid)[1], out={"cell": out["nucleus_original"]},
+        duplicate_overlap=duplicate_overlap, paired=False,
         progress=lambda it, desc: wrap(it, desc=f"{desc}, nuclei"))
-    cell, nucleus, _, metrics = repair_masks(cells, nuclei)
-    cell = cell.astype(np.uint32, copy=False)
-    nucleus = nucleus.astype(np.uint32, copy=False)
-    n = int(cell.max(initial=0))
-    mine = np.ones(n + 1, bool)
-    mine[0] = False
-    from skimage.measure import label
-
-    keep = _largest_parts(nucleus, label(nucleus, connectivity=2), mine) if n else None
-    fragments = 0
-    if keep is not None:
-        fragments = int(np.unique(nucleus[~keep & (nucleus > 0)]).size)
-        nucleus[~keep] = 0
-    cytoplasm = np.where(nucleus > 0, 0, cell).astype(np.uint32)
-    # the table, and each repaired cell's stitched cell (repair keeps the input order)
+    metrics = repair_label_stores(cells, nuclei, out["cell"], out["nucleus"], band_rows=rows)
+    n = metrics["matched"]
+    parts = label_parts(out["nucleus"], rows)
+    drop = parts.smaller_parts()
+    # the nuclei without their smaller parts, the cytoplasm, and the table: one more pass
     area = np.zeros(n + 1, np.int64)
     nuc_area = np.zeros(n + 1, np.int64)
     sy, sx = np.zeros(n + 1), np.zeros(n + 1)
     source = np.zeros(n + 1, np.int64)
-    w = cell.shape[1]
-    for r0 in range(0, cell.shape[0], 1024):  # row bands: no image-sized temporaries
-        c = cell[r0:r0 + 1024]
+    for r0, nuc, local in wrap(parts.bands(out["nucleus"]), desc="stitch (nuclei, table)"):
+        band = slice(r0, r0 + nuc.shape[0])
+        if drop is not None:
+            nuc[drop[parts.global_index(r0, local)]] = 0
+            out["nucleus"][band] = nuc
+        c = np.asarray(out["cell"][band])
+        out["cytoplasm"][band] = np.where(nuc > 0, 0, c).astype(np.uint32)
         flat = c.ravel()
         area += np.bincount(flat, minlength=n + 1)
         sy += np.bincount(flat, weights=np.repeat(np.arange(r0, r0 + c.shape[0], dtype=np.float64), w),
                           minlength=n + 1)
         sx += np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), c.shape[0]), minlength=n + 1)
-        nuc_area += np.bincount(nucleus[r0:r0 + 1024].ravel(), minlength=n + 1)
+        nuc_area += np.bincount(nuc.ravel(), minlength=n + 1)
         fg = c > 0
-        source[c[fg]] = cells[r0:r0 + 1024][fg]
+        source[c[fg]] = np.asarray(cells[band])[fg]
     cy = sy[1:] / np.maximum(area[1:], 1)
     cx = sx[1:] / np.maximum(area[1:], 1)
     nuc_area = nuc_area[1:]
@@ -745,42 +757,156 @@ def stitch_segmentation(grid: PatchGrid, patch_ids, load, *, duplicate_overlap=0
              "cytoplasm_area": (area[1:] - nuc_area).astype(np.int64),
              "patch_id": cell_table["patch_id"][old], "patches": cell_table["patches"][old]}
     stats = {"cells": n, "patches": cell_stats["patches"], "cell_stitch": cell_stats,
-             "nucleus_stitch": nucleus_stats, "repair": metrics, "nucleus_fragments_removed": fragments}
-    return cell, nucleus, cytoplasm, np.asarray(cells, np.uint32), np.asarray(nuclei, np.uint32), table, stats
+             "nucleus_stitch": nucleus_stats, "repair": metrics, "nucleus_fragments_removed": parts.fragmented()}
+    return out["cell"], out["nucleus"], out["cytoplasm"], cells, nuclei, table, stats
 
 
-def check_stitched(cell, nucleus=None, cytoplasm=None) -> dict:
-    """The promises of :func:`stitch_patches`, counted on its outputs (in memory).
+STITCHED = ("cell", "nucleus", "cytoplasm", "cell_original", "nucleus_original")
+
+
+class LabelParts:
+    """The 8-connected parts of every id of a label image read by row bands, joined across the seams.
+
+    Each band is labelled on its own (``skimage.measure.label``, 8-connected, a
+    part per id); parts of one id that meet across a band seam (8-neighbours on
+    the rows either side) are one *component*.  Components are what
+    ``label(image, connectivity=2)`` of the whole image gives, without holding
+    it.  Build with :func:`label_parts`.
+    """
+
+    def __init__(self, offsets, part_label, part_size, component, rows):
+        self.offsets, self.rows = offsets, rows  # band start row -> index of its first part
+        self.component = component  # per part (bands in order, then local label order)
+        n = int(component.max(initial=-1)) + 1
+        self.label = np.zeros(n, np.int64)
+        self.label[component] = part_label
+        self.size = np.bincount(component, weights=part_size, minlength=n)
+        self.first = np.full(n, component.size, np.int64)  # first part in raster order
+        np.minimum.at(self.first, component, np.arange(component.size))
+
+    def global_index(self, r0, local):
+        """Component of each pixel of the band starting at row ``r0`` (``local``: its band labels, 0 =
+        background, which maps to the last entry of the arrays indexed by it: give them one more)."""
+        index = np.where(local > 0, self.offsets[r0] + local - 1, self.component.size)
+        return np.concatenate([self.component, [self.label.size]])[index]
+
+    def fragmented(self) -> int:
+        """Ids in more than one component."""
+        if not self.label.size:
+            return 0
+        return int(np.count_nonzero(np.bincount(self.label) > 1))
+
+    def smaller_parts(self):
+        """Per component (and one more entry, False, for the background): True for every component
+        but the largest of its id (ties: the first in raster order); None when nothing is dropped."""
+        if not self.fragmented():
+            return None
+        order = np.lexsort((self.first, -self.size, self.label))
+        keep = np.ones(order.size, bool)
+        keep[1:] = self.label[order[1:]] != self.label[order[:-1]]
+        drop = np.zeros(self.label.size + 1, bool)
+        drop[order[~keep]] = True
+        return drop
+
+    def bands(self, image):
+        """``(r0, block, local)`` per band of ``image``: its rows as an array and their band labels."""
+        return _labelled_bands(image, self.rows)
+
+
+def _labelled_bands(image, rows):
+    from skimage.measure import label
+
+    for r0 in range(0, image.shape[0], rows):
+        block = np.asarray(image[r0:r0 + rows])
+        yield r0, block, label(block, connectivity=2)
+
+
+def label_parts(image, band_rows) -> LabelParts:
+    """:class:`LabelParts` of a 2-D label image (array-like), read ``band_rows`` rows at a time."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = max(1, int(band_rows))
+    offsets, labels, sizes, edges = {}, [], [], []
+    total = 0
+    above = None  # the previous band's last row: ids and global part indices
+    for r0, block, local in _labelled_bands(image, rows):
+        k = int(local.max(initial=0))
+        part_label = np.zeros(k + 1, np.int64)
+        part_label[local.ravel()] = block.ravel()
+        labels.append(part_label[1:])
+        sizes.append(np.bincount(local.ravel(), minlength=k + 1)[1:])
+        offsets[r0] = total
+        top = (block[0], local[0] + total - 1)
+        if above is not None:
+            w = block.shape[1]
+            for dx in (-1, 0, 1):  # pixel x above meets x + dx below
+                a = slice(max(0, -dx), w - max(0, dx))
+                b = slice(max(0, dx), w - max(0, -dx))
+                same = (above[0][a] == top[0][b]) & (top[0][b] != 0)
+                edges.append(np.stack([above[1][a][same], top[1][b][same]]))
+        above = (block[-1], local[-1] + total - 1)
+        total += k
+    component = np.zeros(0, np.int64)
+    if total:
+        e = np.concatenate(edges, axis=1) if edges else np.zeros((2, 0), np.int64)
+        graph = coo_matrix((np.ones(e.shape[1], np.int8), (e[0], e[1])), shape=(total, total))
+        _, component = connected_components(graph, directed=False)
+        # components numbered in raster order of their first part
+        uniq, first = np.unique(component, return_index=True)
+        rank = np.empty(uniq.size, np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(uniq.size)
+        component = rank[component]
+    return LabelParts(offsets, _concat(labels), _concat(sizes), component, rows)
+
+
+def _concat(arrays):
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
+def check_stitched(cell, nucleus=None, cytoplasm=None, *, band_rows=None) -> dict:
+    """The promises of :func:`stitch_patches`, counted on its outputs (read by row bands).
 
     Returns ``cells``; ``fragmented_cells`` (ids with more than one 8-connected
     part), and with ``nucleus``: ``cells_without_nucleus``,
     ``nuclei_outside_cell`` (nucleus pixels whose cell has another id),
     ``fragmented_nuclei``; with ``cytoplasm``: ``cytoplasm_mismatch`` (pixels
     where cytoplasm differs from cell minus nucleus).  All 0 for a good stitch.
+    ``band_rows``: rows read at a time (default: all); the counts do not
+    depend on it.
     """
-    from skimage.measure import label
-
-    cell = np.asarray(cell)
-    ids = np.unique(cell)
-    ids = ids[ids != 0]
-    out = {"cells": int(ids.size), "fragmented_cells": _fragmented(cell, label)}
-    if nucleus is not None:
-        nucleus = np.asarray(nucleus)
-        with_nucleus = np.unique(nucleus[(nucleus > 0) & (nucleus == cell)])
-        out["cells_without_nucleus"] = int(np.setdiff1d(ids, with_nucleus).size)
-        out["nuclei_outside_cell"] = int(np.count_nonzero((nucleus > 0) & (nucleus != cell)))
-        out["fragmented_nuclei"] = _fragmented(nucleus, label)
+    h = cell.shape[0]
+    rows = max(1, int(band_rows or h))
+    present = np.zeros(1, bool)
+    paired = np.zeros(1, bool)
+    outside = mismatch = 0
+    for r0 in range(0, h, rows):
+        c = np.asarray(cell[r0:r0 + rows])
+        present = _mark(present, c[c > 0])
+        if nucleus is None:
+            continue
+        n = np.asarray(nucleus[r0:r0 + rows])
+        inside = (n > 0) & (n == c)
+        paired = _mark(paired, n[inside])
+        outside += int(np.count_nonzero((n > 0) & ~inside))
         if cytoplasm is not None:
-            expected = np.where(nucleus > 0, 0, cell)
-            out["cytoplasm_mismatch"] = int(np.count_nonzero(np.asarray(cytoplasm) != expected))
+            mismatch += int(np.count_nonzero(np.asarray(cytoplasm[r0:r0 + rows]) != np.where(n > 0, 0, c)))
+    out = {"cells": int(np.count_nonzero(present)), "fragmented_cells": label_parts(cell, rows).fragmented()}
+    if nucleus is not None:
+        paired = np.concatenate([paired, np.zeros(max(0, present.size - paired.size), bool)])
+        out["cells_without_nucleus"] = int(np.count_nonzero(present & ~paired[:present.size]))
+        out["nuclei_outside_cell"] = outside
+        out["fragmented_nuclei"] = label_parts(nucleus, rows).fragmented()
+        if cytoplasm is not None:
+            out["cytoplasm_mismatch"] = mismatch
     return out
 
 
-def _fragmented(labels, label) -> int:
-    parts = label(labels, connectivity=2)
-    n = int(parts.max())
-    if n == 0:
-        return 0
-    part_id = np.zeros(n + 1, np.int64)
-    part_id[parts.ravel()] = labels.ravel()
-    return int(np.count_nonzero(np.bincount(part_id[1:]) > 1))
+def _mark(seen, ids):
+    """``seen`` (bool per id) with ``ids`` set, grown as needed."""
+    if ids.size:
+        top = int(ids.max())
+        if top >= seen.size:
+            seen = np.concatenate([seen, np.zeros(top + 1 - seen.size, bool)])
+        seen[ids] = True
+    return seen
