@@ -932,7 +932,7 @@ STITCH_BASE_MB = 150
 STITCH_PATCH_BYTES = 40  # per pixel of one patch: the patch's work arrays
 STITCH_VIEW_BYTES = 3  # per pixel of each kept patch view (uint16 labels and a nucleus mask)
 STITCH_CELL_BYTES = 2  # per slide pixel: per-cell arrays, for cells of 100 pixels or more
-STITCH_MEMORY_BYTES = 30  # per slide pixel held in memory: five uint32 label images and work arrays
+STITCH_MEMORY_BYTES = 40  # per slide pixel held in memory: five uint32 label images and work arrays
 STITCH_BAND_BYTES = 120  # per pixel of a band of the slide-wide passes
 STITCH_MIN_BAND_ROWS = 16
 
