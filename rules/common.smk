@@ -752,7 +752,21 @@ def codex_inputs(wildcards):
     return {
         "image": row["image"],
         **({"channels": row["channels"]} if row.get("channels") else {}),
+        "channel_files": codex_channel_files(row["image"]),
     }
+
+
+def codex_channel_files(image):
+    """The files of a one-file-per-channel slide (a folder of TIFFs, a table of files): inputs, so that
+    changing one reruns the slide; none for a single file (or when the slide cannot be read: the
+    input check reports it)."""
+    from maskworks.io import InputError
+    from maskworks.io.slides import channel_files
+
+    try:
+        return [str(p) for p in channel_files(image)]
+    except (InputError, OSError):
+        return []
 
 
 def codex_channels(wildcards):

@@ -8,7 +8,7 @@ import tifffile
 
 from maskworks.codex.tiling import patch_grid, read_patch
 from maskworks.io import InputError
-from maskworks.io.slides import open_multichannel
+from maskworks.io.slides import channel_files, open_multichannel
 
 NAMES = ["DAPI", "CD45", "PanCK", "CD3"]
 
@@ -128,6 +128,10 @@ def test_one_file_per_channel_folder_and_table(tmp_path):
     with open_multichannel(table) as img:
         assert img.channel_names == ["DAPI", "CD45"]
         np.testing.assert_array_equal(img.region(1, slice(None), slice(None)), data[5])
+    # the files a workflow must track: the folder's TIFFs in channel order, the table's listed files
+    assert channel_files(folder) == [folder / f"ch{k}.tif" for k in range(11)]
+    assert channel_files(table) == [tmp_path / "channels" / "ch0.tif", folder / "ch5.tif"]
+    assert channel_files(stacked) == []
 
 
 def test_one_file_per_channel_errors_name_the_file(tmp_path):

@@ -332,3 +332,38 @@ def test_segment_backend_switches_from_the_command_line(tmp_path):
     assert re.search(here, out), out[-3000:]
     assert "--backend instanseg" in out and "--model-path instanseg.pt" in out and "--device cpu" in out
     assert "--expansion-distance" not in out and "--preprocess-kwargs" not in out
+
+
+def test_a_changed_channel_file_reruns_its_slide(tmp_path):
+    """A slide given as a table of one file per channel: its files are the rules' inputs, so changing
+    one of them (not the table) reruns the slide's stages."""
+    import os
+    import time
+
+    import tifffile
+
+    from maskworks.io.slides import read_channel_names
+
+    wd = workflow_copy(tmp_path)
+    codex = wd / "demo_data" / "codex"
+    with tifffile.TiffFile(codex / "slide1.ome.tif") as tif:
+        planes = tif.series[0].asarray()
+    names = read_channel_names(codex / "slide1_channels.txt")
+    rows = ["path\tchannel_name"]
+    for name, plane in zip(names, planes):
+        tifffile.imwrite(codex / f"split_{name}.tif", plane)
+        rows.append(f"split_{name}.tif\t{name}")
+    (codex / "split.tsv").write_text("\n".join(rows) + "\n")
+    (wd / "split_images.tsv").write_text("name\timage\tnuclear_channel\twholecell_channels\timage_mpp\n"
+                                         "split\tdemo_data/codex/split.tsv\tDAPI\tCD45,PanCK\t0.5\n")
+    cfg = yaml.safe_load((wd / "config" / "demo.yaml").read_text())
+    cfg["codex"]["images"] = "split_images.tsv"
+    (wd / "split.yaml").write_text(yaml.safe_dump(cfg))
+    until = ["--configfile", "split.yaml", "--until", "tile_image"]
+    out = snakemake(wd, "-n", *until).stdout
+    assert job_counts(out).get("tile_image") == 1
+    snakemake(wd, *until)
+    assert "tile_image" not in job_counts(snakemake(wd, "-n", *until).stdout)  # done
+    later = time.time() + 10  # newer than the outputs
+    os.utime(codex / f"split_{names[1]}.tif", (later, later))
+    assert job_counts(snakemake(wd, "-n", *until).stdout).get("tile_image") == 1

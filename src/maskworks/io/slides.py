@@ -281,6 +281,17 @@ def slide_pixels(path) -> int:
         return int(series.shape[series.axes.index("Y")]) * int(series.shape[series.axes.index("X")])
 
 
+def channel_files(path) -> list[Path]:
+    """The files a one-file-per-channel slide is read from (a folder's TIFFs, a table's listed files),
+    so that a workflow reruns when one of them changes; [] for a single-file or OME-Zarr slide."""
+    path = Path(path)
+    if path.is_dir() and not any((path / m).is_file() for m in ZARR_HEADERS):
+        return [p for _, p in _channel_tiffs(path)]
+    if path.suffix.lower() in FILE_TABLE_SUFFIXES and path.is_file():
+        return [p for _, p in _file_table(path)]
+    return []
+
+
 def _lazy_data(path, series, axes, shape, cax):
     """A memory map of the series, or a Zarr array over its tiles/strips (decoded on read, never
     cached), or None (then it is read whole)."""
