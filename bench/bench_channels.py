@@ -11,6 +11,7 @@ baseline in the same run is the bare interpreter with the libraries imported.
 
     python bench/bench_channels.py               # 4096 x 4096 px (a few minutes)
     python bench/bench_channels.py --size 4800   # the 23 Mpx slide of issue 23
+    python bench/bench_channels.py --stages quantify --layouts ome   # quantify on the OME-TIFF only
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 MAIN = [sys.executable, "-m", "maskworks.cli"]
+STAGES = ("tile_image", "quantify")
+LAYOUTS = ("ome", "qptiff")
 
 
 def _cells(size: int, seed: int = 0):
@@ -96,6 +99,9 @@ def child(cmd) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default both)")
+    ap.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
+                    help="slide layouts to run (default both)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -107,17 +113,21 @@ def main(argv=None) -> None:
         base = run([sys.executable, "-c", "import numpy, tifffile, zarr, scipy, skimage, pandas, anndata"])
         for n in (4, 48):
             slides = write_slides(tmp, args.size, n)
-            for layout, path in slides.items():
-                tile = run([*MAIN, "tile-image", str(path), str(tmp / f"tiles_{n}_{layout}"), "--nuclear-channel",
-                            "DAPI", "--wholecell-channels", "CD45", "--patch-height", "1024", "--patch-width", "1024"])
-                quant = run([*MAIN, "quantify", str(path), str(stitch), str(tmp / f"quant_{n}_{layout}")])
-                rows.append({"channels": n, "layout": layout, "tile_image": tile, "quantify": quant})
+            for layout in args.layouts:
+                path, row = slides[layout], {"channels": n, "layout": layout}
+                if "tile_image" in args.stages:
+                    row["tile_image"] = run([*MAIN, "tile-image", str(path), str(tmp / f"tiles_{n}_{layout}"),
+                                             "--nuclear-channel", "DAPI", "--wholecell-channels", "CD45",
+                                             "--patch-height", "1024", "--patch-width", "1024"])
+                if "quantify" in args.stages:
+                    row["quantify"] = run([*MAIN, "quantify", str(path), str(stitch), str(tmp / f"quant_{n}_{layout}")])
+                rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     print(f"\nslide {args.size} x {args.size} px; baseline (interpreter + libraries) peak {base['peak_mb']} MB")
     print(f"{'layout':8} {'stage':11} {'4 ch MB':>9} {'48 ch MB':>9} {'ratio':>6} {'4 ch s':>7} {'48 ch s':>8}")
-    for layout in ("ome", "qptiff"):
+    for layout in args.layouts:
         r4, r48 = (next(r for r in rows if r["channels"] == n and r["layout"] == layout) for n in (4, 48))
-        for stage in ("tile_image", "quantify"):
+        for stage in args.stages:
             a, b = r4[stage], r48[stage]
             print(f"{layout:8} {stage:11} {a['peak_mb']:9.0f} {b['peak_mb']:9.0f} {b['peak_mb'] / a['peak_mb']:6.2f} "
                   f"{a['seconds']:7.1f} {b['seconds']:8.1f}")

@@ -451,3 +451,42 @@ def test_compartments_from_one_read_equal_one_pass_per_compartment():
     # a cytoplasm image of its own (here: the nucleus ids) is measured as given
     _, meta2, _, _ = quantify_cells(cell, nucleus, [("P", plane)], cytoplasm=nucleus, neighbours="none")
     np.testing.assert_allclose(meta2["P_cytoplasm_mean"], meta["P_nucleus_mean"], rtol=1e-12)
+
+
+def test_statistics_are_one_table_per_statistic_filled_in_place():
+    rng = np.random.default_rng(5)
+    cell = np.repeat(np.repeat(rng.integers(0, 30, (10, 10)), 4, axis=0), 4, axis=1).astype(np.int32)
+    cell[cell == 7] = 1000  # a large id: the tables have a row per cell, not per label value
+    nucleus = np.where(rng.random(cell.shape) > 0.5, cell, 0)
+    planes = [(f"P{j}", rng.random(cell.shape) * 100) for j in range(3)]
+    stats = ("mean", "sum", "std")
+    markers, meta, _, _ = quantify_cells(cell, nucleus, planes, statistics=stats, neighbours="none")
+    ids = markers["cell_id"]
+    default_cyto = np.where(nucleus == 0, cell, 0)
+    for name, plane in planes:
+        for comp, lab in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", default_cyto)):
+            ref = intensity_statistics(lab, plane, ids, stats)
+            for stat in stats:
+                got = markers[name] if (comp, stat) == ("cell", "mean") else meta[f"{name}_{comp}_{stat}"]
+                np.testing.assert_allclose(got, ref[stat], rtol=1e-12, err_msg=f"{name} {comp} {stat}")
+    # every marker's column of a statistic is a view of the same table: the columns cost no copy
+    assert markers["P0"].base is not None and markers["P0"].base is markers["P2"].base is meta["P1_nucleus_mean"].base
+    assert meta["P0_cell_std"].base is meta["P2_cytoplasm_std"].base is not markers["P0"].base
+    assert meta["P0_cell_sum"].base is meta["P1_nucleus_sum"].base is not markers["P0"].base
+
+
+def test_placement_is_a_left_join_on_the_cell_ids(tmp_path):
+    import pandas as pd
+
+    from maskworks.codex.stages import _placement
+
+    ids = np.array([2, 5, 9])
+    pd.DataFrame({"id": [9, 2, 7], "patch_id": [4, 1, 0], "patches": ["3;4", "1", "0"], "cell_area": [1, 2, 3]}
+                 ).to_csv(tmp_path / "cells.csv", index=False)
+    cols = _placement(tmp_path / "cells.csv", ids)
+    assert list(cols) == ["patch_id", "stitched_from"]
+    np.testing.assert_array_equal(cols["patch_id"], [1, np.nan, 4])
+    assert cols["stitched_from"][0] == "1" and cols["stitched_from"][2] == "3;4"
+    pd.DataFrame({"id": [5, 2, 9], "patch_id": [4, 1, 0]}).to_csv(tmp_path / "cells.csv", index=False)
+    assert _placement(tmp_path / "cells.csv", ids)["patch_id"].tolist() == [1, 4, 0]  # all found: still integers
+    assert _placement(tmp_path / "none.csv", ids) == {}

@@ -104,15 +104,33 @@ def compartment_sums(labels, plane, ids, *, block_rows=None):
 
 
 def _statistics_from_sums(count, total, squares, statistics) -> dict[str, np.ndarray]:
+    """``mean``, ``sum`` and ``std`` (those in ``statistics``) from per-id pixel counts, sums
+    and sums of squares; ``total`` and ``squares`` may have leading axes (e.g. markers) over
+    ``count``'s.
+
+    The tables are computed in place: ``mean`` overwrites ``total`` unless ``sum`` is wanted
+    (``sum`` is ``total`` itself) and ``std`` overwrites ``squares``, so a statistic costs no
+    table beyond the sums it comes from (one marker's worth of temporaries at a time).
+    """
     out = {}
+    empty = count == 0
+    mean = total if "sum" not in statistics else np.empty_like(total)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / count, np.nan)
-        if "mean" in statistics:
-            out["mean"] = mean
-        if "sum" in statistics:
-            out["sum"] = total
-        if "std" in statistics:
-            out["std"] = np.where(count > 0, np.sqrt(np.maximum(squares / count - mean * mean, 0.0)), np.nan)
+        for i in np.ndindex(total.shape[:total.ndim - count.ndim]):
+            np.divide(total[i], count, out=mean[i])
+            mean[i][empty] = np.nan
+            if "std" in statistics:
+                sq = squares[i]
+                np.divide(sq, count, out=sq)
+                sq -= mean[i] * mean[i]
+                np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq)
+                sq[empty] = np.nan
+    if "mean" in statistics:
+        out["mean"] = mean
+    if "sum" in statistics:
+        out["sum"] = total
+    if "std" in statistics:
+        out["std"] = squares
     return out
 
 
@@ -123,6 +141,19 @@ def _medians(labels, plane, ids, count) -> np.ndarray:
     lab, values = _rows(labels, 0, h), _rows(plane, 0, h).astype(np.float64, copy=False)
     med = np.asarray(ndimage.median(values, lab, index=ids), dtype=np.float64)
     return np.where(count > 0, med, np.nan)
+
+
+def _compartment_medians(cell, nucleus, cytoplasm, planes, ids, count) -> np.ndarray:
+    """The median of every plane over every compartment of every id, shape (planes, 3, ids)
+    (:func:`_medians`: whole labels and planes; the default cytoplasm is made whole)."""
+    if cytoplasm is None:
+        h = cell.shape[0]
+        cytoplasm = np.where(_rows(nucleus, 0, h) == 0, _rows(cell, 0, h), 0)
+    out = np.empty((len(planes), 3, len(ids)))
+    for j, plane in enumerate(planes):
+        for k, lab in enumerate((cell, nucleus, cytoplasm)):
+            out[j, k] = _medians(lab, plane, ids, count[k])
+    return out
 
 
 def intensity_statistics(labels, plane, ids, statistics=("mean",)) -> dict[str, np.ndarray]:
@@ -141,8 +172,8 @@ def intensity_statistics(labels, plane, ids, statistics=("mean",)) -> dict[str, 
     return out
 
 
-def _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, statistics, *, threads=1, memory_mb=None,
-                             progress=None):
+def _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, statistics, *, threads=1, pool=None,
+                             memory_mb=None, progress=None):
     """Count, sum (and sum of squares for ``std``) of every plane over the cell, nucleus and
     cytoplasm of every id, in one read of each label block and each plane block.
 
@@ -151,53 +182,52 @@ def _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, statistics, 
     GIL, so planes run in parallel threads) and one ``np.bincount`` over the runs' compartment
     index give all three compartments.  The default cytoplasm (cell where the nucleus is 0) is
     a property of each run, so it costs nothing extra.
+
+    ``pool``: the executor the planes are measured on (None: this thread); ``threads``: its
+    workers, which set the rows of a block.  Returns the counts, shape (3, ids), and the sums
+    (and sums of squares, else None), shape (planes, 3, ids): one preallocated table each,
+    accumulated in place (labels are mapped to their row in ``ids``, so no table of the largest
+    id and no copy at the end).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    n = int(ids[-1]) + 1 if len(ids) else 1
+    n, m = (int(ids[-1]) + 1, len(ids)) if len(ids) else (1, 0)
+    rank = np.zeros(n + 1, np.int64)  # label -> 1 + its row in ids; 0: not measured (and every label >= n)
+    rank[ids] = np.arange(1, m + 1)
     h = cell.shape[0]
-    squares_wanted = "std" in statistics
-    count = np.zeros(3 * n)
-    total = [np.zeros(3 * n) for _ in planes]
-    squares = [np.zeros(3 * n) for _ in planes] if squares_wanted else None
+    count = np.zeros(3 * m)
+    total = np.zeros((len(planes), 3 * m))
+    squares = np.zeros((len(planes), 3 * m)) if "std" in statistics else None
     rows = _block_rows(cell.shape, memory_mb, 48 + 16 * max(1, threads))
-    pool = ThreadPoolExecutor(max(1, threads)) if threads > 1 and len(planes) > 1 else None
-    try:
-        for y0 in range(0, h, rows):
-            y1 = min(h, y0 + rows)
-            blocks = [_rows(cell, y0, y1), _rows(nucleus, y0, y1)]
-            if cytoplasm is not None:
-                blocks.append(_rows(cytoplasm, y0, y1))
-            starts, _, c0, c1, values = _runs(blocks)
-            comps = [np.where(v < n, v, 0) for v in (v.astype(np.int64, copy=False) for v in values)]
-            if cytoplasm is None:  # cell where the nucleus is 0 (any nucleus id, also one past the cells')
-                comps.append(np.where(values[1] == 0, comps[0], 0))
-            pos = [np.flatnonzero(c) for c in comps]
-            index = np.concatenate([comps[k][p] + k * n for k, p in enumerate(pos)])
-            pos = np.concatenate(pos)
-            count += np.bincount(index, weights=(c1 - c0)[pos], minlength=3 * n)
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        blocks = [_rows(cell, y0, y1), _rows(nucleus, y0, y1)]
+        if cytoplasm is not None:
+            blocks.append(_rows(cytoplasm, y0, y1))
+        starts, _, c0, c1, values = _runs(blocks)
+        comps = [rank[np.minimum(v.astype(np.int64, copy=False), n)] for v in values]
+        if cytoplasm is None:  # cell where the nucleus is 0 (any nucleus id, also one past the cells')
+            comps.append(np.where(values[1] == 0, comps[0], 0))
+        pos = [np.flatnonzero(c) for c in comps]
+        index = np.concatenate([comps[k][p] + (k * m - 1) for k, p in enumerate(pos)])
+        pos = np.concatenate(pos)
+        count += np.bincount(index, weights=(c1 - c0)[pos], minlength=3 * m)
 
-            def measure(j, y0=y0, y1=y1, starts=starts, index=index, pos=pos):
-                plane = np.asarray(planes[j][y0:y1]).ravel()
-                sums = np.add.reduceat(plane, starts, dtype=np.float64)
-                total[j] += np.bincount(index, weights=sums[pos], minlength=3 * n)
-                if squares_wanted:
-                    sq = np.add.reduceat(np.square(plane, dtype=np.float64), starts)
-                    squares[j] += np.bincount(index, weights=sq[pos], minlength=3 * n)
+        def measure(j, y0=y0, y1=y1, starts=starts, index=index, pos=pos):
+            plane = np.asarray(planes[j][y0:y1]).ravel()
+            sums = np.add.reduceat(plane, starts, dtype=np.float64)
+            total[j] += np.bincount(index, weights=sums[pos], minlength=3 * m)
+            if squares is not None:
+                sq = np.add.reduceat(np.square(plane, dtype=np.float64), starts)
+                squares[j] += np.bincount(index, weights=sq[pos], minlength=3 * m)
 
-            if pool is None:
-                for j in range(len(planes)):
-                    measure(j)
-            else:
-                list(pool.map(measure, range(len(planes))))
-            if progress is not None:
-                progress(y1, h)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    count = count.reshape(3, n)[:, ids]
-    return count, [t.reshape(3, n)[:, ids] for t in total], \
-        [s.reshape(3, n)[:, ids] for s in squares] if squares_wanted else None
+        if pool is None:
+            for j in range(len(planes)):
+                measure(j)
+        else:
+            list(pool.map(measure, range(len(planes))))
+        if progress is not None:
+            progress(y1, h)
+    shape = (len(planes), 3, m)
+    return count.reshape(3, m), total.reshape(shape), None if squares is None else squares.reshape(shape)
 
 
 def morphology(cell, nucleus, ids, *, mpp=None, memory_mb=None, threads=1) -> dict[str, np.ndarray]:
@@ -602,7 +632,8 @@ def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean
         µm (pixels without ``image_mpp``): the radius graph's distance, or the longest
         Delaunay edge kept.
     threads : int
-        Markers measured in parallel (and cell and nucleus shapes at the same time).
+        Markers measured in parallel (and cell and nucleus shapes at the same time); one pool of
+        ``threads`` workers, one of which builds the neighbour graph while the others measure.
     memory_mb : float, optional
         The working memory to aim for: sets the rows per block (default ``DEFAULT_MEMORY_MB``,
         256 MB).  Besides it: the per-cell tables and, with ``median``, one whole plane.
@@ -667,35 +698,32 @@ def quantify_cells(cell, nucleus, channels, *, cytoplasm=None, statistics=("mean
     meta["has_nucleus"] = meta["nucleus_area"] > 0
     markers = {"cell_id": ids.copy()}
     graph, pool = None, None
-    if neighbours != "none":
-        xy = np.column_stack([meta["centroid_x"], meta["centroid_y"]]) * (image_mpp or 1.0)
-        if threads > 1:  # Qhull / the k-d tree release the GIL: the graph is built beside the intensities
-            from concurrent.futures import ThreadPoolExecutor
+    if threads > 1:  # one pool of `threads` workers for the graph and the markers: no more threads than asked
+        from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(1)
-            graph = pool.submit(spatial_neighbours, xy, method=neighbours, radius=neighbour_radius)
-        else:
-            graph = spatial_neighbours(xy, method=neighbours, radius=neighbour_radius)
+        pool = ThreadPoolExecutor(threads)
     try:
+        if neighbours != "none":  # Qhull / the k-d tree release the GIL: one worker builds the graph while
+            xy = np.column_stack([meta["centroid_x"], meta["centroid_y"]]) * (image_mpp or 1.0)  # the rest measure
+            graph = (spatial_neighbours(xy, method=neighbours, radius=neighbour_radius) if pool is None else
+                     pool.submit(spatial_neighbours, xy, method=neighbours, radius=neighbour_radius))
         count, total, squares = _compartment_intensities(cell, nucleus, cytoplasm, planes, ids, stats_wanted,
-                                                         threads=threads, memory_mb=memory_mb, progress=progress)
+                                                         threads=threads, pool=pool, memory_mb=memory_mb,
+                                                         progress=progress)
+        if pool is not None and graph is not None:
+            graph = graph.result()
     finally:
         if pool is not None:
             pool.shutdown()
-    if pool is not None:
-        graph = graph.result()
-    if "median" in stats_wanted and cytoplasm is None:  # whole labels: median is not streamed
-        cytoplasm = np.where(_rows(nucleus, 0, shape[0]) == 0, _rows(cell, 0, shape[0]), 0)
-    for j, (name, plane) in enumerate(zip(names, planes)):
+    tables = _statistics_from_sums(count, total, squares, stats_wanted)
+    del total, squares  # now the tables themselves (in place)
+    if "median" in stats_wanted:
+        tables["median"] = _compartment_medians(cell, nucleus, cytoplasm, planes, ids, count)
+    for j, name in enumerate(names):  # columns are views of the tables: no copy
+        markers[name] = tables["mean"][j, 0]
         for k, comp in enumerate(COMPARTMENTS):
-            values = _statistics_from_sums(count[k], total[j][k], squares[j][k] if squares else None, stats_wanted)
-            if "median" in stats_wanted:
-                values["median"] = _medians((cell, nucleus, cytoplasm)[k], plane, ids, count[k])
-            for stat, col in values.items():
-                if comp == "cell" and stat == "mean":
-                    markers[name] = col
-                else:
-                    meta[f"{name}_{comp}_{stat}"] = col
+            for stat in (s for s in STATISTICS if s in tables and (comp, s) != ("cell", "mean")):
+                meta[f"{name}_{comp}_{stat}"] = tables[stat][j, k]
     stats = {"cells": int(len(ids)), "markers": names, "statistics": list(stats_wanted),
              "cells_without_nucleus": int(np.count_nonzero(~meta["has_nucleus"])),
              "image_mpp": image_mpp, "neighbours": neighbours, "neighbour_radius": neighbour_radius,

@@ -1346,16 +1346,11 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
 
         meta.update(repair_flags(cell.data, nucleus.data, unrepaired[0].data, unrepaired[1].data, meta["cell_id"]))
         st["nuclei_trimmed"] = int(np.count_nonzero(meta["nucleus_was_trimmed"]))
-    table = stitch_dir / "cells.csv"
-    meta = pd.DataFrame(meta)
-    meta.insert(1, "sample", params["sample"])
-    if table.is_file():  # where each cell came from
-        placed = pd.read_csv(table)
-        cols = [c for c in ("patch_id", "patches") if c in placed.columns]
-        if "id" in placed.columns and cols:
-            meta = meta.merge(placed[["id", *cols]].rename(columns={"id": "cell_id", "patches": "stitched_from"}),
-                              on="cell_id", how="left")
-    by_marker = pd.DataFrame(markers)
+    meta = {"cell_id": meta.pop("cell_id"), "sample": np.full(st["cells"], params["sample"], dtype=object), **meta,
+            **_placement(stitch_dir / "cells.csv", markers["cell_id"])}
+    # the columns are views of quantify_cells' tables: the frames copy none of them (one block a column)
+    meta = pd.DataFrame(meta, copy=False)
+    by_marker = pd.DataFrame(markers, copy=False)
     with atomic_path(outputs["cell_by_marker.csv"]) as tmp:
         by_marker.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(outputs["cell_metadata.csv"]) as tmp:
@@ -1379,6 +1374,22 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     return st
 
 
+def _placement(table, ids) -> dict:
+    """Where each cell came from: the ``patch_id`` and ``patches`` (as ``stitched_from``) columns of
+    the stitch's ``cells.csv`` (``table``) for the cells ``ids`` (a left join on ``id``: NaN for a
+    cell it does not list); none without the table or its columns."""
+    import pandas as pd
+
+    if not table.is_file():
+        return {}
+    placed = pd.read_csv(table)
+    cols = [c for c in ("patch_id", "patches") if c in placed.columns]
+    if "id" not in placed.columns or not cols:
+        return {}
+    rows = placed.set_index("id")[cols].reindex(ids)
+    return {"stitched_from" if c == "patches" else c: rows[c].to_numpy() for c in cols}
+
+
 def mcquant_table(by_marker, meta, names, compartment="cell"):
     """One of MCMICRO's mcquant tables from the quantify tables (``cell_by_marker``, ``cell_metadata``).
 
@@ -1394,7 +1405,7 @@ def mcquant_table(by_marker, meta, names, compartment="cell"):
         rows, prefix = meta["has_nucleus"].to_numpy(bool), "nucleus_"
         means = {n: meta[f"{n}_nucleus_mean"].to_numpy() for n in names}
     return pd.DataFrame({"CellID": meta["cell_id"].to_numpy()[rows], **{n: v[rows] for n, v in means.items()},
-                         **{k: meta[prefix + v].to_numpy()[rows] for k, v in MCQUANT_SHAPES.items()}})
+                         **{k: meta[prefix + v].to_numpy()[rows] for k, v in MCQUANT_SHAPES.items()}}, copy=False)
 
 
 def _picture_channel(nuclear_channel, names, originals, what) -> int:
@@ -1429,13 +1440,16 @@ def _write_h5ad(path, by_marker, meta, panel, graph, mpp, params, hires):
     import pandas as pd
 
     names, originals = panel
-    obs = meta.copy()
+    obs = meta.copy(deep=False)  # a new index and sample column, the same columns
     obs.index = obs["cell_id"].astype(str)
     obs.index.name = None
     obs["sample"] = pd.Categorical(obs["sample"])  # squidpy's library_key must be categorical
     var = pd.DataFrame({"original_name": [str(n) for n in originals], "channel": np.arange(len(names))},
                        index=pd.Index(names, dtype=str))
-    adata = anndata.AnnData(X=by_marker[names].to_numpy(dtype=np.float32), obs=obs, var=var)
+    x = np.empty((len(obs), len(names)), np.float32)  # filled a column at a time: no float64 copy of the table
+    for j, name in enumerate(names):
+        x[:, j] = by_marker[name].to_numpy()
+    adata = anndata.AnnData(X=x, obs=obs, var=var)
     scale = mpp or 1.0
     adata.obsm["spatial"] = np.column_stack([meta["centroid_x"], meta["centroid_y"]]).astype(np.float64) * scale
     # squidpy/scanpy draw obsm["spatial"] * tissue_hires_scalef on the hires image: picture pixel j is
@@ -1480,33 +1494,53 @@ def _quantify_crop(img, cell, names, markers, meta, side=QC_CROP):
     return maps
 
 
+def _marker_histograms(by_marker, names, bins=60):
+    """Every marker's histogram of log1p(cell mean) on common bins, scaled to its own highest bin:
+    shape (markers, ``bins``), and the bins' range.  A column at a time."""
+    def finite(name):
+        with np.errstate(invalid="ignore"):
+            v = np.log1p(np.nan_to_num(by_marker[name].to_numpy()))
+        return v[np.isfinite(v)]
+
+    lo, hi = np.inf, -np.inf
+    for name in names:
+        v = finite(name)
+        lo, hi = min(lo, v.min(initial=np.inf)), max(hi, v.max(initial=-np.inf))
+    lo, hi = (0.0, 1.0) if lo > hi else (lo, max(hi, lo + 1e-9))
+    out = np.zeros((len(names), bins))
+    for k, name in enumerate(names):
+        counts = np.histogram(finite(name), bins=bins, range=(lo, hi))[0]
+        out[k] = counts / max(1, counts.max())
+    return out, (lo, hi)
+
+
 def _save_quantify_qc(path, by_marker, names, crop, title):
+    """The marker histograms as one heat map (a row per marker: the figure's size barely grows with
+    the panel) over the crops of the first markers' cell means."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
 
-    n = max(1, len(names))
     shown = crop or []
-    fig, axes = plt.subplots(2, max(n, len(shown), 1), figsize=(3.2 * max(n, len(shown), 1), 6.4), squeeze=False)
-    for k, name in enumerate(names):
-        ax = axes[0][k]
-        ax.hist(np.log1p(np.nan_to_num(by_marker[name].to_numpy())), bins=60, color="0.3")
-        ax.set_title(f"{name}: log1p(cell mean)", fontsize=9)
+    cols = max(3, len(shown))
+    rows = max(2.4, 0.14 * len(names) + 0.8)  # inches of the histograms' panel
+    fig = plt.figure(figsize=(3.2 * cols, rows + 3.4))
+    grid = fig.add_gridspec(2, cols, height_ratios=[rows, 3.2])
+    ax = fig.add_subplot(grid[0, :])
+    hist, (lo, hi) = _marker_histograms(by_marker, names)
+    ax.imshow(hist, aspect="auto", cmap="Greys", interpolation="nearest",
+              extent=(lo, hi, len(names) - 0.5, -0.5))
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("log1p(cell mean); each marker's histogram scaled to its highest bin", fontsize=9)
     for k, (name, image, lab) in enumerate(shown):
-        ax = axes[1][k]
+        ax = fig.add_subplot(grid[1, k])
         ax.imshow(image, cmap="magma")
         ax.contour(find_boundaries(lab, mode="inner"), levels=[0.5], colors="cyan", linewidths=0.3)
         ax.set_title(f"{name} per cell", fontsize=9)
-    for ax in axes[0][len(names):]:
-        ax.axis("off")
-    for k, ax in enumerate(axes[1]):
-        if k < len(shown):
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            ax.axis("off")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     _save_figure(fig, path)
 
