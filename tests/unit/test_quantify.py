@@ -428,7 +428,9 @@ def test_lazy_blocks_and_threads_give_the_in_memory_tables():
     for key in meta1:
         np.testing.assert_allclose(np.asarray(meta2[key], float), np.asarray(meta1[key], float), rtol=1e-9,
                                    atol=1e-12, err_msg=key)
-    assert lazy[0].most_rows == cell.shape[0]  # median (asked for) reads whole planes; the rest does not:
+    # these cells are scattered over every row, so median's blocks (holding their cells whole) are the
+    # whole image; the rest reads blocks:
+    assert lazy[0].most_rows == cell.shape[0]
     lazy = [_LazyRows(a) for a in (cell, nucleus, planes[0][1])]
     quantify_cells(lazy[0], lazy[1], [("A", lazy[2])], statistics=["std"], neighbours="none", memory_mb=0.01)
     assert 0 < max(x.most_rows for x in lazy) < cell.shape[0] // 4
@@ -490,3 +492,27 @@ def test_placement_is_a_left_join_on_the_cell_ids(tmp_path):
     pd.DataFrame({"id": [5, 2, 9], "patch_id": [4, 1, 0]}).to_csv(tmp_path / "cells.csv", index=False)
     assert _placement(tmp_path / "cells.csv", ids)["patch_id"].tolist() == [1, 4, 0]  # all found: still integers
     assert _placement(tmp_path / "none.csv", ids) == {}
+
+
+def test_median_reads_blocks_that_hold_their_cells_whole():
+    """Compact cells: the exact median (scipy.ndimage.median of each cell's pixels) from blocks of rows
+    a little taller than the budget's, never whole planes."""
+    from scipy import ndimage
+    from skimage.segmentation import expand_labels
+
+    rng = np.random.default_rng(12)
+    seeds = np.zeros((240, 90), np.int32)
+    seeds[rng.integers(0, 240, 150), rng.integers(0, 90, 150)] = np.arange(1, 151)
+    cell = expand_labels(seeds, 6)
+    nucleus = np.where(expand_labels(seeds, 2) == cell, cell, 0)
+    plane = rng.integers(0, 1000, cell.shape).astype(np.uint16)
+    lazy = [_LazyRows(a) for a in (cell, nucleus, plane)]
+    markers, meta, _, _ = quantify_cells(lazy[0], lazy[1], [("P", lazy[2])], statistics=["median"],
+                                         neighbours="none", memory_mb=0.05)
+    ids = markers["cell_id"]
+    cyto = np.where(nucleus == 0, cell, 0)
+    for comp, lab in (("cell", cell), ("nucleus", nucleus), ("cytoplasm", cyto)):
+        present = np.isin(ids, lab)
+        want = np.where(present, ndimage.median(plane.astype(float), lab, index=ids), np.nan)
+        np.testing.assert_array_equal(meta[f"P_{comp}_median"], want, err_msg=comp)
+    assert 0 < max(x.most_rows for x in lazy) < cell.shape[0] // 4
