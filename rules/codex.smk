@@ -166,9 +166,9 @@ rule quantify:
     threads: CODEX["quantify"]["threads"]
     resources:
         **site_resources(),
-        # read by row blocks (memory_mb); the per-cell tables grow with the slide: ~12 bytes a pixel
-        # at 50 channels (bench/bench_channels.py)
-        mem_mb=scaled(3000, "mem_mb", per_pixel=12, extra_mb=QUANTIFY_BLOCK_MB),
+        # the whole slide at once: ~12 bytes a pixel at 50 channels; larger slides keep to the budget
+        # (codex.quantify.memory_mb): the per-cell tables, and row blocks of what they leave
+        mem_mb=scaled(3000, "mem_mb", per_pixel=12, extra_mb=256, cap_mb=QUANTIFY_CAP_MB),
         runtime=scaled(60, "runtime"),
     params:
         quantify=stage_params(CODEX["quantify"], drop=("threads",)),

@@ -628,14 +628,17 @@ def grouped_with_gpu_job(wildcards):
 
 
 CODEX = config["codex"]
-# quantify's block budget (codex.quantify.memory_mb; null: the library's default), which its rule asks
-# for on top of a base and the per-cell tables
-QUANTIFY_BLOCK_MB = CODEX["quantify"]["memory_mb"] or 256
-# stitch keeps to codex.stitch.memory_mb (plus a margin) on slides that do not fit in memory
+# stitch and quantify keep to their budget (codex.stitch/quantify.memory_mb; null: none) on slides too
+# large for memory: their rules ask for at most the budget plus a margin
 STITCH_CAP_MB = (
     None
     if CODEX["stitch"]["memory_mb"] is None
     else CODEX["stitch"]["memory_mb"] + 1000
+)
+QUANTIFY_CAP_MB = (
+    None
+    if CODEX["quantify"]["memory_mb"] is None
+    else CODEX["quantify"]["memory_mb"] + 1000
 )
 SEG = CODEX["segment_cells"]
 codex_images = (

@@ -165,6 +165,31 @@ def test_stitch_under_a_memory_budget_equals_in_memory(chain, tmp_path, caplog):
     assert not list(tmp_path.glob(".stitch-work-*"))  # the work stores are gone
 
 
+def test_quantify_under_a_memory_budget_equals_no_limit(slide, chain, tmp_path, caplog):
+    """The per-cell tables take their part of the budget and the rest is the row block: a budget too
+    small for this slide reads it in blocks of the least size, with the same tables."""
+    from maskworks.codex.stages import QUANTIFY_MIN_BLOCK_MB, quantify_plan
+
+    _, image, channels, _ = slide
+    st = chain[3]
+    outs = {}
+    for tag, budget in (("free", "1e9"), ("bound", "1")):
+        outs[tag] = tmp_path / tag
+        assert main(["quantify", str(image), str(st), str(outs[tag]), "--channels", str(channels),
+                     "--memory-mb", budget]) == 0
+    plan = json.loads((outs["bound"] / "quantify_stats.json").read_text())["memory"]
+    assert plan["block_mb"] == QUANTIFY_MIN_BLOCK_MB and "memory_mb=1.0 is below" in caplog.text
+    assert json.loads((outs["free"] / "quantify_stats.json").read_text())["memory"]["block_mb"] > 1e8
+    for table in sorted(outs["free"].glob("*.csv")):
+        assert table.read_bytes() == (outs["bound"] / table.name).read_bytes(), table.name
+    # the plan: a float64 value per cell, marker, compartment and statistic, and the other columns
+    cells, markers = 1000, 10
+    expected = cells * (markers * 3 * 2 + 48) * 16 / 2**20
+    got = quantify_plan(cells, markers, ["mean", "std"], 4096)
+    assert got["tables_mb"] == round(expected) and got["block_mb"] == round(4096 - 400 - expected, 1)
+    assert quantify_plan(cells, markers, ["mean"], None)["block_mb"] is None
+
+
 def test_lazy_tiling_equals_in_memory(slide, chain, tmp_path, monkeypatch):
     d, image, channels, _ = slide
     monkeypatch.setattr(slides, "IN_MEMORY_BYTES", 1 << 16)

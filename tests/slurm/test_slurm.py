@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, exe, run, workflow_copy
 
-from maskworks.codex.quantify import DEFAULT_MEMORY_MB
-from maskworks.codex.stages import STITCH_MEMORY_MB
+from maskworks.codex.stages import QUANTIFY_MEMORY_MB, STITCH_MEMORY_MB
 
 pytestmark = pytest.mark.slurm
 
@@ -125,15 +124,16 @@ def _shipped_resources(out_log: str = "", slide_dir: Path | None = None) -> dict
                 found = re.search(rf"^rule {name}:\n(?: +(?!resources:).*\n)* +resources: .*\bruntime=(\d+)",
                                   out_log, re.M)
                 runtime = found
-            per_pixel = re.search(r"mem_mb=scaled\((\d+), \"mem_mb\", per_pixel=(\d+)(, extra_mb=\w+)?", body)
+            per_pixel = re.search(r"mem_mb=scaled\((\d+), \"mem_mb\", per_pixel=(\d+)(?:, extra_mb=(\d+))?", body)
             if mem and runtime:
                 out[name] = (int(mem.group(1)), int(runtime.group(1)))
                 if per_pixel and slide_dir is not None:  # memory that follows the demo slide's size
                     mb = int(per_pixel.group(1)) + int(per_pixel.group(2)) * _demo_megapixels(slide_dir)
-                    # extra_mb: quantify's block budget, the library's default (the demo leaves memory_mb null)
-                    mb += DEFAULT_MEMORY_MB if per_pixel.group(3) else 0
-                    if "cap_mb=STITCH_CAP_MB" in body:  # stitch keeps to its budget (plus 1 GB) on large slides
-                        mb = min(mb, STITCH_MEMORY_MB + 1000)
+                    mb += int(per_pixel.group(3)) if per_pixel.group(3) else 0
+                    cap = re.search(r"cap_mb=(\w+)", body)  # a stage that keeps to its budget (plus 1 GB)
+                    if cap:
+                        mb = min(mb, {"STITCH_CAP_MB": STITCH_MEMORY_MB,
+                                      "QUANTIFY_CAP_MB": QUANTIFY_MEMORY_MB}[cap.group(1)] + 1000)
                     out[name] = (round(mb), out[name][1])
     return out
 

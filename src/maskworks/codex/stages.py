@@ -925,7 +925,7 @@ CELL_COLUMNS = ("id", "centroid_y", "centroid_x", "cell_area", "nucleus_area", "
                 "patches")
 QC_CROP = 512  # side of the stitched QC crop, pixels (about 1:1 in the PNG)
 STITCH_MEMORY_MB = 4096  # stitch's default memory budget
-# Memory model of stitch (measured by bench/bench_stitch.py): a fixed part (interpreter and
+# Memory model of stitch (measured by bench/bench_budget.py): a fixed part (interpreter and
 # libraries, per-patch work arrays, the patch views of about two grid rows, per-cell arrays), and
 # per slide pixel either the whole slide in memory or one band of the slide-wide passes.
 STITCH_BASE_MB = 150
@@ -1239,12 +1239,39 @@ class _PlaneRows:
         return out.astype(dtype) if dtype is not None else out
 
 
+QUANTIFY_MEMORY_MB = 4096  # quantify's default memory budget
+# Memory model of quantify (bench/bench_budget.py): the interpreter with pandas/anndata and the QC
+# figure, the per-cell tables (a float64 table per statistic, compartment and marker, the
+# morphology and flags, the AnnData's float32 X), and the row blocks of labels and channels.
+QUANTIFY_BASE_MB = 400
+QUANTIFY_CELL_COLUMNS = 48  # morphology, flags, placement and centroid columns a cell has besides the markers
+QUANTIFY_VALUE_BYTES = 16  # per table value: the table and what writing it costs
+QUANTIFY_MIN_BLOCK_MB = 16
+
+
+def quantify_plan(cells, markers, statistics, memory_mb=QUANTIFY_MEMORY_MB) -> dict:
+    """How quantify fits in ``memory_mb`` (None: no limit): the per-cell tables' estimate and the
+    block budget left for the row blocks of labels and channels (``block_mb``, at least
+    ``QUANTIFY_MIN_BLOCK_MB``; None without a limit: the whole slide in one block)."""
+    stats = len(dict.fromkeys(("mean", *statistics)))
+    tables = cells * (markers * 3 * stats + QUANTIFY_CELL_COLUMNS) * QUANTIFY_VALUE_BYTES / 2**20
+    plan = {"memory_mb": memory_mb, "cells": int(cells), "tables_mb": round(tables)}
+    if memory_mb is None:
+        return {**plan, "block_mb": None}
+    block = memory_mb - QUANTIFY_BASE_MB - tables
+    if block < QUANTIFY_MIN_BLOCK_MB:
+        log.warning("quantify: memory_mb=%s is below what %d cells x %d markers need at the least (about %d MB: "
+                    "the tables %d MB); using blocks of %d MB", memory_mb, cells, markers,
+                    QUANTIFY_BASE_MB + tables + QUANTIFY_MIN_BLOCK_MB, tables, QUANTIFY_MIN_BLOCK_MB)
+    return {**plan, "block_mb": round(max(block, QUANTIFY_MIN_BLOCK_MB), 1)}
+
+
 @checked(statistics=Choices(STATISTICS), neighbours=Choice(NEIGHBOURS),
          neighbour_radius=Number(exclusive_minimum=0, unit="µm", nullable=True),
          threads=Number(integer=True, minimum=1), memory_mb=Number(exclusive_minimum=0, unit="MB", nullable=True))
 def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",), image_mpp=None,
                    neighbours="delaunay", neighbour_radius=None, channel_axis=None, sample=None,
-                   nuclear_channel=None, threads=2, memory_mb=None):
+                   nuclear_channel=None, threads=2, memory_mb=QUANTIFY_MEMORY_MB):
     """Measure every stitched cell on every channel of the source image: the ``quantify`` rule.
 
     ``image`` and ``channels`` as for :func:`tile_image_files` (all channels are measured;
@@ -1254,9 +1281,10 @@ def quantify_files(image, channels, stitch_dir, out_dir, *, statistics=("mean",)
     image's.  ``sample``: the slide's name in the tables (the workflow's row name; None: the
     image's name without ``.ome.tif``, as mcquant names its tables); ``nuclear_channel``: the
     channel pictured in the AnnData (None: the first).  ``threads``: channels measured in
-    parallel; ``memory_mb``: the budget of a block of rows of labels and channel read at a
-    time (None: 256 MB), so memory follows it and not the slide's size or its
-    number of channels (:func:`~maskworks.codex.quantify.quantify_cells`).  Writes into ``out_dir``:
+    parallel; ``memory_mb``: the stage's memory budget (MB; None: no limit): what the per-cell
+    tables do not take of it (:func:`quantify_plan`) is the block of label and channel rows read
+    at a time (:func:`~maskworks.codex.quantify.quantify_cells`), so memory follows it and not
+    the slide's size or its number of channels.  Writes into ``out_dir``:
 
     - ``cell_by_marker.csv`` (Aegle: ``cell_id`` + the cell mean of every marker) and
       ``cell_metadata.csv`` (``sample``, morphology, compartment statistics, patch id);
@@ -1330,13 +1358,15 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
         if mpp in (None, ""):
             mpp = cell.voxel_size[0] if cell.unit == "micrometer" else img.mpp
         mpp = float(mpp) if mpp else None
-        log.info("quantify %s: %d markers on %d x %d px, mpp %s, statistics %s", image, len(names), *cell.shape,
-                 mpp, params["statistics"])
+        plan = quantify_plan(_stitched_cells(stitch_dir, cell), len(names), params["statistics"],
+                             params["memory_mb"])
+        log.info("quantify %s: %d markers on %d x %d px, mpp %s, statistics %s; %d cells, blocks of %s MB", image,
+                 len(names), *cell.shape, mpp, params["statistics"], plan["cells"], plan["block_mb"] or "all")
         markers, meta, graph, st = quantify_cells(
             cell.data, nucleus.data, ((n, _PlaneRows(img, c)) for c, n in enumerate(names)),
             cytoplasm=cyto.data, statistics=params["statistics"], image_mpp=mpp,
             neighbours=params["neighbours"], neighbour_radius=params["neighbour_radius"],
-            threads=params["threads"], memory_mb=params["memory_mb"])
+            threads=params["threads"], memory_mb=plan["block_mb"] or _ALL_ROWS_MB)
         crop = _quantify_crop(img, cell.data, names, markers, meta)
         hires = _hires_image(img, _picture_channel(params["nuclear_channel"], names, originals, what), HIRES_PIXELS)
     unrepaired = [_stitched(stitch_dir, k, lazy=True) if _has_stitched(stitch_dir, k) else None
@@ -1360,6 +1390,7 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
             mcquant_table(by_marker, meta, names, comp).to_csv(tmp, index=False)
     _write_h5ad(outputs["cells.h5ad"], by_marker, meta, (names, originals), graph, mpp, params, hires)
     st.update(sample=params["sample"], channel_names=list(originals), image=str(image), stitch_dir=str(stitch_dir),
+              memory=plan,
               outputs={k: str(v) for k, v in outputs.items()}, seconds=round(time.perf_counter() - t0, 3))
     if not st["cells"]:
         _warn(st, f"no cell to measure: the stitched labels in {stitch_dir} are empty; the tables have no rows")
@@ -1372,6 +1403,22 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     write_json(outputs["quantify_stats.json"], st)
     log.info("quantify done: %s", {k: st[k] for k in ("cells", "edges", "cells_without_nucleus", "seconds")})
     return st
+
+
+_ALL_ROWS_MB = 2**40  # no memory limit: one block, the whole slide
+
+
+def _stitched_cells(stitch_dir, cell) -> int:
+    """How many cells the stitched labels hold: the stitch's count, else the labels' largest id."""
+    import json
+
+    try:
+        return int(json.loads((stitch_dir / "stitch_stats.json").read_text())["cells"])
+    except (OSError, ValueError, KeyError, TypeError):
+        from .quantify import cell_ids
+
+        ids = cell_ids(cell.data)
+        return int(ids.size)
 
 
 def _placement(table, ids) -> dict:
@@ -1563,8 +1610,9 @@ def _add_quantify(sub):
     p.add_argument("--neighbour-radius", type=float,
                    help="µm: the radius graph's distance, or the longest Delaunay edge kept")
     p.add_argument("--threads", type=int, default=2, help="channels measured in parallel")
-    p.add_argument("--memory-mb", type=float, help="budget of a block of rows read at a time (MB); if not given, "
-                   "256 MB")
+    p.add_argument("--memory-mb", type=float, default=QUANTIFY_MEMORY_MB,
+                   help="memory budget (MB): what the per-cell tables leave of it is the block of label and "
+                   "channel rows read at a time (default %(default)s)")
     p.set_defaults(run=_run_quantify)
 
 
