@@ -783,12 +783,12 @@ class LabelParts:
         self.size = np.bincount(component, weights=part_size, minlength=n)
         self.first = np.full(n, component.size, np.int64)  # first part in raster order
         np.minimum.at(self.first, component, np.arange(component.size))
+        self._lookup = np.concatenate([component, [n]])  # background (index component.size) -> n
 
     def global_index(self, r0, local):
         """Component of each pixel of the band starting at row ``r0`` (``local``: its band labels, 0 =
         background, which maps to the last entry of the arrays indexed by it: give them one more)."""
-        index = np.where(local > 0, self.offsets[r0] + local - 1, self.component.size)
-        return np.concatenate([self.component, [self.label.size]])[index]
+        return self._lookup[np.where(local > 0, self.offsets[r0] + local - 1, self.component.size)]
 
     def fragmented(self) -> int:
         """Ids in more than one component."""
