@@ -62,6 +62,8 @@ def main(argv=None) -> None:
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--memory-mb", type=float, default=700)
     ap.add_argument("--backend", default="expansion", choices=("expansion", "watershed"))
+    ap.add_argument("--stages", nargs="+", choices=("stitch", "quantify"), default=["stitch", "quantify"],
+                    help="stages to run (quantify alone reuses the stitch output of --work)")
     ap.add_argument("--work", type=Path, help="keep the slide and the stages' outputs in this folder (and reuse "
                     "its repair-masks output on a rerun) instead of a temporary one")
     args = ap.parse_args(argv)
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
             _prepare(slide, tiles, seg, rep, args.backend)
         base = run([sys.executable, "-c", "import numpy, scipy, skimage, tifffile, zarr, pandas, anndata"])
         same = {}
-        for stage in ("stitch", "quantify"):
+        for stage in args.stages:
             for label, budget in (("in memory", NO_LIMIT), ("budget", str(args.memory_mb))):
                 out = tmp / f"{stage}_{label.replace(' ', '_')}"
                 if out.exists():
@@ -114,7 +116,7 @@ def _report(args, base, rows, same, cells):
         else:
             how = f"tables ~{p['tables_mb']} MB, blocks of {p['block_mb'] or 'the whole slide'} MB"
         print(f"{stage:9} {label:10} {r['seconds']:8.1f} {r['peak_mb']:8.0f}  {how}")
-    for stage in ("stitch", "quantify"):
+    for stage in args.stages:
         mem, bud = rows[stage, "in memory"], rows[stage, "budget"]
         print(f"{stage}: in-memory peak / budget {mem['peak_mb'] / args.memory_mb:.2f} (goal >= 4); budget run "
               f"peak {bud['peak_mb']:.0f} MB {'<=' if bud['peak_mb'] <= args.memory_mb else '>'} "

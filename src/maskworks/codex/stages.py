@@ -1247,6 +1247,7 @@ QUANTIFY_BASE_MB = 400
 QUANTIFY_CELL_COLUMNS = 48  # morphology, flags, placement and centroid columns a cell has besides the markers
 QUANTIFY_VALUE_BYTES = 16  # per table value: the table and what writing it costs
 QUANTIFY_MIN_BLOCK_MB = 16
+QUANTIFY_BLOCK_SHARE = 0.6  # of what the tables leave: the blocks' work arrays take ~1.5x their estimate
 
 
 def quantify_plan(cells, markers, statistics, memory_mb=QUANTIFY_MEMORY_MB) -> dict:
@@ -1258,11 +1259,12 @@ def quantify_plan(cells, markers, statistics, memory_mb=QUANTIFY_MEMORY_MB) -> d
     plan = {"memory_mb": memory_mb, "cells": int(cells), "tables_mb": round(tables)}
     if memory_mb is None:
         return {**plan, "block_mb": None}
-    block = memory_mb - QUANTIFY_BASE_MB - tables
+    block = (memory_mb - QUANTIFY_BASE_MB - tables) * QUANTIFY_BLOCK_SHARE
     if block < QUANTIFY_MIN_BLOCK_MB:
         log.warning("quantify: memory_mb=%s is below what %d cells x %d markers need at the least (about %d MB: "
                     "the tables %d MB); using blocks of %d MB", memory_mb, cells, markers,
-                    QUANTIFY_BASE_MB + tables + QUANTIFY_MIN_BLOCK_MB, tables, QUANTIFY_MIN_BLOCK_MB)
+                    QUANTIFY_BASE_MB + tables + QUANTIFY_MIN_BLOCK_MB / QUANTIFY_BLOCK_SHARE, tables,
+                    QUANTIFY_MIN_BLOCK_MB)
     return {**plan, "block_mb": round(max(block, QUANTIFY_MIN_BLOCK_MB), 1)}
 
 
