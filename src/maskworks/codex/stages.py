@@ -1239,7 +1239,7 @@ class _PlaneRows:
         return out.astype(dtype) if dtype is not None else out
 
 
-QUANTIFY_MEMORY_MB = 4096  # quantify's default memory budget
+QUANTIFY_MEMORY_MB = 8192  # quantify's default memory budget: a 1.5 M-cell, 50-marker slide's tables take ~4.5 GB
 # Memory model of quantify (bench/bench_budget.py): the interpreter with pandas/anndata and the QC
 # figure, the per-cell tables (a float64 table per statistic, compartment and marker, the
 # morphology and flags, the AnnData's float32 X), and the row blocks of labels and channels.
