@@ -186,7 +186,11 @@ def test_quantify_under_a_memory_budget_equals_no_limit(slide, chain, tmp_path, 
     cells, markers = 1000, 10
     expected = cells * (markers * 3 * 2 + 48) * 16 / 2**20
     got = quantify_plan(cells, markers, ["mean", "std"], 4096)
-    assert got["tables_mb"] == round(expected) and got["block_mb"] == round((4096 - 400 - expected) * 0.6, 1)
+    hulls_mb = cells * 3000 / 2**20  # the morphology's hull chains, before the tables exist
+    assert got["tables_mb"] == round(expected) and got["hulls_mb"] == round(hulls_mb)
+    assert got["block_mb"] == round((4096 - 400 - max(expected, hulls_mb)) * 0.6, 1)
+    hulls = quantify_plan(10**6, 1, ["mean"], 4096)  # many cells, one marker: the hull chains weigh most
+    assert hulls["block_mb"] == round((4096 - 400 - 10**6 * 3000 / 2**20) * 0.6, 1)
     assert quantify_plan(cells, markers, ["mean"], None)["block_mb"] is None
 
 

@@ -367,7 +367,10 @@ def test_convex_area_bbox_and_solidity_equal_skimage_exactly(monkeypatch):
     ids = np.unique(lab)[1:]
     ref = regionprops_table(lab, properties=["label", "area_convex", "solidity", "extent", "bbox"])
     np.testing.assert_array_equal(ref["label"], ids)
-    for memory_mb in (None, 0.05):  # one block, and blocks of a few rows: hull chains merged across seams
+    # one block, and blocks of a few rows: hull chains merged across seams; with hull points held a few
+    # labels at a time (the chunks of a large slide's hulls)
+    for memory_mb, points in ((None, quantify._HULL_POINTS), (0.05, quantify._HULL_POINTS), (None, 7)):
+        monkeypatch.setattr(quantify, "_HULL_POINTS", points)
         for lazy in (False, True):
             ours = quantify.region_shapes(_LazyRows(lab) if lazy else lab, ids, memory_mb=memory_mb)
             np.testing.assert_array_equal(ours["convex_area"], ref["area_convex"])

@@ -278,9 +278,12 @@ def morphology(cell, nucleus, ids, *, mpp=None, memory_mb=None, threads=1) -> di
         from concurrent.futures import ThreadPoolExecutor
 
         n = int(ids[-1]) + 1 if len(ids) else 1
-        with ThreadPoolExecutor(min(threads, 4)) as pool:
-            perimeters = [pool.submit(label_perimeters, lab, n, memory_mb=memory_mb) for lab in (cell, nucleus)]
-            shapes = [pool.submit(region_shapes, lab, ids, memory_mb=memory_mb, perimeters=p)
+        workers = min(threads, 4)
+        # the workers' blocks are in memory at once: each gets its share of the budget
+        share = (DEFAULT_MEMORY_MB if memory_mb is None else float(memory_mb)) / workers
+        with ThreadPoolExecutor(workers) as pool:
+            perimeters = [pool.submit(label_perimeters, lab, n, memory_mb=share) for lab in (cell, nucleus)]
+            shapes = [pool.submit(region_shapes, lab, ids, memory_mb=share, perimeters=p)
                       for lab, p in zip((cell, nucleus), perimeters)]
             shapes = [f.result() for f in shapes]
     else:
@@ -380,6 +383,43 @@ def _chain_rows(lab, y, x, side, n) -> np.ndarray:
     return np.bincount(lab[edge], weights=val, minlength=n)
 
 
+_HULL_POINTS = 2**20  # hull-chain points whose work arrays are held at once (region_shapes)
+
+
+def _label_ranges(labels, points):
+    """Consecutive ranges [lo, hi) of the sorted ``labels`` holding about ``points`` entries each."""
+    bounds = np.unique(np.r_[labels[::points], labels[-1] + 1]) if len(labels) else np.zeros(0, np.int64)
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _label_slice(chain, lo, hi):
+    i0, i1 = np.searchsorted(chain[0], [lo, hi])
+    return tuple(a[i0:i1] for a in chain)
+
+
+def _convex_and_box(chains, n, convex, box_area):
+    """``convex`` (skimage's area_convex) and ``box_area`` of the labels of the reduced left (1) and
+    right (-1) hull chains of their pixel centres, written in place."""
+    hull = {}
+    for side, (pl, py, px) in chains.items():
+        # hull(pixels + diamond) = hull(vertices + diamond): the left chain takes the diamond's
+        # top, left and bottom corners (doubled coordinates), the right chain top, right, bottom
+        pl = np.repeat(pl, 3)
+        py = (py[:, None] + np.array([-1, 0, 1])).ravel()
+        px = (px[:, None] + np.array([0, -side, 0])).ravel()
+        hull[side] = _hull_chain(*_merge_equal_rows(pl, py, px, side), side, n)
+    (ll, ly, lx), (rl, _, rx) = hull[1], hull[-1]
+    starts, rstarts = _group_starts(ll), _group_starts(rl)
+    labels = ll[starts]
+    ends = np.r_[starts[1:], len(ll)] - 1
+    top, bottom = (ly[starts] + 1) // 2, (ly[ends] - 1) // 2
+    left = (np.minimum.reduceat(lx, starts) + 1) // 2
+    right = (np.maximum.reduceat(rx, rstarts) - 1) // 2
+    height = bottom - top + 1
+    box_area[labels] = height * (right - left + 1)
+    convex[labels] = _chain_rows(*hull[-1], -1, n)[labels] - _chain_rows(*hull[1], 1, n)[labels] + height
+
+
 def region_shapes(lab, ids, *, memory_mb=None, perimeters=None) -> dict[str, np.ndarray]:
     """regionprops' centroid, area, perimeter, convex area, axis lengths, eccentricity,
     solidity, extent and orientation of the labels ``ids`` of a 2-D label image, one row per
@@ -460,27 +500,14 @@ def region_shapes(lab, ids, *, memory_mb=None, perimeters=None) -> dict[str, np.
                                0.5 * np.arctan2(-2 * b, c_ - a))
     convex, box_area = np.full(n, np.nan), np.full(n, np.nan)
     if chains[1]:
-        hull = {}
+        reduced = {}
         for side in (1, -1):
-            pl, py, px = (np.concatenate(a) for a in zip(*chains[side]))
+            pl, py, px = (np.concatenate(a) for a in zip(*chains.pop(side)))
             order = np.argsort(pl, kind="stable")  # blocks come in row order
-            pl, py, px = _hull_chain(pl[order], py[order], px[order], side, n)
-            # hull(pixels + diamond) = hull(vertices + diamond): the left chain takes the diamond's
-            # top, left and bottom corners (doubled coordinates), the right chain top, right, bottom
-            pl = np.repeat(pl, 3)
-            py = (py[:, None] + np.array([-1, 0, 1])).ravel()
-            px = (px[:, None] + np.array([0, -side, 0])).ravel()
-            hull[side] = _hull_chain(*_merge_equal_rows(pl, py, px, side), side, n)
-        (ll, ly, lx), (rl, _, rx) = hull[1], hull[-1]
-        starts, rstarts = _group_starts(ll), _group_starts(rl)
-        labels = ll[starts]
-        ends = np.r_[starts[1:], len(ll)] - 1
-        top, bottom = (ly[starts] + 1) // 2, (ly[ends] - 1) // 2
-        left = (np.minimum.reduceat(lx, starts) + 1) // 2
-        right = (np.maximum.reduceat(rx, rstarts) - 1) // 2
-        height = bottom - top + 1
-        box_area[labels] = height * (right - left + 1)
-        convex[labels] = _chain_rows(*hull[-1], -1, n)[labels] - _chain_rows(*hull[1], 1, n)[labels] + height
+            reduced[side] = _hull_chain(pl[order], py[order], px[order], side, n)
+            del pl, py, px, order
+        for lo, hi in _label_ranges(reduced[1][0], _HULL_POINTS):  # the work arrays of a few labels at a time
+            _convex_and_box({side: _label_slice(reduced[side], lo, hi) for side in (1, -1)}, n, convex, box_area)
     if perimeters is None:
         perimeters = label_perimeters(lab, n, memory_mb=memory_mb)
     perimeter = (perimeters.result() if hasattr(perimeters, "result") else perimeters)[ids]
@@ -591,7 +618,7 @@ def spatial_neighbours(xy, *, method="delaunay", radius=None):
     return conn, dist
 
 
-def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
+def repair_flags(cell, nucleus, cell_original, nucleus_original, ids, *, memory_mb=None) -> dict:
     """Aegle's per-cell repair QC, from the stitched masks before and after repair.
 
     The repair keeps a cell whole and trims its nucleus to the cell interior, so
@@ -605,7 +632,7 @@ def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
         ``cell_area_before``, ``cell_retained_fraction``, ``nucleus_area_before``,
         ``nucleus_retained_fraction`` (area after / area before; 0 without a
         nucleus) and ``nucleus_was_trimmed`` (retained fraction below 0.99, as
-        Aegle flags it).
+        Aegle flags it).  The labels are read in row blocks of ``memory_mb``.
     """
     ids = np.asarray(ids, np.int64)
     out = {}
@@ -617,7 +644,7 @@ def repair_flags(cell, nucleus, cell_original, nucleus_original, ids) -> dict:
         source = np.zeros(n, np.int64)
         area_after = np.zeros(n, np.int64)
         area_before = np.zeros(1, np.int64)
-        rows = max(1, _BLOCK_PIXELS // max(1, int(after.shape[1])))
+        rows = _block_rows(after.shape, memory_mb, 56)
         for band in range(0, int(after.shape[0]), rows):  # row bands: labels may be lazy arrays
             a = np.asarray(after[band:band + rows]).ravel().astype(np.int64, copy=False)
             b = np.asarray(before[band:band + rows]).ravel().astype(np.int64, copy=False)

@@ -1246,24 +1246,27 @@ QUANTIFY_MEMORY_MB = 8192  # quantify's default memory budget: a 1.5 M-cell, 50-
 QUANTIFY_BASE_MB = 400
 QUANTIFY_CELL_COLUMNS = 48  # morphology, flags, placement and centroid columns a cell has besides the markers
 QUANTIFY_VALUE_BYTES = 16  # per table value: the table and what writing it costs
+QUANTIFY_HULL_BYTES = 3000  # per cell while the morphology runs: its convex hull chains (2.6 kB measured)
 QUANTIFY_MIN_BLOCK_MB = 16
 QUANTIFY_BLOCK_SHARE = 0.6  # of what the tables leave: the blocks' work arrays take ~1.5x their estimate
 
 
 def quantify_plan(cells, markers, statistics, memory_mb=QUANTIFY_MEMORY_MB) -> dict:
-    """How quantify fits in ``memory_mb`` (None: no limit): the per-cell tables' estimate and the
-    block budget left for the row blocks of labels and channels (``block_mb``, at least
-    ``QUANTIFY_MIN_BLOCK_MB``; None without a limit: the whole slide in one block)."""
+    """How quantify fits in ``memory_mb`` (None: no limit): the per-cell tables' estimate, the
+    morphology's hull chains (per cell, before the tables exist) and the block budget left for
+    the row blocks of labels and channels (``block_mb``, at least ``QUANTIFY_MIN_BLOCK_MB``;
+    None without a limit: the whole slide in one block)."""
     stats = len(dict.fromkeys(("mean", *statistics)))
     tables = cells * (markers * 3 * stats + QUANTIFY_CELL_COLUMNS) * QUANTIFY_VALUE_BYTES / 2**20
-    plan = {"memory_mb": memory_mb, "cells": int(cells), "tables_mb": round(tables)}
+    hulls = cells * QUANTIFY_HULL_BYTES / 2**20  # the morphology's, freed before the tables are made
+    plan = {"memory_mb": memory_mb, "cells": int(cells), "tables_mb": round(tables), "hulls_mb": round(hulls)}
     if memory_mb is None:
         return {**plan, "block_mb": None}
-    block = (memory_mb - QUANTIFY_BASE_MB - tables) * QUANTIFY_BLOCK_SHARE
+    block = (memory_mb - QUANTIFY_BASE_MB - max(tables, hulls)) * QUANTIFY_BLOCK_SHARE
     if block < QUANTIFY_MIN_BLOCK_MB:
         log.warning("quantify: memory_mb=%s is below what %d cells x %d markers need at the least (about %d MB: "
                     "the tables %d MB); using blocks of %d MB", memory_mb, cells, markers,
-                    QUANTIFY_BASE_MB + tables + QUANTIFY_MIN_BLOCK_MB / QUANTIFY_BLOCK_SHARE, tables,
+                    QUANTIFY_BASE_MB + max(tables, hulls) + QUANTIFY_MIN_BLOCK_MB / QUANTIFY_BLOCK_SHARE, tables,
                     QUANTIFY_MIN_BLOCK_MB)
     return {**plan, "block_mb": round(max(block, QUANTIFY_MIN_BLOCK_MB), 1)}
 
@@ -1376,7 +1379,8 @@ def _quantify_files(image, channels, stitch_dir, outputs, params):
     if all(o is not None for o in unrepaired):  # Aegle's repair QC per cell
         from .quantify import repair_flags
 
-        meta.update(repair_flags(cell.data, nucleus.data, unrepaired[0].data, unrepaired[1].data, meta["cell_id"]))
+        meta.update(repair_flags(cell.data, nucleus.data, unrepaired[0].data, unrepaired[1].data, meta["cell_id"],
+                                 memory_mb=plan["block_mb"] or _ALL_ROWS_MB))
         st["nuclei_trimmed"] = int(np.count_nonzero(meta["nucleus_was_trimmed"]))
     meta = {"cell_id": meta.pop("cell_id"), "sample": np.full(st["cells"], params["sample"], dtype=object), **meta,
             **_placement(stitch_dir / "cells.csv", markers["cell_id"])}
