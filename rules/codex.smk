@@ -166,11 +166,9 @@ rule quantify:
     threads: CODEX["quantify"]["threads"]
     resources:
         **site_resources(),
-        # the whole slide at once: ~12 bytes a pixel at 50 channels; larger slides keep to the budget
-        # (codex.quantify.memory_mb): the per-cell tables, and row blocks of what they leave
-        mem_mb=scaled(
-            3000, "mem_mb", per_pixel=12, extra_mb=256, cap_mb=QUANTIFY_CAP_MB
-        ),
+        # the whole slide at once: 3000 MB + a 256 MB block + ~12 bytes a pixel at 50 channels; larger
+        # slides keep to the budget (codex.quantify.memory_mb): the tables, then blocks of the rest
+        mem_mb=scaled(3256, "mem_mb", per_pixel=12, cap_mb=QUANTIFY_CAP_MB),
         runtime=scaled(60, "runtime"),
     params:
         quantify=stage_params(CODEX["quantify"], drop=("threads",)),
